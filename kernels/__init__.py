@@ -1,0 +1,92 @@
+"""The one registry of backends: `kernels.get(method, backend)` returns an `Ops`.
+
+Every backend implements, per method (see reference.py for shapes and parameters):
+    ops.coeffs(x, *params, **opts) -> (h_pre [T,n], h_post [T,n], h_res [T,n,n])   (not for residual)
+    ops.pre(x, *params, **opts)    -> (layer_input [T,C], h_post, h_res)
+    ops.post(x, f, h_post, h_res)  -> x_next [T,n,C]
+mhc takes opts sinkhorn_iters; hc and residual take none. All are differentiable.
+
+Backends are loaded lazily so that a missing library (triton, tilelang, a peer) only skips its
+own cases: `unavailable_reason` says why a backend cannot run on a device, or None.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+METHODS = ("residual", "hc", "mhc")
+
+
+@dataclass(frozen=True)
+class Ops:
+    method: str
+    backend: str
+    pre: Callable
+    post: Callable
+    coeffs: Optional[Callable] = None
+    # Returns None when (n, C, dtype) is supported, else the reason it is not.
+    supports: Callable = field(default=lambda n, C, dtype: None)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str                       # exposes OPS: {method: Ops}
+    devices: tuple = ("cpu", "cuda")
+    requires: tuple = ()              # importable modules it needs
+    pip_name: str = ""                # what to install when a requirement is missing
+    description: str = ""
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (
+        Backend("torch", "kernels.eager", description="the reference in eager PyTorch"),
+        Backend("compile", "kernels.compiled", description="torch.compile of the reference"),
+        Backend("triton", "kernels.triton", devices=("cuda",), requires=("triton",),
+                pip_name="triton", description="this suite's fused Triton kernels"),
+        Backend("liger", "kernels.liger", devices=("cuda",), requires=("liger_kernel", "triton"),
+                pip_name="liger-kernel", description="Liger-Kernel's Triton mHC (peer, mhc only)"),
+    )
+}
+
+
+def unavailable_reason(method: str, backend: str, device: str) -> Optional[str]:
+    """Why `backend` cannot run `method` on `device` on this machine, or None if it can."""
+    spec = BACKENDS[backend]
+    if device not in spec.devices:
+        return f"backend {backend} needs a {' or '.join(spec.devices)} device, case asks for {device}"
+    for mod in spec.requires:
+        if importlib.util.find_spec(mod) is None:
+            return f"backend {backend} needs {spec.pip_name or mod}, which is not installed"
+    if backend == "compile" and device == "cpu" and not (shutil.which("cc") or shutil.which("gcc")):
+        return "torch.compile on the CPU needs a C compiler (cc), none found"
+    try:
+        ops = _load(backend)
+    except Exception as exc:  # a broken optional install must not stop the sweep
+        return f"backend {backend} failed to load: {type(exc).__name__}: {exc}"
+    if method not in ops:
+        return f"backend {backend} does not implement method {method}"
+    return None
+
+
+def get(method: str, backend: str) -> Ops:
+    if backend not in BACKENDS:
+        raise KeyError(f"unknown backend {backend!r}; registered: {', '.join(BACKENDS)}")
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    ops = _load(backend)
+    if method not in ops:
+        raise KeyError(f"backend {backend} does not implement method {method}")
+    return ops[method]
+
+
+_LOADED: dict[str, dict] = {}
+
+
+def _load(backend: str) -> dict:
+    if backend not in _LOADED:
+        _LOADED[backend] = importlib.import_module(BACKENDS[backend].module).OPS
+    return _LOADED[backend]

@@ -1,0 +1,54 @@
+"""Input checks shared by the Triton kernels: wrong input fails loudly, never silently wrong."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+STATE_DTYPES = (torch.bfloat16, torch.float16)
+MAX_N = 8
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(n: int, C: int, dtype) -> str | None:
+    """None if the Triton kernels handle (n, C, dtype), else the reason (used to skip a case)."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    if dtype not in STATE_DTYPES:
+        return f"triton kernels take bf16 or fp16 state, not {name}"
+    if not 1 <= n <= MAX_N:
+        return f"triton kernels take n in 1..{MAX_N}, not {n}"
+    if C % 8:
+        return f"triton kernels take C a multiple of 8, not {C}"
+    return None
+
+
+def check_state(op: str, x: torch.Tensor, name: str = "x") -> tuple[int, int, int]:
+    """Validates the residual state [T, n, C]; returns (T, n, C)."""
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must be [T, n, C], got shape {list(x.shape)}")
+    T, n, C = x.shape
+    reason = supports(n, C, x.dtype)
+    if reason:
+        raise ValueError(f"{op}: {reason} ({name} shape {list(x.shape)}, dtype {x.dtype})")
+    check_device(op, x, name)
+    return T, n, C
+
+
+def check_device(op: str, t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cuda" and not (interpreting() and t.device.type == "cpu"):
+        raise ValueError(f"{op}: {name} must be on a CUDA device (or CPU under TRITON_INTERPRET=1), "
+                         f"got {t.device}")
+
+
+def check_tensor(op: str, t: torch.Tensor, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """Checks shape, dtype and device; returns a contiguous tensor (copying if it has to)."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, x is on {device}")
+    return t.contiguous()

@@ -1,0 +1,57 @@
+"""Creates the project's virtual environment, reusing a torch that is already installed.
+
+Usage: python3 scripts/make_env.py VENV_DIR
+- If the interpreter running this script can import torch (a GPU node, often offline), the venv
+  is made with --system-site-packages so that torch, triton and friends are reused, not downloaded.
+- Otherwise TORCH_SPEC (default torch==2.13.0) is installed first, then the rest of pyproject's
+  dependencies. Requirements already satisfied cost no download, so this works offline when the
+  node has them.
+A stamp file records the pyproject hash so a second call is instant.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    venv = Path(sys.argv[1] if len(sys.argv) > 1 else ".venv")
+    pyproject = (ROOT / "pyproject.toml").read_bytes()
+    stamp = venv / ".hcbench-ready"
+    digest = hashlib.sha256(pyproject + os.environ.get("TORCH_SPEC", "").encode()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        return 0
+    have_torch = importlib.util.find_spec("torch") is not None
+    py = venv / "bin" / "python"
+    if not py.exists():
+        args = [sys.executable, "-m", "venv", str(venv)]
+        if have_torch:
+            args.insert(3, "--system-site-packages")
+        print(f"make_env: creating {venv}"
+              + (" (reusing this interpreter's torch)" if have_torch else ""), flush=True)
+        subprocess.run(args, check=True)
+    deps = tomllib.loads(pyproject.decode())["project"]["dependencies"]
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0:
+        spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+        print(f"make_env: no torch found, installing {spec}", flush=True)
+        subprocess.run(pip + [spec], check=True)
+    print("make_env: checking dependencies", flush=True)
+    res = subprocess.run(pip + deps)
+    if res.returncode != 0:
+        print("make_env: pip could not install the dependencies above; on an offline node install "
+              "them into the base interpreter first (pyproject.toml lists them)", file=sys.stderr)
+        return res.returncode
+    stamp.write_text(digest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
