@@ -1,0 +1,137 @@
+"""The command line: run, list, report, compare. Exit 0 ok/skipped, 1 a case failed, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness.py", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="check, time and record every case of the scenarios")
+    run.add_argument("scenarios", nargs="*", help="scenario YAML files")
+    run.add_argument("--out", type=Path, default=ROOT / "results",
+                     help="folder that receives the run folder and history.sqlite (default results/)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a run: finished case ids are skipped")
+    run.add_argument("--retry-failed", action="store_true", help="with --resume, rerun failed cases")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a case field in every case, e.g. --set T=1024")
+
+    ls = sub.add_parser("list", help="print the expanded cases without running them")
+    ls.add_argument("scenarios", nargs="+")
+    ls.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    rep = sub.add_parser("report", help="print a run's table again and write its report.md")
+    rep.add_argument("run_dir", type=Path)
+
+    cmp_ = sub.add_parser("compare", help="join two runs by case id and print B/A time ratios")
+    cmp_.add_argument("run_a", type=Path)
+    cmp_.add_argument("run_b", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "list":
+            return _list(args, console)
+        if args.command == "run":
+            return _run(args, console)
+        if args.command == "report":
+            return _report(args.run_dir, console)
+        if args.command == "compare":
+            for d in (args.run_a, args.run_b):
+                _require_run_dir(d)
+            from suite.report import compare
+            compare(args.run_a, args.run_b, console)
+            return EXIT_OK
+    except BadInput as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+class BadInput(Exception):
+    def __init__(self, lines):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _load(paths: list[str], sets: list[str]):
+    from suite.scenario import ScenarioError, load, parse_overrides
+    scenarios, problems = [], []
+    try:
+        overrides = parse_overrides(sets)
+    except ScenarioError as exc:
+        raise BadInput(exc.problems)
+    for path in paths:
+        try:
+            scenarios.append(load(path, overrides))
+        except ScenarioError as exc:
+            problems += exc.problems
+    if problems:
+        raise BadInput(problems)
+    return scenarios
+
+
+def _list(args, console: Console) -> int:
+    for sc in _load(args.scenarios, args.set):
+        console.print(f"[bold]{sc.name}[/] ({sc.path}): {len(sc.cases)} cases"
+                      + (f" - {sc.description}" if sc.description else ""))
+        for i, case in enumerate(sc.cases, 1):
+            console.print(f"  {i:4d}  {case.case_id}  {case.label()}", highlight=False, markup=False)
+    return EXIT_OK
+
+
+def _require_run_dir(path: Path) -> None:
+    if not (path / "records.jsonl").exists() and not (path / "scenarios").is_dir():
+        raise BadInput([f"{path}: not a run folder (no records.jsonl)"])
+
+
+def _saved_scenarios(run_dir: Path):
+    from suite.scenario import Case, Scenario
+    out = []
+    for f in sorted((run_dir / "scenarios").glob("*.json")):
+        doc = json.loads(f.read_text())
+        out.append(Scenario(doc["path"], doc["name"], doc.get("description", ""),
+                            [Case(**c) for c in doc["cases"]]))
+    return out
+
+
+def _run(args, console: Console) -> int:
+    from suite import runner
+    if args.resume:
+        _require_run_dir(args.resume)
+    if not args.scenarios and not args.resume:
+        raise BadInput(["run: give at least one scenario file, or --resume RUN_DIR"])
+    scenarios = (_load(args.scenarios, args.set) if args.scenarios
+                 else _saved_scenarios(args.resume))
+    store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
+                                    retry_failed=args.retry_failed, console=console)
+    from suite.report import print_run, write_markdown
+    if store.records:
+        print_run(store.dir, console)
+        console.print(f"report: {write_markdown(store.dir)}")
+    console.print(f"run folder: {store.dir}")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if any(r["status"] == "failed" for r in store.records) else EXIT_OK
+
+
+def _report(run_dir: Path, console: Console) -> int:
+    _require_run_dir(run_dir)
+    from suite.report import print_run, write_markdown
+    print_run(run_dir, console)
+    console.print(f"report: {write_markdown(run_dir)}")
+    return EXIT_OK

@@ -1,0 +1,199 @@
+"""Reports, from records only: the terminal table, report.md, and comparisons of two runs."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from suite.store import atomic_write, read_records
+
+COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device")
+IDENTITY = tuple(c for c in COLUMNS if c != "backend")
+ORDER = {"residual": 0, "hc": 1, "mhc": 2}
+BACKEND_ORDER = {"torch": 0, "compile": 1, "triton": 2, "tilelang": 3, "liger": 4}
+
+
+def _sort_key(r: dict):
+    c = r["case"]
+    return (c["device"], c["mode"], c["op"], c["C"], c["T"], c["n"], ORDER.get(c["method"], 9),
+            BACKEND_ORDER.get(c["backend"], 9), c["dtype"])
+
+
+def baseline_backend(records: list[dict]) -> str | None:
+    """The backend other backends are shown as a ratio to: triton if it ran, else torch."""
+    ran = {r["case"]["backend"] for r in records if r["status"] == "ok"}
+    if len(ran) < 2:
+        return None
+    for name in ("triton", "torch"):
+        if name in ran:
+            return name
+    return None
+
+
+def ratios_to(records: list[dict], base: str | None) -> dict[str, float]:
+    """case_id -> median time over the same case's time with backend `base`."""
+    if base is None:
+        return {}
+    ref = {tuple(r["case"][k] for k in IDENTITY): r["time_ms"]["median"]
+           for r in records if r["status"] == "ok" and r["case"]["backend"] == base}
+    out = {}
+    for r in records:
+        key = tuple(r["case"][k] for k in IDENTITY)
+        if r["status"] == "ok" and key in ref:
+            out[r["case_id"]] = r["time_ms"]["median"] / ref[key]
+    return out
+
+
+def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    base = baseline_backend(records)
+    ratio = ratios_to(records, base)
+    header = ["method", "backend", "op", "n", "C", "T", "dtype", "mode", "device",
+              "median ms", "p10-p90 ms", "cv %", "GB/s", "% copy", "peak MiB"]
+    if base:
+        header.append(f"x {base}")
+    header.append("status")
+    body = []
+    for r in sorted(records, key=_sort_key):
+        c, t = r["case"], r.get("time_ms")
+        row = [str(c[k]) for k in COLUMNS]
+        if r["status"] == "ok":
+            row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}",
+                    f"{r['gbps']:.0f}", _fmt(r.get("pct_of_copy"), "{:.1f}"),
+                    _fmt(r.get("peak_mem_bytes"), "{:.0f}", scale=2**-20)]
+        else:
+            row += [""] * 6
+        if base:
+            row.append(_fmt(ratio.get(r["case_id"]), "{:.2f}"))
+        row.append(r["status"])
+        body.append(row)
+    return header, body
+
+
+def _fmt(value, fmt, scale=1.0):
+    return "" if value is None else fmt.format(value * scale)
+
+
+def reasons(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    grouped = defaultdict(list)
+    for r in records:
+        if r["status"] != "ok":
+            grouped[(r["status"], r.get("reason") or "no reason given")].append(r)
+    return grouped
+
+
+def _label(r: dict) -> str:
+    c = r["case"]
+    n = "" if c["method"] == "residual" else f" n={c['n']}"
+    op = "" if c["op"] == "site" else f" {c['op']}"
+    return f"{c['method']}/{c['backend']}{op}{n} C={c['C']} T={c['T']} {c['dtype']} {c['mode']} {c['device']}"
+
+
+def print_run(run_dir: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    records = read_records(run_dir)
+    env = _env(run_dir)
+    header, body = rows(records)
+    table = Table(title=f"{Path(run_dir).name}  ({_device_line(env)})", show_lines=False)
+    for h in header:
+        table.add_column(h, justify="right" if h not in ("method", "backend", "op", "dtype",
+                                                         "mode", "device", "status") else "left")
+    style = {"ok": None, "skipped": "yellow", "failed": "red"}
+    for row in body:
+        table.add_row(*row, style=style.get(row[-1]))
+    console.print(table)
+    for (status, why), recs in reasons(records).items():
+        console.print(f"[{'red' if status == 'failed' else 'yellow'}]{status} ({len(recs)}): "
+                      f"{why}[/]", highlight=False)
+        for r in recs[:50]:
+            console.print(f"    {_label(r)}", highlight=False, markup=False)
+    console.print(_summary(records))
+
+
+def _summary(records: list[dict]) -> str:
+    counts = defaultdict(int)
+    for r in records:
+        counts[r["status"]] += 1
+    return ", ".join(f"{counts[s]} {s}" for s in ("ok", "skipped", "failed")) + f" of {len(records)} cases"
+
+
+def _env(run_dir: Path) -> dict:
+    path = Path(run_dir) / "env.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _device_line(env: dict) -> str:
+    parts = []
+    if env.get("gpus"):
+        g = env["gpus"][0]
+        parts.append(f"{g['name']}, {g['sms']} SMs")
+    else:
+        parts.append(f"CPU {env.get('cpu', {}).get('model', '?')}")
+    for device, rate in (env.get("copy_rate") or {}).items():
+        parts.append(f"copy {device} {rate['gbps']:.0f} GB/s")
+    return "; ".join(parts)
+
+
+def markdown(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    env = _env(run_dir)
+    v = env.get("versions", {})
+    lines = [f"# Run {run_dir.name}", ""]
+    lines.append(f"- Device: {_device_line(env)}")
+    if env.get("gpus"):
+        g = env["gpus"][0]
+        clocks = g.get("clocks") or {}
+        lines.append(f"- GPU state at start: SM {clocks.get('sm_mhz')} MHz, memory "
+                     f"{clocks.get('mem_mhz')} MHz, power {g.get('power_w')} W, throttle "
+                     f"{g.get('throttle_reasons')}, driver {g.get('driver')}, UUID {g.get('uuid')}")
+    lines.append(f"- CPU: {env.get('cpu', {}).get('model')}; host {env.get('host')}")
+    lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    lines.append(f"- {_summary(records)}")
+    lines += ["", "Times are medians over >= 30 samples (L2 flushed before each call on a GPU); "
+              "GB/s counts the floor bytes of MATH.md (each input read once, each output written "
+              "once), so % copy is the fraction of the copy-rate roofline reached. "
+              + ("`x B` is the time relative to backend B on the same case. "
+                 if baseline_backend(records) else ""), ""]
+    header, body = rows(records)
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    grouped = reasons(records)
+    if grouped:
+        lines += ["", "## Skipped and failed cases", ""]
+        for (status, why), recs in grouped.items():
+            lines.append(f"- **{status}** ({len(recs)}): {why}")
+            lines += [f"  - {_label(r)}" for r in recs]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(run_dir: Path) -> Path:
+    path = Path(run_dir) / "report.md"
+    atomic_write(path, markdown(run_dir))
+    return path
+
+
+def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
+    """Joins two runs by case id; prints B's time over A's. Returns the number of joined cases."""
+    console = console or Console()
+    a = {r["case_id"]: r for r in read_records(run_a) if r["status"] == "ok"}
+    b = {r["case_id"]: r for r in read_records(run_b) if r["status"] == "ok"}
+    both = [k for k in b if k in a]
+    table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(_env(run_a))})   "
+                        f"B = {Path(run_b).name} ({_device_line(_env(run_b))})")
+    for h in ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device",
+              "A ms", "B ms", "B/A", "A % copy", "B % copy"):
+        table.add_column(h)
+    for k in sorted(both, key=lambda k: _sort_key(b[k])):
+        ra, rb = a[k], b[k]
+        ta, tb = ra["time_ms"]["median"], rb["time_ms"]["median"]
+        table.add_row(*[str(rb["case"][c]) for c in COLUMNS], f"{ta:.4g}", f"{tb:.4g}",
+                      f"{tb / ta:.3f}", _fmt(ra.get("pct_of_copy"), "{:.1f}"),
+                      _fmt(rb.get("pct_of_copy"), "{:.1f}"))
+    console.print(table)
+    only = len(set(a) ^ set(b))
+    console.print(f"{len(both)} cases in both runs; {only} ok in only one of them")
+    return len(both)

@@ -1,0 +1,224 @@
+"""Runs cases: availability -> correctness gate -> timing -> record, one case at a time.
+
+A case the machine cannot run is recorded as skipped with the reason; an exception or an
+out-of-memory in one case is recorded as failed and the sweep goes on; Ctrl-C stops the sweep
+with every finished case already written.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+import kernels
+from suite import check as checking
+from suite import cost as costing
+from suite import env as environment
+from suite import workload
+from suite.scenario import Case, Scenario
+from suite.store import RECORD_SCHEMA, RunStore, new_run_dir, write_json
+from suite.timing import Timer, copy_rate_gbps
+
+
+def unavailable(case: Case) -> str | None:
+    """Why this machine cannot run the case (a skip, not an error), or None."""
+    if case.device == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU on this machine"
+        if case.gpus > torch.cuda.device_count():
+            return f"needs {case.gpus} GPUs, {torch.cuda.device_count()} present"
+    elif case.gpus > 1:
+        return "gpus > 1 needs device cuda"
+    if case.gpus > 1:
+        return "scope site runs on one GPU; multi-GPU scopes come with the distributed scenarios"
+    reason = kernels.unavailable_reason(case.method, case.backend, case.device)
+    if reason:
+        return reason
+    ops = kernels.get(case.method, case.backend)
+    if case.op == "coeffs" and ops.coeffs is None:
+        return f"backend {case.backend} has no coeffs op for {case.method}"
+    return ops.supports(case.n, case.C, workload.TORCH_DTYPES[case.dtype])
+
+
+class Session:
+    """One run: its store, its environment and the copy rate measured once per device."""
+
+    def __init__(self, store: RunStore, env: dict):
+        self.store = store
+        self.env = env
+        self.timers: dict[str, Timer] = {}
+        self.copy: dict[str, dict] = dict(env.get("copy_rate", {}))
+
+    def timer(self, device: str) -> Timer:
+        if device not in self.timers:
+            self.timers[device] = Timer(device)
+        return self.timers[device]
+
+    def measure_copy_rates(self, devices: set[str]) -> None:
+        for device in sorted(devices):
+            if device not in self.copy:
+                self.copy[device] = copy_rate_gbps(self.timer(device))
+        self.env["copy_rate"] = self.copy
+        write_json(self.store.dir / "env.json", self.env)
+
+    def run_case(self, case: Case, scenario: str) -> dict:
+        record = {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
+                  "scenario": scenario, "status": "ok", "reason": None, "time_ms": None,
+                  "bytes": None, "flops": None, "gbps": None, "tflops": None,
+                  "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
+                  "started_utc": _now()}
+        t0 = time.perf_counter()
+        reason = unavailable(case)
+        if reason:
+            record.update(status="skipped", reason=reason)
+        else:
+            try:
+                self._measure(case, record)
+            except torch.cuda.OutOfMemoryError as exc:
+                record.update(status="failed", reason=f"out of memory: {_first_line(exc)}")
+            except Exception as exc:
+                record.update(status="failed", reason=f"{type(exc).__name__}: {_first_line(exc)}",
+                              traceback=traceback.format_exc(limit=8))
+            finally:
+                gc.collect()
+                if case.device == "cuda":
+                    torch.cuda.empty_cache()
+        record["wall_s"] = round(time.perf_counter() - t0, 3)
+        self.store.add(record)
+        return record
+
+    def _measure(self, case: Case, record: dict) -> None:
+        ops = kernels.get(case.method, case.backend)
+        result = checking.check(ops, case, case.device)
+        record["check"] = result
+        if not result["passed"]:
+            record.update(status="failed",
+                          reason=f"check failed: {result['worst']} rel err "
+                                 f"{result['max_rel_err']:.3g} > tol {result['tol']:.1g}")
+            return
+        timer = self.timer(case.device)
+        inputs = workload.make_inputs(case, case.device, case.seed)
+        call = lambda: workload.run(ops, case, inputs)  # noqa: E731
+        timing = timer.time(call, case.warmup_ms, case.rep_ms)
+        record["peak_mem_bytes"] = _peak_memory(call, timer)
+        cost = costing.case_cost(case.method, case.op, case.mode, case.n, case.C, case.T,
+                                 case.dtype, case.sinkhorn_iters)
+        seconds = timing.median * 1e-3
+        record["time_ms"] = timing.summary()
+        record["bytes"] = {"read": cost.read, "write": cost.write}
+        record["flops"] = cost.flops
+        record["gbps"] = cost.total / seconds / 1e9
+        record["tflops"] = cost.flops / seconds / 1e12
+        copy = self.copy.get(case.device)
+        if copy:
+            record["pct_of_copy"] = 100.0 * record["gbps"] / copy["gbps"]
+
+
+def _peak_memory(call, timer: Timer) -> int | None:
+    """Peak device memory allocated during one call, the timer's L2-flush buffer excluded."""
+    if not timer.cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - timer.flush_bytes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ProgressView:
+    """A rich progress bar on a terminal; one plain line per case otherwise (CI, SLURM logs)."""
+
+    def __init__(self, total: int, console: Console):
+        self.console = console
+        self.total = total
+        self.live = console.is_terminal
+        self.done = 0
+        self.bar = None
+        if self.live:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                TimeRemainingColumn(), console=console, transient=False)
+            self.task = self.bar.add_task("starting", total=total)
+            self.bar.start()
+
+    def starting(self, case: Case):
+        if self.bar:
+            self.bar.update(self.task, description=case.label())
+
+    def finished(self, case: Case, record: dict):
+        self.done += 1
+        if self.bar:
+            self.bar.advance(self.task)
+        status = record["status"]
+        detail = (f"{record['time_ms']['median']:.4g} ms" if status == "ok"
+                  else record.get("reason") or "")
+        line = f"[{self.done}/{self.total}] {case.label()}: {status} {detail}"
+        if self.bar:
+            if status != "ok":
+                self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def close(self):
+        if self.bar:
+            self.bar.stop()
+
+
+def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
+        retry_failed: bool = False, console: Console | None = None) -> tuple[RunStore, bool]:
+    """Runs every case not already finished; returns the store and whether it was interrupted."""
+    console = console or Console()
+    env = environment.capture()
+    if resume:
+        store = RunStore(resume)
+        old_env = resume / "env.json"
+        if old_env.exists():
+            env["copy_rate"] = json.loads(old_env.read_text()).get("copy_rate", {})
+    else:
+        store = RunStore(new_run_dir(out_root, environment.device_label(env)))
+    for sc in scenarios:
+        write_json(store.dir / "scenarios" / f"{Path(sc.path).stem}.json",
+                   {"path": sc.path, "name": sc.name, "description": sc.description,
+                    "cases": [c.to_dict() for c in sc.cases]})
+    store.history.add_run(store.run_id, env, [sc.path for sc in scenarios], store.dir)
+    session = Session(store, env)
+    done = {r["case_id"] for r in store.records if not (retry_failed and r["status"] == "failed")}
+    todo = [(sc.name, c) for sc in scenarios for c in sc.cases if c.case_id not in done]
+    if done:
+        console.print(f"resuming {store.dir}: {len(done)} cases already finished, {len(todo)} to go")
+    runnable = {c.device for _, c in todo if unavailable(c) is None}
+    session.measure_copy_rates(runnable)
+    for device, rate in session.copy.items():
+        console.print(f"copy rate on {device}: {rate['gbps']:.0f} GB/s (read + write)")
+    view = ProgressView(len(todo), console)
+    interrupted = False
+    try:
+        for name, case in todo:
+            view.starting(case)
+            record = session.run_case(case, name)
+            view.finished(case, record)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted: {len(store.records)} finished cases kept in {store.dir}; "
+              f"resume with --resume {store.dir}", file=sys.stderr)
+    finally:
+        view.close()
+    return store, interrupted

@@ -1,0 +1,294 @@
+"""Scenario files: load, validate every key before anything runs, expand into resolved Cases.
+
+A scenario is a YAML mapping:
+    name: str (required)            description: str
+    defaults: {field: value}        values for every case
+    sweep: {field: [values]}        cases are the cartesian product, in the file's key order
+    exclude: [{field: value|[values]}]   drop sweep cases matching every given field
+    include: [{field: value|[values]}]   extra cases over the defaults; list values expand too
+
+Every problem is reported as one line "FILE: KEY.PATH: problem; allowed: ..." and the loader
+raises ScenarioError holding all of them (the CLI prints them and exits 2).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+import kernels
+
+DTYPES = ("bf16", "fp16", "fp32")
+MODES = ("fwd", "fwd+bwd")
+SCOPES = ("site",)
+OPS = ("site", "coeffs", "pre", "post")
+DEVICES = ("cuda", "cpu")
+MAX_N = 16
+TOP_KEYS = ("name", "description", "defaults", "sweep", "exclude", "include")
+
+
+class ScenarioError(Exception):
+    """Bad input; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    C: int
+    T: int
+    backend: str = "torch"
+    n: int = 4
+    dtype: str = "bf16"
+    mode: str = "fwd"
+    scope: str = "site"
+    op: str = "site"
+    device: str = "cuda"
+    sinkhorn_iters: int | None = 20
+    gpus: int = 1
+    seed: int = 0
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+
+    # Fields that say how to measure, not what: they stay out of the id so runs join across them.
+    RUN_CONTROL = ("seed", "warmup_ms", "rep_ms")
+
+    @property
+    def case_id(self) -> str:
+        what = {k: v for k, v in asdict(self).items() if k not in self.RUN_CONTROL}
+        blob = json.dumps(what, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        n = "" if self.method == "residual" else f" n={self.n}"
+        op = "" if self.op == "site" else f" {self.op}"
+        return (f"{self.method}/{self.backend}{op}{n} C={self.C} T={self.T} {self.dtype} "
+                f"{self.mode} on {self.device}")
+
+
+CASE_FIELDS = tuple(f.name for f in fields(Case))
+REQUIRED = ("method", "C", "T")
+
+
+# ---------------------------------------------------------------- per-field rules
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_value(key: str, v: Any) -> str | None:
+    """None if v is allowed for field `key`, else 'problem; allowed: ...'."""
+    def choice(options):
+        if isinstance(v, str) and v in options:
+            return None
+        return f"{v!r} is not allowed; allowed: {' | '.join(options)}"
+
+    def int_range(lo, hi=None):
+        if _is_int(v) and v >= lo and (hi is None or v <= hi):
+            return None
+        span = f"integers {lo}..{hi}" if hi is not None else f"integers >= {lo}"
+        return f"{v!r} is not allowed; allowed: {span}"
+
+    if key == "method":
+        return choice(kernels.METHODS)
+    if key == "backend":
+        return choice(tuple(kernels.BACKENDS))
+    if key == "dtype":
+        return choice(DTYPES)
+    if key == "mode":
+        return choice(MODES)
+    if key == "scope":
+        return choice(SCOPES)
+    if key == "op":
+        return choice(OPS)
+    if key == "device":
+        return choice(DEVICES)
+    if key == "n":
+        return int_range(1, MAX_N)
+    if key in ("C", "T", "gpus", "sinkhorn_iters"):
+        return int_range(1)
+    if key == "seed":
+        return int_range(0)
+    if key in ("warmup_ms", "rep_ms"):
+        if (_is_int(v) or isinstance(v, float)) and v > 0:
+            return None
+        return f"{v!r} is not allowed; allowed: a positive number of milliseconds"
+    return f"unknown field; allowed: {', '.join(CASE_FIELDS)}"
+
+
+def _check_partial(path: str, mapping: Any, problems: list[str], lists_ok: bool) -> dict:
+    """Validates a {field: value} mapping (values may be lists when lists_ok)."""
+    if not isinstance(mapping, dict):
+        problems.append(f"{path}: expected a mapping of case fields, got {type(mapping).__name__}")
+        return {}
+    good = {}
+    for key, value in mapping.items():
+        if key not in CASE_FIELDS:
+            problems.append(f"{path}.{key}: unknown field; allowed: {', '.join(CASE_FIELDS)}")
+            continue
+        values = value if (lists_ok and isinstance(value, list)) else [value]
+        if lists_ok and isinstance(value, list) and not value:
+            problems.append(f"{path}.{key}: empty list; give at least one value")
+            continue
+        ok = True
+        for i, item in enumerate(values):
+            bad = _check_value(key, item)
+            if bad:
+                where = f"{path}.{key}[{i}]" if isinstance(value, list) else f"{path}.{key}"
+                problems.append(f"{where}: {bad}")
+                ok = False
+        if ok:
+            good[key] = value
+    return good
+
+
+# ---------------------------------------------------------------- loading
+@dataclass
+class Scenario:
+    path: str
+    name: str
+    description: str
+    cases: list[Case]
+
+
+def load(path: str | Path, overrides: dict | None = None) -> Scenario:
+    """Reads, validates and expands a scenario file; raises ScenarioError listing every problem."""
+    path = Path(path)
+    label = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ScenarioError([f"{label}: file not found"])
+    except OSError as exc:
+        raise ScenarioError([f"{label}: cannot read: {exc.strerror or exc}"])
+    if not text.strip():
+        raise ScenarioError([f"{label}: file is empty; a scenario needs at least `name` and cases"])
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ScenarioError([f"{label}: not valid YAML{where}: {problem}"])
+    if not isinstance(doc, dict):
+        raise ScenarioError([f"{label}: top level must be a mapping with keys "
+                             f"{', '.join(TOP_KEYS)}; got {type(doc).__name__}"])
+    return parse(doc, label, overrides)
+
+
+def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
+    problems: list[str] = []
+    for key in doc:
+        if key not in TOP_KEYS:
+            problems.append(f"{label}: {key}: unknown key; allowed: {', '.join(TOP_KEYS)}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"{label}: name: required, a non-empty string; got {name!r}")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        problems.append(f"{label}: description: must be a string; got {type(description).__name__}")
+
+    defaults = _check_partial(f"{label}: defaults", doc.get("defaults") or {}, problems, False)
+    sweep_doc = doc.get("sweep") or {}
+    sweep = {}
+    if not isinstance(sweep_doc, dict):
+        problems.append(f"{label}: sweep: must be a mapping of field to a list of values")
+    else:
+        for key, value in sweep_doc.items():
+            if not isinstance(value, list):
+                problems.append(f"{label}: sweep.{key}: must be a list of values; got {value!r}")
+        sweep = _check_partial(f"{label}: sweep",
+                               {k: v for k, v in sweep_doc.items() if isinstance(v, list)},
+                               problems, True)
+    rules = {}
+    for part in ("exclude", "include"):
+        entries = doc.get(part) or []
+        if not isinstance(entries, list):
+            problems.append(f"{label}: {part}: must be a list of partial cases")
+            entries = []
+        rules[part] = [_check_partial(f"{label}: {part}[{i}]", e, problems, True)
+                       for i, e in enumerate(entries)]
+    overrides = _check_partial(f"{label}: --set", overrides or {}, problems, False)
+    if problems:
+        raise ScenarioError(problems)
+
+    raw = []
+    for combo in _product(sweep):
+        if not any(_matches(combo, ex) for ex in rules["exclude"]):
+            raw.append({**defaults, **combo})
+    for inc in rules["include"]:
+        raw.extend({**defaults, **combo} for combo in _product(inc))
+    if not sweep and not rules["include"]:
+        raw.append(dict(defaults))
+
+    cases, seen = [], set()
+    for i, values in enumerate(raw):
+        values = {**values, **overrides}
+        missing = [k for k in REQUIRED if k not in values]
+        if missing:
+            problems.append(f"{label}: case {i + 1} ({_short(values)}): missing {', '.join(missing)}; "
+                            "set it in defaults, sweep or include")
+            continue
+        case = normalise(Case(**values))
+        if case.method == "residual" and case.op == "coeffs":
+            continue  # residual has no coefficients; dropped like a duplicate
+        if case.case_id not in seen:
+            seen.add(case.case_id)
+            cases.append(case)
+    if problems:
+        raise ScenarioError(problems)
+    if not cases:
+        raise ScenarioError([f"{label}: no cases after expansion (check sweep, exclude and include)"])
+    return Scenario(path=label, name=name, description=description.strip(), cases=cases)
+
+
+def normalise(case: Case) -> Case:
+    """Fields that do not apply to a method are fixed, so equivalent cases share one id."""
+    if case.method == "residual":
+        return replace(case, n=1, sinkhorn_iters=None)
+    if case.method == "hc":
+        return replace(case, sinkhorn_iters=None)
+    return case
+
+
+def _product(spec: dict) -> Iterable[dict]:
+    keys = list(spec)
+    lists = [v if isinstance(v, list) else [v] for v in spec.values()]
+    for combo in itertools.product(*lists):
+        yield dict(zip(keys, combo))
+
+
+def _matches(case: dict, rule: dict) -> bool:
+    for key, want in rule.items():
+        options = want if isinstance(want, list) else [want]
+        if case.get(key) not in options:
+            return False
+    return True
+
+
+def _short(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set key=value` pairs, values parsed as YAML scalars (so C=4096 is an int)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ScenarioError([f"--set {item}: expected KEY=VALUE; keys: {', '.join(CASE_FIELDS)}"])
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out

@@ -1,0 +1,129 @@
+"""Where runs go: one folder per run, and the SQLite history every run is appended to.
+
+A run folder holds records.jsonl (one record per case), env.json, scenario copies and report.md.
+Every file is written whole to a temporary file and renamed over the old one, so a crash or
+Ctrl-C leaves either the old or the new version, never half a file. The history lives next to
+the run folders (results/history.sqlite) and each record is upserted as soon as it exists.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import sqlite3
+import tempfile
+from pathlib import Path
+
+RECORD_SCHEMA = "hcbench.record/1"
+HISTORY_NAME = "history.sqlite"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "records.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {i}: not a JSON record ({exc.msg})") from None
+    return records
+
+
+def new_run_dir(root: Path, device_label: str) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:32]
+    path = Path(root) / f"{stamp}-{host}-{device_label}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(root) / f"{stamp}-{host}-{device_label}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
+class RunStore:
+    """The records of one run, kept in memory and rewritten atomically after each case."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = read_records(self.dir)
+        self.history = History(self.dir.parent / HISTORY_NAME)
+
+    @property
+    def run_id(self) -> str:
+        return self.dir.name
+
+    def add(self, record: dict) -> None:
+        self.records = [r for r in self.records if r["case_id"] != record["case_id"]] + [record]
+        atomic_write(self.dir / "records.jsonl",
+                     "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in self.records))
+        self.history.add_record(self.run_id, record)
+
+
+class History:
+    """results/history.sqlite: runs and records across every run on this machine or share."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY, started_utc TEXT, host TEXT, gpu TEXT, scenarios TEXT,
+        path TEXT, env TEXT);
+    CREATE TABLE IF NOT EXISTS records (
+        run_id TEXT NOT NULL, case_id TEXT NOT NULL, status TEXT, reason TEXT,
+        method TEXT, backend TEXT, op TEXT, n INTEGER, C INTEGER, T INTEGER, dtype TEXT,
+        mode TEXT, device TEXT, median_ms REAL, p10_ms REAL, p90_ms REAL, cv REAL,
+        gbps REAL, pct_of_copy REAL, peak_mem_bytes INTEGER, record TEXT,
+        PRIMARY KEY (run_id, case_id));
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _connect(self):
+        con = sqlite3.connect(self.path, timeout=30)
+        con.executescript(self.SCHEMA)
+        return con
+
+    def add_run(self, run_id: str, env: dict, scenarios: list[str], path: Path) -> None:
+        gpu = env["gpus"][0]["name"] if env.get("gpus") else "cpu"
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?)",
+                        (run_id, env.get("captured_utc"), env.get("host"), gpu,
+                         json.dumps(scenarios), str(path), json.dumps(env, default=str)))
+        con.close()
+
+    def add_record(self, run_id: str, r: dict) -> None:
+        c, t = r["case"], r.get("time_ms") or {}
+        with self._connect() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, r["case_id"], r["status"], r.get("reason"), c["method"], c["backend"],
+                 c["op"], c["n"], c["C"], c["T"], c["dtype"], c["mode"], c["device"],
+                 t.get("median"), t.get("p10"), t.get("p90"), t.get("cv"), r.get("gbps"),
+                 r.get("pct_of_copy"), r.get("peak_mem_bytes"),
+                 json.dumps(r, sort_keys=True, default=str)))
+        con.close()
