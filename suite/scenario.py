@@ -180,6 +180,9 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ScenarioError([f"{label}: not valid YAML{where}: {problem}"])
+    if doc is None:
+        raise ScenarioError([f"{label}: file has no content (only comments); a scenario needs "
+                             "at least `name` and cases"])
     if not isinstance(doc, dict):
         raise ScenarioError([f"{label}: top level must be a mapping with keys "
                              f"{', '.join(TOP_KEYS)}; got {type(doc).__name__}"])
@@ -223,13 +226,13 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
         raise ScenarioError(problems)
 
     raw = []
-    for combo in _product(sweep):
-        if not any(_matches(combo, ex) for ex in rules["exclude"]):
-            raw.append({**defaults, **combo})
+    # With no sweep, the defaults alone are one case, unless include lists the cases.
+    if sweep or not rules["include"]:
+        for combo in _product(sweep):
+            if not any(_matches(combo, ex) for ex in rules["exclude"]):
+                raw.append({**defaults, **combo})
     for inc in rules["include"]:
         raw.extend({**defaults, **combo} for combo in _product(inc))
-    if not sweep and not rules["include"]:
-        raw.append(dict(defaults))
 
     cases, seen = [], set()
     for i, values in enumerate(raw):

@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make bench` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SCENARIO ?= scenarios/default.yaml
+OUT ?= results
+# Extra arguments for harness.py run, e.g. ARGS="--set T=4096"
+ARGS ?=
+
+.PHONY: env bench test report compare clean-env
+
+env: $(VENV)/.hcbench-ready
+
+$(VENV)/.hcbench-ready: pyproject.toml scripts/make_env.py
+	python3 scripts/make_env.py $(VENV)
+
+bench: env
+	$(PY) harness.py run $(SCENARIO) --out $(OUT) $(ARGS)
+
+# pytest exits 5 when it collects no test; that is a broken test tree, reported as such.
+test: env
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+report: env
+	$(PY) harness.py report $(RUN)
+
+compare: env
+	$(PY) harness.py compare $(A) $(B)
+
+clean-env:
+	rm -rf $(VENV)

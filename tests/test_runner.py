@@ -1,0 +1,173 @@
+"""The runner end to end on the CPU: records, exit codes, failures, interruption and resume."""
+import json
+import sqlite3
+import textwrap
+
+import pytest
+import torch
+
+import kernels
+from kernels import Ops, reference as ref
+from suite import cli
+from suite.store import read_records
+from tests.conftest import HAS_CUDA, ROOT
+
+
+def run_dir_of(out):
+    dirs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """Registers backend `fake` whose ops the test chooses, through the one registry."""
+    table = {}
+    monkeypatch.setitem(kernels.BACKENDS, "fake", kernels.Backend("fake", "unused"))
+    monkeypatch.setitem(kernels._LOADED, "fake", table)
+    return table
+
+
+def scenario(tmp_path, body):
+    p = tmp_path / "s.yaml"
+    p.write_text(textwrap.dedent(body))
+    return str(p)
+
+
+BASE = """
+name: t
+defaults: {T: 16, C: 8, n: 2, dtype: fp32, device: cpu, warmup_ms: 1, rep_ms: 1}
+"""
+
+
+def test_default_scenario_full_cpu_run(tmp_path):
+    out = tmp_path / "results"
+    code = cli.main(["run", str(ROOT / "scenarios/default.yaml"), "--out", str(out)])
+    assert code == 0
+    run = run_dir_of(out)
+    records = read_records(run)
+    by_status = {}
+    for r in records:
+        by_status.setdefault(r["status"], []).append(r)
+    cpu_ok = [r for r in by_status["ok"] if r["case"]["device"] == "cpu"]
+    assert len(cpu_ok) == 12 and not by_status.get("failed")
+    if not HAS_CUDA:
+        assert all(r["reason"] == "no CUDA GPU on this machine" for r in by_status["skipped"])
+        assert len(by_status["skipped"]) == 36
+    for r in cpu_ok:
+        assert r["check"]["passed"] and r["check"]["max_rel_err"] <= r["check"]["tol"]
+        assert r["time_ms"]["n"] >= 30 and len(r["time_ms"]["samples"]) == r["time_ms"]["n"]
+        assert r["time_ms"]["p10"] <= r["time_ms"]["median"] <= r["time_ms"]["p90"]
+        assert r["bytes"]["read"] > 0 and r["gbps"] > 0 and r["pct_of_copy"] > 0
+        assert r["schema"] == "hcbench.record/1" and len(r["case_id"]) == 12
+    env = json.loads((run / "env.json").read_text())
+    assert env["copy_rate"]["cpu"]["gbps"] > 0 and env["versions"]["torch"]
+    report = (run / "report.md").read_text()
+    assert "| mhc | compile |" in report and "no CUDA GPU on this machine" in report
+    con = sqlite3.connect(out / "history.sqlite")
+    assert con.execute("SELECT count(*) FROM records").fetchone()[0] == len(records)
+    assert cli.main(["report", str(run)]) == 0
+    assert cli.main(["compare", str(run), str(run)]) == 0
+
+
+def test_wrong_answer_is_recorded_failed_not_timed_and_sweep_goes_on(tmp_path, fake_backend):
+    wrong = lambda x, f, hp, hr: ref.post(x, f, hp, hr) * 1.01   # noqa: E731
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=wrong)
+    fake_backend["hc"] = Ops("hc", "fake", pre=ref.hc_pre, post=ref.post)
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc, hc], backend: [fake]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == 1
+    recs = {r["case"]["method"]: r for r in read_records(run_dir_of(out))}
+    bad = recs["mhc"]
+    assert bad["status"] == "failed" and bad["time_ms"] is None
+    assert bad["check"]["worst"] == "x_next" and "check failed: x_next rel err" in bad["reason"]
+    assert recs["hc"]["status"] == "ok"
+
+
+def test_missing_gradient_fails_the_check(tmp_path, fake_backend):
+    detached = lambda x, f, hp, hr: ref.post(x.detach(), f, hp, hr)   # noqa: E731
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=detached)
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc], backend: [fake], mode: [fwd+bwd]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == 1
+    (rec,) = read_records(run_dir_of(out))
+    assert rec["status"] == "failed" and rec["check"]["worst"] == "d_x"
+
+
+def test_exception_and_oom_are_recorded_and_sweep_goes_on(tmp_path, fake_backend):
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=boom, post=ref.post)
+    fake_backend["hc"] = Ops("hc", "fake", pre=oom, post=ref.post)
+    fake_backend["residual"] = Ops("residual", "fake", pre=ref.residual_pre, post=ref.residual_post)
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc, hc, residual], backend: [fake]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == 1
+    recs = {r["case"]["method"]: r for r in read_records(run_dir_of(out))}
+    assert recs["mhc"]["reason"] == "RuntimeError: kernel exploded"
+    assert "Traceback" in recs["mhc"]["traceback"]
+    assert recs["hc"]["reason"].startswith("out of memory: CUDA out of memory")
+    assert recs["residual"]["status"] == "ok"
+
+
+def test_unrunnable_cases_are_skipped_with_reason(tmp_path, fake_backend, monkeypatch):
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ref.post,
+                              supports=lambda n, C, dtype: "fake takes no fp32")
+    monkeypatch.setitem(kernels.BACKENDS, "triton",
+                        kernels.Backend("triton", "kernels.triton", devices=("cuda",)))
+    path = scenario(tmp_path, BASE + textwrap.dedent("""
+        include:
+          - {method: mhc, backend: fake}
+          - {method: mhc, backend: triton}
+          - {method: mhc, backend: torch, device: cuda, gpus: 64}
+    """))
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == 0
+    reasons = sorted(r["reason"] for r in read_records(run_dir_of(out)))
+    assert reasons[0] == "backend triton needs a cuda device, case asks for cpu"
+    assert reasons[1] == "fake takes no fp32"
+    assert reasons[2] in ("no CUDA GPU on this machine", f"needs 64 GPUs, {torch.cuda.device_count()} present")
+
+
+def test_interrupt_keeps_finished_cases_and_resume_finishes(tmp_path, fake_backend):
+    def ctrl_c_at_24(x, f, hp, hr):
+        if x.shape[-1] == 24:
+            raise KeyboardInterrupt
+        return ref.post(x, f, hp, hr)
+
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ctrl_c_at_24)
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc], backend: [fake], C: [8, 16, 24, 32]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == cli.EXIT_INTERRUPTED
+    run = run_dir_of(out)
+    assert sorted(r["case"]["C"] for r in read_records(run)) == [8, 16]
+    stamps = {r["case_id"]: r["started_utc"] for r in read_records(run)}
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ref.post)
+    assert cli.main(["run", "--resume", str(run), "--out", str(out)]) == 0
+    final = read_records(run)
+    assert sorted(r["case"]["C"] for r in final) == [8, 16, 24, 32]
+    assert all(r["started_utc"] == stamps[r["case_id"]] for r in final if r["case_id"] in stamps)
+
+
+def test_resume_retries_failed_only_when_asked(tmp_path, fake_backend):
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre,
+                              post=lambda x, f, hp, hr: ref.post(x, f, hp, hr) + 1)
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc], backend: [fake]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == 1
+    run = run_dir_of(out)
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ref.post)
+    assert cli.main(["run", "--resume", str(run), "--out", str(out)]) == 1   # nothing rerun
+    assert cli.main(["run", "--resume", str(run), "--retry-failed", "--out", str(out)]) == 0
+    (rec,) = read_records(run)
+    assert rec["status"] == "ok"
+
+
+def test_run_needs_a_scenario_or_a_run_folder(tmp_path, capsys):
+    assert cli.main(["run"]) == 2
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
