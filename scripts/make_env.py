@@ -21,6 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def link_parent_env(py: Path) -> None:
+    """This interpreter is itself a venv (e.g. /opt/torch/.venv on a GPU node): --system-site-packages
+    would only reach the base Python, so its site-packages are added to the new venv by a .pth file."""
+    import site
+    target = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    Path(target, "_hcbench_parent_env.pth").write_text(
+        "".join(p + "\n" for p in site.getsitepackages()))
+
+
 def main() -> int:
     venv = Path(sys.argv[1] if len(sys.argv) > 1 else ".venv")
     pyproject = (ROOT / "pyproject.toml").read_bytes()
@@ -37,6 +47,8 @@ def main() -> int:
         print(f"make_env: creating {venv}"
               + (" (reusing this interpreter's torch)" if have_torch else ""), flush=True)
         subprocess.run(args, check=True)
+        if have_torch and sys.prefix != sys.base_prefix:
+            link_parent_env(py)
     deps = tomllib.loads(pyproject.decode())["project"]["dependencies"]
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     if subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0:

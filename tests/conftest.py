@@ -21,6 +21,18 @@ if not HAS_CUDA:
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """A plain test run executes the benchmarks of tests/bench once, untimed, as smoke tests;
+    asking for benchmark output (--benchmark-only, -json, -compare, -autosave) times them."""
+    opt = config.option
+    wants_timing = any(getattr(opt, name, None) for name in (
+        "benchmark_only", "benchmark_enable", "benchmark_json", "benchmark_compare",
+        "benchmark_autosave", "benchmark_save"))
+    if hasattr(opt, "benchmark_disable") and not wants_timing:
+        opt.benchmark_disable = True
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
