@@ -25,10 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="with --resume, rerun failed cases")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a case field in every case, e.g. --set T=1024")
+    run.add_argument("--only", action="append", default=[], metavar="KEY=V1[,V2]",
+                     help="run only the cases whose field matches, e.g. --only backend=triton,torch")
 
     ls = sub.add_parser("list", help="print the expanded cases without running them")
     ls.add_argument("scenarios", nargs="+")
     ls.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ls.add_argument("--only", action="append", default=[], metavar="KEY=V1[,V2]")
 
     rep = sub.add_parser("report", help="print a run's table again and write its report.md")
     rep.add_argument("run_dir", type=Path)
@@ -68,8 +71,8 @@ class BadInput(Exception):
         self.lines = lines
 
 
-def _load(paths: list[str], sets: list[str]):
-    from suite.scenario import ScenarioError, load, parse_overrides
+def _load(paths: list[str], sets: list[str], only: list[str] = ()):
+    from suite.scenario import ScenarioError, filter_cases, load, parse_overrides
     scenarios, problems = [], []
     try:
         overrides = parse_overrides(sets)
@@ -77,7 +80,7 @@ def _load(paths: list[str], sets: list[str]):
         raise BadInput(exc.problems)
     for path in paths:
         try:
-            scenarios.append(load(path, overrides))
+            scenarios.append(filter_cases(load(path, overrides), only))
         except ScenarioError as exc:
             problems += exc.problems
     if problems:
@@ -86,7 +89,7 @@ def _load(paths: list[str], sets: list[str]):
 
 
 def _list(args, console: Console) -> int:
-    for sc in _load(args.scenarios, args.set):
+    for sc in _load(args.scenarios, args.set, args.only):
         console.print(f"[bold]{sc.name}[/] ({sc.path}): {len(sc.cases)} cases"
                       + (f" - {sc.description}" if sc.description else ""))
         for i, case in enumerate(sc.cases, 1):
@@ -115,7 +118,7 @@ def _run(args, console: Console) -> int:
         _require_run_dir(args.resume)
     if not args.scenarios and not args.resume:
         raise BadInput(["run: give at least one scenario file, or --resume RUN_DIR"])
-    scenarios = (_load(args.scenarios, args.set) if args.scenarios
+    scenarios = (_load(args.scenarios, args.set, args.only) if args.scenarios
                  else _saved_scenarios(args.resume))
     store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
                                     retry_failed=args.retry_failed, console=console)

@@ -295,3 +295,19 @@ def parse_overrides(items: list[str]) -> dict:
         except yaml.YAMLError:
             out[key.strip()] = value
     return out
+
+
+def filter_cases(scenario: Scenario, only: list[str]) -> Scenario:
+    """Keeps the cases matching every `KEY=V1[,V2]` filter (values compared as written)."""
+    rules = []
+    for item in only or []:
+        key, sep, values = item.partition("=")
+        if not sep or key not in CASE_FIELDS:
+            raise ScenarioError([f"--only {item}: expected KEY=V1[,V2] with KEY one of "
+                                 f"{', '.join(CASE_FIELDS)}"])
+        rules.append((key, {v.strip() for v in values.split(",")}))
+    cases = [c for c in scenario.cases
+             if all(str(getattr(c, k)) in vals for k, vals in rules)]
+    if not cases:
+        raise ScenarioError([f"{scenario.path}: no case matches --only {' '.join(only)}"])
+    return replace(scenario, cases=cases)

@@ -146,3 +146,13 @@ def test_list_prints_expanded_cases_without_running(tmp_path):
 def test_shipped_scenarios_are_valid():
     for path in sorted((ROOT / "scenarios").glob("*.yaml")):
         assert load(path).cases, path
+
+
+def test_only_filters_cases_and_rejects_unknown_keys(tmp_path):
+    from suite.scenario import filter_cases
+    sc = load(write(tmp_path, "name: t\ndefaults: {method: mhc, T: 4}\nsweep: {C: [8, 16, 24]}\n"))
+    assert [c.C for c in filter_cases(sc, ["C=8,24"]).cases] == [8, 24]
+    with pytest.raises(ScenarioError, match="KEY one of"):
+        filter_cases(sc, ["colour=red"])
+    with pytest.raises(ScenarioError, match="no case matches"):
+        filter_cases(sc, ["C=99"])

@@ -1,0 +1,352 @@
+"""F_post,res for HC and mHC: x_next[t, i] = sum_j h_res[t, i, j] x[t, j] + h_post[t, i] f[t].
+
+Shapes (MATH.md): x [T, n, C] bf16/fp16, f [T, C] same dtype, h_post [T, n] fp32,
+h_res [T, n, n] fp32 indexed [token, dst, src]. fp32 accumulation; x_next in x's dtype.
+
+Forward, one pass (kernel `_post_fwd_kernel`):
+  grid = T * ceil(C / BLOCK_C) programs, one (token, C-chunk) each, consecutive programs walk one
+  token's chunks. A program loads x's chunk as one [NP, BLOCK_C / VEC, VEC] tile (NP = n rounded
+  up to a power of two, padded rows masked; a thread holds one 16-byte vector of every row) and
+  f's chunk, accumulates acc[i] = h_post[i] f + sum_j h_res[i, j] x[j] in fp32 and stores it:
+  per token it reads (n+1)C elements and writes nC, the minimum.
+
+Backward, one pass (kernel `_post_bwd_kernel`), g = dL/dx_next:
+  dx[j]        = sum_i h_res[i, j] g[i]   (state dtype)
+  df           = sum_i h_post[i] g[i]     (state dtype)
+  dh_post[i]   = sum_c g[i, c] f[c]       (fp32)
+  dh_res[i, j] = sum_c g[i, c] x[j, c]    (fp32)
+  grid = T * SPLIT programs; a program owns one token and a contiguous run of C-chunks. Per chunk
+  it first loads g's and x's [n, BLOCK_C] tiles and f's chunk (all loads before any store), then
+  writes the dx tile and the df chunk. Tiles are shaped [NP, BLOCK_C / VEC, VEC] so that a thread
+  holds one VEC-element vector of every row: sums over rows (dx, df, picking row i of g) and the
+  first stage of the sums over C stay in the thread. The C-reductions dh_post and dh_res are
+  carried as per-thread partials across the chunk loop and reduced across threads once, after
+  it: no shuffles or barriers inside the loop. SPLIT = 1 (the usual case: T fills the GPU) writes
+  the fp32 coefficient gradients directly; SPLIT > 1 (few tokens: C is split so that there are
+  about 4 programs per SM) writes fp32 partials [T, SPLIT, n (n)] that a tiny torch sum reduces.
+  Bytes per token: read (2n+1)C, write (n+1)C elements (+ n + n^2 fp32), the floor. Gradients
+  not asked for (ctx.needs_input_grad) are neither computed nor their inputs read.
+
+Defaults (reasoned, not yet measured; scripts/tune_post.py measures): BLOCK_C = the largest of
+1024 / 512 / 256 dividing C (2560 -> 512, 4096 and 7168 -> 1024), VEC = 8 (16 bytes) and
+num_warps = BLOCK_C / (32 VEC), in both kernels (backward with n > 4: VEC = 4, BLOCK_C <= 512,
+for registers). Compiled for sm_90 with triton 3.9 (ptxas, no GPU): forward 48 registers at
+n = 4, all row accesses 128-bit; backward 161 registers (3 CTAs of 4 warps per SM), 128-bit
+accesses, no barrier inside the chunk loop.
+
+Offsets: per-token bases are int64 (T*n*C may exceed 2^31), in-token offsets int32.
+C is a compile-time constant (one compile per width; it lets every row load be a 16-byte vector
+and drops masks when BLOCK_C divides C).
+
+Tuning: `post(..., fwd=..., bwd=...)` takes a dict (or "key=value,..." string) with keys
+block_c, num_warps (both) and vec, num_stages, split (backward only); the environment variables
+HCBENCH_POST_FWD / HCBENCH_POST_BWD give defaults in the same string form. Unset keys use
+`fwd_config` / `bwd_config`'s heuristics. scripts/tune_post.py times the alternatives.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.common import check_state, check_tensor
+
+OP = "post"
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _post_fwd_kernel(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr,
+                     N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
+                     BLOCK_C: tl.constexpr, VEC: tl.constexpr, NCB: tl.constexpr, EVEN_C: tl.constexpr):
+    # The chunk of x is one [NP, BV, VEC] tile load; a thread holds one VEC-vector of every row,
+    # so picking row j is in-thread (no shuffles, no barriers, no shared memory).
+    BV: tl.constexpr = BLOCK_C // VEC
+    pid = tl.program_id(0)
+    t = (pid // NCB).to(tl.int64)
+    c0 = (pid % NCB) * BLOCK_C
+    rows = tl.arange(0, NP)
+    rmask = rows < N
+    r3 = rows[:, None, None]
+    cols = c0 + tl.arange(0, BV)[:, None] * VEC + tl.arange(0, VEC)[None, :]    # [BV, VEC]
+    cmask = cols < C
+    tile = r3 * C + cols[None, :, :]
+    tmask = (r3 < N) & cmask[None, :, :]
+
+    x_base = x_ptr + t * (N * C)
+    if EVEN_C and NP == N:
+        xt = tl.load(x_base + tile)
+    else:
+        xt = tl.load(x_base + tile, mask=tmask, other=0.0)
+    if EVEN_C:
+        f = tl.load(f_ptr + t * C + cols)
+    else:
+        f = tl.load(f_ptr + t * C + cols, mask=cmask, other=0.0)
+    hp = tl.load(hp_ptr + t * N + rows, mask=rmask, other=0.0)
+    xt = xt.to(tl.float32)
+    acc = hp[:, None, None] * f.to(tl.float32)[None, :, :]
+    for j in tl.static_range(N):
+        # column j of h_res[t] (dst i = rows): how much source j feeds each destination
+        hcol = tl.load(hr_ptr + t * (N * N) + rows * N + j, mask=rmask, other=0.0)
+        x_j = tl.sum(tl.where(r3 == j, xt, 0.0), axis=0)                            # [BV, VEC]
+        acc += hcol[:, None, None] * x_j[None, :, :]
+
+    out = acc.to(out_ptr.dtype.element_ty)
+    o_ptrs = out_ptr + t * (N * C) + tile
+    if EVEN_C and NP == N:
+        tl.store(o_ptrs, out)
+    else:
+        tl.store(o_ptrs, out, mask=tmask)
+
+
+@triton.jit
+def _post_bwd_kernel(g_ptr, x_ptr, f_ptr, hp_ptr, hr_ptr,
+                     dx_ptr, df_ptr, dhp_ptr, dhr_ptr,
+                     N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
+                     BLOCK_C: tl.constexpr, VEC: tl.constexpr, SPLIT: tl.constexpr, CPS: tl.constexpr,
+                     EVEN_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     NEED_DX: tl.constexpr, NEED_DF: tl.constexpr,
+                     NEED_DHP: tl.constexpr, NEED_DHR: tl.constexpr):
+    # Chunks are [NP, BV, VEC] tiles (BV = BLOCK_C / VEC): a thread owns VEC contiguous elements
+    # (one vector) of every row, so sums over rows and over VEC stay inside the thread. The
+    # C-reductions (dh_post, dh_res) keep per-thread partials [.., BV] across the chunk loop and
+    # cross threads once, after it: no shuffles or barriers inside the loop.
+    BV: tl.constexpr = BLOCK_C // VEC
+    pid = tl.program_id(0)
+    t = (pid // SPLIT).to(tl.int64)
+    s = pid % SPLIT
+    rows = tl.arange(0, NP)
+    rmask = rows < N
+    r3 = rows[:, None, None]
+    rmask3 = r3 < N
+    off2 = tl.arange(0, BV)[:, None] * VEC + tl.arange(0, VEC)[None, :]      # [BV, VEC]
+
+    g_base = g_ptr + t * (N * C)
+    x_base = x_ptr + t * (N * C)
+    dx_base = dx_ptr + t * (N * C)
+    hr_base = hr_ptr + t * (N * N)
+    if NEED_DF:
+        hp = tl.load(hp_ptr + t * N + rows, mask=rmask, other=0.0)
+    acc_hp = tl.zeros([NP, BV], dtype=tl.float32)
+    acc_hr = tl.zeros([NP, NP, BV], dtype=tl.float32)                        # [dst i, src j, BV]
+
+    for k in tl.range(0, CPS, num_stages=NUM_STAGES):
+        cols = (s * CPS + k) * BLOCK_C + off2                                 # [BV, VEC]
+        cmask = cols < C
+        tile = r3 * C + cols[None, :, :]
+        tmask = rmask3 & cmask[None, :, :]
+        # Every load of the chunk is issued before any store (stores would order later loads).
+        if EVEN_C and NP == N:
+            g = tl.load(g_base + tile).to(tl.float32)
+        else:
+            g = tl.load(g_base + tile, mask=tmask, other=0.0).to(tl.float32)
+        if NEED_DHR:
+            if EVEN_C and NP == N:
+                xt = tl.load(x_base + tile).to(tl.float32)
+            else:
+                xt = tl.load(x_base + tile, mask=tmask, other=0.0).to(tl.float32)
+        if NEED_DHP:
+            if EVEN_C:
+                f = tl.load(f_ptr + t * C + cols).to(tl.float32)
+            else:
+                f = tl.load(f_ptr + t * C + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc_hp += tl.sum(g * f[None, :, :], axis=2)
+
+        if NEED_DX or NEED_DHR:
+            dxt = tl.zeros([NP, BV, VEC], dtype=tl.float32)
+            for i in tl.static_range(N):
+                g_i = tl.sum(tl.where(r3 == i, g, 0.0), axis=0)                # row i of g: [BV, VEC]
+                if NEED_DX:
+                    hrow = tl.load(hr_base + i * N + rows, mask=rmask, other=0.0)   # h_res[i, :]
+                    dxt += hrow[:, None, None] * g_i[None, :, :]
+                if NEED_DHR:
+                    part = tl.sum(xt * g_i[None, :, :], axis=2)                # dh_res[i, :] partials
+                    acc_hr += tl.where(r3 == i, part[None, :, :], 0.0)
+            if NEED_DX:
+                dxt = dxt.to(dx_ptr.dtype.element_ty)
+                if EVEN_C and NP == N:
+                    tl.store(dx_base + tile, dxt)
+                else:
+                    tl.store(dx_base + tile, dxt, mask=tmask)
+        if NEED_DF:
+            df = tl.sum(g * hp[:, None, None], axis=0).to(df_ptr.dtype.element_ty)
+            if EVEN_C:
+                tl.store(df_ptr + t * C + cols, df)
+            else:
+                tl.store(df_ptr + t * C + cols, df, mask=cmask)
+
+    p = t * SPLIT + s                                                # row of the (partial) output
+    if NEED_DHP:
+        tl.store(dhp_ptr + p * N + rows, tl.sum(acc_hp, axis=1), mask=rmask)
+    if NEED_DHR:
+        tl.store(dhr_ptr + p * (N * N) + rows[:, None] * N + rows[None, :], tl.sum(acc_hr, axis=2),
+                 mask=rmask[:, None] & rmask[None, :])
+
+
+# ------------------------------------------------------------------------------------ configs
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _default_block_c(C: int) -> int:
+    """Largest of 1024/512/256 that divides C (no masked tail), else C rounded up, capped at 1024."""
+    cap = min(1024, _pow2(C))
+    for b in (1024, 512, 256):
+        if b <= cap and C % b == 0:
+            return b
+    return cap
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(spec: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key not in ("block_c", "num_warps", "num_stages", "split", "vec") or not val.strip():
+            raise ValueError(f"{OP}: bad config item {item!r} "
+                             "(keys: block_c, num_warps; backward also vec, num_stages, split)")
+        out[key] = int(val)
+    return out
+
+
+def _as_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, str):
+        return _parse(cfg)
+    return dict(cfg)
+
+
+def _check_block_c(block_c: int) -> None:
+    if block_c < 8 or block_c & (block_c - 1):
+        raise ValueError(f"{OP}: block_c must be a power of two >= 8, got {block_c}")
+
+
+def _vec(d: dict, block_c: int) -> int:
+    # Elements of each row per thread: 8 (16 bytes); 4 for n > 4 in the backward (three
+    # [NP, VEC] tiles per thread); never more than the chunk.
+    vec = min(block_c, int(d.get("vec") or 8))
+    if vec < 1 or vec & (vec - 1):
+        raise ValueError(f"{OP}: vec must be a power of two, got {vec}")
+    return vec
+
+
+def fwd_config(n: int, C: int, cfg=None) -> dict:
+    """Resolved forward launch parameters: block_c, vec, num_warps."""
+    d = {**_as_dict(os.environ.get("HCBENCH_POST_FWD")), **_as_dict(cfg)}
+    block_c = int(d.get("block_c") or _default_block_c(C))
+    _check_block_c(block_c)
+    vec = _vec(d, block_c)
+    return {"block_c": block_c, "vec": vec,
+            "num_warps": int(d.get("num_warps") or max(1, min(8, block_c // (32 * vec))))}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def bwd_config(T: int, n: int, C: int, device: torch.device, cfg=None) -> dict:
+    """Resolved backward launch parameters: block_c, vec, num_warps, num_stages, split (+ cps)."""
+    d = {**_as_dict(os.environ.get("HCBENCH_POST_BWD")), **_as_dict(cfg)}
+    # n > 4: 8 rows of g and x per thread; smaller chunks keep two CTAs per SM (243 registers).
+    block_c = int(d.get("block_c") or (_default_block_c(C) if n <= 4 else min(512, _default_block_c(C))))
+    _check_block_c(block_c)
+    vec = _vec({"vec": d.get("vec") or (8 if n <= 4 else 4)}, block_c)
+    warps = int(d.get("num_warps") or max(1, min(8, block_c // (32 * vec))))
+    ncb = triton.cdiv(C, block_c)
+    split = d.get("split")
+    if not split:
+        # Enough programs to fill the GPU (about 4 per SM); split C only when T is small.
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 4
+        split = 1 if T >= 4 * sms else min(ncb, triton.cdiv(4 * sms, max(T, 1)))
+    split = max(1, min(int(split), ncb))
+    cps = triton.cdiv(ncb, split)
+    split = triton.cdiv(ncb, cps)          # no empty programs
+    return {"block_c": block_c, "vec": vec, "num_warps": warps,
+            "num_stages": int(d.get("num_stages") or 1), "split": split, "cps": cps}
+
+
+# ------------------------------------------------------------------------------------ launchers
+def post_forward(x, f, h_post, h_res, cfg=None):
+    """Forward kernel only, on validated contiguous inputs."""
+    T, n, C = x.shape
+    out = torch.empty_like(x)
+    if T == 0:
+        return out
+    p = fwd_config(n, C, cfg)
+    ncb = triton.cdiv(C, p["block_c"])
+    _post_fwd_kernel[(T * ncb,)](
+        x, f, h_post, h_res, out,
+        N=n, NP=_pow2(n), C=C, BLOCK_C=p["block_c"], VEC=p["vec"], NCB=ncb,
+        EVEN_C=(C % p["block_c"] == 0),
+        num_warps=p["num_warps"])
+    return out
+
+
+def post_backward(g, x, f, h_post, h_res, need=(True, True, True, True), cfg=None):
+    """Backward kernel only: returns (dx, df, dh_post, dh_res), None where need[k] is False."""
+    T, n, C = x.shape
+    need_dx, need_df, need_dhp, need_dhr = (bool(v) for v in need)
+    dx = torch.empty_like(x) if need_dx else None
+    df = torch.empty_like(f) if need_df else None
+    if not any(need):
+        return dx, df, None, None
+    p = bwd_config(T, n, C, x.device, cfg)
+    split = p["split"]
+    dhp = torch.empty((T, split, n), device=x.device, dtype=torch.float32) if need_dhp else None
+    dhr = torch.empty((T, split, n, n), device=x.device, dtype=torch.float32) if need_dhr else None
+    if T > 0:
+        dummy = g  # any pointer of the right kind for arguments a variant does not touch
+        even = C % p["block_c"] == 0 and p["cps"] * split == triton.cdiv(C, p["block_c"])
+        _post_bwd_kernel[(T * split,)](
+            g, x, f, h_post, h_res,
+            dx if need_dx else dummy, df if need_df else dummy,
+            dhp if need_dhp else h_post, dhr if need_dhr else h_res,
+            N=n, NP=_pow2(n), C=C, BLOCK_C=p["block_c"], VEC=p["vec"], SPLIT=split, CPS=p["cps"],
+            EVEN_C=even, NUM_STAGES=p["num_stages"],
+            NEED_DX=need_dx, NEED_DF=need_df, NEED_DHP=need_dhp, NEED_DHR=need_dhr,
+            num_warps=p["num_warps"])
+    if need_dhp:
+        dhp = dhp[:, 0] if split == 1 else dhp.sum(dim=1)
+    if need_dhr:
+        dhr = dhr[:, 0] if split == 1 else dhr.sum(dim=1)
+    return dx, df, dhp, dhr
+
+
+class _Post(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, h_post, h_res, fwd_cfg, bwd_cfg):
+        ctx.save_for_backward(x, f, h_post, h_res)
+        ctx.bwd_cfg = bwd_cfg
+        return post_forward(x, f, h_post, h_res, fwd_cfg)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, f, h_post, h_res = ctx.saved_tensors
+        need = ctx.needs_input_grad[:4]
+        if g.dtype != x.dtype:
+            g = g.to(x.dtype)
+        dx, df, dhp, dhr = post_backward(g.contiguous(), x, f, h_post, h_res, need, ctx.bwd_cfg)
+        return dx, df, dhp, dhr, None, None
+
+
+def post(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
+         *, fwd=None, bwd=None) -> torch.Tensor:
+    """x_next = h_res @ x + h_post * f per token (F_post,res, MATH.md), differentiable.
+
+    x [T, n, C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T, C] x's dtype,
+    h_post [T, n] fp32, h_res [T, n, n] fp32 [token, dst, src]. Returns [T, n, C] in x's dtype.
+    fwd / bwd: optional launch overrides (see module docstring).
+    """
+    T, n, C = check_state(OP, x, "x")
+    x = x.contiguous()
+    f = check_tensor(OP, f, "f", (T, C), x.dtype, x.device)
+    h_post = check_tensor(OP, h_post, "h_post", (T, n), torch.float32, x.device)
+    h_res = check_tensor(OP, h_res, "h_res", (T, n, n), torch.float32, x.device)
+    return _Post.apply(x, f, h_post, h_res, fwd, bwd)

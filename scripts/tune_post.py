@@ -1,0 +1,167 @@
+"""Checks and times kernels/triton/post.py (F_post,res) and residual.py on a CUDA GPU.
+
+Usage: python scripts/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..."] [--C 2560,4096,7168]
+       TRITON_INTERPRET=1 python scripts/tune_post.py --smoke   (no GPU: tiny shapes on the CPU, to
+       test the script itself; its timings mean nothing)
+
+1. Copy rate: 1 GiB device-to-device copy, bytes read + written / median time (the ceiling).
+2. For bf16, n = 4, T = 16384 and each C: post and residual_post against the reference (fp32 on
+   the GPU), forward output and every gradient, for every configuration timed.
+3. Times, per configuration (one "key=value,..." string given to post(fwd=..., bwd=...); keys
+   block_c and num_warps apply to both kernels, vec / num_stages / split to the backward only):
+   forward, and forward + backward through autograd. Medians of triton.testing.do_bench (L2
+   flushed before every call).
+Floors: forward (2n+1)C elements per token; forward + backward (5n+3)C (MATH.md, ANCHORS.md).
+The table comes last. Aims to finish within about 60 s (most of it compiling).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels import reference  # noqa: E402
+from suite.tolerance import rel_err, tolerance  # noqa: E402
+
+P = importlib.import_module("kernels.triton.post")   # the package re-exports the function `post`
+from kernels.triton.residual import residual_post  # noqa: E402
+
+# "" is the default heuristic of post.py. block_c sets num_warps = block_c / (32 * vec) unless given.
+CONFIGS = [
+    "",
+    "block_c=1024",                 # fwd 4 warps; bwd vec 8, 4 warps
+    "block_c=512",                  # 2 warps
+    "block_c=2048",                 # 8 warps
+    "block_c=256",                  # 1 warp: backward reductions stay within one warp
+    "block_c=1024,vec=4",           # bwd 8 warps, 8-byte vectors, fewer registers per thread
+    "block_c=1024,num_stages=2",    # bwd: let Triton's pipeliner prefetch the next chunk
+]
+N, T, DTYPE = 4, 16384, torch.bfloat16
+DEVICE = "cuda"
+SMOKE = False
+
+
+def bench(fn) -> float:
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, warmup=5, rep=30, return_mode="median")
+
+
+def copy_rate() -> float:
+    a = torch.empty(2 ** 30 if not SMOKE else 2 ** 20, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a))
+    return 2 * a.numel() / (ms * 1e-3) / 1e9
+
+
+def make_inputs(C: int):
+    g = torch.Generator(device=DEVICE).manual_seed(C)
+    x = torch.randn(T, N, C, generator=g, device=DEVICE).to(DTYPE)
+    f = torch.randn(T, C, generator=g, device=DEVICE).to(DTYPE)
+    h_post = 2 * torch.sigmoid(torch.randn(T, N, generator=g, device=DEVICE))
+    h_res = reference.sinkhorn(torch.randn(T, N, N, generator=g, device=DEVICE))
+    grad = torch.randn(T, N, C, generator=g, device=DEVICE).to(DTYPE)
+    return x, f, h_post, h_res, grad
+
+
+def reference_post(x, f, h_post, h_res, grad):
+    ins = [t.detach().float().requires_grad_() for t in (x, f, h_post, h_res)]
+    out = reference.post(*ins)                      # fp32 (inputs upcast), not rounded to bf16
+    return [out.detach()] + list(torch.autograd.grad(out, ins, grad.float()))
+
+
+def check_post(ins, ref, cfg) -> float:
+    leaves = [t.detach().clone().requires_grad_() for t in ins[:4]]
+    out = P.post(*leaves, fwd=cfg, bwd=cfg)
+    got = [out] + list(torch.autograd.grad(out, leaves, ins[4]))
+    return max(rel_err(a, b) for a, b in zip(got, ref))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", help="';'-separated config strings (default: a built-in list)")
+    ap.add_argument("--C", default="2560,4096,7168", help="comma-separated widths")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    global T, DEVICE, SMOKE
+    if args.smoke:
+        T, DEVICE, SMOKE = 8, "cpu", True
+        args.C = "264" if args.C == ap.get_default("C") else args.C
+    elif not torch.cuda.is_available():
+        print("tune_post.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
+        return 2
+    configs = CONFIGS if args.configs is None else [c.strip() for c in args.configs.split(";")]
+    widths = [int(c) for c in args.C.split(",")]
+    t_start = time.time()
+    if not SMOKE:
+        props = torch.cuda.get_device_properties(0)
+        print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+              f"triton {triton.__version__}")
+    rate = copy_rate()
+    print(f"copy rate (1 GiB d2d, read+write): {rate:.0f} GB/s")
+    tol = tolerance(DTYPE)
+    rows, failures = [], []
+
+    for C in widths:
+        ins = make_inputs(C)
+        x, f, h_post, h_res, grad = ins
+        ref = reference_post(*ins)
+        # residual: x[:, :1] + f, check and time
+        xr = x[:, :1].contiguous()
+        rr_out = residual_post(xr, f)
+        err = rel_err(rr_out, reference.residual_post(xr.float(), f.float()))
+        if not err <= tol:
+            failures.append(f"residual_post C={C}: rel_err {err:.2e} > {tol}")
+        ms = bench(lambda: residual_post(xr, f))
+        gb = 3 * T * C * x.element_size() / 1e9
+        print(f"residual_post C={C}: rel_err {err:.1e}, {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s, "
+              f"{100 * gb / ms * 1e3 / rate:.0f}% of copy")
+
+        fwd_bytes = (2 * N + 1) * C * x.element_size() * T
+        fb_bytes = (5 * N + 3) * C * x.element_size() * T
+        leaves = [t.detach().clone().requires_grad_() for t in ins[:4]]
+        for cfg in configs:
+            err = check_post(ins, ref, cfg)
+            if not err <= tol:
+                failures.append(f"post C={C} [{cfg or 'default'}]: max rel_err {err:.2e} > {tol}")
+
+            def fb(cfg=cfg):
+                out = P.post(*leaves, fwd=cfg, bwd=cfg)
+                torch.autograd.grad(out, leaves, grad)
+
+            t_f = bench(lambda cfg=cfg: P.post(x, f, h_post, h_res, fwd=cfg, bwd=cfg))
+            t_fb = bench(fb)
+            fc = P.fwd_config(N, C, cfg)
+            bc = P.bwd_config(T, N, C, x.device, cfg)
+            name = (cfg or "default") + (f" [f {fc['block_c']}/{fc['num_warps']}w; b {bc['block_c']}/v{bc['vec']}/"
+                                         f"{bc['num_warps']}w/s{bc['num_stages']}]")
+            rows.append((C, name, t_f, fwd_bytes / t_f / 1e6, 100 * fwd_bytes / t_f / 1e6 / rate, t_fb,
+                         100 * (fb_bytes / rate / 1e6) / t_fb, err))
+        del ins, ref, leaves, x, f, h_post, h_res, grad
+        torch.cuda.empty_cache()
+
+    print(f"elapsed {time.time() - t_start:.0f} s")
+    for msg in failures:
+        print("FAIL", msg)
+    print(f"\npost, bf16, n={N}, T={T}; copy rate {rate:.0f} GB/s; fwd floor (2n+1)C, fwd+bwd floor (5n+3)C")
+    hdr = f"{'C':>5} {'config':<62} {'fwd ms':>7} {'fwd GB/s':>8} {'%copy':>6} {'f+b ms':>7} {'%floor':>6} {'err':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for C, name, t_f, gbs, pct, t_fb, pfl, err in rows:
+        print(f"{C:>5} {name:<62} {t_f:7.3f} {gbs:8.0f} {pct:6.1f} {t_fb:7.3f} {pfl:6.1f} {err:7.1e}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
