@@ -4,16 +4,21 @@ mhc_pre.py   coefficients (norm + GEMM) + Sinkhorn + F_pre, and their backward
 hc_pre.py    HC's per-stream norm, projections, tanh + F_pre, and their backward
 post.py      F_post,res (shared by HC and mHC) and its backward
 residual.py  the plain add x + f
+
+Modules are imported as modules, so `kernels.triton.post` stays the module, not its function.
 """
 from kernels import Ops
+from kernels.triton import hc_pre as _hc
+from kernels.triton import mhc_pre as _mhc
+from kernels.triton import post as _post
+from kernels.triton import residual as _residual
 from kernels.triton.common import supports
-from kernels.triton.hc_pre import hc_coeffs, hc_pre
-from kernels.triton.mhc_pre import mhc_coeffs, mhc_pre
-from kernels.triton.post import post
-from kernels.triton.residual import residual_post, residual_pre
 
 OPS = {
-    "mhc": Ops("mhc", "triton", pre=mhc_pre, post=post, coeffs=mhc_coeffs, supports=supports),
-    "hc": Ops("hc", "triton", pre=hc_pre, post=post, coeffs=hc_coeffs, supports=supports),
-    "residual": Ops("residual", "triton", pre=residual_pre, post=residual_post, supports=supports),
+    "mhc": Ops("mhc", "triton", pre=_mhc.mhc_pre, post=_post.post, coeffs=_mhc.mhc_coeffs,
+               supports=supports),
+    "hc": Ops("hc", "triton", pre=_hc.hc_pre, post=_post.post, coeffs=_hc.hc_coeffs,
+              supports=supports),
+    "residual": Ops("residual", "triton", pre=_residual.residual_pre, post=_residual.residual_post,
+                    supports=supports),
 }
