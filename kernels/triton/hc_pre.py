@@ -1,0 +1,780 @@
+"""HC pre (dynamic Hyper-Connections, MATH.md "HC"): per-stream RMSNorm, tanh projections and F_pre.
+
+    hc_coeffs(x, w, b, s) -> (h_pre [T,n] fp32, h_post [T,n] fp32, h_res [T,n,n] fp32)
+    hc_pre(x, w, b, s)    -> (layer_input [T,C] x.dtype, h_post, h_res)
+
+x [T, n, C] bf16/fp16 (n <= 8, C % 8 == 0); w fp32 [C, n+2] = [w_pre | w_post | W_res] (RMSNorm weight
+folded in); b fp32 [n*n+2n] = [b_pre | b_post | b_res (dst, src)]; s fp32 [2] = (s_a, s_b). Per token:
+    r[i] = rsqrt(mean_c x[i]^2 + 1e-6),  z[i, k] = r[i] * (x[i] . w[:, k]),  p = tanh(z)
+    h_pre[i] = s_a p[i,0] + b_pre[i];  h_post[i] = s_b p[i,1] + b_post[i]
+    h_res[j,i] = s_a p[i,2+j] + b_res[j,i]       (source i's projection fills column i)
+    layer_input = sum_i h_pre[i] x[i]
+Both functions are differentiable w.r.t. x, w, b, s (torch.autograd.Function; only the gradients
+asked for in ctx.needs_input_grad are computed).
+
+Design (NK = n+2 projections, NP = n rounded up to a power of two):
+  x is read as int32 pairs of bf16/fp16 (x.view(int32)): one shift or mask turns each half into
+  fp32 (bf16), where a plain .to(float32) costs two instructions per element. Tiles are
+  [BT tokens, NP streams, NTH = 32 * num_warps threads, CP pairs]: a thread owns 2*CP adjacent
+  columns of all BT*NP rows, so w[c, k] (from a transposed, chunk-padded copy wT [NK, CW]) is loaded
+  once per thread (16-byte, unmasked) and used BT*NP times; every accumulator has the tile's shape,
+  so the projections are pure FFMAs (NK+1 per element of x, with the sum of squares) with no
+  per-chunk reduction; the sum over streams for layer_input is in-thread. Cross-thread reductions
+  happen once per token block. Why FMAs and not tensor cores: N = n+2 is tiny, a tl.dot needs
+  M >= 16 rows per CTA (4 tokens resident per CTA for n = 4, which breaks the L2 re-read below),
+  stages x through shared memory once per warp, and tf32 would round w; the FMA loop is ~12
+  instructions per element of x (sm_90 SASS, n = 4), under the issue rate at copy bandwidth.
+
+  _fwd_kernel, persistent grid = min(token blocks, SMs * fwd_ctas_per_sm); program p takes token
+  blocks p, p + grid, ...; per block:
+    pass 1 over C chunks (next chunk prefetched into registers): sums of squares and the NK
+      projections in fp32; then r, z, tanh, h_pre / h_post / h_res in registers (z, r saved for
+      backward);
+    pass 2 over the same chunks in reverse order: layer_input = sum_i h_pre[i] x[i].
+    Pass 2 re-reads the block just read, so it should hit L2: pass-1 loads bypass L1 (.cg, so L1
+    keeps w, loaded evict_last), pass-2 loads are evict_first, and the grid bounds the tokens in
+    flight: L2 working set ~ grid * BT * 2nC bytes (264 x 1 x 57 KB = 15 MB for n = 4, C = 7168).
+    DRAM bytes per token: read 2nC, write 2C + 4(n + n^2) (h_post, h_res), + 4n(NK+1) (z, r)
+    when a gradient will be needed: one read of x and one write of layer_input, the floor.
+    From L2 (not DRAM): the 2nC re-read and 4*NK*C of w per token block unless L1 holds w.
+    hc_coeffs runs pass 1 only (writes 4n more for h_pre, no layer_input).
+
+  Backward, two kernels (u = r*dz, e = r^2 * mean_c(dxn*xn) = r^2/C * sum_k dz_k z_k):
+    _bwd_coef_kernel, grid = cdiv(T, GT), each program loops over GT tokens in blocks of BT:
+      dh_pre = g_li . x[i] (one pass over x and g_li; none for hc_coeffs) + upstream dh_pre,
+      dp = s * dh, dz = (1 - p^2) dp, ds and db_pre partials per program (summed by torch);
+      writes coef [T, n, NK+2] = (u_0..u_{NK-1}, h_pre, e). db_post, db_res are torch sums of
+      the upstream gradients.
+    _bwd_dx_kernel, grid = (C chunks, token groups): w's chunk stays in registers;
+      dx[i] = h_pre[i] g_li + sum_k u[i,k] w[:,k] - e[i] x[i]    (RMSNorm backward folded in)
+      dw partial [group, NK, C] += sum_{t,i} x[i] u[i,k], written once per program, summed by torch.
+    DRAM bytes per token: read 2(2n+2)C (x and g_li twice), write 2nC, + ~4n(3NK+8) of
+    coefficients (z, r, g_post, g_res, coef) and ~2% of dw partials. The fused floor reads x and
+    g_li once ((n+1)C elements); the second read is the price of dw: it needs the full-C reduction
+    dh_pre first and a reduction over tokens after, which one token-major pass can only do with
+    per-program [C, NK] partials (as much traffic again) or millions of atomics.
+
+Offsets: per-token bases are int64 (T*n*C may exceed 2^31); C is passed as C/8 so that the
+compiler knows every row starts 16-byte aligned.
+
+Tuning: keyword `config` (dict or "key=value,..." string) or the environment variable
+HC_PRE_CONFIG (same string form); keys in DEFAULT_CONFIG. scripts/tune_hc_pre.py times variants.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.triton.common import check_state, check_tensor, interpreting
+
+EPS = reference.EPS_RMS
+
+# *_bt = 0: tokens per block chosen so that BT * NP is about *_rows (rows live in each thread).
+DEFAULT_CONFIG = {
+    "fwd_bt": 0, "fwd_rows": 4, "fwd_warps": 8,
+    "fwd_ctas_per_sm": 2,    # persistent grid of SMs * this programs (0: one program per block)
+    "fwd_prefetch": 1,       # load chunk j+1 while reducing chunk j (register double buffer)
+    "fwd_cp": 2,             # int32 pairs of x per thread and row per chunk (2*cp columns)
+    "x_hint": "cg",          # pass-1 x loads: "cg" (bypass L1, which keeps w), "evict_last" (L1 and
+                             # L2 evict_last; PTX cannot combine it with .cg) or "none"
+    "w_hint": "evict_last",  # w loads (L1 and L2 evict_last) or "none"
+    "evict2": 1,             # pass-2 x loads evict_first (their last use)
+    "b1_bt": 0, "b1_rows": 8, "b1_warps": 4, "b1_programs": 8192, "b1_prefetch": 1, "b1_cp": 2,
+    "b2_bt": 0, "b2_rows": 4, "b2_warps": 4, "b2_programs": 1056, "b2_prefetch": 1, "b2_cp": 2,
+}
+# The interpreter pays per program and per op, not per byte: big token blocks, few programs.
+INTERPRETER_CONFIG = {"fwd_rows": 32, "b1_rows": 32, "b2_rows": 32, "b1_programs": 2,
+                      "b2_programs": 2}
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _tanh(z):
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _unpack(v, IS_BF16: tl.constexpr):
+    """int32 holding two 16-bit floats (little endian) -> (even column, odd column) in fp32."""
+    if IS_BF16:
+        lo = (v << 16).to(tl.float32, bitcast=True)
+        hi = (v & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _pack(lo, hi, dtype: tl.constexpr, NTH: tl.constexpr, CP: tl.constexpr):
+    """(even, odd) [BT, R, NTH, CP] fp32 -> [BT, R, NTH, 2*CP] in dtype, columns in memory order."""
+    v = tl.join(lo, hi)
+    return tl.reshape(v, [v.shape[0], v.shape[1], NTH, 2 * CP]).to(dtype)
+
+
+@triton.jit
+def _wpair(wt_ptr, K: tl.constexpr, CW, wcol, NTH: tl.constexpr, CP: tl.constexpr,
+           WEV: tl.constexpr):
+    """w[:, K] at the thread's columns -> (even, odd) [1, 1, NTH, CP] fp32. wt is [NK, CW], zero
+    padded to a whole number of chunks, so the load needs no mask."""
+    w = tl.load(wt_ptr + K * CW + wcol, eviction_policy=WEV)
+    return tl.split(tl.reshape(w, [1, 1, NTH, CP, 2]))
+
+
+@triton.jit
+def _red23(a):
+    return tl.sum(tl.sum(a, axis=3), axis=2)
+
+
+@triton.jit
+def _fwd_res(acc, r, J: tl.constexpr, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2,
+             N: tl.constexpr, NK: tl.constexpr, SAVE: tl.constexpr):
+    z = _red23(acc) * r
+    if SAVE:
+        tl.store(z_ptr + (t2 * N + i2) * NK + 2 + J, z, mask=m2)
+    h = sa * _tanh(z) + tl.load(b_ptr + 2 * N + J * N + i2, mask=i2 < N, other=0.0)
+    tl.store(hres_ptr + t2 * (N * N) + J * N + i2, h, mask=m2)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, wt_ptr, b_ptr, s_ptr,
+                li_ptr, hpre_ptr, hpost_ptr, hres_ptr, z_ptr, r_ptr,
+                T, C8, CW, eps, NPROG,
+                N: tl.constexpr, NP: tl.constexpr, NK: tl.constexpr,
+                BT: tl.constexpr, NTH: tl.constexpr, CP: tl.constexpr, IS_BF16: tl.constexpr,
+                WRITE_LI: tl.constexpr, WRITE_HPRE: tl.constexpr, SAVE: tl.constexpr,
+                PREFETCH: tl.constexpr, X_CACHE: tl.constexpr, EV1: tl.constexpr,
+                EV2: tl.constexpr, WEV: tl.constexpr):
+    # x_ptr: x viewed as int32 [T, N, C/2] (pairs of bf16/fp16); li_ptr: [T, C] in x's dtype
+    C = C8 * 8
+    C2 = C8 * 4
+    BP: tl.constexpr = NTH * CP                 # int32 pairs per chunk (2 * BP columns)
+    pid = tl.program_id(0)
+    bt = tl.arange(0, BT)[:, None, None, None]
+    ii = tl.arange(0, NP)[None, :, None, None]
+    pcol = tl.arange(0, NTH)[None, None, :, None] * CP + tl.arange(0, CP)[None, None, None, :]
+    wcol = tl.arange(0, NTH)[None, None, :, None] * (2 * CP) + tl.arange(0, 2 * CP)[None, None, None, :]
+    i2 = tl.arange(0, NP)[None, :]
+    sa = tl.load(s_ptr)
+    sb = tl.load(s_ptr + 1)
+    bpre = tl.load(b_ptr + i2, mask=i2 < N, other=0.0)
+    bpost = tl.load(b_ptr + N + i2, mask=i2 < N, other=0.0)
+    nch = tl.cdiv(C2, BP)
+    nblk = tl.cdiv(T, BT)
+    # persistent: program pid takes token blocks pid, pid + NPROG, ... (NPROG bounds the tokens
+    # resident on the GPU, hence the L2 working set of the pass-2 re-read)
+    for blk in range(pid, nblk, NPROG):
+        tok = blk * BT + bt
+        tmask = tok < T
+        rmask = tmask & (ii < N)
+        xrow = x_ptr + tok.to(tl.int64) * (N * C2) + ii * C2
+
+        # ---- pass 1: sums of squares and the NK projections (unnormalised), fp32 FMAs
+        ss = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a0 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a1 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a2 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a3 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a4 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a5 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a6 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a7 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a8 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        a9 = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+        if PREFETCH:
+            vnext = tl.load(xrow + pcol, mask=rmask & (pcol < C2), other=0,
+                            cache_modifier=X_CACHE, eviction_policy=EV1)
+        for p0 in range(0, C2, BP):
+            pc = p0 + pcol
+            if PREFETCH:
+                v = vnext
+                vnext = tl.load(xrow + pc + BP, mask=rmask & (pc + BP < C2), other=0,
+                                cache_modifier=X_CACHE, eviction_policy=EV1)
+            else:
+                v = tl.load(xrow + pc, mask=rmask & (pc < C2), other=0,
+                            cache_modifier=X_CACHE, eviction_policy=EV1)
+            lo, hi = _unpack(v, IS_BF16)
+            ss += lo * lo
+            ss += hi * hi
+            wc = 2 * p0 + wcol
+            we, wo = _wpair(wt_ptr, 0, CW, wc, NTH, CP, WEV)
+            a0 += lo * we
+            a0 += hi * wo
+            we, wo = _wpair(wt_ptr, 1, CW, wc, NTH, CP, WEV)
+            a1 += lo * we
+            a1 += hi * wo
+            we, wo = _wpair(wt_ptr, 2, CW, wc, NTH, CP, WEV)
+            a2 += lo * we
+            a2 += hi * wo
+            if NK > 3:
+                we, wo = _wpair(wt_ptr, 3, CW, wc, NTH, CP, WEV)
+                a3 += lo * we
+                a3 += hi * wo
+            if NK > 4:
+                we, wo = _wpair(wt_ptr, 4, CW, wc, NTH, CP, WEV)
+                a4 += lo * we
+                a4 += hi * wo
+            if NK > 5:
+                we, wo = _wpair(wt_ptr, 5, CW, wc, NTH, CP, WEV)
+                a5 += lo * we
+                a5 += hi * wo
+            if NK > 6:
+                we, wo = _wpair(wt_ptr, 6, CW, wc, NTH, CP, WEV)
+                a6 += lo * we
+                a6 += hi * wo
+            if NK > 7:
+                we, wo = _wpair(wt_ptr, 7, CW, wc, NTH, CP, WEV)
+                a7 += lo * we
+                a7 += hi * wo
+            if NK > 8:
+                we, wo = _wpair(wt_ptr, 8, CW, wc, NTH, CP, WEV)
+                a8 += lo * we
+                a8 += hi * wo
+            if NK > 9:
+                we, wo = _wpair(wt_ptr, 9, CW, wc, NTH, CP, WEV)
+                a9 += lo * we
+                a9 += hi * wo
+
+        # ---- coefficients, per (token, stream) in registers
+        r = tl.rsqrt(_red23(ss) / C + eps)                          # [BT, NP]
+        t2 = blk * BT + tl.arange(0, BT)[:, None]
+        m2 = (t2 < T) & (i2 < N)
+        if SAVE:
+            tl.store(r_ptr + t2 * N + i2, r, mask=m2)
+        z = _red23(a0) * r
+        if SAVE:
+            tl.store(z_ptr + (t2 * N + i2) * NK, z, mask=m2)
+        hpre = tl.where(m2, sa * _tanh(z) + bpre, 0.0)
+        if WRITE_HPRE:
+            tl.store(hpre_ptr + t2 * N + i2, hpre, mask=m2)
+        z = _red23(a1) * r
+        if SAVE:
+            tl.store(z_ptr + (t2 * N + i2) * NK + 1, z, mask=m2)
+        tl.store(hpost_ptr + t2 * N + i2, sb * _tanh(z) + bpost, mask=m2)
+        _fwd_res(a2, r, 0, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+        if NK > 3:
+            _fwd_res(a3, r, 1, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+        if NK > 4:
+            _fwd_res(a4, r, 2, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+        if NK > 5:
+            _fwd_res(a5, r, 3, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+        if NK > 6:
+            _fwd_res(a6, r, 4, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+        if NK > 7:
+            _fwd_res(a7, r, 5, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+        if NK > 8:
+            _fwd_res(a8, r, 6, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+        if NK > 9:
+            _fwd_res(a9, r, 7, sa, b_ptr, hres_ptr, z_ptr, t2, i2, m2, N, NK, SAVE)
+
+        # ---- pass 2 (reverse chunk order, L2 hits): layer_input = sum_i h_pre[i] x[i]
+        if WRITE_LI:
+            hp = hpre[:, :, None, None]
+            lirow = li_ptr + tok.to(tl.int64) * C
+            last = (nch - 1) * BP
+            if PREFETCH:
+                vnext = tl.load(xrow + last + pcol, mask=rmask & (last + pcol < C2), other=0,
+                                eviction_policy=EV2)
+            for j in range(0, nch):
+                p0 = last - j * BP
+                pc = p0 + pcol
+                if PREFETCH:
+                    v = vnext
+                    vnext = tl.load(xrow + pc - BP, mask=rmask & (pc >= BP), other=0,
+                                    eviction_policy=EV2)
+                else:
+                    v = tl.load(xrow + pc, mask=rmask & (pc < C2), other=0, eviction_policy=EV2)
+                lo, hi = _unpack(v, IS_BF16)
+                li_lo = tl.sum(lo * hp, axis=1, keep_dims=True)          # [BT, 1, NTH, CP]
+                li_hi = tl.sum(hi * hp, axis=1, keep_dims=True)
+                oc = 2 * p0 + wcol
+                tl.store(lirow + oc, _pack(li_lo, li_hi, li_ptr.dtype.element_ty, NTH, CP),
+                         mask=tmask & (oc < C))
+
+
+@triton.jit
+def _bwd_res(zrow, crow, gres_ptr, t2, i2, m2, r, sa, J: tl.constexpr, N: tl.constexpr):
+    z = tl.load(zrow + 2 + J, mask=m2, other=0.0)
+    p = _tanh(z)
+    gr = tl.load(gres_ptr + t2 * (N * N) + J * N + i2, mask=m2, other=0.0)
+    dz = sa * gr * (1.0 - p * p)
+    tl.store(crow + 2 + J, r * dz, mask=m2)
+    return dz * z, p * gr
+
+
+@triton.jit
+def _bwd_coef_kernel(x_ptr, g_ptr, gpre_ptr, gpost_ptr, gres_ptr, z_ptr, r_ptr, b_ptr, s_ptr,
+                     coef_ptr, part_ptr,
+                     T, C8, GT,
+                     N: tl.constexpr, NP: tl.constexpr, NK: tl.constexpr, NKC: tl.constexpr,
+                     PW: tl.constexpr, BT: tl.constexpr, NTH: tl.constexpr, CP: tl.constexpr,
+                     IS_BF16: tl.constexpr, HAS_G: tl.constexpr, HAS_GPRE: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+    # x_ptr: int32 [T, N, C/2]; g_ptr: int32 [T, C/2] (pairs)
+    C = C8 * 8
+    C2 = C8 * 4
+    BP: tl.constexpr = NTH * CP
+    pid = tl.program_id(0)
+    sa = tl.load(s_ptr)
+    sb = tl.load(s_ptr + 1)
+    bt = tl.arange(0, BT)[:, None, None, None]
+    ii = tl.arange(0, NP)[None, :, None, None]
+    pcol = tl.arange(0, NTH)[None, None, :, None] * CP + tl.arange(0, CP)[None, None, None, :]
+    i2 = tl.arange(0, NP)[None, :]
+    bpre = tl.load(b_ptr + i2, mask=i2 < N, other=0.0)
+    acc_sa = tl.zeros([BT, NP], dtype=tl.float32)
+    acc_sb = tl.zeros([BT, NP], dtype=tl.float32)
+    acc_db = tl.zeros([BT, NP], dtype=tl.float32)
+    for tb in range(0, GT, BT):
+        t0 = pid * GT + tb
+        t2 = t0 + tl.arange(0, BT)[:, None]
+        m2 = (t2 < T) & (i2 < N)
+        if HAS_G:
+            tok = t0 + bt
+            tmask = tok < T
+            rmask = tmask & (ii < N)
+            xrow = x_ptr + tok.to(tl.int64) * (N * C2) + ii * C2
+            grow = g_ptr + tok.to(tl.int64) * C2
+            acc = tl.zeros([BT, NP, NTH, CP], dtype=tl.float32)
+            if PREFETCH:
+                vnext = tl.load(xrow + pcol, mask=rmask & (pcol < C2), other=0)
+                gnext = tl.load(grow + pcol, mask=tmask & (pcol < C2), other=0)
+            for p0 in range(0, C2, BP):
+                pc = p0 + pcol
+                if PREFETCH:
+                    v = vnext
+                    gv = gnext
+                    nm = pc + BP < C2
+                    vnext = tl.load(xrow + pc + BP, mask=rmask & nm, other=0)
+                    gnext = tl.load(grow + pc + BP, mask=tmask & nm, other=0)
+                else:
+                    v = tl.load(xrow + pc, mask=rmask & (pc < C2), other=0)
+                    gv = tl.load(grow + pc, mask=tmask & (pc < C2), other=0)
+                lo, hi = _unpack(v, IS_BF16)
+                glo, ghi = _unpack(gv, IS_BF16)
+                acc += lo * glo
+                acc += hi * ghi
+            dh = _red23(acc)
+        else:
+            dh = tl.zeros([BT, NP], dtype=tl.float32)
+        if HAS_GPRE:
+            dh += tl.load(gpre_ptr + t2 * N + i2, mask=m2, other=0.0)
+        dh = tl.where(m2, dh, 0.0)
+        r = tl.load(r_ptr + t2 * N + i2, mask=m2, other=0.0)
+        zrow = z_ptr + (t2 * N + i2) * NK
+        crow = coef_ptr + (t2 * N + i2) * NKC
+        # k = 0: h_pre
+        z = tl.load(zrow, mask=m2, other=0.0)
+        p = _tanh(z)
+        dz = sa * dh * (1.0 - p * p)
+        mm = dz * z
+        tl.store(crow, r * dz, mask=m2)
+        tl.store(crow + NK, sa * p + bpre, mask=m2)
+        acc_sa += p * dh
+        acc_db += dh
+        # k = 1: h_post
+        z = tl.load(zrow + 1, mask=m2, other=0.0)
+        p = _tanh(z)
+        gp = tl.load(gpost_ptr + t2 * N + i2, mask=m2, other=0.0)
+        dz = sb * gp * (1.0 - p * p)
+        mm += dz * z
+        tl.store(crow + 1, r * dz, mask=m2)
+        acc_sb += p * gp
+        # k = 2 + j: column i of h_res (row j)
+        for j in tl.static_range(N):
+            dm, ds = _bwd_res(zrow, crow, gres_ptr, t2, i2, m2, r, sa, j, N)
+            mm += dm
+            acc_sa += ds
+        tl.store(crow + NK + 1, r * r * mm / C, mask=m2)
+    prow = part_ptr + pid * PW
+    tl.store(prow, tl.sum(acc_sa))
+    tl.store(prow + 1, tl.sum(acc_sb))
+    i1 = tl.arange(0, NP)
+    tl.store(prow + 2 + i1, tl.sum(acc_db, axis=0), mask=i1 < N)
+
+
+@triton.jit
+def _red01(v):
+    return tl.sum(tl.sum(v, axis=1, keep_dims=True), axis=0, keep_dims=True)
+
+
+@triton.jit
+def _dw_store(dwrow, K: tl.constexpr, C, de, do, wc, wm, NTH: tl.constexpr, CP: tl.constexpr):
+    tl.store(dwrow + K * C + wc, _pack(de, do, tl.float32, NTH, CP), mask=wm)
+
+
+@triton.jit
+def _bwd_dx_kernel(x_ptr, g_ptr, wt_ptr, coef_ptr, dx_ptr, dwp_ptr,
+                   T, C8, CW, GT,
+                   N: tl.constexpr, NP: tl.constexpr, NK: tl.constexpr, NKC: tl.constexpr,
+                   BT: tl.constexpr, NTH: tl.constexpr, CP: tl.constexpr, IS_BF16: tl.constexpr,
+                   HAS_G: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DW: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+    # x_ptr: int32 [T, N, C/2]; g_ptr: int32 [T, C/2]; dx_ptr: [T, N, C] in x's dtype
+    C = C8 * 8
+    C2 = C8 * 4
+    BP: tl.constexpr = NTH * CP
+    pcb = tl.program_id(0)
+    pg = tl.program_id(1)
+    bt = tl.arange(0, BT)[:, None, None, None]
+    ii = tl.arange(0, NP)[None, :, None, None]
+    pc = pcb * BP + tl.arange(0, NTH)[None, None, :, None] * CP + tl.arange(0, CP)[None, None, None, :]
+    pm = pc < C2
+    wc = 2 * pcb * BP + (tl.arange(0, NTH)[None, None, :, None] * (2 * CP)
+                         + tl.arange(0, 2 * CP)[None, None, None, :])
+    wm = wc < C
+    zero = tl.zeros([1, 1, NTH, CP], dtype=tl.float32)
+    we0, wo0 = _wpair(wt_ptr, 0, CW, wc, NTH, CP, "")
+    we1, wo1 = _wpair(wt_ptr, 1, CW, wc, NTH, CP, "")
+    we2, wo2 = _wpair(wt_ptr, 2, CW, wc, NTH, CP, "")
+    we3, wo3, we4, wo4, we5, wo5 = zero, zero, zero, zero, zero, zero
+    we6, wo6, we7, wo7, we8, wo8, we9, wo9 = zero, zero, zero, zero, zero, zero, zero, zero
+    if NK > 3:
+        we3, wo3 = _wpair(wt_ptr, 3, CW, wc, NTH, CP, "")
+    if NK > 4:
+        we4, wo4 = _wpair(wt_ptr, 4, CW, wc, NTH, CP, "")
+    if NK > 5:
+        we5, wo5 = _wpair(wt_ptr, 5, CW, wc, NTH, CP, "")
+    if NK > 6:
+        we6, wo6 = _wpair(wt_ptr, 6, CW, wc, NTH, CP, "")
+    if NK > 7:
+        we7, wo7 = _wpair(wt_ptr, 7, CW, wc, NTH, CP, "")
+    if NK > 8:
+        we8, wo8 = _wpair(wt_ptr, 8, CW, wc, NTH, CP, "")
+    if NK > 9:
+        we9, wo9 = _wpair(wt_ptr, 9, CW, wc, NTH, CP, "")
+    de0, do0, de1, do1, de2, do2, de3, do3 = zero, zero, zero, zero, zero, zero, zero, zero
+    de4, do4, de5, do5, de6, do6, de7, do7 = zero, zero, zero, zero, zero, zero, zero, zero
+    de8, do8, de9, do9 = zero, zero, zero, zero
+    LOAD_G: tl.constexpr = HAS_G and WRITE_DX
+    tend = tl.minimum(T, pg * GT + GT)
+    if PREFETCH:
+        tok = pg * GT + bt
+        vnext = tl.load(x_ptr + tok.to(tl.int64) * (N * C2) + ii * C2 + pc,
+                        mask=(tok < tend) & (ii < N) & pm, other=0)
+        if LOAD_G:
+            gnext = tl.load(g_ptr + tok.to(tl.int64) * C2 + pc, mask=(tok < tend) & pm, other=0)
+    for tb in range(0, GT, BT):
+        tok = pg * GT + tb + bt
+        tmask = tok < tend
+        rmask = tmask & (ii < N)
+        if PREFETCH:
+            v = vnext
+            nt = tok + BT
+            nm = (nt < tend) & pm
+            vnext = tl.load(x_ptr + nt.to(tl.int64) * (N * C2) + ii * C2 + pc,
+                            mask=nm & (ii < N), other=0)
+            if LOAD_G:
+                gv = gnext
+                gnext = tl.load(g_ptr + nt.to(tl.int64) * C2 + pc, mask=nm, other=0)
+        else:
+            v = tl.load(x_ptr + tok.to(tl.int64) * (N * C2) + ii * C2 + pc, mask=rmask & pm,
+                        other=0)
+            if LOAD_G:
+                gv = tl.load(g_ptr + tok.to(tl.int64) * C2 + pc, mask=tmask & pm, other=0)
+        lo, hi = _unpack(v, IS_BF16)
+        crow = coef_ptr + (tok * N + ii) * NKC                      # [BT, NP, 1, 1]
+        u0 = tl.load(crow, mask=rmask, other=0.0)
+        u1 = tl.load(crow + 1, mask=rmask, other=0.0)
+        u2 = tl.load(crow + 2, mask=rmask, other=0.0)
+        if NK > 3:
+            u3 = tl.load(crow + 3, mask=rmask, other=0.0)
+        if NK > 4:
+            u4 = tl.load(crow + 4, mask=rmask, other=0.0)
+        if NK > 5:
+            u5 = tl.load(crow + 5, mask=rmask, other=0.0)
+        if NK > 6:
+            u6 = tl.load(crow + 6, mask=rmask, other=0.0)
+        if NK > 7:
+            u7 = tl.load(crow + 7, mask=rmask, other=0.0)
+        if NK > 8:
+            u8 = tl.load(crow + 8, mask=rmask, other=0.0)
+        if NK > 9:
+            u9 = tl.load(crow + 9, mask=rmask, other=0.0)
+        if WRITE_DX:
+            e = tl.load(crow + NK + 1, mask=rmask, other=0.0)
+            dlo = u0 * we0 - e * lo
+            dhi = u0 * wo0 - e * hi
+            dlo += u1 * we1
+            dhi += u1 * wo1
+            dlo += u2 * we2
+            dhi += u2 * wo2
+            if NK > 3:
+                dlo += u3 * we3
+                dhi += u3 * wo3
+            if NK > 4:
+                dlo += u4 * we4
+                dhi += u4 * wo4
+            if NK > 5:
+                dlo += u5 * we5
+                dhi += u5 * wo5
+            if NK > 6:
+                dlo += u6 * we6
+                dhi += u6 * wo6
+            if NK > 7:
+                dlo += u7 * we7
+                dhi += u7 * wo7
+            if NK > 8:
+                dlo += u8 * we8
+                dhi += u8 * wo8
+            if NK > 9:
+                dlo += u9 * we9
+                dhi += u9 * wo9
+            if LOAD_G:
+                a = tl.load(crow + NK, mask=rmask, other=0.0)
+                glo, ghi = _unpack(gv, IS_BF16)
+                dlo += a * glo
+                dhi += a * ghi
+            oc = tok.to(tl.int64) * (N * C) + ii * C + wc
+            tl.store(dx_ptr + oc, _pack(dlo, dhi, dx_ptr.dtype.element_ty, NTH, CP),
+                     mask=rmask & wm)
+        if WRITE_DW:
+            de0 += _red01(lo * u0)
+            do0 += _red01(hi * u0)
+            de1 += _red01(lo * u1)
+            do1 += _red01(hi * u1)
+            de2 += _red01(lo * u2)
+            do2 += _red01(hi * u2)
+            if NK > 3:
+                de3 += _red01(lo * u3)
+                do3 += _red01(hi * u3)
+            if NK > 4:
+                de4 += _red01(lo * u4)
+                do4 += _red01(hi * u4)
+            if NK > 5:
+                de5 += _red01(lo * u5)
+                do5 += _red01(hi * u5)
+            if NK > 6:
+                de6 += _red01(lo * u6)
+                do6 += _red01(hi * u6)
+            if NK > 7:
+                de7 += _red01(lo * u7)
+                do7 += _red01(hi * u7)
+            if NK > 8:
+                de8 += _red01(lo * u8)
+                do8 += _red01(hi * u8)
+            if NK > 9:
+                de9 += _red01(lo * u9)
+                do9 += _red01(hi * u9)
+    if WRITE_DW:
+        dwrow = dwp_ptr + pg.to(tl.int64) * (NK * C)
+        _dw_store(dwrow, 0, C, de0, do0, wc, wm, NTH, CP)
+        _dw_store(dwrow, 1, C, de1, do1, wc, wm, NTH, CP)
+        _dw_store(dwrow, 2, C, de2, do2, wc, wm, NTH, CP)
+        if NK > 3:
+            _dw_store(dwrow, 3, C, de3, do3, wc, wm, NTH, CP)
+        if NK > 4:
+            _dw_store(dwrow, 4, C, de4, do4, wc, wm, NTH, CP)
+        if NK > 5:
+            _dw_store(dwrow, 5, C, de5, do5, wc, wm, NTH, CP)
+        if NK > 6:
+            _dw_store(dwrow, 6, C, de6, do6, wc, wm, NTH, CP)
+        if NK > 7:
+            _dw_store(dwrow, 7, C, de7, do7, wc, wm, NTH, CP)
+        if NK > 8:
+            _dw_store(dwrow, 8, C, de8, do8, wc, wm, NTH, CP)
+        if NK > 9:
+            _dw_store(dwrow, 9, C, de9, do9, wc, wm, NTH, CP)
+
+
+# ------------------------------------------------------------------------------------ host side
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def parse_config(config=None) -> dict:
+    """DEFAULT_CONFIG (+ INTERPRETER_CONFIG under TRITON_INTERPRET), then HC_PRE_CONFIG from the
+    environment, then `config` (dict or "key=value,..." string)."""
+    cfg = dict(DEFAULT_CONFIG)
+    if interpreting():
+        cfg.update(INTERPRETER_CONFIG)
+    for src in (os.environ.get("HC_PRE_CONFIG", ""), config):
+        if not src:
+            continue
+        if isinstance(src, str):
+            src = dict(kv.split("=", 1) for kv in src.replace(" ", "").split(",") if kv)
+        for key, val in src.items():
+            if key not in DEFAULT_CONFIG:
+                raise ValueError(f"hc_pre: unknown config key {key!r}; "
+                                 f"known: {', '.join(DEFAULT_CONFIG)}")
+            cfg[key] = val if isinstance(DEFAULT_CONFIG[key], str) else int(val)
+    if cfg["x_hint"] not in ("cg", "evict_last", "none"):
+        raise ValueError(f"hc_pre: x_hint must be 'cg', 'evict_last' or 'none', got {cfg['x_hint']!r}")
+    if cfg["w_hint"] not in ("evict_last", "none"):
+        raise ValueError(f"hc_pre: w_hint must be 'evict_last' or 'none', got {cfg['w_hint']!r}")
+    return cfg
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _warps(want: int, C: int, cp: int) -> int:
+    """num_warps, shrunk for narrow C so that a chunk (64 * warps * cp columns) is not mostly masked."""
+    return max(1, min(_pow2(want), _pow2(triton.cdiv(C, 64 * cp))))
+
+
+def _bt(explicit: int, rows: int, NP: int, T: int) -> int:
+    bt = explicit if explicit > 0 else max(1, rows // NP)
+    return max(1, min(_pow2(bt), _pow2(T)))
+
+
+def _launch_fwd(x, wt, b, s, with_li, save, cfg):
+    T, n, C = x.shape
+    NP, NK = _pow2(n), n + 2
+    dev = x.device
+    cp = _pow2(cfg["fwd_cp"])
+    warps = _warps(cfg["fwd_warps"], C, cp)
+    BT = _bt(cfg["fwd_bt"], cfg["fwd_rows"], NP, T)
+    f32 = torch.float32
+    li = torch.empty(T, C, device=dev, dtype=x.dtype) if with_li else None
+    hpre = None if with_li else torch.empty(T, n, device=dev, dtype=f32)
+    hpost = torch.empty(T, n, device=dev, dtype=f32)
+    hres = torch.empty(T, n, n, device=dev, dtype=f32)
+    z = torch.empty(T, n, NK, device=dev, dtype=f32) if save else None
+    r = torch.empty(T, n, device=dev, dtype=f32) if save else None
+    dummy = hpost
+    nblk = triton.cdiv(T, BT)
+    nprog = nblk if cfg["fwd_ctas_per_sm"] <= 0 else min(nblk, _num_sms(dev) * cfg["fwd_ctas_per_sm"])
+    _fwd_kernel[(nprog,)](
+        x.view(torch.int32), wt, b, s,
+        li if with_li else x, dummy if with_li else hpre, hpost, hres,
+        z if save else dummy, r if save else dummy,
+        T, C // 8, wt.shape[1], EPS, nprog,
+        N=n, NP=NP, NK=NK, BT=BT, NTH=32 * warps, CP=cp, IS_BF16=x.dtype == torch.bfloat16,
+        WRITE_LI=with_li, WRITE_HPRE=not with_li, SAVE=save,
+        PREFETCH=bool(cfg["fwd_prefetch"]), X_CACHE=".cg" if cfg["x_hint"] == "cg" else "",
+        EV1="evict_last" if cfg["x_hint"] == "evict_last" else "",
+        EV2="evict_first" if cfg["evict2"] else "",
+        WEV="evict_last" if cfg["w_hint"] == "evict_last" else "",
+        num_warps=warps,
+    )
+    return li if with_li else hpre, hpost, hres, z, r
+
+
+class _HCPreFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, s, with_li, cfg):
+        # wT [NK, CW]: column-contiguous loads, zero padded to whole chunks of both kernels
+        T, n, C = x.shape
+        CW = C
+        for key, cpk in (("fwd", "fwd_cp"), ("b2", "b2_cp")):
+            chunk = 64 * _warps(cfg[key + "_warps"], C, _pow2(cfg[cpk])) * _pow2(cfg[cpk])
+            CW = triton.cdiv(CW, chunk) * chunk
+        wt = torch.nn.functional.pad(w.t(), (0, CW - C))
+        save = any(ctx.needs_input_grad[:4])
+        out0, hpost, hres, z, r = _launch_fwd(x, wt, b, s, with_li, save, cfg)
+        if save:
+            ctx.save_for_backward(x, wt, b, s, z, r)
+        ctx.with_li = with_li
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        return out0, hpost, hres
+
+    @staticmethod
+    def backward(ctx, g0, gpost, gres):
+        x, wt, b, s, z, r = ctx.saved_tensors
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        cfg = ctx.cfg
+        T, n, C = x.shape
+        NP, NK, NKC = _pow2(n), n + 2, n + 4
+        dev, f32 = x.device, torch.float32
+        is_bf16 = x.dtype == torch.bfloat16
+        x32 = x.view(torch.int32)
+        has_g = ctx.with_li and g0 is not None
+        gpre = g0.contiguous() if (not ctx.with_li and g0 is not None) else None
+        g = _int32_viewable(g0).view(torch.int32) if has_g else None
+        gpost = torch.zeros(T, n, device=dev, dtype=f32) if gpost is None else gpost.contiguous()
+        gres = torch.zeros(T, n, n, device=dev, dtype=f32) if gres is None else gres.contiguous()
+
+        # kernel 1: dh_pre, dz -> coef [T, n, NK+2] = (r*dz, h_pre, e); ds / db_pre partials
+        cp1 = _pow2(cfg["b1_cp"])
+        warps1 = _warps(cfg["b1_warps"], C, cp1)
+        BT1 = _bt(cfg["b1_bt"], cfg["b1_rows"], NP, T)
+        blocks = triton.cdiv(T, BT1)
+        GT1 = BT1 * triton.cdiv(blocks, max(1, cfg["b1_programs"]))
+        P1 = triton.cdiv(T, GT1)
+        PW = 2 + n
+        coef = torch.empty(T, n, NKC, device=dev, dtype=f32)
+        part = torch.empty(P1, PW, device=dev, dtype=f32)
+        _bwd_coef_kernel[(P1,)](
+            x32, g if has_g else x32, gpre if gpre is not None else gpost, gpost, gres, z, r, b, s,
+            coef, part, T, C // 8, GT1,
+            N=n, NP=NP, NK=NK, NKC=NKC, PW=PW, BT=BT1, NTH=32 * warps1, CP=cp1,
+            IS_BF16=is_bf16, HAS_G=has_g, HAS_GPRE=gpre is not None,
+            PREFETCH=bool(cfg["b1_prefetch"]), num_warps=warps1)
+
+        dx = dw = db = ds = None
+        if need_x or need_w:
+            cp2 = _pow2(cfg["b2_cp"])
+            warps2 = _warps(cfg["b2_warps"], C, cp2)
+            BT2 = _bt(cfg["b2_bt"], cfg["b2_rows"], NP, T)
+            BC2 = 64 * warps2 * cp2
+            ncb = triton.cdiv(C, BC2)
+            groups = max(1, min(triton.cdiv(max(1, cfg["b2_programs"]), ncb), triton.cdiv(T, BT2)))
+            GT2 = BT2 * triton.cdiv(triton.cdiv(T, groups), BT2)
+            groups = triton.cdiv(T, GT2)
+            dx = torch.empty_like(x) if need_x else None
+            dwp = torch.empty(groups, NK, C, device=dev, dtype=f32) if need_w else None
+            _bwd_dx_kernel[(ncb, groups)](
+                x32, g if has_g else x32, wt, coef, dx if need_x else x, dwp if need_w else coef,
+                T, C // 8, wt.shape[1], GT2,
+                N=n, NP=NP, NK=NK, NKC=NKC, BT=BT2, NTH=32 * warps2, CP=cp2,
+                IS_BF16=is_bf16, HAS_G=has_g, WRITE_DX=need_x, WRITE_DW=need_w,
+                PREFETCH=bool(cfg["b2_prefetch"]), num_warps=warps2)
+            if need_w:
+                dw = dwp.sum(0).t().contiguous()
+        if need_b:
+            db = torch.cat([part[:, 2:].sum(0), gpost.sum(0), gres.sum(0).flatten()])
+        if need_s:
+            ds = part[:, :2].sum(0)
+        return dx, dw, db, ds, None, None
+
+
+def _int32_viewable(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous, starting on a 4-byte boundary (the kernels read pairs of 16-bit values as int32)."""
+    t = t.contiguous()
+    return t.clone() if t.storage_offset() % 2 else t
+
+
+def _check(op, x, w, b, s):
+    T, n, C = check_state(op, x)
+    x = _int32_viewable(x)
+    w = check_tensor(op, w, "w", (C, n + 2), torch.float32, x.device)
+    b = check_tensor(op, b, "b", (n * n + 2 * n,), torch.float32, x.device)
+    s = check_tensor(op, s, "s", (2,), torch.float32, x.device)
+    return x, w, b, s
+
+
+def hc_coeffs(x, w, b, s, *, config=None):
+    """(h_pre [T,n], h_post [T,n], h_res [T,n,n]) fp32, differentiable w.r.t. x, w, b, s."""
+    x, w, b, s = _check("hc_coeffs", x, w, b, s)
+    if x.shape[0] == 0:
+        return reference.hc_coeffs(x, w, b, s)
+    return _HCPreFn.apply(x, w, b, s, False, parse_config(config))
+
+
+def hc_pre(x, w, b, s, *, config=None):
+    """(layer_input [T,C] x.dtype, h_post [T,n], h_res [T,n,n]), differentiable w.r.t. x, w, b, s."""
+    x, w, b, s = _check("hc_pre", x, w, b, s)
+    if x.shape[0] == 0:
+        return reference.hc_pre(x, w, b, s)
+    return _HCPreFn.apply(x, w, b, s, True, parse_config(config))
+
+
+__all__ = ["hc_coeffs", "hc_pre", "parse_config", "DEFAULT_CONFIG"]

@@ -1,0 +1,202 @@
+"""Checks and times kernels/triton/hc_pre.py (HC pre: norm + tanh projections + F_pre) on a CUDA GPU.
+
+Usage: python scripts/tune_hc_pre.py [--C 2560,4096,7168] [--fwd "cfg;cfg"] [--bwd "cfg;cfg"] [--json F]
+       TRITON_INTERPRET=1 python scripts/tune_hc_pre.py --smoke   (no GPU: tiny shapes in the
+       interpreter, to test the script itself; its timings mean nothing)
+
+A configuration is a "key=value,..." string given to hc_pre(config=...) (keys: DEFAULT_CONFIG in
+kernels/triton/hc_pre.py; "" is the default). HC_PRE_CONFIG in the environment changes the default.
+1. Copy rate: 1 GiB device-to-device copy, bytes read + written / median time (the ceiling).
+2. For bf16, n = 4, T = 16384 and each C: hc_pre against the fp64 reference (forward outputs at full
+   size; every gradient on the first 1024 tokens), for every configuration timed.
+3. Times (medians of triton.testing.do_bench, L2 flushed before every call): hc_pre forward per
+   forward configuration; hc_pre forward + backward (autograd) per backward configuration; and the
+   HC site forward, hc_pre + kernels.triton.post (if importable), with the default configuration.
+Floors (elements of 2 bytes per token, plus the fp32 coefficients h_post, h_res: 4(n + n^2) bytes
+written forward, read backward): hc_pre forward (n+1)C; hc_pre forward + backward (3n+2)C (backward
+reads x and g_li, writes dx); site forward (3n+2)C (MATH.md: read (2n+1)C, write (n+1)C).
+The table comes last; --json writes every number. Aims to finish within about 60 s.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels import reference  # noqa: E402
+from suite.tolerance import rel_err, tolerance  # noqa: E402
+
+H = importlib.import_module("kernels.triton.hc_pre")   # the package re-exports the function hc_pre
+
+FWD_CONFIGS = [
+    "",                                         # default: 8 warps, 2 CTAs/SM persistent, prefetch
+    "fwd_ctas_per_sm=0",                        # one program per token block (no persistence)
+    "fwd_warps=4,fwd_ctas_per_sm=4",            # 512-column chunks (divide 2560, 4096, 7168)
+    "fwd_warps=16,fwd_ctas_per_sm=1",
+    "fwd_ctas_per_sm=3",                        # more tokens resident (L2 re-read working set up)
+    "fwd_prefetch=0",
+    "x_hint=evict_last",                        # pass-1 x: L1+L2 evict_last instead of .cg
+    "x_hint=none,w_hint=none,evict2=0",         # no cache hints at all
+]
+BWD_CONFIGS = [
+    "",
+    "b2_prefetch=0,b1_prefetch=0",
+    "b1_bt=1,b2_warps=8",
+    "b2_bt=2",
+]
+N, T, DTYPE = 4, 16384, torch.bfloat16
+DEVICE = "cuda"
+SMOKE = False
+
+
+def bench(fn) -> float:
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def copy_rate() -> float:
+    """GB/s of a device-to-device copy, bytes read + written."""
+    nbytes = (1 << 16) if SMOKE else (1 << 30)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def inputs(T, n, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    w, b, s = (t.to(DEVICE) for t in reference.random_params("hc", n, C, g))
+    x = torch.randn(T, n, C, generator=g).to(DTYPE).to(DEVICE)
+    return x, w, b, s
+
+
+def check(x, w, b, s, cfg, tgrad):
+    """Max norm-wise error over forward outputs (all tokens) and gradients (first tgrad tokens)."""
+    errs = []
+    with torch.no_grad():
+        out = H.hc_pre(x, w, b, s, config=cfg)
+        ref = reference.hc_pre(x.double(), w.double(), b.double(), s.double())
+    errs += [rel_err(o, r) for o, r in zip(out, ref)]
+    del ref
+    xs = x[:tgrad]
+    ins = [t.clone().requires_grad_() for t in (xs, w, b, s)]
+    out = H.hc_pre(*ins, config=cfg)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    ups = [torch.randn(o.shape, generator=g, device=DEVICE).to(o.dtype) for o in out]
+    grads = torch.autograd.grad(out, ins, ups)
+    ins64 = [t.detach().double().requires_grad_() for t in (xs, w, b, s)]
+    ref = reference.hc_pre(*ins64)
+    rgrads = torch.autograd.grad(ref, ins64, [u.double() for u in ups])
+    errs += [rel_err(o, r) for o, r in zip(out, ref)] + [rel_err(a, r) for a, r in zip(grads, rgrads)]
+    return max(errs)
+
+
+def floors(T, n, C):
+    e = 2                                  # bytes per state element
+    coef = 4 * (n + n * n) * T             # h_post, h_res (fp32)
+    fwd = (n + 1) * C * e * T + coef
+    return {"fwd": fwd, "fwd+bwd": (3 * n + 2) * C * e * T + 2 * coef,
+            "site fwd": (3 * n + 2) * C * e * T + 2 * coef}
+
+
+def main() -> int:
+    global SMOKE, DEVICE, T
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--C", default="2560,4096,7168")
+    ap.add_argument("--fwd", default=None, help="';'-separated forward configurations")
+    ap.add_argument("--bwd", default=None, help="';'-separated backward configurations")
+    ap.add_argument("--json", default=None, help="write every result to this file")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter allowed")
+    args = ap.parse_args()
+    SMOKE = args.smoke
+    if not torch.cuda.is_available():
+        if not SMOKE:
+            print("tune_hc_pre: needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
+            return 0
+        DEVICE = "cpu"
+    widths = [int(c) for c in args.C.split(",")]
+    fwd_cfgs = FWD_CONFIGS if args.fwd is None else args.fwd.split(";")
+    bwd_cfgs = BWD_CONFIGS if args.bwd is None else args.bwd.split(";")
+    if SMOKE:
+        T, widths, fwd_cfgs, bwd_cfgs = 9, [40, 264], fwd_cfgs[:2], bwd_cfgs[:2]
+    t_start = time.perf_counter()
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)"
+    copy = copy_rate()
+    print(f"device: {name}; copy rate {copy:.0f} GB/s (1 GiB d2d, read + write)", flush=True)
+    try:
+        post = importlib.import_module("kernels.triton.post").post
+    except Exception as exc:  # another agent's file; the site row is optional
+        post, post_err = None, f"{type(exc).__name__}: {exc}"
+
+    rows, results = [], []
+    for C in widths:
+        x, w, b, s = inputs(T, N, C, seed=C)
+        fl = floors(T, N, C)
+        tgrad = min(T, 1024)
+
+        def record(kind, cfg, ms, err):
+            gbs = fl[kind] / (ms * 1e-3) / 1e9
+            rows.append((C, kind, cfg or "default", ms, gbs, 100 * gbs / copy, err))
+            results.append(dict(C=C, n=N, T=T, kind=kind, config=cfg, ms=ms, floor_bytes=fl[kind],
+                                gbs=gbs, pct_copy=100 * gbs / copy, max_err=err, device=name,
+                                copy_gbs=copy))
+
+        for cfg in fwd_cfgs:
+            err = check(x, w, b, s, cfg, tgrad)
+            with torch.no_grad():
+                ms = bench(lambda: H.hc_pre(x, w, b, s, config=cfg))
+            record("fwd", cfg, ms, err)
+        xg, wg, bg, sg = (t.clone().requires_grad_() for t in (x, w, b, s))
+        g = torch.Generator(device=DEVICE).manual_seed(2)
+        ups = [torch.randn(T, C, generator=g, device=DEVICE).to(DTYPE),
+               torch.randn(T, N, generator=g, device=DEVICE),
+               torch.randn(T, N, N, generator=g, device=DEVICE)]
+        for cfg in bwd_cfgs:
+            err = check(x, w, b, s, cfg, tgrad) if cfg else float("nan")
+
+            def fb():
+                out = H.hc_pre(xg, wg, bg, sg, config=cfg)
+                torch.autograd.grad(out, (xg, wg, bg, sg), ups)
+            ms = bench(fb)
+            record("fwd+bwd", cfg, ms, err)
+        if post is not None:
+            f = torch.randn(T, C, generator=g, device=DEVICE).to(DTYPE)
+
+            def site():
+                li, h_post, h_res = H.hc_pre(x, w, b, s)
+                return post(x, f, h_post, h_res)
+            with torch.no_grad():
+                ms = bench(site)
+            record("site fwd", "hc_pre+post", ms, float("nan"))
+        del x, w, b, s, xg, wg, bg, sg
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+    if post is None:
+        print(f"(site rows skipped: kernels.triton.post did not import: {post_err})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    tol = tolerance(DTYPE)
+    print(f"\nhc_pre, bf16, n={N}, T={T}; GB/s over floor bytes; copy {copy:.0f} GB/s; "
+          f"max error vs fp64 (tolerance {tol:g}); {time.perf_counter() - t_start:.0f} s")
+    print(f"{'C':>5} {'kind':<9} {'config':<36} {'ms':>8} {'GB/s':>6} {'%copy':>6} {'max err':>8}")
+    for C, kind, cfg, ms, gbs, pct, err in rows:
+        flag = "" if not err == err or err <= tol else "  FAIL"
+        print(f"{C:>5} {kind:<9} {cfg[:36]:<36} {ms:8.3f} {gbs:6.0f} {pct:6.1f} {err:8.1e}{flag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

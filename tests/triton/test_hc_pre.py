@@ -1,0 +1,187 @@
+"""kernels.triton.hc_pre (HC: per-stream RMSNorm, tanh projections, F_pre) against the fp64 reference.
+
+Forward outputs and every gradient (x, w, b, s) of hc_pre and hc_coeffs are compared with
+kernels.reference on float64 copies of the same inputs, norm-wise (suite.tolerance). Without a GPU
+the kernels run in the Triton interpreter (tests/conftest.py) on small shapes, with the interpreter's
+tiling (big token blocks, few programs); one case also runs the GPU tiling. The `gpu` cases run the
+compiled kernels on the widths the benchmarks use.
+"""
+import importlib
+
+import pytest
+import torch
+
+from kernels import reference
+from suite.tolerance import rel_err, tolerance
+
+H = importlib.import_module("kernels.triton.hc_pre")   # the package re-exports the function hc_pre
+
+DTYPES = (torch.bfloat16, torch.float16)
+FNS = {"hc_pre": (H.hc_pre, reference.hc_pre), "hc_coeffs": (H.hc_coeffs, reference.hc_coeffs)}
+OUT_NAMES = {"hc_pre": ("layer_input", "h_post", "h_res"), "hc_coeffs": ("h_pre", "h_post", "h_res")}
+# The GPU tiling (small token blocks, many programs), forced on the interpreter for one case.
+GPU_TILING = {k: v for k, v in H.DEFAULT_CONFIG.items() if k in H.INTERPRETER_CONFIG}
+
+
+def make_inputs(T, n, C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed * 100003 + T * 1009 + n * 101 + C)
+    w, b, s = reference.random_params("hc", n, C, g)
+    x = torch.randn(T, n, C, generator=g).to(dtype)
+    return [t.to(device) for t in (x, w, b, s)], g
+
+
+def check(fn_name, T, n, C, dtype, device, config=None, needs=(True, True, True, True), seed=0,
+          skip_grads=()):
+    """Runs one case; returns {name: error}. needs: which of (x, w, b, s) require grad."""
+    fn, ref_fn = FNS[fn_name]
+    (x, w, b, s), g = make_inputs(T, n, C, dtype, device, seed)
+    ins = [t.clone().requires_grad_(need) for t, need in zip((x, w, b, s), needs)]
+    outs = fn(*ins, config=config)
+    names = OUT_NAMES[fn_name]
+    want_shapes = {"layer_input": (T, C), "h_pre": (T, n), "h_post": (T, n), "h_res": (T, n, n)}
+    for name, o in zip(names, outs):
+        assert tuple(o.shape) == want_shapes[name], name
+        assert o.dtype == (dtype if name == "layer_input" else torch.float32), name
+        assert o.device == x.device, name
+    ups = [torch.randn(o.shape, generator=g).to(o.dtype).to(device) for o in outs]
+    keep = [i for i, name in enumerate(names) if name not in skip_grads]
+    diff = [i for i, need in enumerate(needs) if need]
+    grads = torch.autograd.grad([outs[i] for i in keep], [ins[i] for i in diff], [ups[i] for i in keep])
+
+    ins64 = [t.detach().double().requires_grad_(need) for t, need in zip((x, w, b, s), needs)]
+    ref = ref_fn(*ins64)
+    ref_grads = torch.autograd.grad([ref[i] for i in keep], [ins64[i] for i in diff],
+                                    [ups[i].double() for i in keep])
+    errs = {name: rel_err(o, r) for name, o, r in zip(names, outs, ref)}
+    for i, got, want in zip(diff, grads, ref_grads):
+        name = "d" + "xwbs"[i]
+        assert got.shape == ins[i].shape and got.dtype == ins[i].dtype, name
+        errs[name] = rel_err(got, want)
+    tol = tolerance(dtype)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{fn_name} T={T} n={n} C={C} {dtype}: errors over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# (function, T, n, C, dtype): hc_pre on every n in {1, 2, 3, 4, 8} x T in {1, 7, 33} x dtype, with C
+# alternating between widths with a partial last chunk (40, 264: multiples of 8, not of 16) and a
+# power of two; hc_coeffs on a subset.
+CASES = [("hc_pre", T, n, (40, 264, 64)[(i + j) % 3], dtype)
+         for i, n in enumerate((1, 2, 3, 4, 8)) for j, T in enumerate((1, 7, 33)) for dtype in DTYPES]
+CASES += [("hc_coeffs", T, n, C, dtype) for T, n, C, dtype in (
+    (7, 4, 264, torch.float16), (33, 2, 40, torch.bfloat16), (1, 3, 40, torch.bfloat16),
+    (7, 8, 40, torch.float16), (33, 1, 264, torch.bfloat16), (7, 3, 64, torch.float16))]
+
+
+@pytest.mark.parametrize("fn_name,T,n,C,dtype", CASES,
+                         ids=[f"{c[0]}-T{c[1]}-n{c[2]}-C{c[3]}-{str(c[4])[6:]}" for c in CASES])
+def test_matches_reference(fn_name, T, n, C, dtype, kernel_device):
+    check(fn_name, T, n, C, dtype, kernel_device)
+
+
+def test_gpu_tiling_and_no_prefetch(kernel_device):
+    """The GPU's small token blocks (partial last block, persistent loop), then no prefetch."""
+    check("hc_pre", 7, 3, 264, torch.bfloat16, kernel_device, config=GPU_TILING)
+    check("hc_pre", 5, 4, 40, torch.float16, kernel_device,
+          config=dict(GPU_TILING, fwd_prefetch=0, b1_prefetch=0, b2_prefetch=0, fwd_bt=2))
+
+
+@pytest.mark.parametrize("prefetch", [1, 0])
+def test_many_chunks(prefetch, kernel_device):
+    """One warp per program: 128-column chunks, so C = 264 and 1032 take several chunks with a
+    partial last one (pass 2 walks them in reverse), in all three kernels."""
+    cfg = dict(fwd_warps=1, b1_warps=1, b2_warps=1, fwd_prefetch=prefetch, b1_prefetch=prefetch,
+               b2_prefetch=prefetch)
+    check("hc_pre", 5, 4, 264, torch.bfloat16, kernel_device, config=cfg)
+    check("hc_pre", 3, 3, 1032, torch.float16, kernel_device, config=dict(cfg, fwd_cp=1, b2_cp=1))
+    check("hc_coeffs", 3, 2, 264, torch.bfloat16, kernel_device, config=cfg)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False),
+                                   (False, False, False, True)], ids=["x", "w+b", "s"])
+def test_partial_gradients(needs, kernel_device):
+    check("hc_pre", 7, 4, 40, torch.bfloat16, kernel_device, needs=needs)
+
+
+def test_unused_outputs(kernel_device):
+    """Only layer_input reaches the loss (h_post, h_res get no gradient), and only h_res."""
+    check("hc_pre", 7, 2, 40, torch.bfloat16, kernel_device, skip_grads=("h_post", "h_res"))
+    check("hc_coeffs", 7, 2, 40, torch.float16, kernel_device, skip_grads=("h_pre", "h_post"))
+
+
+@pytest.mark.parametrize("n,site", [(1, 0), (4, 6), (3, 1)])
+def test_init_is_residual(n, site, kernel_device):
+    """At HC's init with all streams equal: layer_input = x[site mod n], h_res = I, h_post = 1."""
+    T, C = 5, 40
+    w, b, s = (t.to(kernel_device) for t in reference.init_params("hc", n, C, site_index=site))
+    v = torch.randn(T, 1, C, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    x = v.expand(T, n, C).contiguous().to(kernel_device)
+    li, h_post, h_res = H.hc_pre(x, w, b, s)
+    assert torch.equal(li, x[:, site % n])
+    assert torch.equal(h_post, torch.ones(T, n, device=x.device))
+    assert torch.equal(h_res, torch.eye(n, device=x.device).expand(T, n, n))
+    h_pre, _, _ = H.hc_coeffs(x, w, b, s)
+    assert torch.equal(h_pre, torch.nn.functional.one_hot(torch.full((T,), site % n), n)
+                       .float().to(x.device))
+
+
+def test_errors(kernel_device):
+    dev = kernel_device
+    (x, w, b, s), _ = make_inputs(3, 4, 40, torch.bfloat16, dev)
+    with pytest.raises(ValueError, match=r"\bx\b.*\[T, n, C\]"):
+        H.hc_pre(x[0], w, b, s)
+    with pytest.raises(ValueError, match="bf16 or fp16.*x shape"):
+        H.hc_pre(x.float(), w, b, s)
+    with pytest.raises(ValueError, match="multiple of 8.*x shape"):
+        H.hc_pre(torch.zeros(3, 4, 36, dtype=torch.bfloat16, device=dev), w[:36], b, s)
+    with pytest.raises(ValueError, match="n in 1..8.*x shape"):
+        H.hc_pre(torch.zeros(3, 9, 40, dtype=torch.bfloat16, device=dev),
+                 torch.zeros(40, 11, device=dev), torch.zeros(99, device=dev), s)
+    with pytest.raises(ValueError, match=r"\bw\b must have shape \[40, 6\]"):
+        H.hc_pre(x, w[:, :5], b, s)
+    with pytest.raises(ValueError, match=r"\bw\b must have shape \[40, 6\]"):
+        H.hc_coeffs(x, w.t(), b, s)
+    with pytest.raises(ValueError, match=r"\bw\b must be torch.float32"):
+        H.hc_pre(x, w.double(), b, s)
+    with pytest.raises(ValueError, match=r"\bb\b must have shape \[24\]"):
+        H.hc_pre(x, w, b[:-1], s)
+    with pytest.raises(ValueError, match=r"\bs\b must have shape \[2\]"):
+        H.hc_coeffs(x, w, b, s[:1])
+    with pytest.raises(ValueError, match="unknown config key"):
+        H.hc_pre(x, w, b, s, config="fwd_bogus=1")
+
+
+def test_config_string(kernel_device):
+    cfg = H.parse_config("fwd_warps=2, b2_bt=1,x_hint=none")
+    assert cfg["fwd_warps"] == 2 and cfg["b2_bt"] == 1 and cfg["x_hint"] == "none"
+    with pytest.raises(ValueError, match="x_hint"):
+        H.parse_config({"x_hint": "cs"})
+
+
+# ------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T", [1, 17, 4097])
+@pytest.mark.parametrize("C", [264, 2560, 4096, 7168])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_gpu_matches_reference(n, C, T, dtype):
+    check("hc_pre", T, n, C, dtype, "cuda")
+    if T == 17:
+        check("hc_coeffs", T, n, C, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """T * n * C > 2^31: the last tokens match the reference computed on those tokens alone."""
+    T, n, C = (2**31) // (4 * 4096) + 3, 4, 4096
+    g = torch.Generator().manual_seed(7)
+    w, b, s = (t.cuda() for t in reference.random_params("hc", n, C, g))
+    x = torch.empty(T, n, C, dtype=torch.bfloat16, device="cuda").normal_()
+    li, h_post, h_res = H.hc_pre(x, w, b, s)
+    tail = x[-64:].clone()
+    r_li, r_post, r_res = reference.hc_pre(tail.double(), w.double(), b.double(), s.double())
+    tol = tolerance(torch.bfloat16)
+    assert rel_err(li[-64:], r_li) <= tol
+    assert rel_err(h_post[-64:], r_post) <= tol and rel_err(h_res[-64:], r_res) <= tol
+    head = reference.hc_pre(x[:64].double(), w.double(), b.double(), s.double())[0]
+    assert rel_err(li[:64], head) <= tol
