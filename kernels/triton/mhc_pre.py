@@ -1,0 +1,1004 @@
+"""mHC coefficients (norm + GEMM + Sinkhorn) fused with F_pre, and their backward, in Triton.
+
+Public functions (same results as kernels.reference, autograd-enabled):
+    mhc_coeffs(x, phi, b, alpha, sinkhorn_iters=20) -> (h_pre [T,n], h_post [T,n], h_res [T,n,n])  fp32
+    mhc_pre(x, phi, b, alpha, sinkhorn_iters=20)    -> (layer_input [T,C] x.dtype, h_post, h_res)
+Both take a keyword-only `config=` (dict or Config) to override the launch configuration; every
+field can also be set through an environment variable MHC_PRE_<FIELD> (e.g. MHC_PRE_BT=32).
+Without autograd (for a site-level autograd.Function): mhc_pre_forward / mhc_pre_backward.
+sync_errors(): timed-out waits in the last launches (0 unless the cross-CTA synchronisation broke).
+
+Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
+  Work items (g, s), g a token block of BT tokens, s a column slice (the same `cw` columns of all n
+  streams; S = cdiv(C, cw) slices). The grid is one CTA per item (or `persist` CTAs per SM looping);
+  item ids come from an atomic ticket, so groups are processed in order whatever order the hardware
+  dispatches CTAs in. An item reads x[block g, :, slice s] once and does
+    phase 1: partial v @ phi on tensor cores (tl.dot, x exact in fp32, phi in tf32, fp32
+             accumulation; K = n*n+2n padded to a power of two >= 16, padded columns masked) and the
+             partial sum of squares, stored to a ring of partial-sum slots (slots are reused while
+             still in L2, so the partials are never written back to HBM). The LAST item of group g
+             to arrive (atomic counter) sums the S partials and runs the per-token epilogue in
+             registers: r, 1/r, alpha, bias, sigmoid, 2*sigmoid, max-shifted exp and all Sinkhorn
+             iterations on a [BT, n, n] tile padded to a power of two (padded entries are 0 and
+             never enter a sum); it writes h_pre, h_post, h_res (and m, r for backward) and marks
+             group g ready.
+    phase 2: (mhc_pre) layer_input for slice s of group g - LAG: waits until that group is ready
+             (its items took earlier tickets, so the wait never deadlocks), then re-reads
+             x[g - LAG, :, slice s], read about (LAG * S + #CTAs in flight) items ago: an L2 hit
+             when that many slices (BT * n * cw * 2 bytes each) fit in L2 (50 MB on H100).
+  HBM bytes per token: read n*C*e once (e = 2; plus phi from L2), write C*e (layer_input) +
+  (n*n + 2n)*4 (coefficients) + (n*n + 2n + 1)*4 (m, r, only when a gradient is needed). x is read
+  twice only as far as the phase-2 re-read misses L2 (scripts/tune_mhc_pre.py measures it).
+  config fused=False: phase 2 becomes a separate `_apply_kernel` (x read twice from HBM).
+
+Backward: two kernels plus torch sums of small per-CTA partials.
+  `_bwd_coef_kernel`, grid cdiv(T, BT1): per token dh_pre = sum_c g_li[c] x[i, c] (mhc_pre only:
+  reads x and g_li), then from the saved m [T, K] and r [T]: the sigmoid / 2*sigmoid derivatives,
+  the Sinkhorn backward and the alpha / bias / 1/r / norm chain rule. The Sinkhorn backward
+  recomputes the forward iterates on chip from the logits, nothing stored: sqrt checkpointing, the
+  state at the start of each segment of Q ~ sqrt(iters) iterations is recomputed from M0 and each
+  state inside the segment from that start (O(iters^1.5) tiny math per token); then the gradient of
+  the max shift goes to the arg-max entries (split on ties, as torch.amax). Writes du = dm/r
+  [T, K] fp32, coef = dr/(nC r) [T] and per-CTA partials of db and dalpha.
+  `_bwd_dx_dphi_kernel`, grid n * cdiv(C, BR) column blocks x TS token ranges: each CTA keeps its
+  phi rows [BR, KP] on chip and streams its token range once (last range first, each range from
+  its end, so the first reads hit what the first kernel left in L2):
+  dx = du @ phi^T + coef * v + h_pre[i] * g_li on tensor cores (tf32), and v^T @ du accumulated in
+  registers, written once per CTA ([TS, nC, K], summed by torch).
+  HBM bytes per token (mhc_pre): read 2nC*e (x twice) + 2C*e (g_li) + (K+1)*4 (+ n*4), write nC*e
+  (dx). mhc_coeffs' backward reads x once (the first kernel does not need it).
+  mhc_pre_backward(..., dx_accumulate=) adds dx in place into a given x gradient (a site-level
+  autograd Function can fold F_post,res's dx in: nC extra read instead of autograd's 3nC add).
+  config bwd_fused=True (mhc_pre, opt-in until measured): x read once. `_bwd_coef_kernel` first
+  does the post / res part without x; then `_bwd_fused_kernel`: slices s = (stream, BR columns);
+  phase-1 items (group of GB*BT tokens, slice), taken by any CTA from one ticket in order, store
+  partial dh_pre, and the group's last item finishes du / coef (pre part) for the group; phase 2
+  (dx, dphi) of slice s belongs to the CTAs of slice s, which keep its phi rows and dphi partial
+  on chip and take the groups in order; a CTA waiting for a group does phase-1 items meanwhile, so
+  no wait can deadlock whatever CTAs are resident. HBM bytes per token: read nC*e (x) + C*e
+  (g_li; re-read n times from L2) + small, write nC*e.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.common import check_state, check_tensor, interpreting
+
+EPS_RMS = 1e-6
+EPS_SK = 1e-6
+MAX_SPIN = 1 << 22     # bounded spin: a broken sync sets an error flag instead of hanging forever
+
+
+# ====================================================================== configuration
+@dataclass(frozen=True)
+class Config:
+    # forward
+    bt: int = 64          # tokens per block (>= 16, power of two: tl.dot M dimension)
+    bk: int = 64          # columns per chunk within a stream (power of two >= 16)
+    cw: int = 128         # slice width in columns (multiple of bk); S = cdiv(C, cw)
+    lag: int = 2          # layer_input of group g - lag is done by the items of group g
+    fused: bool = True    # layer_input in the same kernel (else a separate apply kernel)
+    persist: int = 0      # 0: one CTA per item; k > 0: k CTAs per SM looping over tickets
+    ring: int = -1        # partial-sum slots in groups: -1 auto (~2x the groups in flight), 0 all G
+    early: bool = False   # sync counters read early with plain loads (vs atomics when needed)
+    epi_unroll: int = 8   # partial-sum slices loaded together in the group epilogue (h_pre part;
+                          # half as many for the h_post / h_res part)
+    min_items: int = 2    # shrink cw until there are >= min_items * #SM work items
+    warps: int = 4
+    stages: int = 3
+    precision: str = "tf32"   # tl.dot input precision: "tf32", "tf32x3" or "ieee"
+    apply_bt: int = 16    # separate apply kernel (fused=False)
+    apply_bc: int = 256
+    # backward, kernel 1 (per-token coefficient backward)
+    b1_bt: int = 16
+    b1_bc: int = 64
+    b1_warps: int = 4
+    # backward, kernel 2 (dx and dphi)
+    b2_bt: int = 32
+    b2_br: int = 128
+    b2_ts: int = 0        # token splits; 0: auto (enough CTAs for ~4 per SM)
+    b2_warps: int = 4
+    b2_stages: int = 3
+    # backward, fused alternative for mhc_pre (x read once): _bwd_fused_kernel
+    bwd_fused: bool = False
+    bf_bt: int = 32       # tokens per sub-block (tl.dot M)
+    bf_gb: int = 4        # sub-blocks per group
+    bf_br: int = 128      # columns per slice (one stream)
+    bf_ctas: int = 2      # CTAs per SM (grid = S * W, W workers per slice)
+    bf_pre: int = 1       # phase-1 items each CTA takes before its first phase-2 item
+    bf_warps: int = 4
+    bf_stages: int = 3
+    explicit: frozenset = frozenset()   # fields set by the caller or the environment (not heuristics)
+
+    def with_env(self) -> "Config":
+        kw = {}
+        for f in fields(self):
+            if f.name == "explicit":
+                continue
+            v = os.environ.get("MHC_PRE_" + f.name.upper())
+            if v is None:
+                continue
+            if f.type in ("bool", bool):
+                kw[f.name] = v.lower() in ("1", "true", "yes", "on")
+            elif f.type in ("int", int):
+                kw[f.name] = int(v)
+            else:
+                kw[f.name] = v
+        return replace(self, **kw, explicit=self.explicit | frozenset(kw)) if kw else self
+
+
+DEFAULT = Config()
+
+
+def _config(config) -> Config:
+    cfg = DEFAULT.with_env()
+    if config is None:
+        return cfg
+    if isinstance(config, Config):
+        return config
+    kw = dict(config)
+    return replace(cfg, **kw, explicit=cfg.explicit | frozenset(kw))
+
+
+def _np2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+_NSM: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NSM:
+        _NSM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NSM[idx]
+
+
+# ====================================================================== Sinkhorn helpers
+@triton.jit
+def _sk_step(M, EPS: tl.constexpr):
+    # M: [BT, NP(dst), NP(src)]; columns (sum over dst) first, then rows (sum over src).
+    M = M * (1.0 / (tl.sum(M, axis=1) + EPS))[:, None, :]
+    M = M * (1.0 / (tl.sum(M, axis=2) + EPS))[:, :, None]
+    return M
+
+
+@triton.jit
+def _sk_step_bwd(Mp, G, valid, EPS: tl.constexpr):
+    """Gradient w.r.t. M_{k-1} = Mp, given G = gradient w.r.t. M_k = step(Mp)."""
+    cs = tl.sum(Mp, axis=1)[:, None, :] + EPS
+    A = Mp / cs
+    rs = tl.sum(A, axis=2)[:, :, None] + EPS
+    Mk = A / rs
+    dA = (G - tl.sum(G * Mk, axis=2)[:, :, None]) / rs
+    dA = tl.where(valid, dA, 0.0)
+    dM = (dA - tl.sum(dA * A, axis=1)[:, None, :]) / cs
+    return tl.where(valid, dM, 0.0)
+
+
+@triton.jit
+def _sk_init(L, valid):
+    """M0 = exp(L - max over the valid n x n entries), 0 at padded entries; also returns the max."""
+    mx = tl.max(tl.max(tl.where(valid, L, -float("inf")), axis=2), axis=1)
+    M0 = tl.where(valid, tl.exp(L - mx[:, None, None]), 0.0)
+    return M0, mx
+
+
+@triton.jit
+def _sinkhorn_bwd(L, G, valid, iters, Q, EPS: tl.constexpr):
+    """d loss / d logits of Sinkhorn(L) given G = d loss / d output; recomputes the iterates."""
+    M0, mx = _sk_init(L, valid)
+    nseg = (iters + Q - 1) // Q
+    for sr in range(nseg):
+        start = (nseg - 1 - sr) * Q
+        end = tl.minimum(start + Q, iters)
+        Ms = M0
+        for _j in range(start):
+            Ms = _sk_step(Ms, EPS)
+        for kk in range(end - start):
+            # back through iteration k = end - kk (1-based), which maps M_{k-1} to M_k
+            M = Ms
+            for _j in range(end - kk - 1 - start):
+                M = _sk_step(M, EPS)
+            G = _sk_step_bwd(M, G, valid, EPS)
+    dL = G * M0
+    tot = tl.sum(tl.sum(dL, axis=2), axis=1)
+    ismax = valid & (L == mx[:, None, None])
+    cnt = tl.sum(tl.sum(ismax.to(tl.float32), axis=2), axis=1)
+    cnt = tl.maximum(cnt, 1.0)
+    # the max shift: its gradient goes to the arg-max entries (split evenly on ties, as torch.amax)
+    return dL - tl.where(ismax, (tot / cnt)[:, None, None], 0.0)
+
+
+@triton.jit
+def _flag_min(ptr, mask, other, NT: tl.constexpr):
+    """A sync counter read with a plain (volatile) load, made uniform across the CTA.
+
+    Every thread loads the counter itself and warps run at different times, so they may see
+    different values; branching on that per thread would split the CTA around barriers. NT = the
+    thread count: one element per thread, reduced to one value that every thread gets.
+    """
+    z = tl.zeros([NT], dtype=tl.int32)
+    v = tl.load(ptr + z, mask=(z + mask.to(tl.int32)) != 0, other=other, volatile=True)
+    return tl.min(v, axis=0)
+
+
+# ====================================================================== forward kernel
+@triton.jit
+def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
+                ws_ptr, wss_ptr, sync_ptr,
+                hpre_ptr, hpost_ptr, hres_ptr, m_ptr, r_ptr, li_ptr,
+                T, C, G, S, CHUNKS, LAG, TOTAL, RING, iters,
+                N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr,
+                APPLY: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+                MAXSPIN: tl.constexpr, NT: tl.constexpr, EARLY: tl.constexpr,
+                EU: tl.constexpr, EU2: tl.constexpr):
+    nC = N * C
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BK)
+    kk = tl.arange(0, KP)
+    kmask = kk < K
+    jn = tl.arange(0, NP)
+    jv = jn < N
+    i3 = tl.arange(0, NP)[None, :, None]
+    j3 = tl.arange(0, NP)[None, None, :]
+    valid = (i3 < N) & (j3 < N)
+    cw = CHUNKS * BK
+
+    vid = tl.atomic_add(sync_ptr, 1)
+    while vid < TOTAL:
+        g = vid // S
+        s = vid - g * S
+        c_lo = s * cw
+        gp = g - LAG
+        if APPLY:
+            # Is group g - LAG ready? EARLY: read now with a plain load, used after phase 1 (the
+            # latency hides behind the GEMM; the counter only grows, so S + 1 seen here stays
+            # true) and only a group not yet ready costs atomics. Else: always one atomic (blocking
+            # ~1 L2 round trip, but _flag_min's reduction costs ~45 registers).
+            gpc = tl.minimum(tl.maximum(gp, 0), G - 1)
+            if EARLY:
+                ready = _flag_min(sync_ptr + 2 + gpc, (gp >= 0) & (gp < G), S + 1, NT)
+            else:
+                ready = S
+        if g < G:
+            # ---------------- phase 1: partial GEMM + sum of squares over slice s of block g
+            tok = g * BT + rows
+            tmask = tok < T
+            xrow = tok.to(tl.int64) * nC
+            # The partials of group g go to ring slot g % RING, last used by group g - RING: that
+            # group's epilogue must be done (its counter at S + 2). Read early, checked after the loop.
+            slot = g % RING
+            gw = tl.maximum(g - RING, 0)
+            if EARLY:
+                early = _flag_min(sync_ptr + 2 + gw, g >= RING, S + 2, NT)
+            else:
+                early = tl.where(g >= RING, S, S + 2)
+            acc = tl.zeros([BT, KP], dtype=tl.float32)
+            ss = tl.zeros([BT], dtype=tl.float32)
+            for j in range(N * CHUNKS):
+                i = j // CHUNKS
+                c = c_lo + (j - i * CHUNKS) * BK + cols
+                cmask = c < C
+                xt = tl.load(x_ptr + xrow[:, None] + (i * C + c)[None, :],
+                             mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                prow = (i * C + c).to(tl.int64) * K
+                pt = tl.load(phi_ptr + prow[:, None] + kk[None, :],
+                             mask=cmask[:, None] & kmask[None, :], other=0.0)
+                acc = tl.dot(xt, pt, acc, input_precision=PREC)
+                ss += tl.sum(xt * xt, axis=1)     # (a [BT, BK] accumulator costs 26 registers)
+            if early < S + 2:
+                cnt = tl.atomic_add(sync_ptr + 2 + gw, 0)
+                spins = 0
+                while (cnt < S + 2) & (spins < MAXSPIN):
+                    cnt = tl.atomic_add(sync_ptr + 2 + gw, 0)
+                    spins += 1
+                if cnt < S + 2:
+                    tl.atomic_add(sync_ptr + 1, 1)
+            tl.debug_barrier()
+            wrow = (slot * S + s).to(tl.int64) * BT + rows
+            tl.store(ws_ptr + wrow[:, None] * K + kk[None, :], acc, mask=kmask[None, :])
+            tl.store(wss_ptr + wrow, ss)
+            tl.debug_barrier()
+            old = tl.atomic_add(sync_ptr + 2 + g, 1)
+            if old == S - 1:
+                # ---------------- epilogue, by the last item of group g to arrive. First only
+                # what phase 2 needs (h_pre: the pre partials and the sums of squares), published
+                # as counter S + 1; then h_post and the Sinkhorn iterations, counter S + 2.
+                # The partial loads are unrolled by EU so that EU slices' loads are in flight.
+                pre = tl.zeros([BT, NP], dtype=tl.float32)
+                sq = tl.zeros([BT], dtype=tl.float32)
+                for s0 in range(0, S, EU):
+                    for u in tl.static_range(EU):
+                        ok = (rows * 0 + s0 + u) < S
+                        wr = (slot * S + s0 + u).to(tl.int64) * BT + rows
+                        pre += tl.load(ws_ptr + wr[:, None] * K + jn[None, :],
+                                       mask=ok[:, None] & jv[None, :], other=0.0, cache_modifier=".cg")
+                        sq += tl.load(wss_ptr + wr, mask=ok, other=0.0, cache_modifier=".cg")
+                r = tl.sqrt(sq / nC + 1e-6)
+                pre = pre / r[:, None]
+                t64 = tok.to(tl.int64)
+                m2 = tmask[:, None] & jv[None, :]
+                m3 = tmask[:, None, None] & valid
+                hp = tl.sigmoid(tl.load(alpha_ptr) * pre
+                                + tl.load(b_ptr + jn, mask=jv, other=0.0)[None, :])
+                tl.store(hpre_ptr + t64[:, None] * N + jn[None, :], hp, mask=m2)
+                if SAVE:
+                    tl.store(m_ptr + t64[:, None] * K + jn[None, :], pre, mask=m2)
+                    tl.store(r_ptr + t64, r, mask=tmask)
+                tl.debug_barrier()
+                tl.atomic_add(sync_ptr + 2 + g, 1)   # == S + 1: h_pre of group g is ready
+                post = tl.zeros([BT, NP], dtype=tl.float32)
+                res = tl.zeros([BT, NP, NP], dtype=tl.float32)
+                for s0 in range(0, S, EU2):
+                    for u in tl.static_range(EU2):
+                        ok = (rows * 0 + s0 + u) < S
+                        wr = (slot * S + s0 + u).to(tl.int64) * BT + rows
+                        post += tl.load(ws_ptr + wr[:, None] * K + N + jn[None, :],
+                                        mask=ok[:, None] & jv[None, :], other=0.0,
+                                        cache_modifier=".cg")
+                        res += tl.load(ws_ptr + wr[:, None, None] * K + 2 * N + i3 * N + j3,
+                                       mask=ok[:, None, None] & valid, other=0.0,
+                                       cache_modifier=".cg")
+                post = post / r[:, None]
+                res = res / r[:, None, None]
+                if SAVE:
+                    tl.store(m_ptr + t64[:, None] * K + N + jn[None, :], post, mask=m2)
+                    tl.store(m_ptr + t64[:, None, None] * K + 2 * N + i3 * N + j3, res, mask=m3)
+                hq = 2.0 * tl.sigmoid(tl.load(alpha_ptr + 1) * post
+                                      + tl.load(b_ptr + N + jn, mask=jv, other=0.0)[None, :])
+                L = tl.load(alpha_ptr + 2) * res + tl.load(b_ptr + 2 * N + i3 * N + j3, mask=valid,
+                                                           other=0.0)
+                M, _mx = _sk_init(L, valid)
+                for _it in range(iters):
+                    M = _sk_step(M, 1e-6)
+                tl.store(hpost_ptr + t64[:, None] * N + jn[None, :], hq, mask=m2)
+                tl.store(hres_ptr + t64[:, None, None] * (N * N) + i3 * N + j3, M, mask=m3)
+                tl.debug_barrier()
+                tl.atomic_add(sync_ptr + 2 + g, 1)   # == S + 2: group g done, its slot is free
+        if APPLY:
+            # ---------------- phase 2: layer_input for slice s of block g - LAG
+            if (gp >= 0) & (gp < G):
+                if ready < S + 1:
+                    cnt = tl.atomic_add(sync_ptr + 2 + gp, 0)
+                    spins = 0
+                    while (cnt < S + 1) & (spins < MAXSPIN):
+                        cnt = tl.atomic_add(sync_ptr + 2 + gp, 0)
+                        spins += 1
+                    if cnt < S + 1:
+                        tl.atomic_add(sync_ptr + 1, 1)   # error flag, checked by tests and tuning
+                tl.debug_barrier()
+                tok = gp * BT + rows
+                tmask = tok < T
+                t64 = tok.to(tl.int64)
+                xrow = t64 * nC
+                for cc in range(CHUNKS):
+                    # reverse chunk order: the most recently read lines first
+                    c = c_lo + (CHUNKS - 1 - cc) * BK + cols
+                    cmask = c < C
+                    lm = tmask[:, None] & cmask[None, :]
+                    li = tl.zeros([BT, BK], dtype=tl.float32)
+                    for i in tl.static_range(N):
+                        # .cg: straight from L2, written by another CTA (never a stale L1 line)
+                        h_i = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0,
+                                      cache_modifier=".cg")
+                        xt = tl.load(x_ptr + xrow[:, None] + (i * C + c)[None, :], mask=lm, other=0.0)
+                        li += h_i[:, None] * xt.to(tl.float32)
+                    tl.store(li_ptr + t64[:, None] * C + c[None, :],
+                             li.to(li_ptr.dtype.element_ty), mask=lm)
+        vid = tl.atomic_add(sync_ptr, 1)
+
+
+@triton.jit
+def _apply_kernel(x_ptr, hpre_ptr, li_ptr, T, C,
+                  N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """layer_input = sum_i h_pre[i] x[i] (used when config fused=False)."""
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    tmask = tok < T
+    t64 = tok.to(tl.int64)
+    lm = tmask[:, None] & (c < C)[None, :]
+    li = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(N):
+        h_i = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0)
+        xt = tl.load(x_ptr + t64[:, None] * (N * C) + i * C + c[None, :], mask=lm, other=0.0)
+        li += h_i[:, None] * xt.to(tl.float32)
+    tl.store(li_ptr + t64[:, None] * C + c[None, :], li.to(li_ptr.dtype.element_ty), mask=lm)
+
+
+# ====================================================================== backward kernels
+@triton.jit
+def _bwd_coef_kernel(x_ptr, gli_ptr, gpre_ptr, gpost_ptr, gres_ptr, m_ptr, r_ptr, b_ptr, alpha_ptr,
+                     du_ptr, coef_ptr, dbp_ptr, dap_ptr,
+                     T, C, iters, Q,
+                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr,
+                     HAS_LI: tl.constexpr, HAS_GPRE: tl.constexpr, HAS_GPOST: tl.constexpr,
+                     HAS_GRES: tl.constexpr):
+    pid = tl.program_id(0)
+    nC = N * C
+    rows = tl.arange(0, BT)
+    tok = pid * BT + rows
+    tmask = tok < T
+    t64 = tok.to(tl.int64)
+    jn = tl.arange(0, NP)
+    jv = jn < N
+    i3 = tl.arange(0, NP)[None, :, None]
+    j3 = tl.arange(0, NP)[None, None, :]
+    valid = (i3 < N) & (j3 < N)
+    m2 = tmask[:, None] & jv[None, :]
+    m3 = tmask[:, None, None] & valid
+
+    # ---- dh_pre
+    if HAS_LI:
+        # dh_pre[t, i] = sum_c g_li[t, c] x[t, i, c]: elementwise accumulation, one reduction at the end
+        acc3 = tl.zeros([BT, NP, BC], dtype=tl.float32)
+        c3 = tl.arange(0, BC)[None, None, :]
+        for c0 in range(0, C, BC):
+            cm3 = (c0 + c3) < C
+            gl = tl.load(gli_ptr + t64[:, None, None] * C + c0 + c3,
+                         mask=tmask[:, None, None] & cm3, other=0.0).to(tl.float32)
+            x3 = tl.load(x_ptr + t64[:, None, None] * nC + i3 * C + c0 + c3,
+                         mask=tmask[:, None, None] & (i3 < N) & cm3, other=0.0)
+            acc3 += x3.to(tl.float32) * gl
+        dh = tl.sum(acc3, axis=2)
+    elif HAS_GPRE:
+        dh = tl.load(gpre_ptr + t64[:, None] * N + jn[None, :], mask=m2, other=0.0)
+    else:
+        dh = tl.zeros([BT, NP], dtype=tl.float32)
+
+    # ---- recompute the coefficients from the saved m, r
+    mp = tl.load(m_ptr + t64[:, None] * K + jn[None, :], mask=m2, other=0.0)
+    mq = tl.load(m_ptr + t64[:, None] * K + N + jn[None, :], mask=m2, other=0.0)
+    mr = tl.load(m_ptr + t64[:, None, None] * K + 2 * N + i3 * N + j3, mask=m3, other=0.0)
+    r = tl.load(r_ptr + t64, mask=tmask, other=1.0)
+    a0 = tl.load(alpha_ptr)
+    a1 = tl.load(alpha_ptr + 1)
+    a2 = tl.load(alpha_ptr + 2)
+    hp = tl.sigmoid(a0 * mp + tl.load(b_ptr + jn, mask=jv, other=0.0)[None, :])
+    dpre = tl.where(m2, dh * hp * (1.0 - hp), 0.0)
+    if HAS_GPOST:
+        gq = tl.load(gpost_ptr + t64[:, None] * N + jn[None, :], mask=m2, other=0.0)
+        sq = tl.sigmoid(a1 * mq + tl.load(b_ptr + N + jn, mask=jv, other=0.0)[None, :])
+        dpost = tl.where(m2, 2.0 * gq * sq * (1.0 - sq), 0.0)
+    else:
+        dpost = tl.zeros([BT, NP], dtype=tl.float32)
+    if HAS_GRES:
+        L = a2 * mr + tl.load(b_ptr + 2 * N + i3 * N + j3, mask=valid, other=0.0)
+        Gr = tl.load(gres_ptr + t64[:, None, None] * (N * N) + i3 * N + j3, mask=m3, other=0.0)
+        dres = _sinkhorn_bwd(L, Gr, valid, iters, Q, 1e-6)
+        dres = tl.where(m3, dres, 0.0)
+    else:
+        dres = tl.zeros([BT, NP, NP], dtype=tl.float32)
+
+    # ---- chain rule: m = u / r, u = v @ phi, r = sqrt(mean(v^2) + eps)
+    dmp = a0 * dpre
+    dmq = a1 * dpost
+    dmr = a2 * dres
+    dr = -(tl.sum(dmp * mp, axis=1) + tl.sum(dmq * mq, axis=1)
+           + tl.sum(tl.sum(dmr * mr, axis=2), axis=1)) / r
+    tl.store(coef_ptr + t64, dr / (nC * r), mask=tmask)
+    tl.store(du_ptr + t64[:, None] * K + jn[None, :], dmp / r[:, None], mask=m2)
+    tl.store(du_ptr + t64[:, None] * K + N + jn[None, :], dmq / r[:, None], mask=m2)
+    tl.store(du_ptr + t64[:, None, None] * K + 2 * N + i3 * N + j3, dmr / r[:, None, None], mask=m3)
+    # ---- per-CTA partials of db and dalpha (summed on the host side)
+    pb = pid.to(tl.int64) * K
+    tl.store(dbp_ptr + pb + jn, tl.sum(dpre, axis=0), mask=jv)
+    tl.store(dbp_ptr + pb + N + jn, tl.sum(dpost, axis=0), mask=jv)
+    vj = (tl.arange(0, NP)[:, None] < N) & (tl.arange(0, NP)[None, :] < N)
+    tl.store(dbp_ptr + pb + 2 * N + tl.arange(0, NP)[:, None] * N + tl.arange(0, NP)[None, :],
+             tl.sum(dres, axis=0), mask=vj)
+    tl.store(dap_ptr + pid * 3, tl.sum(tl.sum(dpre * mp, axis=1), axis=0))
+    tl.store(dap_ptr + pid * 3 + 1, tl.sum(tl.sum(dpost * mq, axis=1), axis=0))
+    tl.store(dap_ptr + pid * 3 + 2, tl.sum(tl.sum(tl.sum(dres * mr, axis=2), axis=1), axis=0))
+
+
+@triton.jit
+def _bwd_dx_dphi_kernel(x_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, gli_ptr, dx_ptr, dphi_ptr,
+                        T, C, NCB, TPS, TS,
+                        N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                        BT: tl.constexpr, BR: tl.constexpr,
+                        HAS_LI: tl.constexpr, DX: tl.constexpr, DPHI: tl.constexpr,
+                        ACC: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    i = pid % N                       # stream fastest: the n CTAs sharing g_li columns run together
+    cb = (pid // N) % NCB
+    # The last token range first, each range walked from its end: the first reads then hit what the
+    # coefficient-backward kernel (tokens in increasing order) left in L2.
+    ts = TS - 1 - pid // (N * NCB)
+    nC = N * C
+    c = cb * BR + tl.arange(0, BR)
+    cmask = c < C
+    kk = tl.arange(0, KP)
+    kmask = kk < K
+    prow = (i * C + c).to(tl.int64)
+    rows = tl.arange(0, BT)
+    if DX:
+        phi_t = tl.load(phi_ptr + prow[:, None] * K + kk[None, :],
+                        mask=cmask[:, None] & kmask[None, :], other=0.0)
+    acc = tl.zeros([BR, KP], dtype=tl.float32)
+    t_lo = ts * TPS
+    t_hi = tl.minimum(t_lo + TPS, T)
+    nb = tl.cdiv(t_hi - t_lo, BT)
+    for kb in range(nb):
+        tok = t_lo + (nb - 1 - kb) * BT + rows
+        tmask = tok < t_hi
+        t64 = tok.to(tl.int64)
+        du = tl.load(du_ptr + t64[:, None] * K + kk[None, :], mask=tmask[:, None] & kmask[None, :],
+                     other=0.0)
+        lm = tmask[:, None] & cmask[None, :]
+        xt = tl.load(x_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm, other=0.0)
+        xf = xt.to(tl.float32)
+        if DPHI:
+            acc = tl.dot(tl.trans(xf), du, acc, input_precision=PREC)
+        if DX:
+            dxt = tl.dot(du, tl.trans(phi_t), input_precision=PREC)
+            cf = tl.load(coef_ptr + t64, mask=tmask, other=0.0)
+            dxt += cf[:, None] * xf
+            if HAS_LI:
+                hp = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0)
+                gl = tl.load(gli_ptr + t64[:, None] * C + c[None, :], mask=lm, other=0.0)
+                dxt += hp[:, None] * gl.to(tl.float32)
+            if ACC:     # add into the x gradient already there (in place: read then write, same thread)
+                dxt += tl.load(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm,
+                               other=0.0).to(tl.float32)
+            tl.store(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :],
+                     dxt.to(dx_ptr.dtype.element_ty), mask=lm)
+    if DPHI:
+        tl.store(dphi_ptr + ts.to(tl.int64) * nC * K + prow[:, None] * K + kk[None, :], acc,
+                 mask=cmask[:, None] & kmask[None, :])
+
+
+# ---------------------------------------------------------------- fused backward (config bwd_fused)
+@triton.jit
+def _bwdf_epilogue(g, part_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr,
+                   T, C, S, NCB, rows, jn, jv,
+                   N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                   GB: tl.constexpr):
+    """Group g's dh_pre is complete: its part of du (pre columns), coef, db and dalpha."""
+    GBT = GB * BT
+    nC = N * C
+    a0 = tl.load(alpha_ptr)
+    dbs = tl.zeros([NP], dtype=tl.float32)
+    das = 0.0
+    for sb in range(GB):
+        tok = g * GBT + sb * BT + rows
+        tmask = tok < T
+        t64 = tok.to(tl.int64)
+        m2 = tmask[:, None] & jv[None, :]
+        dh = tl.zeros([BT, NP], dtype=tl.float32)
+        for cb in range(NCB):
+            dh += tl.load(part_ptr + (g * S + cb * N + jn[None, :]).to(tl.int64) * GBT + sb * BT
+                          + rows[:, None], mask=jv[None, :], other=0.0, cache_modifier=".cg")
+        hp = tl.load(hpre_ptr + t64[:, None] * N + jn[None, :], mask=m2, other=0.0)
+        mp = tl.load(m_ptr + t64[:, None] * K + jn[None, :], mask=m2, other=0.0)
+        r = tl.load(r_ptr + t64, mask=tmask, other=1.0)
+        dpre = tl.where(m2, dh * hp * (1.0 - hp), 0.0)
+        dmp = a0 * dpre
+        tl.store(du_ptr + t64[:, None] * K + jn[None, :], dmp / r[:, None], mask=m2)
+        cf = tl.load(coef_ptr + t64, mask=tmask, other=0.0)
+        cf -= tl.sum(dmp * mp, axis=1) / (r * nC * r)
+        tl.store(coef_ptr + t64, cf, mask=tmask)
+        dbs += tl.sum(dpre, axis=0)
+        das += tl.sum(tl.sum(dpre * mp, axis=1), axis=0)
+    tl.store(dbp_ptr + g * N + jn, dbs, mask=jv)
+    tl.store(dap_ptr + g, das)
+
+
+@triton.jit
+def _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr, du_ptr,
+                 coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows, cols, jn, jv,
+                 N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                 GB: tl.constexpr, BR: tl.constexpr):
+    """Phase-1 item v = (group g, slice s): partial dh_pre of stream i over the slice's columns."""
+    g = v // S
+    s = v - g * S
+    i = s % N
+    c = (s // N) * BR + cols
+    cmask = c < C
+    GBT = GB * BT
+    for sb in range(GB):
+        tok = g * GBT + sb * BT + rows
+        tmask = tok < T
+        t64 = tok.to(tl.int64)
+        lm = tmask[:, None] & cmask[None, :]
+        xt = tl.load(x_ptr + t64[:, None] * (N * C) + (i * C + c)[None, :], mask=lm, other=0.0)
+        gl = tl.load(gli_ptr + t64[:, None] * C + c[None, :], mask=lm, other=0.0)
+        d = tl.sum(xt.to(tl.float32) * gl.to(tl.float32), axis=1)
+        tl.store(part_ptr + (g * S + s).to(tl.int64) * GBT + sb * BT + rows, d)
+    tl.debug_barrier()
+    old = tl.atomic_add(sync_ptr + 2 + S + g, 1)
+    if old == S - 1:
+        _bwdf_epilogue(g, part_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr, du_ptr, coef_ptr, dbp_ptr,
+                       dap_ptr, T, C, S, NCB, rows, jn, jv, N, NP, K, BT, GB)
+        tl.debug_barrier()
+        tl.atomic_add(sync_ptr + 2 + S + g, 1)      # == S + 1: du, coef of group g are final
+
+
+@triton.jit
+def _bwd_fused_kernel(x_ptr, gli_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr,
+                      dx_ptr, dphi_ptr, part_ptr, sync_ptr, dbp_ptr, dap_ptr,
+                      T, C, G, NCB, PRE,
+                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      BT: tl.constexpr, GB: tl.constexpr, BR: tl.constexpr,
+                      DX: tl.constexpr, DPHI: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                      MAXSPIN: tl.constexpr):
+    """mhc_pre backward reading x once from HBM (du's post / res columns and coef's post / res part
+    come from _bwd_coef_kernel without x).
+
+    Slices s = (stream i, BR columns), S = n * NCB. Phase-1 items (group g of GB*BT tokens, slice s)
+    are taken by any CTA from one ticket, in order: partial dh_pre, and the last one of a group
+    finishes the group's du / coef. Phase 2 (dx, dphi) of slice s belongs to the CTAs of slice s
+    (pid % S == s), which keep the slice's phi rows and their dphi partial on chip and take the
+    groups in order from the slice's own ticket. A CTA waiting for a group does phase-1 items
+    meanwhile, so every wait is for work in progress: no deadlock, whatever CTAs are resident.
+    """
+    pid = tl.program_id(0)
+    S = N * NCB
+    s = pid % S
+    w = pid // S
+    i = s % N
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BR)
+    kk = tl.arange(0, KP)
+    kmask = kk < K
+    jn = tl.arange(0, NP)
+    jv = jn < N
+    c = (s // N) * BR + cols
+    cmask = c < C
+    prow = (i * C + c).to(tl.int64)
+    nC = N * C
+    GBT = GB * BT
+    GS = G * S
+    if DX:
+        phi_t = tl.load(phi_ptr + prow[:, None] * K + kk[None, :],
+                        mask=cmask[:, None] & kmask[None, :], other=0.0)
+    acc = tl.zeros([BR, KP], dtype=tl.float32)
+    more = G > 0
+    for _p in range(PRE):       # phase 1 runs ahead of phase 2 by about PRE rounds
+        if more:
+            v = tl.atomic_add(sync_ptr, 1)
+            more = v < GS
+            if more:
+                _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr,
+                             alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows,
+                             cols, jn, jv, N, NP, K, BT, GB, BR)
+    q = tl.atomic_add(sync_ptr + 2 + s, 1)
+    while q < G:
+        if more:
+            v = tl.atomic_add(sync_ptr, 1)
+            more = v < GS
+            if more:
+                _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr,
+                             alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows,
+                             cols, jn, jv, N, NP, K, BT, GB, BR)
+        cnt = tl.atomic_add(sync_ptr + 2 + S + q, 0)
+        spins = 0
+        while (cnt < S + 1) & (spins < MAXSPIN):
+            if more:
+                v = tl.atomic_add(sync_ptr, 1)
+                more = v < GS
+                if more:
+                    _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr,
+                                 alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows,
+                                 cols, jn, jv, N, NP, K, BT, GB, BR)
+            else:
+                spins += 1
+            cnt = tl.atomic_add(sync_ptr + 2 + S + q, 0)
+        if cnt < S + 1:
+            tl.atomic_add(sync_ptr + 1, 1)
+        # ---- phase 2 of (group q, slice s): re-reads what phase 1 read about a round ago
+        for sb in range(GB):
+            tok = q * GBT + sb * BT + rows
+            tmask = tok < T
+            t64 = tok.to(tl.int64)
+            lm = tmask[:, None] & cmask[None, :]
+            du = tl.load(du_ptr + t64[:, None] * K + kk[None, :], mask=tmask[:, None] & kmask[None, :],
+                         other=0.0, cache_modifier=".cg")
+            xf = tl.load(x_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm,
+                         other=0.0).to(tl.float32)
+            if DPHI:
+                acc = tl.dot(tl.trans(xf), du, acc, input_precision=PREC)
+            if DX:
+                dxt = tl.dot(du, tl.trans(phi_t), input_precision=PREC)
+                cf = tl.load(coef_ptr + t64, mask=tmask, other=0.0, cache_modifier=".cg")
+                hp = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0)
+                gl = tl.load(gli_ptr + t64[:, None] * C + c[None, :], mask=lm, other=0.0)
+                dxt += cf[:, None] * xf + hp[:, None] * gl.to(tl.float32)
+                if ACC:
+                    dxt += tl.load(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm,
+                                   other=0.0).to(tl.float32)
+                tl.store(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :],
+                         dxt.to(dx_ptr.dtype.element_ty), mask=lm)
+        q = tl.atomic_add(sync_ptr + 2 + s, 1)
+    if DPHI:
+        tl.store(dphi_ptr + w.to(tl.int64) * nC * K + prow[:, None] * K + kk[None, :], acc,
+                 mask=cmask[:, None] & kmask[None, :])
+
+
+# ====================================================================== host side
+def _check(op, x, phi, b, alpha, sinkhorn_iters):
+    T, n, C = check_state(op, x)
+    K = n * n + 2 * n
+    phi = check_tensor(op, phi, "phi", (n * C, K), torch.float32, x.device)
+    b = check_tensor(op, b, "b", (K,), torch.float32, x.device)
+    alpha = check_tensor(op, alpha, "alpha", (3,), torch.float32, x.device)
+    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
+        raise ValueError(f"{op}: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
+    return x.contiguous(), phi, b, alpha, T, n, C, K
+
+
+def _shapes(n):
+    K = n * n + 2 * n
+    return K, max(2, _np2(n)), max(16, _np2(K))
+
+
+def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
+    T, n, C = x.shape
+    K, NP, KP = _shapes(n)
+    dev = x.device
+    f32 = torch.float32
+    h_pre = torch.empty(T, n, device=dev, dtype=f32)
+    h_post = torch.empty(T, n, device=dev, dtype=f32)
+    h_res = torch.empty(T, n, n, device=dev, dtype=f32)
+    m = torch.empty(T, K, device=dev, dtype=f32) if save else h_pre
+    r = torch.empty(T, device=dev, dtype=f32) if save else h_pre
+    li = torch.empty(T, C, device=dev, dtype=x.dtype) if apply else x
+    if T == 0:
+        return li, h_pre, h_post, h_res, m, r
+    bt = max(16, min(_np2(cfg.bt), _np2(T)))
+    bk = max(16, _np2(cfg.bk))
+    warps = cfg.warps
+    if KP >= 64 and "bk" not in cfg.explicit:      # n >= 5: wide phi tiles, keep registers in check
+        bk, warps = min(bk, 32), max(warps, 8)
+    cw = max(bk, (cfg.cw // bk) * bk)
+    G = triton.cdiv(T, bt)
+    nsm = _num_sms(dev)
+    while cw > bk and G * triton.cdiv(C, cw) < cfg.min_items * nsm:
+        cw = max(bk, (cw // 2 // bk) * bk)
+    S = triton.cdiv(C, cw)
+    fused = apply and cfg.fused
+    lag = max(1 if interpreting() else 0, cfg.lag) if fused else 0
+    if lag == 0 and fused and S > nsm:
+        lag = 1     # lag 0 waits for the own group: needs all S items of a group resident
+    total = (G + lag) * S
+    grid = total if cfg.persist <= 0 else min(total, cfg.persist * nsm)
+    if cfg.ring > 0:
+        ring = min(G, cfg.ring)
+    elif cfg.ring == 0:
+        ring = G
+    else:   # about twice the groups in flight: slots are overwritten in L2, never written back
+        resident = min(grid, nsm * (cfg.persist if cfg.persist > 0 else 3))
+        ring = min(G, 2 * triton.cdiv(resident, S) + lag + 4)
+    # epilogue unroll: slices whose partials are loaded together ([BT, n*n] tiles cost registers)
+    eu = min(max(1, cfg.epi_unroll if NP <= 4 else cfg.epi_unroll // 2), _np2(S))
+    eu2 = min(max(1, cfg.epi_unroll // 2 if NP <= 4 else cfg.epi_unroll // 8), _np2(S))
+    ws = torch.empty(ring * S * bt * K, device=dev, dtype=f32)
+    wss = torch.empty(ring * S * bt, device=dev, dtype=f32)
+    sync = torch.zeros(G + 2, device=dev, dtype=torch.int32)
+    _fwd_kernel[(grid,)](
+        x, phi, b, alpha, ws, wss, sync, h_pre, h_post, h_res, m, r, li,
+        T, C, G, S, cw // bk, lag, total, ring, iters,
+        N=n, NP=NP, K=K, KP=KP, BT=bt, BK=bk, APPLY=fused, SAVE=save, PREC=cfg.precision,
+        MAXSPIN=MAX_SPIN, NT=32 * warps, EARLY=cfg.early, EU=eu, EU2=eu2,
+        num_warps=warps, num_stages=cfg.stages)
+    _LAST["sync"] = sync
+    if apply and not fused:
+        abt, abc = _np2(cfg.apply_bt), _np2(cfg.apply_bc)
+        _apply_kernel[(triton.cdiv(T, abt), triton.cdiv(C, abc))](
+            x, h_pre, li, T, C, N=n, NP=NP, BT=abt, BC=abc, num_warps=4)
+    return li, h_pre, h_post, h_res, m, r
+
+
+_LAST: dict = {}
+
+
+def sync_errors() -> int:
+    """Timed-out waits in the last forward and last fused backward (0 when synchronisation worked)."""
+    return sum(int(v[1].item()) for v in _LAST.values())
+
+
+def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with_li, needs, cfg,
+              dx_acc=None):
+    need_x, need_phi, need_b, need_alpha = needs
+    T, n, C = x.shape
+    K, NP, KP = _shapes(n)
+    dev = x.device
+    f32 = torch.float32
+    has_li = with_li and g_first is not None
+    has_gpre = (not with_li) and g_first is not None
+    gli = g_first.contiguous() if has_li else x
+    gpre = g_first.contiguous() if has_gpre else m
+    gpost = g_post.contiguous() if g_post is not None else m
+    gres = g_res.contiguous() if g_res is not None else m
+    dx = dphi = db = dalpha = None
+    if T == 0:
+        dx0 = dx_acc if dx_acc is not None else torch.zeros_like(x)
+        return (dx0 if need_x else None, torch.zeros_like(phi) if need_phi else None,
+                torch.zeros_like(b) if need_b else None, torch.zeros_like(alpha) if need_alpha else None)
+    fused = has_li and cfg.bwd_fused and (need_x or need_phi)
+    bt1 = max(1, min(_np2(cfg.b1_bt), _np2(T)))
+    bc1 = max(16, _np2(cfg.b1_bc))
+    while bc1 > 16 and bt1 * NP * bc1 > 4096:     # bound the [BT, NP, BC] fp32 accumulator
+        bc1 //= 2
+    g1 = triton.cdiv(T, bt1)
+    du = torch.empty(T, K, device=dev, dtype=f32)
+    coef = torch.empty(T, device=dev, dtype=f32)
+    dbp = torch.empty(g1, K, device=dev, dtype=f32)
+    dap = torch.empty(g1, 3, device=dev, dtype=f32)
+    Q = max(1, math.isqrt(iters - 1) + 1) if iters > 1 else 1
+    _bwd_coef_kernel[(g1,)](
+        x, gli, gpre, gpost, gres, m, r, b, alpha, du, coef, dbp, dap,
+        T, C, iters, Q,
+        N=n, NP=NP, K=K, BT=bt1, BC=bc1, HAS_LI=has_li and not fused, HAS_GPRE=has_gpre,
+        HAS_GPOST=g_post is not None, HAS_GRES=g_res is not None, num_warps=cfg.b1_warps)
+    if fused:
+        dx, dphi, dbp_pre, dap_pre = _backward_fused(x, phi, du, coef, h_pre, m, r, alpha, gli,
+                                                     need_x, need_phi, dx_acc, cfg)
+        if need_b:
+            db = dbp.sum(0)
+            db[:n] += dbp_pre.sum(0)
+        if need_alpha:
+            dalpha = dap.sum(0)
+            dalpha[0] += dap_pre.sum()
+        return dx, dphi, db, dalpha
+    if need_b:
+        db = dbp.sum(0)
+    if need_alpha:
+        dalpha = dap.sum(0)
+    if need_x or need_phi:
+        bt2 = max(16, min(_np2(cfg.b2_bt), _np2(T)))
+        br = _np2(cfg.b2_br)
+        if KP >= 64 and "b2_br" not in cfg.explicit:    # n >= 5: [BR, KP] phi rows + dphi accumulator
+            br = min(br, 64)
+            bt2 = 16
+        ncb = triton.cdiv(C, br)
+        nblk = triton.cdiv(T, bt2)
+        ts = cfg.b2_ts if cfg.b2_ts > 0 else triton.cdiv(4 * _num_sms(dev), n * ncb)
+        ts = max(1, min(ts, nblk))
+        tps = triton.cdiv(nblk, ts) * bt2
+        ts = triton.cdiv(T, tps)
+        acc = need_x and dx_acc is not None
+        dx = (dx_acc if acc else torch.empty_like(x)) if need_x else x
+        dphi_ws = torch.empty(ts, n * C, K, device=dev, dtype=f32) if need_phi else du
+        _bwd_dx_dphi_kernel[(n * ncb * ts,)](
+            x, phi, du, coef, h_pre, gli, dx, dphi_ws, T, C, ncb, tps, ts,
+            N=n, K=K, KP=KP, BT=bt2, BR=br, HAS_LI=has_li, DX=need_x, DPHI=need_phi,
+            ACC=acc, PREC=cfg.precision, num_warps=cfg.b2_warps, num_stages=cfg.b2_stages)
+        if not need_x:
+            dx = None
+        if need_phi:
+            dphi = dphi_ws[0] if ts == 1 else dphi_ws.sum(0)
+    return dx, dphi, db, dalpha
+
+
+def _backward_fused(x, phi, du, coef, h_pre, m, r, alpha, gli, need_x, need_phi, dx_acc, cfg):
+    T, n, C = x.shape
+    K, NP, KP = _shapes(n)
+    dev = x.device
+    bt = max(16, min(_np2(cfg.bf_bt), _np2(T)))
+    gb = max(1, cfg.bf_gb)
+    br = _np2(cfg.bf_br)
+    warps = cfg.bf_warps
+    if KP >= 64 and "bf_br" not in cfg.explicit:      # n >= 5: keep [BR, KP] tiles in registers
+        br, bt, warps = min(br, 64), 16, max(warps, 8)
+    ncb = triton.cdiv(C, br)
+    S = n * ncb
+    G = triton.cdiv(T, gb * bt)
+    nsm = _num_sms(dev)
+    W = max(1, min(G, triton.cdiv(cfg.bf_ctas * nsm, S)))
+    acc = need_x and dx_acc is not None
+    dx = (dx_acc if acc else torch.empty_like(x)) if need_x else x
+    dphi_ws = torch.empty(W, n * C, K, device=dev, dtype=torch.float32) if need_phi else du
+    part = torch.empty(G * S * gb * bt, device=dev, dtype=torch.float32)
+    sync = torch.zeros(2 + S + G, device=dev, dtype=torch.int32)
+    dbp_pre = torch.empty(G, n, device=dev, dtype=torch.float32)
+    dap_pre = torch.empty(G, device=dev, dtype=torch.float32)
+    _bwd_fused_kernel[(S * W,)](
+        x, gli, phi, du, coef, h_pre, m, r, alpha, dx, dphi_ws, part, sync, dbp_pre, dap_pre,
+        T, C, G, ncb, cfg.bf_pre,
+        N=n, NP=NP, K=K, KP=KP, BT=bt, GB=gb, BR=br, DX=need_x, DPHI=need_phi, ACC=acc,
+        PREC=cfg.precision, MAXSPIN=MAX_SPIN, num_warps=warps, num_stages=cfg.bf_stages)
+    _LAST["bsync"] = sync
+    dphi = None
+    if need_phi:
+        dphi = dphi_ws[0] if W == 1 else dphi_ws.sum(0)
+    return (dx if need_x else None), dphi, dbp_pre, dap_pre
+
+
+def _on(device):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _MhcFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, phi, b, alpha, iters, with_li, cfg, grad_mode):
+        # (forward runs with grad mode off: the caller's grad mode comes in as an argument)
+        save = grad_mode and any(ctx.needs_input_grad[:4])
+        with _on(x.device):
+            li, h_pre, h_post, h_res, m, r = _forward(x, phi, b, alpha, iters, with_li, save, cfg)
+        ctx.set_materialize_grads(False)
+        ctx.iters, ctx.with_li, ctx.cfg = iters, with_li, cfg
+        if save:
+            ctx.save_for_backward(x, phi, b, alpha, m, r, h_pre)
+        if with_li:
+            return li, h_post, h_res
+        return h_pre, h_post, h_res
+
+    @staticmethod
+    def backward(ctx, g_first, g_post, g_res):
+        needs = tuple(ctx.needs_input_grad[:4])
+        if g_first is None and g_post is None and g_res is None:
+            return None, None, None, None, None, None, None, None
+        x, phi, b, alpha, m, r, h_pre = ctx.saved_tensors
+        with _on(x.device):
+            dx, dphi, db, dalpha = _backward(x, phi, b, alpha, m, r, h_pre, ctx.iters, g_first,
+                                             g_post, g_res, ctx.with_li, needs, ctx.cfg)
+        return dx, dphi, db, dalpha, None, None, None, None
+
+
+# ---------------------------------------------------------------- entry points without autograd
+def mhc_pre_forward(x, phi, b, alpha, sinkhorn_iters: int = 20, *, layer_input: bool = True,
+                    save: bool = True, config=None):
+    """Forward without autograd, for a site-level autograd.Function.
+
+    Returns (first, h_post, h_res, saved): first is layer_input (layer_input=True) or h_pre;
+    saved (None unless save) is what mhc_pre_backward needs: x, the parameters and per token
+    m [K], r and h_pre fp32 ((n*n + 3n + 1) * 4 bytes).
+    """
+    op = "mhc_pre" if layer_input else "mhc_coeffs"
+    x, phi, b, alpha, *_ = _check(op, x, phi, b, alpha, sinkhorn_iters)
+    cfg = _config(config)
+    with _on(x.device):
+        li, h_pre, h_post, h_res, m, r = _forward(x, phi, b, alpha, sinkhorn_iters, layer_input, save,
+                                                  cfg)
+    saved = (x, phi, b, alpha, m, r, h_pre, sinkhorn_iters, layer_input, cfg) if save else None
+    return (li if layer_input else h_pre), h_post, h_res, saved
+
+
+def mhc_pre_backward(saved, g_first, g_h_post, g_h_res, *, needs=(True, True, True, True),
+                     dx_accumulate=None):
+    """Backward without autograd: (dx, dphi, db, dalpha) from mhc_pre_forward's saved state.
+
+    g_first is the gradient of layer_input (or of h_pre); any gradient may be None. needs says which
+    of (x, phi, b, alpha) to return (the others are None). dx_accumulate: an x-shaped tensor in
+    x's dtype that receives dx in place (dx_accumulate += dx, returned as dx): when x also feeds
+    F_post,res, this replaces autograd's separate add of the two x gradients (3nC bytes per token)
+    by one extra read of nC.
+    """
+    x, phi, b, alpha, m, r, h_pre, iters, with_li, cfg = saved
+    if dx_accumulate is not None:
+        check_tensor("mhc_pre_backward", dx_accumulate, "dx_accumulate", tuple(x.shape), x.dtype,
+                     x.device)
+        if not dx_accumulate.is_contiguous():
+            raise ValueError("mhc_pre_backward: dx_accumulate must be contiguous")
+    if g_first is None and g_h_post is None and g_h_res is None:
+        return (dx_accumulate if needs[0] else None), None, None, None
+    with _on(x.device):
+        return _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_h_post, g_h_res, with_li,
+                         tuple(needs), cfg, dx_acc=dx_accumulate)
+
+
+def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, *, config=None):
+    """(h_pre [T,n], h_post [T,n], h_res [T,n,n]) in fp32, h_res indexed [token, dst, src]."""
+    x, phi, b, alpha, *_ = _check("mhc_coeffs", x, phi, b, alpha, sinkhorn_iters)
+    return _MhcFn.apply(x, phi, b, alpha, sinkhorn_iters, False, _config(config),
+                        torch.is_grad_enabled())
+
+
+def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20, *, config=None):
+    """(layer_input [T,C] in x.dtype, h_post [T,n] fp32, h_res [T,n,n] fp32)."""
+    x, phi, b, alpha, *_ = _check("mhc_pre", x, phi, b, alpha, sinkhorn_iters)
+    return _MhcFn.apply(x, phi, b, alpha, sinkhorn_iters, True, _config(config),
+                        torch.is_grad_enabled())

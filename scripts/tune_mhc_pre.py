@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""Times kernels/triton/mhc_pre.py on a CUDA GPU and prints one table (last).
+
+    .venv/bin/python scripts/tune_mhc_pre.py            # bf16, n=4, T=16384, 20 Sinkhorn iterations
+    TUNE_BUDGET_S=60 .venv/bin/python scripts/tune_mhc_pre.py
+
+1. Copy rate: 1 GiB device-to-device copy, bytes read + written, do_bench median (L2 flushed).
+2. Per C in (4096, 2560, 7168): mhc_pre (default config) against the fp64 reference, then times of
+   forward configurations (the full sweep at C=4096, the best two and the two-pass variant at the
+   other widths; each checked against the reference before it is timed), mhc_coeffs forward,
+   mhc_pre forward+backward (gradients checked against fp64 first) for backward configurations,
+   and the whole mHC site (mhc_pre + kernels.triton.post) when post is importable: autograd
+   composition, and one autograd node with mhc_pre_backward(dx_accumulate=) ('site fwd+bwd*').
+   A time budget (TUNE_BUDGET_S, default 75 s) trims the sweeps so the run ends within ~90 s.
+3. x passes: how many times the pre forward effectively moves x, from (time x copy rate - layer_input
+   bytes) / x bytes; ~1 means the layer_input re-read hits L2, ~2 means it comes from HBM.
+
+Floor bytes per token (e = 2 bytes): coeffs fwd nC*e; pre fwd (n+1)C*e; pre fwd+bwd (3n+2)C*e
+(fwd + bwd read x, g_li, write dx); site fwd (3n+2)C*e (MATH.md); site fwd+bwd (8n+5)C*e (site fwd +
+pre bwd (2n+1)C + post bwd (3n+2)C). "GB/s" is floor bytes / time, "%copy" that over the measured
+copy rate. Config keys: kernels/triton/mhc_pre.py Config.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DRY = "--dry" in sys.argv      # local logic check on the CPU interpreter with tiny shapes
+if DRY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from kernels import reference as ref  # noqa: E402
+from suite.tolerance import rel_err  # noqa: E402
+
+# (kernels.triton re-exports the function mhc_pre, which shadows the module attribute)
+M = importlib.import_module("kernels.triton.mhc_pre")
+
+try:
+    from kernels.triton.post import post as post_kernel  # noqa: E402
+except Exception as exc:  # another agent's file; the site rows are skipped without it
+    post_kernel = None
+    print(f"(kernels.triton.post not importable: {type(exc).__name__}: {exc}; no site rows)")
+try:
+    from kernels.triton.post import post_backward, post_forward  # noqa: E402
+except Exception:
+    post_forward = post_backward = None
+
+
+class _Site(torch.autograd.Function):
+    """mhc_pre + post as one autograd node (F = identity): the pre backward adds its x gradient
+    into post's in place (mhc_pre_backward dx_accumulate) instead of autograd's separate add."""
+
+    @staticmethod
+    def forward(ctx, x, phi, b, alpha, cfg):
+        li, hq, hr, saved = M.mhc_pre_forward(x, phi, b, alpha, ITERS, config=cfg)
+        ctx.saved, ctx.post = saved, (li, hq, hr)
+        return post_forward(x, li, hq, hr)
+
+    @staticmethod
+    def backward(ctx, g):
+        li, hq, hr = ctx.post
+        dx, df, dhq, dhr = post_backward(g.contiguous(), ctx.saved[0], li, hq, hr)
+        dx, dphi, db, da = M.mhc_pre_backward(ctx.saved, df, dhq, dhr, dx_accumulate=dx)
+        return dx, dphi, db, da, None
+
+
+DEV = "cpu" if DRY else "cuda"
+T0 = time.time()
+BUDGET = float(os.environ.get("TUNE_BUDGET_S", "75"))
+N, T, ITERS, DT = 4, (40 if DRY else 16384), 20, torch.bfloat16
+E = 2
+CMAIN = 64 if DRY else 4096
+ROWS = []          # (C, what, config, ms, floor_bytes)
+COPY = None
+
+
+def left() -> float:
+    return BUDGET - (time.time() - T0)
+
+
+def bench(fn, grad_to_none=None, rep=40):
+    if DRY:
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def cfg_name(cfg) -> str:
+    if not cfg:
+        return "default"
+    return ",".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def floor(C, what) -> float:
+    per_tok = {"coeffs fwd": N * C, "pre fwd": (N + 1) * C, "pre fwd+bwd": (3 * N + 2) * C,
+               "site fwd": (3 * N + 2) * C,
+               # site fwd + pre bwd (read x, g_li, write dx) + post bwd (read g, x, f, write dx, df)
+               "site fwd+bwd": (3 * N + 2) * C + (2 * N + 1) * C + (3 * N + 2) * C}[what.rstrip("*")]
+    return per_tok * E * T
+
+
+def record(C, what, cfg, ms):
+    ROWS.append((C, what, cfg_name(cfg), ms, floor(C, what)))
+    gbs = floor(C, what) / ms / 1e6
+    print(f"  C={C:5d} {what:13s} {cfg_name(cfg):48s} {ms:8.4f} ms {gbs:7.0f} GB/s"
+          f" {100 * gbs * 1e9 / COPY:5.1f}% copy", flush=True)
+
+
+def copy_rate() -> float:
+    if DRY:
+        return 1e12
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def make_inputs(C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    phi, b, alpha = ref.random_params("mhc", N, C, g, device=DEV)
+    x = torch.randn(T, N, C, device=DEV, dtype=torch.float32).to(DT)
+    return x, phi, b, alpha
+
+
+def check(C, x, phi, b, alpha):
+    li, hq, hr = M.mhc_pre(x, phi, b, alpha, sinkhorn_iters=ITERS)
+    sync()
+    out_ref = ref.mhc_pre(*(t.double() for t in (x, phi, b, alpha)), sinkhorn_iters=ITERS)
+    errs = [rel_err(o, r) for o, r in zip((li, hq, hr), out_ref)]
+    print(f"  C={C}: rel_err vs fp64 reference layer_input {errs[0]:.1e} h_post {errs[1]:.1e} "
+          f"h_res {errs[2]:.1e}; sync errors {M.sync_errors()}", flush=True)
+    del out_ref
+    torch.cuda.empty_cache()
+    return li, hq, hr
+
+
+def time_pre_fwd(C, x, phi, b, alpha, cfg, ref_out):
+    try:
+        out = M.mhc_pre(x, phi, b, alpha, sinkhorn_iters=ITERS, config=cfg)
+        sync()
+        bad = M.sync_errors() or max(rel_err(o, r) for o, r in zip(out, ref_out)) > 1e-2
+        ms = bench(lambda: M.mhc_pre(x, phi, b, alpha, sinkhorn_iters=ITERS, config=cfg))
+    except Exception as exc:
+        print(f"  C={C} pre fwd {cfg_name(cfg)}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+    if bad:
+        print(f"  C={C} pre fwd {cfg_name(cfg)}: WRONG RESULT (sync errors {M.sync_errors()})")
+        return None
+    record(C, "pre fwd", cfg, ms)
+    return ms
+
+
+UPSTREAM = {}     # per C: (g_layer_input, g_h_post, g_h_res, g_x_next) and fp64 reference grads
+
+
+def upstream(C, x, phi, b, alpha):
+    if C not in UPSTREAM:
+        gl = torch.randn(T, C, device=DEV).to(DT)
+        gq = torch.randn(T, N, device=DEV)
+        gr = torch.randn(T, N, N, device=DEV)
+        gn = torch.randn(T, N, C, device=DEV).to(DT)
+        leaves = [t.detach().double().requires_grad_() for t in (x, phi, b, alpha)]
+        out = ref.mhc_pre(*leaves, sinkhorn_iters=ITERS)
+        torch.autograd.backward(out, (gl.double(), gq.double(), gr.double()))
+        grads = [t.grad for t in leaves]
+        del out, leaves
+        UPSTREAM[C] = ((gl, gq, gr, gn), grads)
+    return UPSTREAM[C]
+
+
+def time_fwd_bwd(C, x, phi, b, alpha, cfg, what="pre fwd+bwd"):
+    (gl, gq, gr, gn), ref_grads = upstream(C, x, phi, b, alpha)
+    xs = x.clone().requires_grad_()
+    ps = [t.clone().requires_grad_() for t in (phi, b, alpha)]
+
+    def run():
+        if what == "site fwd+bwd*":
+            _Site.apply(xs, *ps, cfg).backward(gn)
+            return
+        li, hq, hr = M.mhc_pre(xs, *ps, sinkhorn_iters=ITERS, config=cfg)
+        if what == "site fwd+bwd":
+            out = post_kernel(xs, li, hq, hr)
+            out.backward(gn)
+        else:
+            torch.autograd.backward((li, hq, hr), (gl, gq, gr))
+    try:
+        if what == "pre fwd+bwd":       # gradients against the fp64 reference first
+            run()
+            sync()
+            errs = [rel_err(t.grad, r) for t, r in zip([xs, *ps], ref_grads)]
+            if M.sync_errors() or max(errs) > 1e-2:
+                print(f"  C={C} {what} {cfg_name(cfg)}: WRONG GRADIENTS rel_err "
+                      f"{['%.1e' % e for e in errs]} sync errors {M.sync_errors()}")
+                return None
+        ms = bench(run, grad_to_none=[xs, *ps])
+    except Exception as exc:
+        print(f"  C={C} {what} {cfg_name(cfg)}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+    record(C, what, cfg, ms)
+    return ms
+
+
+FWD_SWEEP = [            # most informative first; the time budget may cut the tail
+    None,                                   # defaults: bt=64 bk=64 cw=128 lag=2 warps=4 stages=3
+    {"fused": False, "cw": 1024},           # two passes over x (separate layer_input kernel)
+    {"cw": 256},
+    {"cw": 64},
+    {"persist": 2},
+    {"lag": 1},
+    {"lag": 6},
+    {"early": True},
+    {"ring": 0},
+    {"lag": 0},
+    {"bt": 32, "cw": 256},
+    {"warps": 8},
+    {"bt": 128, "cw": 64, "warps": 8},
+    {"bk": 128, "cw": 256, "warps": 8},
+    {"stages": 4},
+    {"persist": 1, "cw": 256},
+    {"persist": 3},
+    {"early": True, "persist": 2},
+]
+BWD_SWEEP = [
+    {"bwd_fused": True},                    # x read once in backward (phase-1 items + slice owners)
+    {"b1_bt": 8},
+    {"b1_bt": 32, "b1_warps": 8},
+    {"b2_bt": 64, "b2_warps": 8},
+    {"b2_bt": 16, "b2_br": 256, "b2_warps": 8},
+    {"bwd_fused": True, "bf_ctas": 1},
+    {"bwd_fused": True, "bf_bt": 64, "bf_warps": 8},
+    {"bwd_fused": True, "bf_pre": 3},
+    {"bwd_fused": True, "bf_br": 256, "bf_warps": 8},
+]
+
+
+def main():
+    global COPY
+    if not DRY and not torch.cuda.is_available():
+        print("tune_mhc_pre: needs a CUDA GPU")
+        return 1
+    print(f"device {'cpu (dry)' if DRY else torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    COPY = copy_rate()
+    print(f"copy rate (1 GiB d2d, read+write): {COPY / 1e9:.0f} GB/s", flush=True)
+    best_cfgs, best_bwd = [], {}
+    for C in ((64, 40, 72) if DRY else (4096, 2560, 7168)):
+        if left() < 5:
+            print(f"(time budget spent, skipping C={C})")
+            break
+        x, phi, b, alpha = make_inputs(C)
+        ref_out = check(C, x, phi, b, alpha)
+        sweep = FWD_SWEEP if C == CMAIN else [None, {"fused": False, "cw": 1024}] + best_cfgs
+        times = {}
+        for cfg in sweep:
+            if left() < (45 if C == CMAIN else 22):
+                print(f"  (time budget: skipping the rest of the sweep at C={C})")
+                break
+            ms = time_pre_fwd(C, x, phi, b, alpha, cfg, ref_out)
+            if ms is not None:
+                times[cfg_name(cfg)] = (ms, cfg)
+        if C == CMAIN and times:
+            ranked = sorted(times.values(), key=lambda v: v[0])
+            best_cfgs = [c for _, c in ranked[:2] if c is not None]
+        best = min(times.values(), key=lambda v: v[0])[1] if times else None
+        # x passes of the pre forward: ~1 when the layer_input re-read hits L2
+        if times:
+            ms = min(v[0] for v in times.values())
+            xb, lib = T * N * C * E, T * C * E
+            print(f"  C={C}: best pre fwd moves x {(ms * 1e-3 * COPY - lib) / xb:.2f} times "
+                  f"(at the copy rate)", flush=True)
+        if left() > 6:
+            try:
+                ms = bench(lambda: M.mhc_coeffs(x, phi, b, alpha, sinkhorn_iters=ITERS, config=best))
+                record(C, "coeffs fwd", best, ms)
+            except Exception as exc:
+                print(f"  coeffs fwd FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        if C == CMAIN:
+            bt = {}
+            for bcfg in [None] + BWD_SWEEP:
+                if left() < 35:
+                    break
+                full = {**(best or {}), **(bcfg or {})} or None
+                ms = time_fwd_bwd(C, x, phi, b, alpha, full)
+                if ms is not None:
+                    bt[cfg_name(full)] = (ms, full)
+            if bt:
+                best_all = min(bt.values(), key=lambda v: v[0])[1]
+                best_bwd = {k: v for k, v in (best_all or {}).items() if k.startswith(("b", "bwd"))
+                            and k not in ("bt", "bk")}
+        elif left() > 6:
+            best_all = {**(best or {}), **best_bwd} or None
+            time_fwd_bwd(C, x, phi, b, alpha, best_all)
+            if not best_bwd.get("bwd_fused") and left() > 6:
+                time_fwd_bwd(C, x, phi, b, alpha, {**(best or {}), "bwd_fused": True})
+        best = {**(best or {}), **best_bwd} or None
+        if post_kernel is not None and left() > (28 if C == CMAIN else 5):
+            f = torch.randn(T, C, device=DEV).to(DT)
+            try:
+                ms = bench(lambda: post_kernel(x, f, *M.mhc_pre(x, phi, b, alpha, sinkhorn_iters=ITERS,
+                                                                 config=best)[1:]))
+                record(C, "site fwd", best, ms)
+                if left() > 5:
+                    time_fwd_bwd(C, x, phi, b, alpha, best, what="site fwd+bwd")
+                if left() > 5 and post_forward is not None:
+                    time_fwd_bwd(C, x, phi, b, alpha, best, what="site fwd+bwd*")
+            except Exception as exc:
+                print(f"  site FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        del x, phi, b, alpha, ref_out
+        torch.cuda.empty_cache()
+
+    print("\n'site fwd+bwd*': pre + post as one autograd node, pre's dx added in place into post's")
+    print(f"mhc_pre, bf16, n={N}, T={T}, {ITERS} Sinkhorn iterations; copy {COPY / 1e9:.0f} GB/s; "
+          f"{time.time() - T0:.0f} s")
+    print(f"{'C':>5} {'what':13s} {'config':48s} {'ms':>8} {'GB/s':>6} {'%copy':>6}")
+    for C, what, name, ms, fb in ROWS:
+        gbs = fb / ms / 1e6
+        print(f"{C:5d} {what:13s} {name:48s} {ms:8.4f} {gbs:6.0f} {100 * gbs * 1e9 / COPY:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
