@@ -195,9 +195,15 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
     else:
         store = RunStore(new_run_dir(out_root, environment.device_label(env)))
     for sc in scenarios:
-        write_json(store.dir / "scenarios" / f"{Path(sc.path).stem}.json",
-                   {"path": sc.path, "name": sc.name, "description": sc.description,
-                    "cases": [c.to_dict() for c in sc.cases]})
+        # A resumed run may add cases (e.g. another --only filter): the saved list is their union.
+        saved = store.dir / "scenarios" / f"{Path(sc.path).stem}.json"
+        cases = [c.to_dict() for c in sc.cases]
+        if saved.exists():
+            ids = {c.case_id for c in sc.cases}
+            old = [c for c in json.loads(saved.read_text())["cases"] if Case(**c).case_id not in ids]
+            cases = old + cases
+        write_json(saved, {"path": sc.path, "name": sc.name, "description": sc.description,
+                           "cases": cases})
     store.history.add_run(store.run_id, env, [sc.path for sc in scenarios], store.dir)
     session = Session(store, env)
     done = {r["case_id"] for r in store.records if not (retry_failed and r["status"] == "failed")}

@@ -173,3 +173,14 @@ def test_run_needs_a_scenario_or_a_run_folder(tmp_path, capsys):
     assert cli.main(["run"]) == 2
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_resume_with_another_filter_adds_cases_to_the_same_run(tmp_path):
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc, hc]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out), "--only", "method=mhc"]) == 0
+    run = run_dir_of(out)
+    assert cli.main(["run", path, "--resume", str(run), "--only", "method=hc"]) == 0
+    assert sorted(r["case"]["method"] for r in read_records(run)) == ["hc", "mhc"]
+    saved = json.loads((run / "scenarios" / "s.json").read_text())
+    assert sorted(c["method"] for c in saved["cases"]) == ["hc", "mhc"]
