@@ -9,8 +9,8 @@ Usage: python scripts/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..
    the GPU), forward output and every gradient, for every configuration timed.
 3. Times, per configuration (one "key=value,..." string given to post(fwd=..., bwd=...); keys
    block_c and num_warps apply to both kernels, vec / num_stages / split to the backward only):
-   forward, and forward + backward through autograd. Medians of triton.testing.do_bench (L2
-   flushed before every call).
+   forward, and forward + backward through autograd. Medians through suite.timing, the runner's
+   timer (L2 flushed before every call).
 Floors: forward (2n+1)C elements per token; forward + backward (5n+3)C (MATH.md, ANCHORS.md).
 The table comes last. Aims to finish within about 60 s (most of it compiling).
 """
@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 from kernels import reference  # noqa: E402
+from suite.timing import Timer, copy_rate_gbps  # noqa: E402
 from suite.tolerance import rel_err, tolerance  # noqa: E402
 
 P = importlib.import_module("kernels.triton.post")   # the package re-exports the function `post`
@@ -51,18 +51,12 @@ SMOKE = False
 
 
 def bench(fn) -> float:
-    if SMOKE:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return do_bench(fn, warmup=5, rep=30, return_mode="median")
+    """Median ms through the suite's one timer (L2 flushed before each call on a GPU)."""
+    return Timer(DEVICE).time(fn, warmup_ms=5, rep_ms=30, min_samples=3 if SMOKE else 30).median
 
 
 def copy_rate() -> float:
-    a = torch.empty(2 ** 30 if not SMOKE else 2 ** 20, dtype=torch.uint8, device=DEVICE)
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
-    return 2 * a.numel() / (ms * 1e-3) / 1e9
+    return copy_rate_gbps(Timer(DEVICE), nbytes=2 ** 20 if SMOKE else None)["gbps"]
 
 
 def make_inputs(C: int):
