@@ -676,7 +676,10 @@ class _HCPreFn(torch.autograd.Function):
         for key, cpk in (("fwd", "fwd_cp"), ("b2", "b2_cp")):
             chunk = 64 * _warps(cfg[key + "_warps"], C, _pow2(cfg[cpk])) * _pow2(cfg[cpk])
             CW = triton.cdiv(CW, chunk) * chunk
-        wt = torch.nn.functional.pad(w.t(), (0, CW - C))
+        # Built explicitly: F.pad with zero padding (CW == C, C a multiple of the chunk) returns a
+        # clone that keeps w.t()'s strides, i.e. w's [C, NK] memory layout, not [NK, CW].
+        wt = w.new_zeros(n + 2, CW)
+        wt[:, :C] = w.t()
         save = any(ctx.needs_input_grad[:4])
         out0, hpost, hres, z, r = _launch_fwd(x, wt, b, s, with_li, save, cfg)
         if save:

@@ -65,7 +65,8 @@ def check(fn_name, T, n, C, dtype, device, config=None, needs=(True, True, True,
 
 # (function, T, n, C, dtype): hc_pre on every n in {1, 2, 3, 4, 8} x T in {1, 7, 33} x dtype, with C
 # alternating between widths with a partial last chunk (40, 264: multiples of 8, not of 16) and a
-# power of two; hc_coeffs on a subset.
+# power of two (64, still a partial chunk; whole chunks: test_width_multiple_of_chunk); hc_coeffs on
+# a subset.
 CASES = [("hc_pre", T, n, (40, 264, 64)[(i + j) % 3], dtype)
          for i, n in enumerate((1, 2, 3, 4, 8)) for j, T in enumerate((1, 7, 33)) for dtype in DTYPES]
 CASES += [("hc_coeffs", T, n, C, dtype) for T, n, C, dtype in (
@@ -95,6 +96,19 @@ def test_many_chunks(prefetch, kernel_device):
     check("hc_pre", 5, 4, 264, torch.bfloat16, kernel_device, config=cfg)
     check("hc_pre", 3, 3, 1032, torch.float16, kernel_device, config=dict(cfg, fwd_cp=1, b2_cp=1))
     check("hc_coeffs", 3, 2, 264, torch.bfloat16, kernel_device, config=cfg)
+
+
+@pytest.mark.parametrize("T,n,C,dtype,config", [
+    (1, 1, 1024, torch.bfloat16, GPU_TILING),                        # the GPU's 8 warps: 1024 columns
+    (5, 4, 512, torch.float16, dict(GPU_TILING, fwd_warps=4, fwd_ctas_per_sm=4)),
+    (3, 2, 128, torch.bfloat16, None),                                # C = 64: one 1-warp chunk
+], ids=["n1-C1024-gpu", "n4-C512-w4", "n2-C128"])
+def test_width_multiple_of_chunk(T, n, C, dtype, config, kernel_device):
+    """C a whole number of chunks of both the forward and the dx kernel (4096, 7168 on the GPU):
+    w^T then needs no zero padding. F.pad(w.t(), (0, 0)) returned a clone with w.t()'s strides
+    (w's [C, NK] memory order), which the kernels read as [NK, C]: every output was wrong."""
+    check("hc_pre", T, n, C, dtype, kernel_device, config=config)
+    check("hc_coeffs", T, n, C, dtype, kernel_device, config=config)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False),
