@@ -9,7 +9,7 @@ kernels/triton/hc_pre.py; "" is the default). HC_PRE_CONFIG in the environment c
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written / median time (the ceiling).
 2. For bf16, n = 4, T = 16384 and each C: hc_pre against the fp64 reference (forward outputs at full
    size; every gradient on the first 1024 tokens), for every configuration timed.
-3. Times (medians of triton.testing.do_bench, L2 flushed before every call): hc_pre forward per
+3. Times (medians through suite.timing, L2 flushed before every call): hc_pre forward per
    forward configuration; hc_pre forward + backward (autograd) per backward configuration; and the
    HC site forward, hc_pre + kernels.triton.post (if importable), with the default configuration.
 Floors (elements of 2 bytes per token, plus the fp32 coefficients h_post, h_res: 4(n + n^2) bytes
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from suite.timing import Timer, copy_rate_gbps  # noqa: E402
 
 from kernels import reference  # noqa: E402
 from suite.tolerance import rel_err, tolerance  # noqa: E402
@@ -59,20 +59,13 @@ SMOKE = False
 
 
 def bench(fn) -> float:
-    if SMOKE:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+    """Median ms through the suite's one timer (L2 flushed before each call on a GPU)."""
+    return Timer(DEVICE).time(fn, warmup_ms=5, rep_ms=25, min_samples=3 if SMOKE else 30).median
 
 
 def copy_rate() -> float:
     """GB/s of a device-to-device copy, bytes read + written."""
-    nbytes = (1 << 16) if SMOKE else (1 << 30)
-    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    return copy_rate_gbps(Timer(DEVICE), nbytes=(1 << 16) if SMOKE else None)["gbps"]
 
 
 def inputs(T, n, C, seed):
