@@ -6,9 +6,11 @@
 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written, do_bench median (L2 flushed).
 2. Per C in (4096, 2560, 7168): mhc_pre (default config) against the fp64 reference, then times of
-   forward configurations (the full sweep at C=4096, the best two and the two-pass variant at the
-   other widths; each checked against the reference before it is timed), mhc_coeffs forward,
-   mhc_pre forward+backward (gradients checked against fp64 first) for backward configurations,
+   forward configurations: the split forward (its default and the best of the earlier sweep,
+   results/tuning-20261123-h100) and the non-split forward (split=False) in a few (ns_bt, ns_bk,
+   warps, stages) variants, each checked against the reference before it is timed; mhc_coeffs
+   forward (checked too); mhc_pre forward+backward (gradients checked against fp64 first) for the
+   best split and the best overall forward with the best backward config of the earlier sweep;
    and the whole mHC site (mhc_pre + kernels.triton.post) when post is importable: autograd
    composition, and one autograd node with mhc_pre_backward(dx_accumulate=) ('site fwd+bwd*').
    A time budget (TUNE_BUDGET_S, default 75 s) trims the sweeps so the run ends within ~90 s.
@@ -218,37 +220,35 @@ def time_fwd_bwd(C, x, phi, b, alpha, cfg, what="pre fwd+bwd"):
     return ms
 
 
-FWD_SWEEP = [            # most informative first; the time budget may cut the tail
-    None,                                   # defaults: bt=64 bk=64 cw=128 lag=2 warps=4 stages=3
-    {"fused": False, "cw": 1024},           # two passes over x (separate layer_input kernel)
-    {"cw": 256},
-    {"cw": 64},
-    {"persist": 2},
-    {"lag": 1},
-    {"lag": 6},
-    {"early": True},
-    {"ring": 0},
-    {"lag": 0},
-    {"bt": 32, "cw": 256},
-    {"warps": 8},
-    {"bt": 128, "cw": 64, "warps": 8},
-    {"bk": 128, "cw": 256, "warps": 8},
-    {"stages": 4},
-    {"persist": 1, "cw": 256},
-    {"persist": 3},
-    {"early": True, "persist": 2},
+def time_coeffs_fwd(C, x, phi, b, alpha, cfg, ref_out):
+    try:
+        out = M.mhc_coeffs(x, phi, b, alpha, sinkhorn_iters=ITERS, config=cfg)
+        sync()
+        bad = M.sync_errors() or max(rel_err(o, r) for o, r in zip(out[1:], ref_out[1:])) > 1e-2
+        ms = bench(lambda: M.mhc_coeffs(x, phi, b, alpha, sinkhorn_iters=ITERS, config=cfg))
+    except Exception as exc:
+        print(f"  C={C} coeffs fwd {cfg_name(cfg)}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+    if bad:
+        print(f"  C={C} coeffs fwd {cfg_name(cfg)}: WRONG RESULT (sync errors {M.sync_errors()})")
+        return None
+    record(C, "coeffs fwd", cfg, ms)
+    return ms
+
+
+# Split forward: measured in results/tuning-20261123-h100 (full sweep); only its default and best.
+SPLIT_CFGS = [{"split": True}, {"split": True, "bt": 32, "cw": 256}]
+# Non-split forward (one CTA per ns_bt tokens over all n*C columns): (BT, BK, warps, stages) variants.
+NS_CFGS = [
+    {"split": False},                                   # defaults: ns_bt=32 ns_bk=64 warps=4 stages=3
+    {"split": False, "ns_bt": 64, "ns_bk": 64, "ns_warps": 4, "ns_stages": 4},
+    {"split": False, "ns_bt": 32, "ns_bk": 128, "ns_warps": 8, "ns_stages": 3},
 ]
-BWD_SWEEP = [
-    {"bwd_fused": True},                    # x read once in backward (phase-1 items + slice owners)
-    {"b1_bt": 8},
-    {"b1_bt": 32, "b1_warps": 8},
-    {"b2_bt": 64, "b2_warps": 8},
-    {"b2_bt": 16, "b2_br": 256, "b2_warps": 8},
-    {"bwd_fused": True, "bf_ctas": 1},
-    {"bwd_fused": True, "bf_bt": 64, "bf_warps": 8},
-    {"bwd_fused": True, "bf_pre": 3},
-    {"bwd_fused": True, "bf_br": 256, "bf_warps": 8},
+NS_MAIN_ONLY = [
+    {"split": False, "ns_prefetch": 0},                 # no register prefetch of x tiles
+    {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_warps": 8, "ns_stages": 3},
 ]
+BWD = {"b2_bt": 64, "b2_warps": 8}                     # best backward of the earlier sweep
 
 
 def main():
@@ -259,73 +259,58 @@ def main():
     print(f"device {'cpu (dry)' if DRY else torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     COPY = copy_rate()
     print(f"copy rate (1 GiB d2d, read+write): {COPY / 1e9:.0f} GB/s", flush=True)
-    best_cfgs, best_bwd = [], {}
     for C in ((64, 40, 72) if DRY else (4096, 2560, 7168)):
         if left() < 5:
             print(f"(time budget spent, skipping C={C})")
             break
         x, phi, b, alpha = make_inputs(C)
+        cfg0 = M._config(None)
+        print(f"  C={C}: default forward path: {'split' if M.use_split(T, x.device, cfg0) else 'non-split'}")
         ref_out = check(C, x, phi, b, alpha)
-        sweep = FWD_SWEEP if C == CMAIN else [None, {"fused": False, "cw": 1024}] + best_cfgs
+        sweep = [None] + SPLIT_CFGS + NS_CFGS + (NS_MAIN_ONLY if C == CMAIN else [])
         times = {}
         for cfg in sweep:
-            if left() < (45 if C == CMAIN else 22):
+            if left() < (30 if C == CMAIN else 14):
                 print(f"  (time budget: skipping the rest of the sweep at C={C})")
                 break
             ms = time_pre_fwd(C, x, phi, b, alpha, cfg, ref_out)
             if ms is not None:
                 times[cfg_name(cfg)] = (ms, cfg)
-        if C == CMAIN and times:
-            ranked = sorted(times.values(), key=lambda v: v[0])
-            best_cfgs = [c for _, c in ranked[:2] if c is not None]
-        best = min(times.values(), key=lambda v: v[0])[1] if times else None
-        # x passes of the pre forward: ~1 when the layer_input re-read hits L2
-        if times:
-            ms = min(v[0] for v in times.values())
-            xb, lib = T * N * C * E, T * C * E
-            print(f"  C={C}: best pre fwd moves x {(ms * 1e-3 * COPY - lib) / xb:.2f} times "
-                  f"(at the copy rate)", flush=True)
-        if left() > 6:
-            try:
-                ms = bench(lambda: M.mhc_coeffs(x, phi, b, alpha, sinkhorn_iters=ITERS, config=best))
-                record(C, "coeffs fwd", best, ms)
-            except Exception as exc:
-                print(f"  coeffs fwd FAILED {type(exc).__name__}: {str(exc)[:300]}")
-        if C == CMAIN:
-            bt = {}
-            for bcfg in [None] + BWD_SWEEP:
-                if left() < 35:
-                    break
-                full = {**(best or {}), **(bcfg or {})} or None
-                ms = time_fwd_bwd(C, x, phi, b, alpha, full)
-                if ms is not None:
-                    bt[cfg_name(full)] = (ms, full)
-            if bt:
-                best_all = min(bt.values(), key=lambda v: v[0])[1]
-                best_bwd = {k: v for k, v in (best_all or {}).items() if k.startswith(("b", "bwd"))
-                            and k not in ("bt", "bk")}
-        elif left() > 6:
-            best_all = {**(best or {}), **best_bwd} or None
-            time_fwd_bwd(C, x, phi, b, alpha, best_all)
-            if not best_bwd.get("bwd_fused") and left() > 6:
-                time_fwd_bwd(C, x, phi, b, alpha, {**(best or {}), "bwd_fused": True})
-        best = {**(best or {}), **best_bwd} or None
-        if post_kernel is not None and left() > (28 if C == CMAIN else 5):
+        if not times:
+            continue
+        best = min(times.values(), key=lambda v: v[0])[1]
+        best_split = min((v for v in times.values() if v[1] and v[1].get("split") is True),
+                         key=lambda v: v[0], default=(None, None))[1]
+        ms = min(v[0] for v in times.values())
+        xb, lib = T * N * C * E, T * C * E
+        print(f"  C={C}: best pre fwd ({cfg_name(best)}) moves x {(ms * 1e-3 * COPY - lib) / xb:.2f} "
+              f"times (at the copy rate)", flush=True)
+        for cfg in [best_split] + [c for c in NS_CFGS if c != best] + [best]:
+            if left() > 6:
+                time_coeffs_fwd(C, x, phi, b, alpha, cfg, ref_out)
+        for cfg in (best_split, best):
+            if left() > 6:
+                time_fwd_bwd(C, x, phi, b, alpha, {**(cfg or {}), **BWD})
+        full = {**(best or {}), **BWD}
+        if post_kernel is not None and left() > 5:
             f = torch.randn(T, C, device=DEV).to(DT)
             try:
                 ms = bench(lambda: post_kernel(x, f, *M.mhc_pre(x, phi, b, alpha, sinkhorn_iters=ITERS,
-                                                                 config=best)[1:]))
-                record(C, "site fwd", best, ms)
+                                                                 config=full)[1:]))
+                record(C, "site fwd", full, ms)
                 if left() > 5:
-                    time_fwd_bwd(C, x, phi, b, alpha, best, what="site fwd+bwd")
+                    time_fwd_bwd(C, x, phi, b, alpha, full, what="site fwd+bwd")
                 if left() > 5 and post_forward is not None:
-                    time_fwd_bwd(C, x, phi, b, alpha, best, what="site fwd+bwd*")
+                    time_fwd_bwd(C, x, phi, b, alpha, full, what="site fwd+bwd*")
             except Exception as exc:
                 print(f"  site FAILED {type(exc).__name__}: {str(exc)[:300]}")
         del x, phi, b, alpha, ref_out
-        torch.cuda.empty_cache()
+        if not DRY:
+            torch.cuda.empty_cache()
 
     print("\n'site fwd+bwd*': pre + post as one autograd node, pre's dx added in place into post's")
+    print("split=True: the split forward (column slices + cross-CTA sync); split=False: one CTA per "
+          "ns_bt tokens")
     print(f"mhc_pre, bf16, n={N}, T={T}, {ITERS} Sinkhorn iterations; copy {COPY / 1e9:.0f} GB/s; "
           f"{time.time() - T0:.0f} s")
     print(f"{'C':>5} {'what':13s} {'config':48s} {'ms':>8} {'GB/s':>6} {'%copy':>6}")

@@ -31,6 +31,18 @@ Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
   twice only as far as the phase-2 re-read misses L2 (scripts/tune_mhc_pre.py measures it).
   config fused=False: phase 2 becomes a separate `_apply_kernel` (x read twice from HBM).
 
+Non-split forward (config split=False; the default when cdiv(T, ns_bt) >= #SM and no split-path
+  field is set explicitly, use_split()): `_phi_pack_kernel` re-lays phi out per call as
+  [nC, 2*NP*NP] (NP = max(4, next_pow2(n)), zero padded, pre/post/res interleaved so that
+  reshape + split of the accumulator gives the three groups), then `_fwd_ns_kernel`, grid
+  cdiv(T, ns_bt), no workspace, atomics or waits: one CTA per ns_bt tokens loops over all n*C
+  columns in chunks of ns_bk (column chunk outer, stream inner; x tiles prefetched one chunk ahead
+  in registers, phi tiles staged by the pipeliner), accumulating v @ phi_packed (tl.dot, tf32) and
+  the sum of squares; the epilogue (r, sigmoid, 2*sigmoid, Sinkhorn) runs in registers and writes
+  h_pre, h_post, h_res and the same m, r as the split path (the backward is shared). mhc_pre then
+  re-reads the block's x (column chunks backwards: the latest lines first) for layer_input:
+  from HBM unless the block's x (ns_bt * nC * e bytes) times the CTAs in flight fits in L2.
+
 Backward: two kernels plus torch sums of small per-CTA partials.
   `_bwd_coef_kernel`, grid cdiv(T, BT1): per token dh_pre = sum_c g_li[c] x[i, c] (mhc_pre only:
   reads x and g_li), then from the saved m [T, K] and r [T]: the sigmoid / 2*sigmoid derivatives,
@@ -115,6 +127,16 @@ class Config:
     bf_pre: int = 1       # phase-1 items each CTA takes before its first phase-2 item
     bf_warps: int = 4
     bf_stages: int = 3
+    # forward path choice: -1 auto (non-split when cdiv(T, ns_bt) >= #SM and no split-path field
+    # is set explicitly), 1 (True) the split kernel above, 0 (False) the non-split kernel below
+    split: int = -1
+    # non-split forward (_fwd_ns_kernel): one CTA per ns_bt tokens looping over all n*C columns
+    ns_bt: int = 32       # tokens per CTA (tl.dot M)
+    ns_bk: int = 64       # columns per chunk (first loop: GEMM + sum of squares)
+    ns_bc: int = 64       # columns per chunk of layer_input (second loop)
+    ns_warps: int = 4
+    ns_stages: int = 3
+    ns_prefetch: int = 1  # 1: x tiles loaded one chunk ahead into registers; 0: plain loads
     explicit: frozenset = frozenset()   # fields set by the caller or the environment (not heuristics)
 
     def with_env(self) -> "Config":
@@ -414,6 +436,125 @@ def _apply_kernel(x_ptr, hpre_ptr, li_ptr, T, C,
         xt = tl.load(x_ptr + t64[:, None] * (N * C) + i * C + c[None, :], mask=lm, other=0.0)
         li += h_i[:, None] * xt.to(tl.float32)
     tl.store(li_ptr + t64[:, None] * C + c[None, :], li.to(li_ptr.dtype.element_ty), mask=lm)
+
+
+# ====================================================================== non-split forward
+@triton.jit
+def _phi_pack_kernel(phi_ptr, out_ptr, R,
+                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BR: tl.constexpr):
+    """phi [R, K] -> [R, 2W], W = NP*NP: column 2q+1 = res entry q = i*NP + j (i, j < N), column
+    2q = pre/post entry q = 2j + h (h = 0 pre, 1 post; j < N); every other column 0."""
+    W: tl.constexpr = NP * NP
+    rr = tl.program_id(0) * BR + tl.arange(0, BR)
+    q2 = tl.arange(0, 2 * W)
+    h = q2 % 2
+    q = q2 // 2
+    ri = q // NP
+    rj = q - ri * NP
+    pj = q // 2
+    ph = q - pj * 2
+    src = tl.where(h == 1, 2 * N + ri * N + rj, ph * N + pj)
+    ok = tl.where(h == 1, (ri < N) & (rj < N), pj < N)
+    rm = rr < R
+    r64 = rr.to(tl.int64)
+    v = tl.load(phi_ptr + r64[:, None] * K + src[None, :], mask=rm[:, None] & ok[None, :], other=0.0)
+    tl.store(out_ptr + r64[:, None] * (2 * W) + q2[None, :], v, mask=rm[:, None])
+
+
+@triton.jit
+def _fwd_ns_kernel(x_ptr, phic_ptr, b_ptr, alpha_ptr,
+                   hpre_ptr, hpost_ptr, hres_ptr, m_ptr, r_ptr, li_ptr,
+                   T, C, iters,
+                   N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
+                   APPLY: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+    """One CTA per BT tokens: the whole v @ phi (packed phi, see _phi_pack_kernel), the epilogue
+    in registers, then (APPLY) layer_input from a second pass over the same tokens' x."""
+    W: tl.constexpr = NP * NP
+    HW: tl.constexpr = W // 2
+    pid = tl.program_id(0)
+    nC = N * C
+    rows = tl.arange(0, BT)
+    tok = pid * BT + rows
+    tmask = tok < T
+    t64 = tok.to(tl.int64)
+    xrow = t64 * nC
+    cols = tl.arange(0, BK)
+    q2 = tl.arange(0, 2 * W)
+    nck = tl.cdiv(C, BK)
+    acc = tl.zeros([BT, 2 * W], dtype=tl.float32)
+    ss = tl.zeros([BT], dtype=tl.float32)
+    # chunk j: columns (j // N) * BK + cols of stream j % N (column-chunk outer, streams inner, so
+    # the second pass, walking column chunks backwards, re-reads the most recent lines first)
+    # PF: x tiles are loaded one chunk ahead into registers (the pipeliner stages only phi, the
+    # operand that goes through shared memory; x goes to the MMA from registers after the fp32
+    # conversion). Past the last chunk, c >= C masks the prefetch off.
+    if PF:
+        xn = tl.load(x_ptr + xrow[:, None] + cols[None, :],
+                     mask=tmask[:, None] & (cols < C)[None, :], other=0.0)
+    for j in range(N * nck):
+        cb = j // N
+        i = j - cb * N
+        c = cb * BK + cols
+        cm = c < C
+        kcol = i * C + c
+        if PF:
+            xc = xn
+            j1 = j + 1
+            cb1 = j1 // N
+            c1 = cb1 * BK + cols
+            xn = tl.load(x_ptr + xrow[:, None] + ((j1 - cb1 * N) * C + c1)[None, :],
+                         mask=tmask[:, None] & (c1 < C)[None, :], other=0.0)
+        else:
+            xc = tl.load(x_ptr + xrow[:, None] + kcol[None, :], mask=tmask[:, None] & cm[None, :],
+                         other=0.0)
+        xt = xc.to(tl.float32)
+        pt = tl.load(phic_ptr + kcol[:, None] * (2 * W) + q2[None, :], mask=cm[:, None], other=0.0)
+        acc = tl.dot(xt, pt, acc, input_precision=PREC)
+        ss += tl.sum(xt * xt, axis=1)
+    # ---------------- epilogue (per token, in registers)
+    r = tl.sqrt(ss / nC + 1e-6)
+    acc = acc / r[:, None]
+    pp, res = tl.split(tl.reshape(acc, [BT, W, 2]))
+    pre, post = tl.split(tl.reshape(pp, [BT, HW, 2]))
+    res = tl.reshape(res, [BT, NP, NP])
+    jh = tl.arange(0, HW)
+    jv = jh < N
+    i3 = tl.arange(0, NP)[None, :, None]
+    j3 = tl.arange(0, NP)[None, None, :]
+    valid = (i3 < N) & (j3 < N)
+    m2 = tmask[:, None] & jv[None, :]
+    m3 = tmask[:, None, None] & valid
+    hp = tl.sigmoid(tl.load(alpha_ptr) * pre + tl.load(b_ptr + jh, mask=jv, other=0.0)[None, :])
+    hq = 2.0 * tl.sigmoid(tl.load(alpha_ptr + 1) * post
+                          + tl.load(b_ptr + N + jh, mask=jv, other=0.0)[None, :])
+    L = tl.load(alpha_ptr + 2) * res + tl.load(b_ptr + 2 * N + i3 * N + j3, mask=valid, other=0.0)
+    tl.store(hpre_ptr + t64[:, None] * N + jh[None, :], hp, mask=m2)
+    tl.store(hpost_ptr + t64[:, None] * N + jh[None, :], hq, mask=m2)
+    if SAVE:
+        tl.store(m_ptr + t64[:, None] * K + jh[None, :], pre, mask=m2)
+        tl.store(m_ptr + t64[:, None] * K + N + jh[None, :], post, mask=m2)
+        tl.store(m_ptr + t64[:, None, None] * K + 2 * N + i3 * N + j3, res, mask=m3)
+        tl.store(r_ptr + t64, r, mask=tmask)
+    M, _mx = _sk_init(L, valid)
+    for _it in range(iters):
+        M = _sk_step(M, 1e-6)
+    tl.store(hres_ptr + t64[:, None, None] * (N * N) + i3 * N + j3, M, mask=m3)
+    if APPLY:
+        # ---------------- layer_input = sum_i h_pre[i] x[i]; h_pre back from memory (written by
+        # this CTA above: the barrier makes it visible to all its threads)
+        tl.debug_barrier()
+        cc = tl.arange(0, BC)
+        ncc = tl.cdiv(C, BC)
+        for u in range(ncc):
+            c = (ncc - 1 - u) * BC + cc
+            lm = tmask[:, None] & (c < C)[None, :]
+            li = tl.zeros([BT, BC], dtype=tl.float32)
+            for i in tl.static_range(N):
+                h_i = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0)
+                xt = tl.load(x_ptr + xrow[:, None] + (i * C + c)[None, :], mask=lm, other=0.0)
+                li += h_i[:, None] * xt.to(tl.float32)
+            tl.store(li_ptr + t64[:, None] * C + c[None, :], li.to(li_ptr.dtype.element_ty), mask=lm)
 
 
 # ====================================================================== backward kernels
@@ -743,6 +884,56 @@ def _shapes(n):
     return K, max(2, _np2(n)), max(16, _np2(K))
 
 
+# Config fields that only the split forward reads: set explicitly, they make split=auto pick it.
+_SPLIT_FIELDS = frozenset({"bt", "bk", "cw", "lag", "fused", "persist", "ring", "early", "epi_unroll",
+                           "min_items", "warps", "stages", "apply_bt", "apply_bc"})
+
+
+def _ns_bt(cfg: Config, T: int) -> int:
+    return max(16, min(_np2(cfg.ns_bt), _np2(T)))
+
+
+def use_split(T: int, device, cfg: Config) -> bool:
+    """Which forward runs: the split kernel (few token blocks) or the non-split one."""
+    if cfg.split >= 0:
+        return bool(cfg.split)
+    if cfg.explicit & _SPLIT_FIELDS:
+        return True
+    return triton.cdiv(T, _ns_bt(cfg, T)) < _num_sms(device)
+
+
+def _ns_np(n: int) -> int:
+    return max(4, _np2(n))      # res tile [NP, NP] with NP*NP >= 16 (tl.dot N >= 16)
+
+
+def pack_phi(phi: torch.Tensor, n: int) -> torch.Tensor:
+    """phi [nC, n*n+2n] -> [nC, 2*NP*NP] in the non-split kernel's column order (zero padded)."""
+    R, K = phi.shape
+    NP = _ns_np(n)
+    out = torch.empty(R, 2 * NP * NP, device=phi.device, dtype=phi.dtype)
+    BR = 64
+    if R:
+        _phi_pack_kernel[(triton.cdiv(R, BR),)](phi, out, R, N=n, NP=NP, K=K, BR=BR, num_warps=4)
+    return out
+
+
+def _forward_ns(x, phi, b, alpha, iters, apply, save, cfg, outs):
+    li, h_pre, h_post, h_res, m, r = outs
+    T, n, C = x.shape
+    K = n * n + 2 * n
+    NP = _ns_np(n)
+    bt = _ns_bt(cfg, T)
+    bk = max(16, _np2(cfg.ns_bk))
+    bc = max(16, _np2(cfg.ns_bc))
+    phic = pack_phi(phi, n)
+    _fwd_ns_kernel[(triton.cdiv(T, bt),)](
+        x, phic, b, alpha, h_pre, h_post, h_res, m, r, li, T, C, iters,
+        N=n, NP=NP, K=K, BT=bt, BK=bk, BC=bc, PF=cfg.ns_prefetch > 0, APPLY=apply, SAVE=save,
+        PREC=cfg.precision, num_warps=cfg.ns_warps, num_stages=cfg.ns_stages)
+    _LAST.pop("sync", None)
+    return outs
+
+
 def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     T, n, C = x.shape
     K, NP, KP = _shapes(n)
@@ -756,6 +947,8 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     li = torch.empty(T, C, device=dev, dtype=x.dtype) if apply else x
     if T == 0:
         return li, h_pre, h_post, h_res, m, r
+    if not use_split(T, dev, cfg):
+        return _forward_ns(x, phi, b, alpha, iters, apply, save, cfg, (li, h_pre, h_post, h_res, m, r))
     bt = max(16, min(_np2(cfg.bt), _np2(T)))
     bk = max(16, _np2(cfg.bk))
     warps = cfg.warps
