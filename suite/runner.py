@@ -206,7 +206,9 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
                            "cases": cases})
     store.history.add_run(store.run_id, env, [sc.path for sc in scenarios], store.dir)
     session = Session(store, env)
-    done = {r["case_id"] for r in store.records if not (retry_failed and r["status"] == "failed")}
+    # A skip is about the machine (no GPU, library missing), which may have changed: look again.
+    done = {r["case_id"] for r in store.records
+            if r["status"] == "ok" or (r["status"] == "failed" and not retry_failed)}
     todo = [(sc.name, c) for sc in scenarios for c in sc.cases if c.case_id not in done]
     if done:
         console.print(f"resuming {store.dir}: {len(done)} cases already finished, {len(todo)} to go")

@@ -184,3 +184,17 @@ def test_resume_with_another_filter_adds_cases_to_the_same_run(tmp_path):
     assert sorted(r["case"]["method"] for r in read_records(run)) == ["hc", "mhc"]
     saved = json.loads((run / "scenarios" / "s.json").read_text())
     assert sorted(c["method"] for c in saved["cases"]) == ["hc", "mhc"]
+
+
+def test_resume_looks_again_at_skipped_cases(tmp_path, fake_backend):
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ref.post,
+                              supports=lambda n, C, dtype: "library missing")
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc], backend: [fake]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == 0
+    run = run_dir_of(out)
+    assert read_records(run)[0]["status"] == "skipped"
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ref.post)   # now installed
+    assert cli.main(["run", "--resume", str(run)]) == 0
+    (rec,) = read_records(run)
+    assert rec["status"] == "ok"
