@@ -4,7 +4,7 @@
     .venv/bin/python scripts/tune_mhc_pre.py            # bf16, n=4, T=16384, 20 Sinkhorn iterations
     TUNE_BUDGET_S=60 .venv/bin/python scripts/tune_mhc_pre.py
 
-1. Copy rate: 1 GiB device-to-device copy, bytes read + written, do_bench median (L2 flushed).
+1. Copy rate: 1 GiB device-to-device copy, bytes read + written, through suite.timing (L2 flushed).
 2. Per C in (4096, 2560, 7168): mhc_pre (default config) against the fp64 reference, then times of
    forward configurations: the split forward (its default and the best of the earlier sweep,
    results/tuning-20261123-h100) and the non-split forward (split=False) in a few (ns_bt, ns_bk,
@@ -40,6 +40,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from kernels import reference as ref  # noqa: E402
+from suite.cost import case_cost  # noqa: E402
+from suite.timing import Timer, copy_rate_gbps  # noqa: E402
 from suite.tolerance import rel_err  # noqa: E402
 
 # (kernels.triton re-exports the function mhc_pre, which shadows the module attribute)
@@ -89,13 +91,18 @@ def left() -> float:
 
 
 def bench(fn, grad_to_none=None, rep=40):
+    """Median ms through the suite's one timer (L2 flushed before each call)."""
     if DRY:
         fn()
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, grad_to_none=grad_to_none,
-                                   return_mode="median")
+
+    def call():
+        for t in grad_to_none or ():
+            t.grad = None          # .backward() accumulates; start every sample from no grad
+        fn()
+    return Timer(DEV).time(call, warmup_ms=10, rep_ms=rep).median
 
 
 def sync():
@@ -110,11 +117,11 @@ def cfg_name(cfg) -> str:
 
 
 def floor(C, what) -> float:
-    per_tok = {"coeffs fwd": N * C, "pre fwd": (N + 1) * C, "pre fwd+bwd": (3 * N + 2) * C,
-               "site fwd": (3 * N + 2) * C,
-               # site fwd + pre bwd (read x, g_li, write dx) + post bwd (read g, x, f, write dx, df)
-               "site fwd+bwd": (3 * N + 2) * C + (2 * N + 1) * C + (3 * N + 2) * C}[what.rstrip("*")]
-    return per_tok * E * T
+    """Floor bytes from the suite's cost model (MATH.md), the same the runner divides by."""
+    op, mode = {"coeffs fwd": ("coeffs", "fwd"), "pre fwd": ("pre", "fwd"),
+                "pre fwd+bwd": ("pre", "fwd+bwd"), "site fwd": ("site", "fwd"),
+                "site fwd+bwd": ("site", "fwd+bwd")}[what.rstrip("*")]
+    return case_cost("mhc", op, mode, N, C, T, "bf16" if E == 2 else "fp32", ITERS).total
 
 
 def record(C, what, cfg, ms):
@@ -125,14 +132,12 @@ def record(C, what, cfg, ms):
 
 
 def copy_rate() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), the runner's probe."""
     if DRY:
         return 1e12
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    del src, dst
+    rate = copy_rate_gbps(Timer(DEV))["gbps"] * 1e9
     torch.cuda.empty_cache()
-    return 2 * (1 << 30) / (ms * 1e-3)
+    return rate
 
 
 def make_inputs(C, seed=0):
