@@ -37,7 +37,6 @@ if DRY:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 from kernels import reference as ref  # noqa: E402
 from suite.cost import case_cost  # noqa: E402

@@ -52,3 +52,17 @@ def check_tensor(op: str, t: torch.Tensor, name: str, shape: tuple, dtype, devic
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, x is on {device}")
     return t.contiguous()
+
+
+_SM_COUNT: dict = {}
+
+
+def num_sms(device: torch.device, interpreter_sms: int) -> int:
+    """Multiprocessors of a CUDA device (cached); on the CPU interpreter, the caller's stand-in
+    count, chosen so its tests exercise the multi-program paths."""
+    if device.type != "cuda":
+        return interpreter_sms
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.triton.common import check_state, check_tensor, interpreting
+from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
 
 EPS = reference.EPS_RMS
 
@@ -612,16 +612,8 @@ def parse_config(config=None) -> dict:
     return cfg
 
 
-_SMS: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
+def _num_sms(device) -> int:
+    return num_sms(device, interpreter_sms=2)
 
 
 def _warps(want: int, C: int, cp: int) -> int:

@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.common import check_state, check_tensor, interpreting
+from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
 
 EPS_RMS = 1e-6
 EPS_SK = 1e-6
@@ -173,16 +173,8 @@ def _np2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-_NSM: dict = {}
-
-
 def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NSM:
-        _NSM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NSM[idx]
+    return num_sms(device, interpreter_sms=4)
 
 
 # ====================================================================== Sinkhorn helpers
