@@ -7,9 +7,12 @@ with every finished case already written.
 from __future__ import annotations
 
 import datetime as dt
+import contextlib
 import gc
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -27,6 +30,34 @@ from suite import workload
 from suite.scenario import Case, Scenario
 from suite.store import RECORD_SCHEMA, RunStore, new_run_dir, write_json
 from suite.timing import Timer, copy_rate_gbps
+
+
+class CaseTimeout(Exception):
+    """A case ran past its timeout_s."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raises CaseTimeout in this thread after `seconds` (SIGALRM; main thread on POSIX only).
+
+    It ends a case stuck in Python code, such as a compilation that never finishes or a wait
+    loop; a kernel hung inside one blocking CUDA call returns to Python only when that call does.
+    """
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CaseTimeout(f"timed out after {seconds:g} s (timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def unavailable(case: Case) -> str | None:
@@ -82,7 +113,10 @@ class Session:
             record.update(status="skipped", reason=reason)
         else:
             try:
-                self._measure(case, record)
+                with deadline(case.timeout_s):
+                    self._measure(case, record)
+            except CaseTimeout as exc:
+                record.update(status="failed", reason=str(exc))
             except torch.cuda.OutOfMemoryError as exc:
                 record.update(status="failed", reason=f"out of memory: {_first_line(exc)}")
             except Exception as exc:

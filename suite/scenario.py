@@ -57,9 +57,10 @@ class Case:
     seed: int = 0
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
+    timeout_s: float = 1200.0
 
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
-    RUN_CONTROL = ("seed", "warmup_ms", "rep_ms")
+    RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s")
 
     @property
     def case_id(self) -> str:
@@ -119,10 +120,11 @@ def _check_value(key: str, v: Any) -> str | None:
         return int_range(1)
     if key == "seed":
         return int_range(0)
-    if key in ("warmup_ms", "rep_ms"):
+    if key in ("warmup_ms", "rep_ms", "timeout_s"):
         if (_is_int(v) or isinstance(v, float)) and v > 0:
             return None
-        return f"{v!r} is not allowed; allowed: a positive number of milliseconds"
+        unit = "seconds" if key == "timeout_s" else "milliseconds"
+        return f"{v!r} is not allowed; allowed: a positive number of {unit}"
     return f"unknown field; allowed: {', '.join(CASE_FIELDS)}"
 
 

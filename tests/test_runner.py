@@ -198,3 +198,22 @@ def test_resume_looks_again_at_skipped_cases(tmp_path, fake_backend):
     assert cli.main(["run", "--resume", str(run)]) == 0
     (rec,) = read_records(run)
     assert rec["status"] == "ok"
+
+
+def test_a_case_past_its_timeout_fails_and_the_sweep_goes_on(tmp_path, fake_backend):
+    import time as _time
+
+    def stuck(*a, **k):
+        _time.sleep(30)
+
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=stuck, post=ref.post)
+    fake_backend["hc"] = Ops("hc", "fake", pre=ref.hc_pre, post=ref.post)
+    path = scenario(tmp_path, BASE.replace("rep_ms: 1}", "rep_ms: 1, timeout_s: 0.5}")
+                    + "sweep: {method: [mhc, hc], backend: [fake]}\n")
+    out = tmp_path / "out"
+    t0 = _time.time()
+    assert cli.main(["run", path, "--out", str(out)]) == 1
+    assert _time.time() - t0 < 20
+    recs = {r["case"]["method"]: r for r in read_records(run_dir_of(out))}
+    assert recs["mhc"]["reason"] == "timed out after 0.5 s (timeout_s)"
+    assert recs["hc"]["status"] == "ok"
