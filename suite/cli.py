@@ -90,10 +90,12 @@ def _load(paths: list[str], sets: list[str], only: list[str] = ()):
 
 def _list(args, console: Console) -> int:
     for sc in _load(args.scenarios, args.set, args.only):
+        # soft_wrap: one case per line, whatever the width, so the list can be piped and grepped.
         console.print(f"[bold]{sc.name}[/] ({sc.path}): {len(sc.cases)} cases"
-                      + (f" - {sc.description}" if sc.description else ""))
+                      + (f" - {sc.description}" if sc.description else ""), soft_wrap=True)
         for i, case in enumerate(sc.cases, 1):
-            console.print(f"  {i:4d}  {case.case_id}  {case.label()}", highlight=False, markup=False)
+            console.print(f"  {i:4d}  {case.case_id}  {case.label()}", highlight=False, markup=False,
+                          soft_wrap=True)
     return EXIT_OK
 
 
