@@ -29,6 +29,11 @@ class Ops:
     coeffs: Optional[Callable] = None
     # Returns None when (n, C, dtype) is supported, else the reason it is not.
     supports: Callable = field(default=lambda n, C, dtype: None)
+    # A peer that computes a documented variant of MATH.md (e.g. another Sinkhorn order) names it
+    # here and gives the variant's reference; the gate then checks it against that, exactly as
+    # strictly, and every record says which reference it was checked against.
+    deviation: str = ""
+    reference: Optional["Ops"] = None
 
 
 @dataclass(frozen=True)

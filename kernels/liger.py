@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import Ops
+from kernels import Ops, reference
 from kernels.reference import EPS_RMS, EPS_SK, n_coeffs
 
 from liger_kernel.transformers.functional import (liger_mhc_coeffs, liger_mhc_post_res,  # noqa: E402
@@ -115,4 +115,23 @@ def mhc_post(x, f, h_post, h_res):
     return liger_mhc_post_res(x, f, h_post, h_res)
 
 
-OPS = {"mhc": Ops("mhc", "liger", pre=mhc_pre, post=mhc_post, coeffs=mhc_coeffs, supports=supports)}
+def liger_sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = EPS_SK) -> torch.Tensor:
+    """Liger's Sinkhorn order in plain PyTorch (exact in fp64), [..., dst, src]: a row softmax,
+    + eps on every entry, a column normalisation, then iters - 1 times (rows, then columns)."""
+    m = torch.softmax(logits, dim=-1) + eps
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    return m
+
+
+def _variant(fn):
+    return lambda *args, **kw: fn(*args, sinkhorn_fn=liger_sinkhorn, **kw)
+
+
+DEVIATION = "Liger's Sinkhorn order (row softmax first, columns last; docs: kernels/liger.py)"
+LIGER_REFERENCE = Ops("mhc", "liger-reference", pre=_variant(reference.mhc_pre),
+                      post=reference.post, coeffs=_variant(reference.mhc_coeffs))
+OPS = {"mhc": Ops("mhc", "liger", pre=mhc_pre, post=mhc_post, coeffs=mhc_coeffs, supports=supports,
+                  deviation=DEVIATION, reference=LIGER_REFERENCE)}

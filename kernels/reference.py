@@ -40,7 +40,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = EPS_SK) -> torc
 
 
 # ---------------------------------------------------------------- mHC (Eqs. 14-19)
-def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20):
+def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None):
+    """sinkhorn_fn replaces Eq. 19's iteration only to state a peer's declared variant."""
     T, n, C = x.shape
     cd = compute_dtype(x)
     v = x.reshape(T, n * C).to(cd)
@@ -51,11 +52,11 @@ def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20):
     h_pre = torch.sigmoid(alpha[0] * m[:, :n] + b[:n])
     h_post = 2.0 * torch.sigmoid(alpha[1] * m[:, n:2 * n] + b[n:2 * n])
     res_logit = (alpha[2] * m[:, 2 * n:] + b[2 * n:]).view(T, n, n)
-    return h_pre, h_post, sinkhorn(res_logit, sinkhorn_iters)
+    return h_pre, h_post, (sinkhorn_fn or sinkhorn)(res_logit, sinkhorn_iters)
 
 
-def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20):
-    h_pre, h_post, h_res = mhc_coeffs(x, phi, b, alpha, sinkhorn_iters)
+def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None):
+    h_pre, h_post, h_res = mhc_coeffs(x, phi, b, alpha, sinkhorn_iters, sinkhorn_fn)
     return apply_pre(x, h_pre), h_post, h_res
 
 
@@ -119,7 +120,11 @@ def random_params(method: str, n: int, C: int, generator: torch.Generator, devic
 
     k = n_coeffs(n)
     if method == "mhc":
-        return (randn(n * C, k, std=(n * C) ** -0.5), randn(k, std=0.5), uniform(0.5, 1.5, 3))
+        # Wider mixing logits (b_res std 1, a_res in [1, 2]) keep Sinkhorn short of convergence
+        # for many iterations, so a kernel that truncated it would show in h_res.
+        b = torch.cat([randn(2 * n, std=0.5).cpu(), randn(n * n, std=1.0).cpu()]).to(device)
+        alpha = torch.cat([uniform(0.5, 1.5, 2).cpu(), uniform(1.0, 2.0, 1).cpu()]).to(device)
+        return (randn(n * C, k, std=(n * C) ** -0.5), b, alpha)
     if method == "hc":
         w = randn(C, n + 2, std=C ** -0.5)
         b = torch.cat([uniform(0.2, 1.0, n).cpu(), uniform(0.5, 1.5, n).cpu(),

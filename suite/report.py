@@ -161,6 +161,11 @@ def markdown(run_dir: Path) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in body]
+    variants = sorted({(r["case"]["backend"], r["check"]["reference"]) for r in records
+                       if r.get("check") and r["check"].get("reference", "MATH.md") != "MATH.md"})
+    if variants:
+        lines += ["", "## Backends checked against a declared variant of MATH.md", ""]
+        lines += [f"- **{backend}**: {what}" for backend, what in variants]
     grouped = reasons(records)
     if grouped:
         lines += ["", "## Skipped and failed cases", ""]

@@ -2,9 +2,12 @@
 and backward with random upstream gradients). The check and the timer both call `run`, so what is
 timed is exactly what was checked.
 
-Inputs are never zeros: x, f and upstream gradients ~ N(0, 1) in the case dtype; parameters from
-kernels.reference.random_params (logits of order 1); for op=post, h_post = 2*sigmoid(N(0,1)) and
-h_res = Sinkhorn(N(0,1)) in fp32.
+Inputs are never zeros: f and upstream gradients ~ N(0, 1) in the case dtype; x ~ N(0, 1) scaled
+per token and stream by exp(N(0, 1)), so the RMS norms differ from 1 and a kernel that skipped
+them would fail the check; parameters from kernels.reference.random_params (logits of order 1);
+for op=post, h_post = 2*sigmoid(N(0,1)) and h_res = Sinkhorn(N(0,1)) in fp32.
+The site op also returns its coefficients h_post and h_res, so the check compares them at the
+fp32 tolerance: in bf16 state outputs a truncated Sinkhorn would hide under rounding.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from suite.scenario import Case
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARAM_NAMES = {"mhc": ("phi", "b", "alpha"), "hc": ("w", "b", "s"), "residual": ()}
 OUTPUTS = {
-    "site": ("layer_input", "x_next"),
+    "site": ("layer_input", "h_post", "h_res", "x_next"),
     "pre": ("layer_input", "h_post", "h_res"),
     "coeffs": ("h_pre", "h_post", "h_res"),
     "post": ("x_next",),
@@ -34,7 +37,8 @@ def make_inputs(case: Case, device: str, seed: int, T: int | None = None) -> dic
     def randn(*shape, dt=dtype):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
 
-    inputs = {"x": randn(T, n, C)}
+    scale = torch.exp(torch.randn(T, n, 1, generator=gen, device=device, dtype=torch.float32))
+    inputs = {"x": (torch.randn(T, n, C, generator=gen, device=device) * scale).to(dtype)}
     if case.op in ("site", "post"):
         inputs["f"] = randn(T, C)
     if case.op == "post":
@@ -52,6 +56,8 @@ def make_inputs(case: Case, device: str, seed: int, T: int | None = None) -> dic
         small = {"h_pre": (T, n), "h_post": (T, n), "h_res": (T, n, n)}
         grad_out = {}
         for name in OUTPUTS[case.op]:
+            if case.op == "site" and name not in shapes:
+                continue            # the site's coefficients are internal: F sees only its outputs
             if name in shapes:
                 grad_out[name] = randn(*shapes[name])
             elif case.method != "residual":
@@ -84,7 +90,8 @@ def run(ops: Ops, case: Case, inputs: dict) -> dict:
         outs = {"x_next": ops.post(x, inputs["f"], inputs.get("h_post"), inputs.get("h_res"))}
     else:
         layer_input, h_post, h_res = ops.pre(x, *params, **opts)
-        outs = {"layer_input": layer_input, "x_next": ops.post(x, inputs["f"], h_post, h_res)}
+        outs = {"layer_input": layer_input, "h_post": h_post, "h_res": h_res,
+                "x_next": ops.post(x, inputs["f"], h_post, h_res)}
     outs = {k: v for k, v in outs.items() if v is not None}
     if case.mode != "fwd+bwd":
         return outs

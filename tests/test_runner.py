@@ -217,3 +217,37 @@ def test_a_case_past_its_timeout_fails_and_the_sweep_goes_on(tmp_path, fake_back
     recs = {r["case"]["method"]: r for r in read_records(run_dir_of(out))}
     assert recs["mhc"]["reason"] == "timed out after 0.5 s (timeout_s)"
     assert recs["hc"]["status"] == "ok"
+
+
+def _no_norm_pre(x, phi, b, alpha, sinkhorn_iters=20):
+    """mHC without the RMS norm (step 1 of MATH.md skipped): must not pass the gate."""
+    T, n, C = x.shape
+    m = x.reshape(T, n * C).float() @ phi
+    h_pre = torch.sigmoid(alpha[0] * m[:, :n] + b[:n])
+    h_post = 2 * torch.sigmoid(alpha[1] * m[:, n:2 * n] + b[n:2 * n])
+    h_res = ref.sinkhorn((alpha[2] * m[:, 2 * n:] + b[2 * n:]).view(T, n, n), sinkhorn_iters)
+    return ref.apply_pre(x, h_pre), h_post, h_res
+
+
+@pytest.mark.parametrize("cheat", ["no_norm", "sinkhorn_5", "bf16_coefficients"])
+def test_gate_catches_shortcuts_that_hide_under_bf16_rounding(tmp_path, fake_backend, cheat):
+    def short_sinkhorn(x, phi, b, alpha, sinkhorn_iters=20):
+        return ref.mhc_pre(x, phi, b, alpha, sinkhorn_iters=5)
+
+    def bf16_coefficients(x, phi, b, alpha, sinkhorn_iters=20):
+        li, hp, hr = ref.mhc_pre(x, phi, b, alpha, sinkhorn_iters)
+        return li, hp.bfloat16(), hr.bfloat16()
+
+    pre = {"no_norm": _no_norm_pre, "sinkhorn_5": short_sinkhorn,
+           "bf16_coefficients": bf16_coefficients}[cheat]
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=pre, post=ref.post)
+    path = scenario(tmp_path, BASE.replace("dtype: fp32", "dtype: bf16").replace("C: 8", "C: 640").replace("T: 16", "T: 64")
+                    .replace("n: 2", "n: 4") + "sweep: {method: [mhc], backend: [fake]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out)]) == 1
+    (rec,) = read_records(run_dir_of(out))
+    assert rec["status"] == "failed" and rec["time_ms"] is None
+    if cheat == "bf16_coefficients":
+        assert rec["check"]["wrong_dtype"]
+    else:
+        assert rec["check"]["worst"] in ("h_post", "h_res", "layer_input", "x_next")
