@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:        # outside the case loop (set-up, copy rate): nothing to keep
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -102,15 +105,32 @@ def _list(args, console: Console) -> int:
 def _require_run_dir(path: Path) -> None:
     if not (path / "records.jsonl").exists() and not (path / "scenarios").is_dir():
         raise BadInput([f"{path}: not a run folder (no records.jsonl)"])
+    from suite.store import read_records
+    try:
+        read_records(path)
+    except ValueError as exc:
+        raise BadInput([str(exc)])
 
 
-def _saved_scenarios(run_dir: Path):
-    from suite.scenario import Case, Scenario
+def _saved_scenarios(run_dir: Path, sets: list[str], only: list[str]):
+    """The cases a run folder saved, with --set and --only applied as to a scenario file."""
+    from suite.scenario import (Case, Scenario, ScenarioError, filter_cases, normalise,
+                                parse_overrides)
     out = []
-    for f in sorted((run_dir / "scenarios").glob("*.json")):
-        doc = json.loads(f.read_text())
-        out.append(Scenario(doc["path"], doc["name"], doc.get("description", ""),
-                            [Case(**c) for c in doc["cases"]]))
+    try:
+        overrides = parse_overrides(sets)
+        for f in sorted((run_dir / "scenarios").glob("*.json")):
+            try:
+                doc = json.loads(f.read_text())
+                cases = [normalise(Case(**{**c, **overrides})) for c in doc["cases"]]
+                sc = Scenario(doc["path"], doc["name"], doc.get("description", ""), cases)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise BadInput([f"{f}: not a saved scenario ({type(exc).__name__}: {exc})"])
+            out.append(filter_cases(sc, only) if only else sc)
+    except ScenarioError as exc:
+        raise BadInput(exc.problems)
+    if not out:
+        raise BadInput([f"{run_dir}: no saved scenarios under scenarios/; give the scenario file"])
     return out
 
 
@@ -121,9 +141,12 @@ def _run(args, console: Console) -> int:
     if not args.scenarios and not args.resume:
         raise BadInput(["run: give at least one scenario file, or --resume RUN_DIR"])
     scenarios = (_load(args.scenarios, args.set, args.only) if args.scenarios
-                 else _saved_scenarios(args.resume))
-    store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
-                                    retry_failed=args.retry_failed, console=console)
+                 else _saved_scenarios(args.resume, args.set, args.only))
+    try:
+        store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
+                                        retry_failed=args.retry_failed, console=console)
+    except runner.ResumeMismatch as exc:
+        raise BadInput([str(exc)])
     from suite.report import print_run, write_markdown
     if store.records:
         print_run(store.dir, console)

@@ -10,8 +10,11 @@ from rich.table import Table
 
 from suite.store import atomic_write, read_records
 
-COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device")
-IDENTITY = tuple(c for c in COLUMNS if c != "backend")
+COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
+# Every field that changes what is measured, so a ratio joins exactly the same case.
+IDENTITY = tuple(c for c in COLUMNS if c != "backend") + ("scope", "gpus")
+HEADER = {"sinkhorn_iters": "iters"}
+NOISY_CV = 0.05      # above this, a row's CV is marked "!": its median deserves less trust
 ORDER = {"residual": 0, "hc": 1, "mhc": 2}
 BACKEND_ORDER = {"torch": 0, "compile": 1, "triton": 2, "tilelang": 3, "liger": 4}
 
@@ -37,11 +40,11 @@ def ratios_to(records: list[dict], base: str | None) -> dict[str, float]:
     """case_id -> median time over the same case's time with backend `base`."""
     if base is None:
         return {}
-    ref = {tuple(r["case"][k] for k in IDENTITY): r["time_ms"]["median"]
+    ref = {tuple(r["case"].get(k) for k in IDENTITY): r["time_ms"]["median"]
            for r in records if r["status"] == "ok" and r["case"]["backend"] == base}
     out = {}
     for r in records:
-        key = tuple(r["case"][k] for k in IDENTITY)
+        key = tuple(r["case"].get(k) for k in IDENTITY)
         if r["status"] == "ok" and key in ref:
             out[r["case_id"]] = r["time_ms"]["median"] / ref[key]
     return out
@@ -50,17 +53,17 @@ def ratios_to(records: list[dict], base: str | None) -> dict[str, float]:
 def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     base = baseline_backend(records)
     ratio = ratios_to(records, base)
-    header = ["method", "backend", "op", "n", "C", "T", "dtype", "mode", "device",
-              "median ms", "p10-p90 ms", "cv %", "GB/s", "% copy", "peak MiB"]
+    header = [HEADER.get(c, c) for c in COLUMNS] + ["median ms", "p10-p90 ms", "cv %", "GB/s", "% copy", "peak MiB"]
     if base:
         header.append(f"x {base}")
     header.append("status")
     body = []
     for r in sorted(records, key=_sort_key):
         c, t = r["case"], r.get("time_ms")
-        row = [str(c[k]) for k in COLUMNS]
+        row = ["" if c.get(k) is None else str(c.get(k)) for k in COLUMNS]
         if r["status"] == "ok":
-            row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}",
+            noisy = " !" if t["cv"] > NOISY_CV else ""
+            row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}{noisy}",
                     f"{r['gbps']:.0f}", _fmt(r.get("pct_of_copy"), "{:.1f}"),
                     _fmt(r.get("peak_mem_bytes"), "{:.0f}", scale=2**-20)]
         else:
@@ -156,7 +159,8 @@ def markdown(run_dir: Path) -> str:
               "GB/s counts the floor bytes of MATH.md (each input read once, each output written "
               "once), so % copy is the fraction of the copy-rate roofline reached. "
               + ("`x B` is the time relative to backend B on the same case. "
-                 if baseline_backend(records) else ""), ""]
+                 if baseline_backend(records) else "")
+              + f"A CV marked `!` is above {100 * NOISY_CV:.0f}%: that median is noisy.", ""]
     header, body = rows(records)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
@@ -189,13 +193,13 @@ def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
     both = [k for k in b if k in a]
     table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(_env(run_a))})   "
                         f"B = {Path(run_b).name} ({_device_line(_env(run_b))})")
-    for h in ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device",
-              "A ms", "B ms", "B/A", "A % copy", "B % copy"):
+    for h in [HEADER.get(c, c) for c in COLUMNS] + ["A ms", "B ms", "B/A", "A % copy", "B % copy"]:
         table.add_column(h)
     for k in sorted(both, key=lambda k: _sort_key(b[k])):
         ra, rb = a[k], b[k]
         ta, tb = ra["time_ms"]["median"], rb["time_ms"]["median"]
-        table.add_row(*[str(rb["case"][c]) for c in COLUMNS], f"{ta:.4g}", f"{tb:.4g}",
+        table.add_row(*["" if rb["case"].get(c) is None else str(rb["case"][c]) for c in COLUMNS],
+                      f"{ta:.4g}", f"{tb:.4g}",
                       f"{tb / ta:.3f}", _fmt(ra.get("pct_of_copy"), "{:.1f}"),
                       _fmt(rb.get("pct_of_copy"), "{:.1f}"))
     console.print(table)

@@ -32,6 +32,10 @@ from suite.store import RECORD_SCHEMA, RunStore, new_run_dir, write_json
 from suite.timing import Timer, copy_rate_gbps
 
 
+class ResumeMismatch(Exception):
+    """A run folder resumed on another GPU: its times would not be comparable."""
+
+
 class CaseTimeout(Exception):
     """A case ran past its timeout_s."""
 
@@ -88,6 +92,7 @@ class Session:
         self.env = env
         self.timers: dict[str, Timer] = {}
         self.copy: dict[str, dict] = dict(env.get("copy_rate", {}))
+        self.gpu_uuid = env["gpus"][0].get("uuid") if env.get("gpus") else None
 
     def timer(self, device: str) -> Timer:
         if device not in self.timers:
@@ -106,6 +111,7 @@ class Session:
                   "scenario": scenario, "status": "ok", "reason": None, "time_ms": None,
                   "bytes": None, "flops": None, "gbps": None, "tflops": None,
                   "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
+                  "gpu_uuid": self.gpu_uuid if case.device == "cuda" else None,
                   "started_utc": _now()}
         t0 = time.perf_counter()
         reason = unavailable(case)
@@ -154,7 +160,16 @@ class Session:
         record["tflops"] = cost.flops / seconds / 1e12
         copy = self.copy.get(case.device)
         if copy:
+            record["copy_gbps"] = copy["gbps"]
             record["pct_of_copy"] = 100.0 * record["gbps"] / copy["gbps"]
+
+
+def _gpu_models(env: dict) -> list[str]:
+    return [g.get("name") for g in env.get("gpus", [])]
+
+
+def _gpu_uuids(env: dict) -> list[str]:
+    return [g.get("uuid") for g in env.get("gpus", [])]
 
 
 def _peak_memory(call, timer: Timer) -> int | None:
@@ -225,7 +240,16 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
         store = RunStore(resume)
         old_env = resume / "env.json"
         if old_env.exists():
-            env["copy_rate"] = json.loads(old_env.read_text()).get("copy_rate", {})
+            previous = json.loads(old_env.read_text())
+            was, now = _gpu_models(previous), _gpu_models(env)
+            if was and was != now:
+                raise ResumeMismatch(f"{resume}: measured on {was}, this machine has "
+                                     f"{now or 'no GPU'}; start a new run here instead")
+            if _gpu_uuids(previous) == _gpu_uuids(env):
+                env["copy_rate"] = previous.get("copy_rate", {})
+            else:   # same model, another card: its own copy rate; each record names its GPU
+                console.print(f"resuming on another {now[0] if now else 'machine'}: the copy rate "
+                              "is measured again, and each record carries its GPU's UUID")
     else:
         store = RunStore(new_run_dir(out_root, environment.device_label(env)))
     for sc in scenarios:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -121,7 +122,7 @@ def _check_value(key: str, v: Any) -> str | None:
     if key == "seed":
         return int_range(0)
     if key in ("warmup_ms", "rep_ms", "timeout_s"):
-        if (_is_int(v) or isinstance(v, float)) and v > 0:
+        if (_is_int(v) or isinstance(v, float)) and v > 0 and math.isfinite(v):
             return None
         unit = "seconds" if key == "timeout_s" else "milliseconds"
         return f"{v!r} is not allowed; allowed: a positive number of {unit}"
@@ -155,6 +156,20 @@ def _check_partial(path: str, mapping: Any, problems: list[str], lists_ok: bool)
 
 
 # ---------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 @dataclass
 class Scenario:
     path: str
@@ -173,10 +188,12 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         raise ScenarioError([f"{label}: file not found"])
     except OSError as exc:
         raise ScenarioError([f"{label}: cannot read: {exc.strerror or exc}"])
+    except UnicodeDecodeError as exc:
+        raise ScenarioError([f"{label}: not UTF-8 text (byte {exc.start}); a scenario is a YAML file"])
     if not text.strip():
         raise ScenarioError([f"{label}: file is empty; a scenario needs at least `name` and cases"])
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -308,8 +325,20 @@ def filter_cases(scenario: Scenario, only: list[str]) -> Scenario:
             raise ScenarioError([f"--only {item}: expected KEY=V1[,V2] with KEY one of "
                                  f"{', '.join(CASE_FIELDS)}"])
         rules.append((key, {v.strip() for v in values.split(",")}))
-    cases = [c for c in scenario.cases
-             if all(str(getattr(c, k)) in vals for k, vals in rules)]
+    cases = [c for c in scenario.cases if all(_value_in(getattr(c, k), vals) for k, vals in rules)]
     if not cases:
         raise ScenarioError([f"{scenario.path}: no case matches --only {' '.join(only)}"])
     return replace(scenario, cases=cases)
+
+
+def _value_in(value, options: set[str]) -> bool:
+    """Matches a case value against --only strings; numbers by value (25 matches 25.0)."""
+    for option in options:
+        if str(value) == option:
+            return True
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and float(option) == value:
+                return True
+        except ValueError:
+            pass
+    return False

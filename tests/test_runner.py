@@ -251,3 +251,23 @@ def test_gate_catches_shortcuts_that_hide_under_bf16_rounding(tmp_path, fake_bac
         assert rec["check"]["wrong_dtype"]
     else:
         assert rec["check"]["worst"] in ("h_post", "h_res", "layer_input", "x_next")
+
+
+def test_bad_run_folders_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "run"
+    bad.mkdir()
+    (bad / "records.jsonl").write_text('{"case_id": "a"}\n{broken\n')
+    assert cli.main(["report", str(bad)]) == 2
+    assert "records.jsonl: line 2" in capsys.readouterr().err
+
+
+def test_resume_applies_only_to_saved_cases_and_refuses_another_gpu_model(tmp_path):
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc, hc]}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", path, "--out", str(out), "--only", "method=mhc"]) == 0
+    run = run_dir_of(out)
+    assert cli.main(["run", "--resume", str(run), "--only", "method=hc"]) == 2   # not saved yet
+    env = json.loads((run / "env.json").read_text())
+    env["gpus"] = [{"name": "NVIDIA B200", "uuid": "x"}]
+    (run / "env.json").write_text(json.dumps(env))
+    assert cli.main(["run", path, "--resume", str(run)]) == 2

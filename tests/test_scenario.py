@@ -84,6 +84,7 @@ def test_overrides_replace_swept_values(tmp_path):
     ("name: t\ndefaults: {method: mhc, C: '8', T: 4}\n", "defaults.C: '8' is not allowed"),
     ("name: t\ndefaults: {method: mhc, C: 8, T: true}\n", "defaults.T: True is not allowed"),
     ("name: t\ndefaults: {method: mhc, C: 8, T: 4, rep_ms: fast}\n", "allowed: a positive number"),
+    ("name: t\ndefaults: {method: mhc, C: 8, T: 4, timeout_s: .inf}\n", "timeout_s: inf is not allowed"),
     ("name: t\ndefaults: {method: mhc, C: 8, T: 4}\nsweep: {C: 8}\n", "sweep.C: must be a list"),
     ("name: t\ndefaults: {method: mhc, C: 8, T: 4}\nsweep: {C: []}\n", "sweep.C: empty list"),
     ("name: t\ndefaults: [1, 2]\n", "defaults: expected a mapping"),
@@ -109,6 +110,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
     ("   \n# only a comment\n", "file has no content"),
     ("name: [unclosed\n", "not valid YAML at line"),
     ("- just\n- a list\n", "top level must be a mapping"),
+    ("name: a\nname: b\n", "key 'name' is given twice"),
+    ("name: a\ndefaults: {method: mhc, C: 8, C: 16, T: 4}\n", "key 'C' is given twice"),
     ("just a string\n", "top level must be a mapping"),
 ])
 def test_file_level_errors(tmp_path, text, expected):
@@ -156,3 +159,10 @@ def test_only_filters_cases_and_rejects_unknown_keys(tmp_path):
         filter_cases(sc, ["colour=red"])
     with pytest.raises(ScenarioError, match="no case matches"):
         filter_cases(sc, ["C=99"])
+
+
+def test_non_utf8_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"\xff\xfename: t\n")
+    with pytest.raises(ScenarioError, match="not UTF-8"):
+        load(path)
