@@ -248,6 +248,19 @@ def _flag_min(ptr, mask, other, NT: tl.constexpr):
 
 # ====================================================================== forward kernel
 @triton.jit
+def _wait_until(cnt_ptr, target, err_ptr, MAXSPIN: tl.constexpr):
+    """Polls a group counter until it reaches target. After MAXSPIN polls it gives up and raises
+    the error flag (checked by tests and tuning) rather than hang the GPU."""
+    cnt = tl.atomic_add(cnt_ptr, 0)
+    spins = 0
+    while (cnt < target) & (spins < MAXSPIN):
+        cnt = tl.atomic_add(cnt_ptr, 0)
+        spins += 1
+    if cnt < target:
+        tl.atomic_add(err_ptr, 1)
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
                 ws_ptr, wss_ptr, sync_ptr,
                 hpre_ptr, hpost_ptr, hres_ptr, m_ptr, r_ptr, li_ptr,
@@ -312,13 +325,7 @@ def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
                 acc = tl.dot(xt, pt, acc, input_precision=PREC)
                 ss += tl.sum(xt * xt, axis=1)     # (a [BT, BK] accumulator costs 26 registers)
             if early < S + 2:
-                cnt = tl.atomic_add(sync_ptr + 2 + gw, 0)
-                spins = 0
-                while (cnt < S + 2) & (spins < MAXSPIN):
-                    cnt = tl.atomic_add(sync_ptr + 2 + gw, 0)
-                    spins += 1
-                if cnt < S + 2:
-                    tl.atomic_add(sync_ptr + 1, 1)
+                _wait_until(sync_ptr + 2 + gw, S + 2, sync_ptr + 1, MAXSPIN)
             tl.debug_barrier()
             wrow = (slot * S + s).to(tl.int64) * BT + rows
             tl.store(ws_ptr + wrow[:, None] * K + kk[None, :], acc, mask=kmask[None, :])
@@ -384,13 +391,7 @@ def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
             # ---------------- phase 2: layer_input for slice s of block g - LAG
             if (gp >= 0) & (gp < G):
                 if ready < S + 1:
-                    cnt = tl.atomic_add(sync_ptr + 2 + gp, 0)
-                    spins = 0
-                    while (cnt < S + 1) & (spins < MAXSPIN):
-                        cnt = tl.atomic_add(sync_ptr + 2 + gp, 0)
-                        spins += 1
-                    if cnt < S + 1:
-                        tl.atomic_add(sync_ptr + 1, 1)   # error flag, checked by tests and tuning
+                    _wait_until(sync_ptr + 2 + gp, S + 1, sync_ptr + 1, MAXSPIN)
                 tl.debug_barrier()
                 tok = gp * BT + rows
                 tmask = tok < T
