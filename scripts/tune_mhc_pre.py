@@ -234,7 +234,7 @@ def time_fwd_bwd(C, x, phi, b, alpha, cfg, what="pre fwd+bwd"):
 SPLIT_CFGS = [{"split": True}, {"split": True, "bt": 32, "cw": 256}]
 # Non-split forward (one CTA per ns_bt tokens over all n*C columns): (BT, BK, warps, stages) variants.
 NS_CFGS = [
-    {"split": False},                                   # defaults: ns_bt=32 ns_bk=64 warps=4 stages=3
+    {"split": False},                                   # defaults: ns_bt=64 ns_bk=64 warps=4 stages=4
     {"split": False, "ns_bt": 64, "ns_bk": 64, "ns_warps": 4, "ns_stages": 4},
     {"split": False, "ns_bt": 32, "ns_bk": 128, "ns_warps": 8, "ns_stages": 3},
 ]

@@ -203,6 +203,12 @@ def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
                       f"{tb / ta:.3f}", _fmt(ra.get("pct_of_copy"), "{:.1f}"),
                       _fmt(rb.get("pct_of_copy"), "{:.1f}"))
     console.print(table)
+    padded = {name: any("launch_pad_ms" in r["time_ms"] for r in run.values())
+              for name, run in (("A", a), ("B", b))}
+    if padded["A"] != padded["B"]:
+        old = "A" if not padded["A"] else "B"
+        console.print(f"warning: run {old} was timed before the launch pad (suite/timing.py): its "
+                      "samples include host launch overhead, so short ops read slower there")
     only = len(set(a) ^ set(b))
     console.print(f"{len(both)} cases in both runs; {only} ok in only one of them")
     return len(both)

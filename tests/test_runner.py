@@ -70,6 +70,20 @@ def test_default_scenario_full_cpu_run(tmp_path):
     assert con.execute("SELECT count(*) FROM records").fetchone()[0] == len(records)
     assert cli.main(["report", str(run)]) == 0
     assert cli.main(["compare", str(run), str(run)]) == 0
+    # A run timed before the launch pad existed is flagged when compared with a padded one.
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "env.json").write_text((run / "env.json").read_text())
+    with open(old / "records.jsonl", "w") as fh:
+        for r in records:
+            if r.get("time_ms"):
+                r["time_ms"].pop("launch_pad_ms")
+            fh.write(json.dumps(r) + "\n")
+    from rich.console import Console
+    from suite import report
+    console = Console(record=True, width=200)
+    assert report.compare(old, run, console) == len(cpu_ok)
+    assert "run A was timed before the launch pad" in console.export_text()
 
 
 def test_wrong_answer_is_recorded_failed_not_timed_and_sweep_goes_on(tmp_path, fake_backend):

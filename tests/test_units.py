@@ -2,13 +2,14 @@
 import json
 import math
 import sqlite3
+import time
 
 import pytest
 import torch
 
 from suite import cost
 from suite.store import History, RunStore, atomic_write, read_records
-from suite.timing import MIN_SAMPLES, Timer, Timing, copy_rate_gbps
+from suite.timing import MIN_SAMPLES, PAD_CAP_MS, Timer, Timing, copy_rate_gbps, launch_pad_ms
 from suite.tolerance import rel_err, tolerance
 
 
@@ -78,6 +79,37 @@ def test_cpu_timer_takes_at_least_min_samples_and_excludes_warmup():
     assert len(timing.samples) >= MIN_SAMPLES
     assert len(calls) > len(timing.samples)          # warm-up calls were made and not kept
     assert all(s >= 0 for s in timing.samples)
+
+
+def test_launch_pad_covers_the_slowest_enqueue_and_is_capped():
+    assert launch_pad_ms([]) == 0.0
+    pad = launch_pad_ms([0.04, 0.12, 0.05])
+    assert pad > 0.12 and pad < 0.5                  # longer than any enqueue seen, not absurdly
+    assert launch_pad_ms([500.0]) == PAD_CAP_MS      # an enqueue that syncs is not slept away
+    s = Timing([1.0, 2.0], host_ms=0.1, pad_ms=pad).summary()
+    assert s["host_ms"] == 0.1 and s["launch_pad_ms"] == pad
+
+
+def test_cpu_timer_has_no_launch_pad():
+    timing = Timer("cpu").time(lambda: None, warmup_ms=1, rep_ms=1)
+    assert timing.pad_ms == 0.0 and timing.host_ms is None
+
+
+@pytest.mark.gpu
+def test_gpu_launch_pad_hides_host_overhead():
+    """A call that spends ~2 ms in Python before one tiny kernel: unpadded, the host time is in
+    the sample; padded, only the kernel is."""
+    x = torch.ones(1024, device="cuda")
+
+    def slow_host():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 2e-3:
+            pass
+        x.add_(1)
+
+    timing = Timer("cuda").time(slow_host, warmup_ms=5, rep_ms=5)
+    assert timing.host_ms >= 2.0 and timing.pad_ms > timing.host_ms
+    assert timing.median < 0.5, timing.summary()
 
 
 def test_copy_rate_is_positive():
