@@ -38,12 +38,13 @@ from kernels.triton.residual import residual_post  # noqa: E402
 # "" is the default heuristic of post.py. block_c sets num_warps = block_c / (32 * vec) unless given.
 CONFIGS = [
     "",
-    "block_c=1024",                 # fwd 4 warps; bwd vec 8, 4 warps
-    "block_c=512",                  # 2 warps
-    "block_c=2048",                 # 8 warps
-    "block_c=256",                  # 1 warp: backward reductions stay within one warp
-    "block_c=1024,vec=4",           # bwd 8 warps, 8-byte vectors, fewer registers per thread
-    "block_c=1024,num_stages=2",    # bwd: let Triton's pipeliner prefetch the next chunk
+    "bt=2",                         # forward: 2 tokens per program, 2 warps (block_c 256)
+    "bt=4",                         # 4 tokens, 4 warps
+    "bt=8",                         # 8 tokens, 8 warps
+    "bt=4,num_warps=2",             # 4 tokens on 2 warps: more bytes in flight per thread
+    "block_c=512,bt=2",             # 4 warps
+    "block_c=512,bt=4",             # 8 warps
+    "block_c=512",                  # earlier runner-up (2 warps)
 ]
 N, T, DTYPE = 4, 16384, torch.bfloat16
 DEVICE = "cuda"

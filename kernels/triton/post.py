@@ -4,10 +4,10 @@ Shapes (MATH.md): x [T, n, C] bf16/fp16, f [T, C] same dtype, h_post [T, n] fp32
 h_res [T, n, n] fp32 indexed [token, dst, src]. fp32 accumulation; x_next in x's dtype.
 
 Forward, one pass (kernel `_post_fwd_kernel`):
-  grid = T * ceil(C / BLOCK_C) programs, one (token, C-chunk) each, consecutive programs walk one
-  token's chunks. A program loads x's chunk as one [NP, BLOCK_C / VEC, VEC] tile (NP = n rounded
-  up to a power of two, padded rows masked; a thread holds one 16-byte vector of every row) and
-  f's chunk, accumulates acc[i] = h_post[i] f + sum_j h_res[i, j] x[j] in fp32 and stores it:
+  grid = ceil(T / BT) * ceil(C / BLOCK_C) programs, one (BT tokens, C-chunk) each, consecutive
+  programs walk the same tokens' chunks. A program loads x as one [BT, NP, BLOCK_C / VEC, VEC]
+  tile (NP = n rounded up to a power of two, padded rows and tail tokens masked; a thread holds
+  one 16-byte vector of every row) and f's chunks, accumulates acc[i] = h_post[i] f + sum_j h_res[i, j] x[j] in fp32 and stores it:
   per token it reads (n+1)C elements and writes nC, the minimum.
 
 Backward, one pass (kernel `_post_bwd_kernel`), g = dL/dx_next:
@@ -59,47 +59,51 @@ OP = "post"
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _post_fwd_kernel(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr,
+def _post_fwd_kernel(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T,
                      N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
-                     BLOCK_C: tl.constexpr, VEC: tl.constexpr, NCB: tl.constexpr, EVEN_C: tl.constexpr):
-    # The chunk of x is one [NP, BV, VEC] tile load; a thread holds one VEC-vector of every row,
-    # so picking row j is in-thread (no shuffles, no barriers, no shared memory).
+                     BLOCK_C: tl.constexpr, VEC: tl.constexpr, NCB: tl.constexpr, EVEN_C: tl.constexpr,
+                     BT: tl.constexpr, EVEN_T: tl.constexpr):
+    # The program's x is one [BT, NP, BV, VEC] tile load (BT tokens, one C-chunk); a thread holds
+    # one VEC-vector of every row, so picking row j is in-thread (no shuffles, barriers or shared
+    # memory). BT > 1 gives each program more bytes in flight for the same launch overhead.
     BV: tl.constexpr = BLOCK_C // VEC
     pid = tl.program_id(0)
-    t = (pid // NCB).to(tl.int64)
     c0 = (pid % NCB) * BLOCK_C
+    toks = (pid // NCB).to(tl.int64) * BT + tl.arange(0, BT)                      # [BT]
     rows = tl.arange(0, NP)
-    rmask = rows < N
-    r3 = rows[:, None, None]
+    t2 = toks[:, None]
+    r2 = rows[None, :]
+    r4 = rows[None, :, None, None]
     cols = c0 + tl.arange(0, BV)[:, None] * VEC + tl.arange(0, VEC)[None, :]    # [BV, VEC]
     cmask = cols < C
-    tile = r3 * C + cols[None, :, :]
-    tmask = (r3 < N) & cmask[None, :, :]
+    tok_mask = toks < T
+    m2 = tok_mask[:, None] & (r2 < N)                                            # [BT, NP]
+    fmask = tok_mask[:, None, None] & cmask[None, :, :]                          # [BT, BV, VEC]
+    tmask = m2[:, :, None, None] & cmask[None, None, :, :]
+    tile = toks[:, None, None, None] * (N * C) + r4 * C + cols[None, None, :, :]
+    f_offs = toks[:, None, None] * C + cols[None, :, :]
+    DENSE: tl.constexpr = EVEN_C and EVEN_T and NP == N
 
-    x_base = x_ptr + t * (N * C)
-    if EVEN_C and NP == N:
-        xt = tl.load(x_base + tile)
+    if DENSE:
+        xt = tl.load(x_ptr + tile)
+        f = tl.load(f_ptr + f_offs)
     else:
-        xt = tl.load(x_base + tile, mask=tmask, other=0.0)
-    if EVEN_C:
-        f = tl.load(f_ptr + t * C + cols)
-    else:
-        f = tl.load(f_ptr + t * C + cols, mask=cmask, other=0.0)
-    hp = tl.load(hp_ptr + t * N + rows, mask=rmask, other=0.0)
+        xt = tl.load(x_ptr + tile, mask=tmask, other=0.0)
+        f = tl.load(f_ptr + f_offs, mask=fmask, other=0.0)
+    hp = tl.load(hp_ptr + t2 * N + r2, mask=m2, other=0.0)                      # [BT, NP]
     xt = xt.to(tl.float32)
-    acc = hp[:, None, None] * f.to(tl.float32)[None, :, :]
+    acc = hp[:, :, None, None] * f.to(tl.float32)[:, None, :, :]
     for j in tl.static_range(N):
         # column j of h_res[t] (dst i = rows): how much source j feeds each destination
-        hcol = tl.load(hr_ptr + t * (N * N) + rows * N + j, mask=rmask, other=0.0)
-        x_j = tl.sum(tl.where(r3 == j, xt, 0.0), axis=0)                            # [BV, VEC]
-        acc += hcol[:, None, None] * x_j[None, :, :]
+        hcol = tl.load(hr_ptr + t2 * (N * N) + r2 * N + j, mask=m2, other=0.0)   # [BT, NP]
+        x_j = tl.sum(tl.where(r4 == j, xt, 0.0), axis=1)                        # [BT, BV, VEC]
+        acc += hcol[:, :, None, None] * x_j[:, None, :, :]
 
     out = acc.to(out_ptr.dtype.element_ty)
-    o_ptrs = out_ptr + t * (N * C) + tile
-    if EVEN_C and NP == N:
-        tl.store(o_ptrs, out)
+    if DENSE:
+        tl.store(out_ptr + tile, out)
     else:
-        tl.store(o_ptrs, out, mask=tmask)
+        tl.store(out_ptr + tile, out, mask=tmask)
 
 
 @triton.jit
@@ -204,15 +208,20 @@ def _default_block_c(C: int) -> int:
     return cap
 
 
+# Tokens per forward program. 2, 4 and 8 (with 1-8 warps, block_c 256 or 512) were all 15-40%
+# slower than 1 on an H100 at n = 4 (results/tuning-20261123-h100/session2/tune_post.log).
+FWD_TOKENS = 1
+
+
 @functools.lru_cache(maxsize=None)
 def _parse(spec: str) -> dict:
     out = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, val = item.partition("=")
         key = key.strip()
-        if key not in ("block_c", "num_warps", "num_stages", "split", "vec") or not val.strip():
-            raise ValueError(f"{OP}: bad config item {item!r} "
-                             "(keys: block_c, num_warps; backward also vec, num_stages, split)")
+        if key not in ("block_c", "num_warps", "num_stages", "split", "vec", "bt") or not val.strip():
+            raise ValueError(f"{OP}: bad config item {item!r} (keys: block_c, num_warps; forward "
+                             "also bt; backward also vec, num_stages, split)")
         out[key] = int(val)
     return out
 
@@ -240,13 +249,16 @@ def _vec(d: dict, block_c: int) -> int:
 
 
 def fwd_config(n: int, C: int, cfg=None) -> dict:
-    """Resolved forward launch parameters: block_c, vec, num_warps."""
+    """Resolved forward launch parameters: block_c, vec, bt (tokens per program), num_warps."""
     d = {**_as_dict(os.environ.get("HCBENCH_POST_FWD")), **_as_dict(cfg)}
     block_c = int(d.get("block_c") or _default_block_c(C))
     _check_block_c(block_c)
     vec = _vec(d, block_c)
-    return {"block_c": block_c, "vec": vec,
-            "num_warps": int(d.get("num_warps") or max(1, min(8, block_c // (32 * vec))))}
+    bt = int(d.get("bt") or FWD_TOKENS)
+    if bt < 1 or bt & (bt - 1):
+        raise ValueError(f"{OP}: bt must be a power of two >= 1, got {bt}")
+    return {"block_c": block_c, "vec": vec, "bt": bt,
+            "num_warps": int(d.get("num_warps") or max(1, min(8, bt * block_c // (32 * vec))))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,10 +297,10 @@ def post_forward(x, f, h_post, h_res, cfg=None):
         return out
     p = fwd_config(n, C, cfg)
     ncb = triton.cdiv(C, p["block_c"])
-    _post_fwd_kernel[(T * ncb,)](
-        x, f, h_post, h_res, out,
+    _post_fwd_kernel[(triton.cdiv(T, p["bt"]) * ncb,)](
+        x, f, h_post, h_res, out, T,
         N=n, NP=_pow2(n), C=C, BLOCK_C=p["block_c"], VEC=p["vec"], NCB=ncb,
-        EVEN_C=(C % p["block_c"] == 0),
+        EVEN_C=(C % p["block_c"] == 0), BT=p["bt"], EVEN_T=(T % p["bt"] == 0),
         num_warps=p["num_warps"])
     return out
 

@@ -72,6 +72,8 @@ CONFIGS = [
     dict(fwd="block_c=128", bwd="block_c=64,split=2"),      # split 2 of 5 chunks: uneven
     dict(bwd="block_c=64,split=5,vec=4"),                   # one chunk per program
     dict(bwd="block_c=32,split=3,vec=2,num_warps=2"),
+    dict(fwd="bt=4,block_c=64"),                            # 5 tokens in blocks of 4: token tail
+    dict(fwd="bt=2,block_c=256"),                           # chunk wider than 264 % 256 = 8
 ]
 
 
@@ -84,6 +86,8 @@ def test_post_configs(cfg, n, kernel_device):
 def test_post_even_chunks(kernel_device):
     # C a multiple of block_c: the unmasked code path, with several chunks and a split.
     check(3, 4, 256, torch.float16, kernel_device, fwd="block_c=64", bwd="block_c=64,split=2")
+    # T a multiple of bt as well: the forward's dense (mask-free) path with several tokens.
+    check(4, 4, 256, torch.float16, kernel_device, fwd="bt=2,block_c=64")
 
 
 @pytest.mark.parametrize("which", [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 3)])
