@@ -44,6 +44,9 @@ class Backend:
     requires: tuple = ()              # importable modules it needs
     pip_name: str = ""                # what to install when a requirement is missing
     description: str = ""
+    # "module:function" called with the device type after loading; returns why the backend
+    # cannot run here (e.g. its compiler cannot build for this GPU), or None
+    probe: str = ""
 
 
 BACKENDS: dict[str, Backend] = {
@@ -54,6 +57,9 @@ BACKENDS: dict[str, Backend] = {
                 pip_name="triton", description="this suite's fused Triton kernels"),
         Backend("liger", "kernels.liger", devices=("cuda",), requires=("liger_kernel", "triton"),
                 pip_name="liger-kernel", description="Liger-Kernel's Triton mHC (peer, mhc only)"),
+        Backend("tilelang", "kernels.tilelang", devices=("cuda",), requires=("tilelang",),
+                pip_name="tilelang==0.1.15", description="this suite's TileLang kernels",
+                probe="kernels.tilelang.common:unavailable"),
     )
 }
 
@@ -74,6 +80,12 @@ def unavailable_reason(method: str, backend: str, device: str) -> Optional[str]:
         return f"backend {backend} failed to load: {type(exc).__name__}: {exc}"
     if method not in ops:
         return f"backend {backend} does not implement method {method}"
+    if spec.probe:
+        mod, _, fn = spec.probe.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), fn)(device)
+        except Exception as exc:  # a broken probe skips its backend, never the sweep
+            return f"backend {backend} probe failed: {type(exc).__name__}: {exc}"
     return None
 
 

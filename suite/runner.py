@@ -81,6 +81,8 @@ def unavailable(case: Case) -> str | None:
     ops = kernels.get(case.method, case.backend)
     if case.op == "coeffs" and ops.coeffs is None:
         return f"backend {case.backend} has no coeffs op for {case.method}"
+    if case.op in ("pre", "site") and ops.pre is None:
+        return f"backend {case.backend} has no pre op for {case.method} yet"
     return ops.supports(case.n, case.C, workload.TORCH_DTYPES[case.dtype])
 
 

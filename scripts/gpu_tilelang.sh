@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# All GPU work of the TileLang backend in one command (<= 8 minutes), the SECOND of two:
+#   1. python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-a/*.whl
+#   2. bash scripts/gpu_tilelang.sh            (carrying .wheels-b)
+# .wheels-a: tilelang, apache-tvm-ffi, torch-c-dlpack-ext and tilelang's small pure deps
+# (cython, cloudpickle, ml_dtypes, psutil, tqdm); .wheels-b: z3-solver (README: TileLang on a GPU).
+# Writes to $OUT: gpu_tilelang.log (everything), pytest.log, precompile.log, run.tar.gz (the
+# harness run folder) and summary.txt (the short table, also printed last).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_tilelang.log"
+exec > >(tee -a "$LOG") 2>&1
+t_start=$(date +%s)
+step() { echo; echo "=== $(date -u +%H:%M:%S) (+$(( $(date +%s) - t_start ))s) $*"; }
+finish() {
+  step "collecting results"
+  run_dir=$(ls -d "$OUT"/runs/*/ 2>/dev/null | head -1)
+  if [ -n "$run_dir" ]; then
+    tar -czf "$OUT/run.tar.gz" -C "$OUT/runs" . && rm -rf "$OUT/runs"
+  fi
+  ls -la "$OUT"
+}
+trap finish EXIT
+
+step "wheels-b into /tmp/site"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-b/*.whl || echo "WARN: .wheels-b install failed"
+export PYTHONPATH=/tmp/site:$PWD
+export PIP_NO_INDEX=1
+step "make env"
+make env >"$OUT/make_env.log" 2>&1 || { echo "make env failed:"; tail -20 "$OUT/make_env.log"; }
+PY=.venv/bin/python
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks_throttle_reasons.active,temperature.gpu,power.draw --format=csv || true
+$PY -c "import torch, tilelang, triton; print('torch', torch.__version__, 'tilelang', tilelang.__version__, 'triton', triton.__version__)"
+$PY -c "import kernels; print('tilelang unavailable_reason:', kernels.unavailable_reason('mhc', 'tilelang', 'cuda'))"
+
+step "precompile (parallel, into TileLang's disk cache)"
+timeout -k 10 150 $PY scripts/tilelang_precompile.py --procs 14 >"$OUT/precompile.log" 2>&1
+echo "precompile rc=$? ($(grep -c '^ok' "$OUT/precompile.log") ok, $(grep -c '^FAILED' "$OUT/precompile.log") failed)"
+grep -A4 '^FAILED' "$OUT/precompile.log" | head -30
+tail -1 "$OUT/precompile.log"
+
+step "GPU tests (tests/tilelang)"
+timeout -k 10 120 $PY -m pytest -q -rA -p no:cacheprovider tests/tilelang >"$OUT/pytest.log" 2>&1
+echo "pytest rc=$?"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+tail -3 "$OUT/pytest.log"
+
+step "kernels.yaml: tilelang and triton, mHC post and residual site"
+mkdir -p "$OUT/runs"
+# post first (the comparison that matters most), then the same folder gets the residual and the
+# site rows (tilelang's mHC site is skipped: its coefficient pass is not written yet)
+timeout -k 10 90 $PY harness.py run scenarios/kernels.yaml --out "$OUT/runs" \
+  --only backend=tilelang,triton --only method=mhc --only op=post --set rep_ms=60 --set warmup_ms=15
+echo "harness (post) rc=$?"
+run_dir=$(ls -d "$OUT"/runs/*/ 2>/dev/null | head -1)
+if [ -n "$run_dir" ]; then
+  timeout -k 10 100 $PY harness.py run scenarios/kernels.yaml --resume "$run_dir" \
+    --only backend=tilelang,triton --only method=mhc,residual --only op=site --set rep_ms=60 --set warmup_ms=15
+  echo "harness (site) rc=$?"
+fi
+
+step "summary"
+run_dir=$(ls -d "$OUT"/runs/*/ 2>/dev/null | head -1)
+if [ -n "$run_dir" ]; then
+  $PY - "$run_dir" <<'PYEOF' | tee "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+recs = [json.loads(l) for l in Path(sys.argv[1], "records.jsonl").read_text().splitlines() if l.strip()]
+rows = {}
+for r in recs:
+    c = r["case"]
+    key = (c["method"], c["op"], c["mode"], c["C"])
+    t = (r.get("time_ms") or {}).get("median")
+    rows.setdefault(key, {})[c["backend"]] = (r["status"], t, r.get("pct_of_copy"), r.get("reason", ""))
+print(f"{'method':8} {'op':5} {'mode':8} {'C':>5} | {'triton ms':>9} {'%copy':>6} | {'tilelang ms':>11} {'%copy':>6} | tl/triton")
+for key in sorted(rows):
+    d = rows[key]
+    def cell(b):
+        s = d.get(b)
+        if not s: return "-", "-"
+        if s[0] != "ok": return s[0], ""
+        return f"{s[1]:.3f}", f"{s[2]:.0f}" if s[2] is not None else "?"
+    tr, tl = d.get("triton"), d.get("tilelang")
+    ratio = f"{tl[1] / tr[1]:.2f}" if tr and tl and tr[0] == tl[0] == "ok" else ""
+    print(f"{key[0]:8} {key[1]:5} {key[2]:8} {key[3]:>5} | {cell('triton')[0]:>9} {cell('triton')[1]:>6} | "
+          f"{cell('tilelang')[0]:>11} {cell('tilelang')[1]:>6} | {ratio}")
+for key in sorted(rows):
+    for b, s in rows[key].items():
+        if s[0] != "ok":
+            print(f"{b} {key}: {s[0]}: {s[3][:160]}")
+PYEOF
+fi
+echo "total $(( $(date +%s) - t_start ))s"
