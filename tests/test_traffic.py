@@ -172,9 +172,9 @@ def test_profiler_output_read_through_a_stand_in_ncu(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("script, reason", [
-    ('echo "==PROF== Connected to process 9"\n'
-     'echo "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU '
-     'Performance Counters on the target device 0."\nexit 1\n', "ERR_NVGPUCTRPERM"),
+    (('echo "==PROF== Connected to process 9"\n'
+      'echo "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU '
+      'Performance Counters on the target device 0."\nexit 1\n'), "ERR_NVGPUCTRPERM"),
     ('echo "==ERROR== Profiling is not supported on this device"\nexit 1\n',
      "ncu: Profiling is not supported on this device"),
     ('echo "hcbench-probe: ok"\necho "==WARNING== No kernels were profiled."\n',
