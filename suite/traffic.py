@@ -149,8 +149,10 @@ def diagnose(out: str, returncode: int) -> None:
         raise TrafficUnavailable(f"ncu: {unsupported[0]}")
     if any(re.search(r"No kernels were profiled", ln) for ln in lines):
         raise TrafficUnavailable(f"ncu profiled no kernel inside the NVTX range '{NVTX_RANGE}'")
+    if errors:   # e.g. a kernel it failed to profile: a table without it would undercount
+        raise TrafficUnavailable(f"ncu reported an error: {errors[0]}")
     if returncode != 0 and not any(ln.startswith('"ID"') for ln in lines):
-        detail = errors[-1] if errors else (lines[-1].strip() if lines else "no output")
+        detail = lines[-1].strip() if lines else "no output"
         raise TrafficUnavailable(f"ncu exited with status {returncode}: {detail}")
 
 

@@ -182,6 +182,8 @@ def test_profiler_output_read_through_a_stand_in_ncu(tmp_path, monkeypatch):
     (f'echo "{traffic.PROBE_ERROR} RuntimeError: CUDA out of memory"\nexit 1\n',
      "profiled run failed: RuntimeError: CUDA out of memory"),
     ('echo "segfault"\nexit 139\n', "ncu exited with status 139: segfault"),
+    (f"cat '{DATA / 'ncu_sample.txt'}'\necho '==ERROR== Failed to profile \"k\" in process 9'\n",
+     'ncu reported an error: Failed to profile "k" in process 9'),
 ])
 def test_profiler_failures_become_one_line_reasons(tmp_path, monkeypatch, script, reason):
     ncu = _fake_ncu(tmp_path, script)
