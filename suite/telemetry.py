@@ -47,6 +47,7 @@ class NvmlDevice:
         self.nvml = nvml
         self.handle = handle
         self.errors: dict[str, str] = {}
+        self._decoded: dict[int, list[str] | None] = {}   # mask -> names: decoding scans pynvml's names
 
     def query(self, label: str, fn_name: str, *args):
         fn = getattr(self.nvml, fn_name, None)
@@ -67,7 +68,9 @@ class NvmlDevice:
         if mask is None:
             self.errors.pop("throttle_reasons", None)
             mask = self.query("throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
-        return environment._decode_reasons(self.nvml, mask)
+        if mask not in self._decoded:
+            self._decoded[mask] = environment._decode_reasons(self.nvml, mask)
+        return self._decoded[mask]
 
     def process_pids(self) -> list[int] | None:
         compute = self.query("processes", "nvmlDeviceGetComputeRunningProcesses")
