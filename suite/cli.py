@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a case field in every case, e.g. --set T=1024")
     run.add_argument("--only", action="append", default=[], metavar="KEY=V1[,V2]",
                      help="run only the cases whose field matches, e.g. --only backend=triton,torch")
+    run.add_argument("--traffic", action="store_true",
+                     help="also measure each GPU case's DRAM traffic in one pass under Nsight Compute "
+                          "(same as --set traffic=true)")
 
     ls = sub.add_parser("list", help="print the expanded cases without running them")
     ls.add_argument("scenarios", nargs="+")
@@ -140,6 +143,8 @@ def _run(args, console: Console) -> int:
         _require_run_dir(args.resume)
     if not args.scenarios and not args.resume:
         raise BadInput(["run: give at least one scenario file, or --resume RUN_DIR"])
+    if args.traffic:
+        args.set.append("traffic=true")
     scenarios = (_load(args.scenarios, args.set, args.only) if args.scenarios
                  else _saved_scenarios(args.resume, args.set, args.only))
     try:

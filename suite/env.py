@@ -52,14 +52,7 @@ def nvml_state(uuid: str) -> dict:
     except Exception as exc:
         return {"nvml": f"unavailable: {type(exc).__name__}"}
     try:
-        handle = None
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            u = _nvml_call(pynvml.nvmlDeviceGetUUID, h)
-            u = u.decode() if isinstance(u, bytes) else u
-            if u and _norm_uuid(u) == _norm_uuid(uuid):
-                handle = h
-                break
+        handle = nvml_handle(pynvml, uuid)
         if handle is None:
             return {"nvml": f"no NVML device with UUID {uuid}"}
         g = lambda fn, *a: _nvml_call(getattr(pynvml, fn), handle, *a)  # noqa: E731
@@ -87,6 +80,17 @@ def nvml_state(uuid: str) -> dict:
         }
     finally:
         _nvml_call(pynvml.nvmlShutdown)
+
+
+def nvml_handle(pynvml, uuid: str):
+    """The NVML device handle whose UUID is `uuid` (CUDA's and NVML's indices may differ), or None."""
+    for i in range(_nvml_call(pynvml.nvmlDeviceGetCount) or 0):
+        h = _nvml_call(pynvml.nvmlDeviceGetHandleByIndex, i)
+        u = _nvml_call(pynvml.nvmlDeviceGetUUID, h) if h is not None else None
+        u = u.decode() if isinstance(u, bytes) else u
+        if u and _norm_uuid(u) == _norm_uuid(uuid):
+            return h
+    return None
 
 
 def _norm_uuid(u: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from suite import report_sections
 from suite.store import atomic_write, read_records
 
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
@@ -112,6 +113,10 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
                       f"{why}[/]", highlight=False)
         for r in recs[:50]:
             console.print(f"    {_label(r)}", highlight=False, markup=False)
+    report_sections.print_traffic(records, console)
+    flags = report_sections.flags_line(records)
+    if flags:
+        console.print(flags, highlight=False, markup=False)
     console.print(_summary(records))
 
 
@@ -170,6 +175,8 @@ def markdown(run_dir: Path) -> str:
     if variants:
         lines += ["", "## Backends checked against a declared variant of MATH.md", ""]
         lines += [f"- **{backend}**: {what}" for backend, what in variants]
+    lines += report_sections.traffic_markdown(records)
+    lines += report_sections.state_markdown(records, env)
     grouped = reasons(records)
     if grouped:
         lines += ["", "## Skipped and failed cases", ""]

@@ -26,7 +26,7 @@ import kernels
 from suite import check as checking
 from suite import cost as costing
 from suite import env as environment
-from suite import workload
+from suite import telemetry, traffic, workload
 from suite.scenario import Case, Scenario
 from suite.store import RECORD_SCHEMA, RunStore, new_run_dir, write_json
 from suite.timing import Timer, copy_rate_gbps
@@ -139,6 +139,7 @@ class Session:
         return record
 
     def _measure(self, case: Case, record: dict) -> None:
+        started = time.perf_counter()
         ops = kernels.get(case.method, case.backend)
         result = checking.check(ops, case, case.device)
         record["check"] = result
@@ -150,7 +151,10 @@ class Session:
         timer = self.timer(case.device)
         inputs = workload.make_inputs(case, case.device, case.seed)
         call = lambda: workload.run(ops, case, inputs)  # noqa: E731
-        timing = timer.time(call, case.warmup_ms, case.rep_ms)
+        with telemetry.Sampler(self.gpu_uuid if case.device == "cuda" else None) as sampler:
+            timing = timer.time(call, case.warmup_ms, case.rep_ms)
+        record["telemetry"] = sampler.summary()
+        record["flags"], record["flag_notes"] = telemetry.flags(record["telemetry"], timing.cv)
         record["peak_mem_bytes"] = _peak_memory(call, timer)
         cost = costing.case_cost(case.method, case.op, case.mode, case.n, case.C, case.T,
                                  case.dtype, case.sinkhorn_iters)
@@ -164,6 +168,13 @@ class Session:
         if copy:
             record["copy_gbps"] = copy["gbps"]
             record["pct_of_copy"] = 100.0 * record["gbps"] / copy["gbps"]
+        if case.traffic:
+            del call, inputs            # the profiled child needs the memory
+            gc.collect()
+            if case.device == "cuda":
+                torch.cuda.empty_cache()
+            left = case.timeout_s - (time.perf_counter() - started) - 10
+            record.update(traffic.measure(case, cost, timeout_s=min(traffic.TIMEOUT_S, left)))
 
 
 def _gpu_models(env: dict) -> list[str]:
@@ -276,6 +287,11 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
     session.measure_copy_rates(runnable)
     for device, rate in session.copy.items():
         console.print(f"copy rate on {device}: {rate['gbps']:.0f} GB/s (read + write)")
+    if env.get("gpus"):
+        env["gpu_state_check"] = telemetry.check_gpu_state(session.gpu_uuid, "cuda" in session.copy)
+        write_json(store.dir / "env.json", env)
+        for problem in env["gpu_state_check"]["problems"]:
+            console.print(f"[yellow]GPU state: {problem}[/]", highlight=False)
     view = ProgressView(len(todo), console)
     interrupted = False
     try:

@@ -59,9 +59,10 @@ class Case:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     timeout_s: float = 1200.0
+    traffic: bool = False           # also measure DRAM traffic in one pass under Nsight Compute
 
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
-    RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s")
+    RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s", "traffic")
 
     @property
     def case_id(self) -> str:
@@ -126,6 +127,8 @@ def _check_value(key: str, v: Any) -> str | None:
             return None
         unit = "seconds" if key == "timeout_s" else "milliseconds"
         return f"{v!r} is not allowed; allowed: a positive number of {unit}"
+    if key == "traffic":
+        return None if isinstance(v, bool) else f"{v!r} is not allowed; allowed: true | false"
     return f"unknown field; allowed: {', '.join(CASE_FIELDS)}"
 
 
