@@ -222,14 +222,15 @@ def test_a_case_past_its_timeout_fails_and_the_sweep_goes_on(tmp_path, fake_back
 
     fake_backend["mhc"] = Ops("mhc", "fake", pre=stuck, post=ref.post)
     fake_backend["hc"] = Ops("hc", "fake", pre=ref.hc_pre, post=ref.post)
-    path = scenario(tmp_path, BASE.replace("rep_ms: 1}", "rep_ms: 1, timeout_s: 0.5}")
+    # 3 s: ample for the tiny hc case on a loaded 2-core CI machine, a tenth of the stuck one.
+    path = scenario(tmp_path, BASE.replace("rep_ms: 1}", "rep_ms: 1, timeout_s: 3}")
                     + "sweep: {method: [mhc, hc], backend: [fake]}\n")
     out = tmp_path / "out"
     t0 = _time.time()
     assert cli.main(["run", path, "--out", str(out)]) == 1
     assert _time.time() - t0 < 20
     recs = {r["case"]["method"]: r for r in read_records(run_dir_of(out))}
-    assert recs["mhc"]["reason"] == "timed out after 0.5 s (timeout_s)"
+    assert recs["mhc"]["reason"] == "timed out after 3 s (timeout_s)"
     assert recs["hc"]["status"] == "ok"
 
 
