@@ -137,7 +137,7 @@ class Layer(nn.Module):
 class Transformer(nn.Module):
     """tokens [B, seq] -> mean next-token cross-entropy (fp32)."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device="cpu"):
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
@@ -146,17 +146,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([Layer(cfg, i, gen) for i in range(cfg.layers)])
         self.final_norm = nn.Parameter(torch.ones(cfg.C, dtype=dtype))
         self.head = nn.Parameter(torch.empty(cfg.vocab, cfg.C, dtype=dtype))
-        self._init_weights(gen)
-
-    def _init_weights(self, gen):
-        # GPT-2 style: N(0, 0.02), output projections shrunk by sqrt(2 * layers).
-        out_std = 0.02 / math.sqrt(2 * self.cfg.layers)
-        for name, p in self.named_parameters():
-            if ".conn." in name or name.endswith("norm"):
-                continue
-            std = out_std if name.endswith((".out", ".down")) else 0.02
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        self.to(device)
+        init_weights(self, cfg.layers, seed, device)
 
     def randomise_connections(self, seed: int) -> None:
         """Non-degenerate connection parameters (kernels.reference.random_params) for the gate:
@@ -187,6 +178,19 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.logits(self.body(self.streams_in(tokens)))
         return F.cross_entropy(logits.float(), targets.reshape(-1))
+
+
+def init_weights(module: nn.Module, layers: int, seed: int, device="cpu") -> None:
+    """GPT-2 style N(0, 0.02), output projections shrunk by sqrt(2 * layers); drawn on the
+    device (large widths would take seconds on a CPU); norms and connections keep their init."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out_std = 0.02 / math.sqrt(2 * layers)
+    for name, p in module.named_parameters():
+        if ".conn." in name or name.startswith("conn.") or name.endswith("norm"):
+            continue
+        std = out_std if name.endswith((".out", ".down")) else 0.02
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
 
 
 def param_count(module: nn.Module) -> int:
