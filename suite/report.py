@@ -13,6 +13,7 @@ from suite.store import atomic_write, read_records
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
 # Every field that changes what is measured, so a ratio joins exactly the same case.
 IDENTITY = tuple(c for c in COLUMNS if c != "backend") + ("scope", "gpus")
+IDENTITY += ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
 HEADER = {"sinkhorn_iters": "iters"}
 NOISY_CV = 0.05      # above this, a row's CV is marked "!": its median deserves less trust
 ORDER = {"residual": 0, "hc": 1, "mhc": 2}
@@ -170,6 +171,8 @@ def markdown(run_dir: Path) -> str:
     if variants:
         lines += ["", "## Backends checked against a declared variant of MATH.md", ""]
         lines += [f"- **{backend}**: {what}" for backend, what in variants]
+    from suite import overhead
+    lines += overhead.markdown_lines(records, env)
     grouped = reasons(records)
     if grouped:
         lines += ["", "## Skipped and failed cases", ""]

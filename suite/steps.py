@@ -44,6 +44,11 @@ GATE_SEED_OFFSET = 1_000_003
 # bf16 model lands near 1e-2 where the single site lands near 3e-3. Wrong wiring or a wrong kernel
 # gives errors of order 1 (tests/test_model.py shows one failing).
 GATE_TOL = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-4}
+# Gradients of the connection's own parameters (phi, b and the scalar gates a / s) are sums over
+# every token of products of rounded state gradients and states, with heavy cancellation: on the
+# CPU the eager reference backend itself, in bf16, is 0.03 (HC) to 0.09 (mHC) away from fp64 on
+# the scalar gates. They get their own bound; a wrong kernel still misses it by far.
+GATE_TOL_CONN = {"bf16": 0.2, "fp16": 0.05, "fp32": 1e-4}
 GROUP_FIELDS = ("device", "scope", "C", "T", "seq", "layers", "heads", "mlp_ratio", "vocab",
                 "dtype", "mode", "gpus")
 
@@ -190,15 +195,16 @@ def check(case: Case, device: str) -> dict:
     ref_model.load_state_dict(got_model.state_dict())     # same values, upcast exactly
     got = _outputs(got_model, g, cfg, seed, device)
     ref = _outputs(ref_model, g, ref_cfg, seed, device)
-    tol = GATE_TOL[case.dtype]
-    errors = {}
+    errors, tols = {}, {}
     for name, want in ref.items():
         have = got.get(name)
         errors[name] = math.inf if have is None or want is None else rel_err(have, want)
-    worst = max(errors, key=errors.get)
+        tols[name] = (GATE_TOL_CONN if ".conn." in name else GATE_TOL)[case.dtype]
+    worst = max(errors, key=lambda k: errors[k] / tols[k])
     del got_model, ref_model, got, ref
-    return {"max_rel_err": errors[worst], "tol": tol, "passed": errors[worst] <= tol,
-            "worst": worst, "T": g.T, "errors": errors,
+    return {"max_rel_err": errors[worst], "tol": tols[worst],
+            "passed": all(errors[k] <= tols[k] for k in errors),
+            "worst": worst, "T": g.T, "errors": errors, "tols": tols,
             "gate_shape": {"C": g.C, "heads": g.heads, "layers": g.layers, "seq": g.seq,
                            "vocab": g.vocab, "f_dtype": cfg.f_dtype or case.dtype},
             "reference": "fp64 model, backend torch, recompute none"}
