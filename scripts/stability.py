@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from suite import stability  # noqa: E402
-from suite.model import ModelConfig, Transformer  # noqa: E402
+from suite import stability
+from suite.model import ModelConfig, Transformer
 
 
 def main(argv=None) -> int:
@@ -72,10 +72,10 @@ def main(argv=None) -> int:
 def markdown(result: dict) -> str:
     m = result["methods"]
     lines = ["# Amax Gain Magnitude of composite h_res (sites counted separately)", "",
-             f"Config: {result['config']}, backend {result['backend']}. Paper (27B): HC up to "
-             f"~{stability.PAPER_MAX_GAIN['hc']:.0f}, mHC at most ~{stability.PAPER_MAX_GAIN['mhc']}.",
-             "", "| depth (site) | HC fwd fresh | HC bwd fresh | HC fwd trained | HC bwd trained | "
-             "mHC fwd fresh | mHC bwd fresh | mHC fwd trained | mHC bwd trained |",
+             (f"Config: {result['config']}, backend {result['backend']}. Paper (27B): HC up to "
+             f"~{stability.PAPER_MAX_GAIN['hc']:.0f}, mHC at most ~{stability.PAPER_MAX_GAIN['mhc']}."),
+             "", ("| depth (site) | HC fwd fresh | HC bwd fresh | HC fwd trained | HC bwd trained | "
+             "mHC fwd fresh | mHC bwd fresh | mHC fwd trained | mHC bwd trained |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for k in range(len(m["hc"]["fresh"]["forward"])):
         cells = [f"{m[meth][when][d][k]:.4g}" for meth in ("hc", "mhc")

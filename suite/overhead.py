@@ -12,6 +12,7 @@ import math
 import random
 import statistics
 from collections import defaultdict
+from dataclasses import replace
 
 from suite import predict, recompute
 from suite.scenario import Case
@@ -49,8 +50,8 @@ def bootstrap_overhead(method: tuple[list, list], residual: tuple[list, list],
         tr = statistics.median([s for k in pick for s in r[k]])
         stats.append(overhead_pct(tm, tr))
     stats.sort()
-    lo = stats[int(math.floor((1 - level) / 2 * (resamples - 1)))]
-    hi = stats[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
+    lo = stats[math.floor((1 - level) / 2 * (resamples - 1))]
+    hi = stats[math.ceil((1 + level) / 2 * (resamples - 1))]
     return point, lo, hi
 
 
@@ -82,28 +83,38 @@ def _site_efficiency(records: list[dict], case: Case) -> float | None:
     return None
 
 
+def _residual_case(c: Case) -> Case:
+    return replace(c, method="residual", backend=c.backend, n=1, sinkhorn_iters=None,
+                   recompute="none", L_r=None)
+
+
+def _peer(record: dict, **want):
+    """The samples of a case timed interleaved with `record` that matches `want`, or None."""
+    for case_id, peer in (record.get("interleaved_with") or {}).items():
+        if all(peer.get(k) == v for k, v in want.items()):
+            return case_id, peer
+    return None
+
+
 def verdict(records: list[dict], env: dict) -> list[dict]:
-    """One row per hc/mhc model (or layer) case with its group's residual in the same run."""
-    ok = [r for r in records if r["status"] == "ok" and r["case"]["scope"] != "site"
-          and r.get("rounds")]
-    residuals = {(r.get("group"), r["case"]["scope"]): r for r in ok
-                 if r["case"]["method"] == "residual" and r["case"]["recompute"] == "none"}
+    """One row per hc/mhc layer or model case, against the residual it was timed with."""
     gpu = (env.get("gpus") or [{}])[0].get("name")
     rows = []
-    for r in ok:
+    for r in records:
+        if r["status"] != "ok" or r["case"]["scope"] == "site" or not r.get("rounds"):
+            continue
         c = _case(r)
-        if c.method == "residual":
+        found = None if c.method == "residual" else _peer(r, method="residual", recompute="none")
+        if found is None:
             continue
-        base = residuals.get((r.get("group"), c.scope))
-        if base is None:
-            continue
+        peer = found[1]
         point, lo, hi = bootstrap_overhead((r["time_ms"]["samples"], r["rounds"]),
-                                           (base["time_ms"]["samples"], base["rounds"]))
+                                           (peer["samples"], peer["rounds"]))
         row = {"case": c, "record": r, "overhead": point, "low": lo, "high": hi,
-               "residual_ms": base["time_ms"]["median"], "ms": r["time_ms"]["median"]}
+               "residual_ms": statistics.median(peer["samples"]), "ms": r["time_ms"]["median"]}
         copy, mm = r.get("copy_gbps"), r.get("matmul_tflops_measured")
         if copy and mm:
-            res_case = _case(base)
+            res_case = _residual_case(c)
             row["predicted_floor"] = predict.predicted_overhead(c, res_case, copy, mm)
             eff = _site_efficiency(records, c)
             row["site_efficiency"] = eff
@@ -121,22 +132,22 @@ def verdict(records: list[dict], env: dict) -> list[dict]:
 
 
 def recompute_rows(records: list[dict]) -> list[dict]:
-    """Recompute cases against the same method without recompute in the same group."""
-    ok = [r for r in records if r["status"] == "ok" and r["case"]["scope"] == "model"]
-    plain = {(r.get("group"), r["case"]["method"], r["case"]["backend"], r["case"]["n"]): r
-             for r in ok if r["case"]["recompute"] == "none"}
+    """Recompute cases against the same method without recompute, timed together."""
+    by_id = {r["case_id"]: r for r in records if r["status"] == "ok"}
     rows = []
-    for r in ok:
+    for r in by_id.values():
         c = _case(r)
-        if c.recompute == "none":
+        if c.scope != "model" or c.recompute in (None, "none"):
             continue
-        base = plain.get((r.get("group"), c.method, c.backend, c.n))
-        if base is None:
+        found = _peer(r, method=c.method, backend=c.backend, n=c.n, recompute="none")
+        if found is None:
             continue
+        case_id, peer = found
+        base = by_id.get(case_id, {})
         s = predict.ELEMENT_BYTES[c.dtype]
         act, act0 = r.get("activation_peak_bytes"), base.get("activation_peak_bytes")
         rows.append({"case": c, "time_cost_pct": overhead_pct(r["time_ms"]["median"],
-                                                              base["time_ms"]["median"]),
+                                                              statistics.median(peer["samples"])),
                      "saved_bytes": None if act is None or act0 is None else act0 - act,
                      "activation_bytes": act,
                      "model_bytes": recompute.memory_model(c.n, c.C, c.layers, c.L_r) * c.T * s})
@@ -172,15 +183,15 @@ def markdown_lines(records: list[dict], env: dict) -> list[str]:
     lines: list[str] = []
     if rows:
         lines += ["", "## Overhead verdict (whole steps, interleaved in this run)", "",
-                  f"Overhead = (t_method - t_residual) / t_residual of median step times; interval: "
+                  (f"Overhead = (t_method - t_residual) / t_residual of median step times; interval: "
                   f"{100 * LEVEL:.0f}% paired bootstrap over measurement rounds. The paper's figure "
                   f"is {PAPER_OVERHEAD_PCT}% (n = 4, fused kernels, recompute, pipeline overlap; "
                   "setup not disclosed). Predicted: the overhead model (suite/predict.py) at this "
                   "run's copy and bf16 matmul rates, at the bytes floor and at the connection "
-                  "kernels' measured fraction of the copy rate (the run's site cases).", "",
-                  "| scope | method | backend | recompute | L_r | C | layers | residual ms | "
+                  "kernels' measured fraction of the copy rate (the run's site cases)."), "",
+                  ("| scope | method | backend | recompute | L_r | C | layers | residual ms | "
                   "method ms | overhead % [95% CI] | paper % | predicted % floor | predicted % at "
-                  "site eff. | tokens/s | peak MiB |",
+                  "site eff. | tokens/s | peak MiB |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
             c, r = row["case"], row["record"]
@@ -193,8 +204,8 @@ def markdown_lines(records: list[dict], env: dict) -> list[str]:
                 f"{_fmt(row.get('predicted_floor'))} | "
                 f"{at_eff} | "
                 f"{r['tokens_per_s']:.3g} | {_mib(r.get('peak_mem_bytes'))} |")
-        lines += ["", "Width from which the measured overhead stays below the paper's "
-                  f"{PAPER_OVERHEAD_PCT}% (model scope, measured widths only):", ""]
+        lines += ["", ("Width from which the measured overhead stays below the paper's "
+                  f"{PAPER_OVERHEAD_PCT}% (model scope, measured widths only):"), ""]
         series = defaultdict(list)
         for row in rows:
             c = row["case"]
@@ -207,10 +218,10 @@ def markdown_lines(records: list[dict], env: dict) -> list[str]:
         preds = [row for row in rows if row.get("other_gpus") and row["case"].scope == "model"]
         if preds:
             names = list(predict.PUBLISHED)
-            lines += ["", "**Prediction, not measurement**: the same overhead model evaluated for "
+            lines += ["", ("**Prediction, not measurement**: the same overhead model evaluated for "
                       "other GPUs, this run's rates scaled by their published bandwidth and dense "
                       "bf16 rates (suite/predict.py cites the datasheets), at the measured kernel "
-                      "efficiency where the run has it.", "",
+                      "efficiency where the run has it."), "",
                       "| method | recompute | C | " + " | ".join(f"{n} predicted %" for n in names)
                       + " |", "|---|---|---|" + "---|" * len(names)]
             for row in preds:
@@ -220,12 +231,12 @@ def markdown_lines(records: list[dict], env: dict) -> list[str]:
     rc_rows = recompute_rows(records)
     if rc_rows:
         lines += ["", "## Recompute", "",
-                  "Time cost and activation memory against the same method without recompute, "
+                  ("Time cost and activation memory against the same method without recompute, "
                   "same group. Activation MiB = device memory a step needs above what it held "
                   "before it. Eq. 20's model, n C ceil(L/L_r) + (n+2) C L_r elements per token, "
-                  "counts only the connection's states.", "",
-                  "| method | recompute | L_r | C | layers | time cost % | activation MiB | saved MiB "
-                  "| Eq. 20 model MiB |", "|---|---|---|---|---|---|---|---|---|"]
+                  "counts only the connection's states."), "",
+                  ("| method | recompute | L_r | C | layers | time cost % | activation MiB | saved MiB "
+                  "| Eq. 20 model MiB |"), "|---|---|---|---|---|---|---|---|---|"]
         for row in rc_rows:
             c = row["case"]
             lines.append(f"| {c.method} | {c.recompute} | {c.L_r} | {c.C} | {c.layers} | "
@@ -233,8 +244,8 @@ def markdown_lines(records: list[dict], env: dict) -> list[str]:
                          f"{_mib(row['saved_bytes'])} | {_mib(row['model_bytes'])} |")
         best = best_lr_rows(rc_rows)
         if best:
-            lines += ["", "| method | C | layers | best L_r (memory) | best L_r (time) | "
-                      "sqrt(nL/(n+2)) | Eq. 20 integer optimum |", "|---|---|---|---|---|---|---|"]
+            lines += ["", ("| method | C | layers | best L_r (memory) | best L_r (time) | "
+                      "sqrt(nL/(n+2)) | Eq. 20 integer optimum |"), "|---|---|---|---|---|---|---|"]
             for b in best:
                 lines.append(f"| {b['method']} | {b['C']} | {b['layers']} | {b['best_memory_lr']} | "
                              f"{b['best_time_lr']} | {b['formula']:.2f} | {b['model_best']} |")

@@ -131,9 +131,8 @@ def matmul_rate_tflops(timer, size: int | None = None) -> dict:
     """bf16 dense matmul rate (square, size^3), with the suite's one timer."""
     size = size or (8192 if timer.cuda else 256)
     dtype = torch.bfloat16 if timer.cuda else torch.float32
-    a = torch.randn(size, size, device=timer.device, dtype=dtype)
-    b = torch.randn(size, size, device=timer.device, dtype=dtype)
-    timing = timer.time(lambda: a @ b, warmup_ms=50, rep_ms=200)
-    del a, b
+    ab = [torch.randn(size, size, device=timer.device, dtype=dtype) for _ in range(2)]
+    timing = timer.time(lambda: ab[0] @ ab[1], warmup_ms=50, rep_ms=200)
+    ab.clear()
     return {"tflops": 2 * size ** 3 / (timing.median * 1e-3) / 1e12, "size": size,
             "dtype": str(dtype).replace("torch.", ""), "time_ms": timing.summary()}

@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from suite import predict
-from suite.model import ModelConfig, Transformer, Layer, init_weights
+from suite.model import Layer, ModelConfig, Transformer, init_weights
 from suite.scenario import Case
 from suite.timing import Timer, Timing
 from suite.tolerance import rel_err
@@ -245,16 +245,72 @@ def _activation_peak(step: Step, timer: Timer) -> int | None:
     return torch.cuda.max_memory_allocated() - before
 
 
+def persistent_estimate(case: Case) -> int:
+    """Bytes a built case holds between steps: weights, gradients and AdamW's two moments in the
+    state dtype (connection parameters ignored: they are small)."""
+    s = predict.ELEMENT_BYTES[case.dtype]
+    C, r = case.C, case.mlp_ratio
+    params = case.layers * (4 + 2 * r) * C * C + 2 * (case.vocab or 0) * C
+    return params * s * (4 if case.scope == "model" else 2)
+
+
+def memory_budget(device: str) -> float:
+    """Persistent bytes one subgroup may hold: 60% of the GPU, leaving room for one step's
+    activations and the gate; unbounded on a CPU (tests use tiny shapes)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return math.inf
+    return 0.6 * torch.cuda.get_device_properties(0).total_memory
+
+
+def _baselines_of(case: Case, cases: list[Case]) -> list[Case]:
+    """What `case` is compared with: the group's residual and its own method without recompute."""
+    out = []
+    for c in cases:
+        if c is case:
+            continue
+        residual = c.method == "residual" and c.recompute == "none"
+        own_plain = (case.recompute != "none" and c.recompute == "none" and c.method == case.method
+                     and c.backend == case.backend and c.n == case.n)
+        if residual or own_plain:
+            out.append(c)
+    return out
+
+
+def subgroups(cases: list[Case], budget: float) -> list[list[Case]]:
+    """Packs a comparison group into sets that fit the memory budget together; each set holds
+    every member's baselines, so a comparison is always between cases timed together. A
+    baseline may be timed in several sets; its record comes from the first."""
+    sets: list[list[Case]] = []
+    current: list[Case] = []
+    for case in cases:
+        trial = list(current)
+        for c in [case] + _baselines_of(case, cases):
+            if all(c is not t for t in trial):
+                trial.append(c)
+        if current and sum(map(persistent_estimate, trial)) > budget:
+            sets.append(current)
+            trial = [case]
+            for c in _baselines_of(case, cases):
+                trial.append(c)
+        current = trial
+    if current:
+        sets.append(current)
+    # Keep the scenario's order inside each set.
+    order = {id(c): i for i, c in enumerate(cases)}
+    return [sorted(s, key=lambda c: order[id(c)]) for s in sets]
+
+
 def run_group(session, items: list, view=None) -> None:
     """Measures one comparison group (a list of (scenario name, Case)) into session's store."""
     from suite import runner
     if not items:
         return
-    steps, records = [], []
+    records, passing = {}, []
     for name, case in items:
         if view:
             view.starting(case)
         record = _new_record(session, case, name)
+        records[id(case)] = (case, record)
         t0 = time.perf_counter()
         reason = runner.unavailable(case)
         if reason:
@@ -263,55 +319,82 @@ def run_group(session, items: list, view=None) -> None:
             try:
                 with runner.deadline(case.timeout_s):
                     result = check(case, case.device)
-                    record["check"] = result
-                    if not result["passed"]:
-                        record.update(status="failed",
-                                      reason=f"check failed: {result['worst']} rel err "
-                                             f"{result['max_rel_err']:.3g} > tol {result['tol']:.1g}")
-                    else:
-                        steps.append((Step(case, case.device, case.seed), record))
-            except torch.cuda.OutOfMemoryError as exc:
-                record.update(status="failed", reason=f"out of memory: {runner._first_line(exc)}")
-            except Exception as exc:
-                record.update(status="failed", reason=f"{type(exc).__name__}: {runner._first_line(exc)}",
-                              traceback=traceback.format_exc(limit=8))
+                record["check"] = result
+                if result["passed"]:
+                    passing.append(case)
+                else:
+                    record.update(status="failed",
+                                  reason=f"check failed: {result['worst']} rel err "
+                                         f"{result['max_rel_err']:.3g} > tol {result['tol']:.1g}")
+            except Exception as exc:  # noqa: BLE001  (one failing case never stops the sweep)
+                _fail(record, exc, runner)
         record["wall_s"] = round(time.perf_counter() - t0, 3)
-        records.append((case, record))
         gc.collect()
-    if steps:
-        device = steps[0][0].case.device
-        timer = session.timer(device)
-        rate = matmul_rate(session, device)
-        first = steps[0][0].case
-        t0 = time.perf_counter()
-        try:
-            with runner.deadline(sum(s.case.timeout_s for s, _ in steps)):
-                timings = time_interleaved(timer, [s.call for s, _ in steps], first.warmup_ms,
-                                           first.rep_ms)
-                for (step, record), (timing, rounds) in zip(steps, timings):
-                    _fill(session, step, record, timing, rounds, timer, rate)
-        except Exception as exc:
-            why = (f"out of memory: {runner._first_line(exc)}"
-                   if isinstance(exc, torch.cuda.OutOfMemoryError)
-                   else f"{type(exc).__name__}: {runner._first_line(exc)}")
-            for _, record in steps:
-                if record["time_ms"] is None:
-                    record.update(status="failed", reason=f"interleaved timing: {why}")
-        for _, record in steps:
-            record["wall_s"] = round(record["wall_s"] + time.perf_counter() - t0, 3)
-    steps.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    for case, record in records:
+    if passing:
+        device = passing[0].device
+        budget = memory_budget(device)
+        for index, members in enumerate(subgroups(passing, budget)):
+            _time_subgroup(session, members, records, index, runner)
+    for case, record in records.values():
+        if record["status"] == "ok" and record["time_ms"] is None:
+            record.update(status="failed", reason="not timed (its subgroup failed)")
         session.store.add(record)
         if view:
             view.finished(case, record)
 
 
+def _fail(record: dict, exc: BaseException, runner) -> None:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        record.update(status="failed", reason=f"out of memory: {runner._first_line(exc)}")
+    else:
+        record.update(status="failed", reason=f"{type(exc).__name__}: {runner._first_line(exc)}",
+                      traceback=traceback.format_exc(limit=8))
+
+
+def _time_subgroup(session, members: list[Case], records: dict, index: int, runner) -> None:
+    """Builds the members, times them interleaved, fills the records not yet timed and gives
+    every record the samples of what it was timed with (`interleaved_with`)."""
+    built = []
+    t0 = time.perf_counter()
+    try:
+        with runner.deadline(sum(c.timeout_s for c in members)):
+            for case in members:
+                built.append(Step(case, case.device, case.seed))
+            timer = session.timer(members[0].device)
+            rate = matmul_rate(session, members[0].device)
+            timings = time_interleaved(timer, [s.call for s in built], members[0].warmup_ms,
+                                       members[0].rep_ms)
+            peers = {c.case_id: {"method": c.method, "backend": c.backend, "n": c.n,
+                                 "recompute": c.recompute, "L_r": c.L_r,
+                                 "samples": [round(x, 6) for x in t.samples], "rounds": rounds}
+                     for c, (t, rounds) in zip(members, timings)}
+            for step, (timing, rounds) in zip(built, timings):
+                case, record = records[id(step.case)]
+                if record["time_ms"] is None:
+                    _fill(session, step, record, timing, rounds, timer, rate)
+                    record["subgroup"] = index
+                    record["interleaved_with"] = {k: v for k, v in peers.items()
+                                                  if k != case.case_id}
+    except Exception as exc:  # noqa: BLE001  (recorded as failed; the sweep goes on)
+        for case in members:
+            _, record = records[id(case)]
+            if record["time_ms"] is None and record["status"] == "ok":
+                _fail(record, exc, runner)
+                record["reason"] = "interleaved timing: " + record["reason"]
+    finally:
+        spent = time.perf_counter() - t0
+        for case in members:
+            _, record = records[id(case)]
+            record["wall_s"] = round(record.get("wall_s", 0) + spent / len(members), 3)
+        built.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def _new_record(session, case: Case, name: str) -> dict:
-    from suite.store import RECORD_SCHEMA
     from suite import runner
+    from suite.store import RECORD_SCHEMA
     return {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
             "scenario": name, "status": "ok", "reason": None, "time_ms": None,
             "bytes": None, "flops": None, "gbps": None, "tflops": None,
