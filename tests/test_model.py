@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import kernels
-from kernels import Ops, reference as ref
+from kernels import Ops
+from kernels import reference as ref
 from suite import cli, recompute, stability, steps
 from suite.model import ModelConfig, Transformer
 from suite.scenario import Case, ScenarioError, normalise, parse
 from suite.store import read_records
 
-TINY = dict(C=32, layers=3, heads=4, seq=16, vocab=64, n=4, dtype="fp32")
+TINY = {"C": 32, "layers": 3, "heads": 4, "seq": 16, "vocab": 64, "n": 4, "dtype": "fp32"}
 
 
 def tokens(batch=2, seq=16, vocab=64, seed=3):
@@ -77,8 +78,8 @@ def test_memory_model_and_best_block():
 
 
 def model_case(**kw):
-    base = dict(method="mhc", C=64, T=32, backend="torch", n=4, dtype="bf16", mode="fwd+bwd",
-                scope="model", device="cpu", layers=2, heads=2, seq=32, vocab=128)
+    base = {"method": "mhc", "C": 64, "T": 32, "backend": "torch", "n": 4, "dtype": "bf16", "mode": "fwd+bwd",
+                "scope": "model", "device": "cpu", "layers": 2, "heads": 2, "seq": 32, "vocab": 128}
     return normalise(Case(**{**base, **kw}))
 
 
@@ -99,12 +100,12 @@ def fake_backend(monkeypatch):
 
 
 def test_model_gate_fails_a_wrong_kernel(fake_backend):
-    short = lambda *a, **k: ref.mhc_pre(*a, **{**k, "sinkhorn_iters": 3})   # noqa: E731
+    short = lambda *a, **k: ref.mhc_pre(*a, **{**k, "sinkhorn_iters": 3})
     fake_backend["mhc"] = Ops("mhc", "fake", pre=short, post=ref.post)
     for scope in ("model", "layer"):
         result = steps.check(model_case(backend="fake", scope=scope, dtype="fp32"), "cpu")
         assert not result["passed"] and result["max_rel_err"] > 10 * result["tol"]
-    transposed = lambda x, f, hp, hr: ref.post(x, f, hp, hr.transpose(-1, -2))   # noqa: E731
+    transposed = lambda x, f, hp, hr: ref.post(x, f, hp, hr.transpose(-1, -2))
     fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=transposed)
     assert not steps.check(model_case(backend="fake"), "cpu")["passed"]
 

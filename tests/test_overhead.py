@@ -55,9 +55,9 @@ def test_crossing_width():
 
 
 def step_case(method, C=2560, recompute="none", **kw):
-    base = dict(method=method, C=C, T=4096, n=4, dtype="bf16", mode="fwd+bwd", scope="model",
-                device="cuda", layers=12, seq=4096, vocab=8192, recompute=recompute,
-                backend="torch" if method == "residual" else "triton")
+    base = {"method": method, "C": C, "T": 4096, "n": 4, "dtype": "bf16", "mode": "fwd+bwd", "scope": "model",
+                "device": "cuda", "layers": 12, "seq": 4096, "vocab": 8192, "recompute": recompute,
+                "backend": "torch" if method == "residual" else "triton"}
     return normalise(Case(**{**base, **kw}))
 
 
