@@ -62,6 +62,9 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     for r in sorted(records, key=_sort_key):
         c, t = r["case"], r.get("time_ms")
         row = ["" if c.get(k) is None else str(c.get(k)) for k in COLUMNS]
+        if c.get("scope", "site") != "site":   # a whole layer or step: say so where op would be
+            lr = f"/{c['L_r']}" if c.get("L_r") else ""
+            row[COLUMNS.index("op")] = f"{c['scope']} L={c.get('layers')} rc={c.get('recompute')}{lr}"
         if r["status"] == "ok":
             noisy = " !" if t["cv"] > NOISY_CV else ""
             row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}{noisy}",
