@@ -41,24 +41,24 @@ make env >/dev/null || echo "make env failed"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw --format=csv
 
 stamp "overhead C=2560,7168"
-timeout -k 10 170 $PY harness.py run scenarios/overhead.yaml --out "$RUNS/overhead" \
+timeout -k 10 160 $PY harness.py run scenarios/overhead.yaml --out "$RUNS/overhead" \
     --only C=2560,7168
 echo "exit $?"
 RUN=$(ls -d "$RUNS/overhead"/2*/ 2>/dev/null | head -1)
 if [ -n "$RUN" ]; then
     stamp "overhead C=1280,1920,4096 (same run folder, resumed)"
-    timeout -k 10 110 $PY harness.py run scenarios/overhead.yaml --resume "$RUN" \
+    timeout -k 10 100 $PY harness.py run scenarios/overhead.yaml --resume "$RUN" \
         --only C=1280,1920,4096
     echo "exit $?"
 fi
 
 stamp "recompute L=12"
-timeout -k 10 110 $PY harness.py run scenarios/recompute.yaml --out "$RUNS/recompute" \
+timeout -k 10 100 $PY harness.py run scenarios/recompute.yaml --out "$RUNS/recompute" \
     --only layers=12
 echo "exit $?"
 
 stamp "stability"
-timeout -k 10 50 $PY scripts/stability.py --out "$RUNS/stability" --steps 200
+timeout -k 10 70 $PY scripts/stability.py --out "$RUNS/stability" --steps 200
 echo "exit $?"
 
 for name in overhead recompute; do

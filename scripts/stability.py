@@ -57,6 +57,9 @@ def main(argv=None) -> int:
         if method != "residual":
             entry["trained"] = stability.amax_gains(stability.h_res_per_site(model, probe), a.seq)
         result["methods"][method] = entry
+        # Written after every method, so a run cut short by its time limit still leaves results.
+        (a.out / "stability.json").write_text(json.dumps(result, indent=1))
+        (a.out / "stability.md").write_text(markdown(result))
         print(f"{method}: loss {entry['loss'][0]:.3f} -> {entry['loss'][-1]:.3f} in "
               f"{entry['train_s']} s" + ("" if method == "residual" else
               f"; max composite gain fwd/bwd fresh {max(entry['fresh']['forward']):.3g}/"
@@ -77,9 +80,11 @@ def markdown(result: dict) -> str:
              "", ("| depth (site) | HC fwd fresh | HC bwd fresh | HC fwd trained | HC bwd trained | "
              "mHC fwd fresh | mHC bwd fresh | mHC fwd trained | mHC bwd trained |"),
              "|---|---|---|---|---|---|---|---|---|"]
-    for k in range(len(m["hc"]["fresh"]["forward"])):
-        cells = [f"{m[meth][when][d][k]:.4g}" for meth in ("hc", "mhc")
-                 for when in ("fresh", "trained") for d in ("forward", "backward")]
+    depth = max((len(m[k]["fresh"]["forward"]) for k in ("hc", "mhc") if k in m), default=0)
+    for k in range(depth):
+        cells = [f"{m[meth][when][d][k]:.4g}" if meth in m else "not run"
+                 for meth in ("hc", "mhc") for when in ("fresh", "trained")
+                 for d in ("forward", "backward")]
         lines.append(f"| {k + 1} | " + " | ".join(cells) + " |")
     lines += ["", "Loss (every 10th step):", "", "| step | " + " | ".join(m) + " |",
               "|---|" + "---|" * len(m)]

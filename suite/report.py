@@ -95,6 +95,9 @@ def _label(r: dict) -> str:
     c = r["case"]
     n = "" if c["method"] == "residual" else f" n={c['n']}"
     op = "" if c["op"] == "site" else f" {c['op']}"
+    if c.get("scope", "site") != "site":
+        lr = f" L_r={c['L_r']}" if c.get("L_r") else ""
+        op = f" {c['scope']} L={c.get('layers')} recompute={c.get('recompute')}{lr}"
     return f"{c['method']}/{c['backend']}{op}{n} C={c['C']} T={c['T']} {c['dtype']} {c['mode']} {c['device']}"
 
 
