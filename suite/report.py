@@ -14,6 +14,7 @@ from suite.store import atomic_write, read_records
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
 # Every field that changes what is measured, so a ratio joins exactly the same case.
 IDENTITY = tuple(c for c in COLUMNS if c != "backend") + ("scope", "gpus")
+IDENTITY += ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
 HEADER = {"sinkhorn_iters": "iters"}
 NOISY_CV = 0.05      # above this, a row's CV is marked "!": its median deserves less trust
 ORDER = {"residual": 0, "hc": 1, "mhc": 2}
@@ -62,6 +63,9 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     for r in sorted(records, key=_sort_key):
         c, t = r["case"], r.get("time_ms")
         row = ["" if c.get(k) is None else str(c.get(k)) for k in COLUMNS]
+        if c.get("scope", "site") != "site":   # a whole layer or step: say so where op would be
+            lr = f"/{c['L_r']}" if c.get("L_r") else ""
+            row[COLUMNS.index("op")] = f"{c['scope']} L={c.get('layers')} rc={c.get('recompute')}{lr}"
         if r["status"] == "ok":
             noisy = " !" if t["cv"] > NOISY_CV else ""
             row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}{noisy}",
@@ -92,6 +96,9 @@ def _label(r: dict) -> str:
     c = r["case"]
     n = "" if c["method"] == "residual" else f" n={c['n']}"
     op = "" if c["op"] == "site" else f" {c['op']}"
+    if c.get("scope", "site") != "site":
+        lr = f" L_r={c['L_r']}" if c.get("L_r") else ""
+        op = f" {c['scope']} L={c.get('layers')} recompute={c.get('recompute')}{lr}"
     return f"{c['method']}/{c['backend']}{op}{n} C={c['C']} T={c['T']} {c['dtype']} {c['mode']} {c['device']}"
 
 
@@ -177,6 +184,8 @@ def markdown(run_dir: Path) -> str:
         lines += [f"- **{backend}**: {what}" for backend, what in variants]
     lines += report_sections.traffic_markdown(records)
     lines += report_sections.state_markdown(records, env)
+    from suite import overhead
+    lines += overhead.markdown_lines(records, env)
     grouped = reasons(records)
     if grouped:
         lines += ["", "## Skipped and failed cases", ""]

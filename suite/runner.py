@@ -296,9 +296,14 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
     interrupted = False
     try:
         for name, case in todo:
+            if case.scope != "site":
+                continue    # layer and model: below, timed interleaved with their group
             view.starting(case)
             record = session.run_case(case, name)
             view.finished(case, record)
+        from suite import steps
+        for group in steps.groups([(n, c) for n, c in todo if c.scope != "site"]):
+            steps.run_group(session, group, view)
     except KeyboardInterrupt:
         interrupted = True
         print(f"\ninterrupted: {len(store.records)} finished cases kept in {store.dir}; "

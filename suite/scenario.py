@@ -26,7 +26,8 @@ import kernels
 
 DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("fwd", "fwd+bwd")
-SCOPES = ("site",)
+SCOPES = ("site", "layer", "model")
+RECOMPUTE = ("none", "mhc", "full")
 OPS = ("site", "coeffs", "pre", "post")
 DEVICES = ("cuda", "cpu")
 MAX_N = 16
@@ -60,13 +61,23 @@ class Case:
     rep_ms: float = 100.0
     timeout_s: float = 1200.0
     traffic: bool = False           # also measure DRAM traffic in one pass under Nsight Compute
+    # Whole-model fields (scope layer and model); None for scope site, so site ids do not change.
+    layers: int | None = None
+    heads: int | None = None
+    mlp_ratio: int | None = None
+    seq: int | None = None
+    vocab: int | None = None
+    recompute: str | None = None
+    L_r: int | None = None
 
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
     RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s", "traffic")
+    MODEL_FIELDS = ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
 
     @property
     def case_id(self) -> str:
-        what = {k: v for k, v in asdict(self).items() if k not in self.RUN_CONTROL}
+        what = {k: v for k, v in asdict(self).items() if k not in self.RUN_CONTROL
+                and not (k in self.MODEL_FIELDS and v is None)}
         blob = json.dumps(what, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -76,7 +87,11 @@ class Case:
     def label(self) -> str:
         n = "" if self.method == "residual" else f" n={self.n}"
         op = "" if self.op == "site" else f" {self.op}"
-        return (f"{self.method}/{self.backend}{op}{n} C={self.C} T={self.T} {self.dtype} "
+        model = ""
+        if self.scope != "site":
+            rc = "" if self.recompute == "none" else f" recompute={self.recompute} L_r={self.L_r}"
+            model = f" {self.scope} L={self.layers} seq={self.seq}{rc}"
+        return (f"{self.method}/{self.backend}{op}{n}{model} C={self.C} T={self.T} {self.dtype} "
                 f"{self.mode} on {self.device}")
 
 
@@ -118,6 +133,10 @@ def _check_value(key: str, v: Any) -> str | None:
         return choice(DEVICES)
     if key == "n":
         return int_range(1, MAX_N)
+    if key in ("layers", "heads", "mlp_ratio", "seq", "vocab", "L_r"):
+        return int_range(1)
+    if key == "recompute":
+        return choice(RECOMPUTE)
     if key in ("C", "T", "gpus", "sinkhorn_iters"):
         return int_range(1)
     if key == "seed":
@@ -265,6 +284,10 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
                             "set it in defaults, sweep or include")
             continue
         case = normalise(Case(**values))
+        bad = model_problems(case)
+        if bad:
+            problems.append(f"{label}: case {i + 1} ({_short(values)}): {bad}")
+            continue
         if case.method == "residual" and case.op == "coeffs":
             continue  # residual has no coefficients; dropped like a duplicate
         if case.case_id not in seen:
@@ -279,11 +302,56 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
 
 def normalise(case: Case) -> Case:
     """Fields that do not apply to a method are fixed, so equivalent cases share one id."""
+    case = normalise_model(case)
     if case.method == "residual":
         return replace(case, n=1, sinkhorn_iters=None)
     if case.method == "hc":
         return replace(case, sinkhorn_iters=None)
     return case
+
+
+# Defaults of the whole-model fields; they enter the id only for scope layer and model.
+MODEL_DEFAULTS = {"mlp_ratio": 4, "vocab": 8192, "recompute": "none"}
+HEAD_DIM = 128
+
+
+def normalise_model(case: Case) -> Case:
+    if case.scope == "site":
+        return replace(case, **{k: None for k in Case.MODEL_FIELDS})
+    fill = {k: v for k, v in MODEL_DEFAULTS.items() if getattr(case, k) is None}
+    case = replace(case, **fill)
+    if case.scope == "layer":
+        case = replace(case, layers=1, vocab=None)      # one layer: no embedding or head
+    elif case.layers is None:
+        case = replace(case, layers=2)
+    if case.heads is None:
+        case = replace(case, heads=max(1, case.C // HEAD_DIM))
+    if case.seq is None:
+        case = replace(case, seq=min(case.T, 4096))
+    if case.method == "residual" and case.recompute == "mhc":
+        case = replace(case, recompute="none")   # nothing of the connection to recompute
+    if case.recompute == "none":
+        case = replace(case, L_r=None)
+    elif case.L_r is None:
+        case = replace(case, L_r=1)
+    return case
+
+
+def model_problems(case: Case) -> str | None:
+    """Cross-field rules of scope layer and model: one line, or None."""
+    if case.scope == "site":
+        return None
+    if case.op != "site":
+        return f"op: {case.op!r} is not allowed with scope {case.scope}; allowed: site"
+    if case.scope == "model" and case.mode != "fwd+bwd":
+        return f"mode: {case.mode!r} is not allowed with scope model (a training step); allowed: fwd+bwd"
+    if case.T % case.seq:
+        return f"T: {case.T} is not a multiple of seq {case.seq}; allowed: T = batch * seq"
+    if case.C % case.heads:
+        return f"heads: {case.heads} does not divide C {case.C}; allowed: divisors of C"
+    if case.L_r is not None and case.L_r > case.layers:
+        return f"L_r: {case.L_r} is more than layers {case.layers}; allowed: integers 1..{case.layers}"
+    return None
 
 
 def _product(spec: dict) -> Iterable[dict]:

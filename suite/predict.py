@@ -1,0 +1,138 @@
+"""The overhead model: a step's time from its bytes and FLOPs, and what it says on other GPUs.
+
+A step is split into what tensor cores do (matmul FLOPs, at the bf16 matmul rate measured in the
+same run) and what memory does (bytes of everything else, at the copy rate measured in the same
+run; suite.cost's site floors for the connection). Predicted time = matmul FLOPs / matmul rate +
+bytes / copy rate. The connection's bytes can be divided by an efficiency (the fraction of the
+copy rate its kernels reach, read from the run's site cases when it has them); efficiency 1 is
+the floor.
+
+Per token, per layer (C width, r MLP ratio, S sequence, s bytes per state element):
+  matmul FLOPs forward: QKV + output 8C^2, causal attention 2*S*C (QK^T and PV, half the square),
+  MLP 4rC^2; backward twice the forward; `full` recompute runs the forward again.
+  other bytes forward: two RMSNorms 4C, GELU 2rC, attention layout copies 2C (all times s);
+  backward twice that. Model scope adds the head (2CV FLOPs forward), the embedding gather
+  and AdamW: read p, g, m, v and write p, m, v, 7 s bytes per parameter (fp32 for the
+  connection's parameters).
+  connection: two sites per layer, suite.cost.case_cost(site); `mhc` recompute reruns their
+  forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from suite import cost as site_cost
+from suite.scenario import Case
+
+# Published figures (dense bf16 tensor-core rate; memory bandwidth), for GPUs not in the run.
+# Predictions for them scale this run's measured rates by the published ratio, so each GPU is
+# assumed to reach the same fraction of its datasheet as the measured one.
+PUBLISHED = {
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM5 80 GB): 3.35 TB/s HBM3; BF16 1,979 TFLOPS
+    # "with sparsity", so 989 dense. https://www.nvidia.com/en-us/data-center/h100/
+    "H100 SXM": {"bandwidth_gbps": 3350, "bf16_tflops": 989},
+    # NVIDIA H200 datasheet (SXM 141 GB): 4.8 TB/s HBM3e; BF16 1,979 TFLOPS with sparsity.
+    # https://www.nvidia.com/en-us/data-center/h200/
+    "H200": {"bandwidth_gbps": 4800, "bf16_tflops": 989},
+    # NVIDIA HGX B200 specifications (per GPU): 8 TB/s HBM3e; FP16/BF16 4.5 PFLOPS with
+    # sparsity, so 2,250 dense. https://www.nvidia.com/en-us/data-center/hgx/
+    "B200": {"bandwidth_gbps": 8000, "bf16_tflops": 2250},
+}
+# Which published row a measured GPU name corresponds to (its datasheet is the scale's base).
+NAME_MATCH = {"H100": "H100 SXM", "H200": "H200", "B200": "B200"}
+SITES_PER_LAYER = 2
+ELEMENT_BYTES = site_cost.ELEMENT_BYTES
+
+
+@dataclass(frozen=True)
+class StepCost:
+    read: int
+    write: int
+    matmul_flops: int            # tensor-core work
+    other_flops: int             # element-wise and the connection (memory-bound)
+    conn_bytes: int              # the connection's share of read + write
+
+    @property
+    def total(self) -> int:
+        return self.read + self.write
+
+    @property
+    def flops(self) -> int:
+        return self.matmul_flops + self.other_flops
+
+
+def step_cost(case: Case) -> StepCost:
+    s = ELEMENT_BYTES[case.dtype]
+    C, T, L, r, S = case.C, case.T, case.layers, case.mlp_ratio, case.seq
+    bwd = case.mode == "fwd+bwd"
+    fwd_mm = 8 * C * C + 2 * S * C + 4 * r * C * C
+    passes = 1 + (2 if bwd else 0) + (1 if bwd and case.recompute == "full" else 0)
+    matmul = fwd_mm * passes * T * L
+    other = (4 * C + 2 * r * C + 2 * C) * s * T * L * (3 if bwd else 1)
+    if bwd and case.recompute == "full":
+        other += (4 * C + 2 * r * C + 2 * C) * s * T * L
+    mode = "fwd+bwd" if bwd else "fwd"
+    n = 1 if case.method == "residual" else case.n
+    site = site_cost.case_cost(case.method, "site", mode, n, C, T, case.dtype, case.sinkhorn_iters)
+    conn = SITES_PER_LAYER * L * site.total
+    conn_flops = SITES_PER_LAYER * L * site.flops
+    if bwd and case.recompute in ("mhc", "full"):
+        again = site_cost.forward_cost(case.method, "site", n, C, T, case.dtype,
+                                       case.sinkhorn_iters or 0)
+        conn += SITES_PER_LAYER * L * again.total
+        conn_flops += SITES_PER_LAYER * L * again.flops
+    if case.scope == "model":
+        V = case.vocab
+        matmul += 2 * C * V * T * (3 if bwd else 1)
+        other += (C * s + n * C * s + 4 * V) * T          # gather, stream copy, fp32 logits
+        weights = L * (4 + 2 * r) * C * C + 2 * V * C
+        conn_params = L * SITES_PER_LAYER * site_cost._param_bytes(case.method, n, C) // 4
+        other += 7 * (weights * s + conn_params * 4)
+    half = other // 2
+    return StepCost(read=half + conn // 2, write=other - half + conn - conn // 2,
+                    matmul_flops=matmul, other_flops=conn_flops, conn_bytes=conn)
+
+
+def predict_ms(case: Case, copy_gbps: float, matmul_tflops: float,
+               conn_efficiency: float = 1.0) -> dict:
+    """Predicted step time (ms) and its parts for `case` at the given rates."""
+    c = step_cost(case)
+    mm = c.matmul_flops / (matmul_tflops * 1e12) * 1e3
+    other = (c.total - c.conn_bytes) / (copy_gbps * 1e9) * 1e3
+    conn = c.conn_bytes / (copy_gbps * 1e9 * conn_efficiency) * 1e3
+    return {"total_ms": mm + other + conn, "matmul_ms": mm, "memory_ms": other, "connection_ms": conn}
+
+
+def predicted_overhead(case: Case, residual: Case, copy_gbps: float, matmul_tflops: float,
+                       conn_efficiency: float = 1.0) -> float:
+    """(t_method - t_residual) / t_residual in percent, both predicted at the same rates; the
+    residual's own connection (x + f) runs at the floor, its kernel is a plain add."""
+    t = predict_ms(case, copy_gbps, matmul_tflops, conn_efficiency)["total_ms"]
+    t0 = predict_ms(residual, copy_gbps, matmul_tflops, 1.0)["total_ms"]
+    return 100.0 * (t - t0) / t0
+
+
+def rates_for(gpu: str, measured_gpu: str | None, copy_gbps: float, matmul_tflops: float) -> dict:
+    """Rates on a published GPU, scaled from this run's measured rates (same fraction of the
+    datasheet), or the datasheet's own figures times a typical fraction when no base matches."""
+    target = PUBLISHED[gpu]
+    base = next((PUBLISHED[v] for k, v in NAME_MATCH.items()
+                 if measured_gpu and k in measured_gpu), None)
+    if base is None:
+        return {"copy_gbps": copy_gbps, "matmul_tflops": matmul_tflops, "scaled_from": None}
+    return {"copy_gbps": copy_gbps * target["bandwidth_gbps"] / base["bandwidth_gbps"],
+            "matmul_tflops": matmul_tflops * target["bf16_tflops"] / base["bf16_tflops"],
+            "scaled_from": measured_gpu}
+
+
+def matmul_rate_tflops(timer, size: int | None = None) -> dict:
+    """bf16 dense matmul rate (square, size^3), with the suite's one timer."""
+    size = size or (8192 if timer.cuda else 256)
+    dtype = torch.bfloat16 if timer.cuda else torch.float32
+    ab = [torch.randn(size, size, device=timer.device, dtype=dtype) for _ in range(2)]
+    timing = timer.time(lambda: ab[0] @ ab[1], warmup_ms=50, rep_ms=200)
+    ab.clear()
+    return {"tflops": 2 * size ** 3 / (timing.median * 1e-3) / 1e12, "size": size,
+            "dtype": str(dtype).replace("torch.", ""), "time_ms": timing.summary()}
