@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from kernels import checks
+
 STATE_DTYPES = (torch.bfloat16, torch.float16)
 MAX_N = 8
 TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -132,26 +134,11 @@ def check_device(op: str, t: torch.Tensor, name: str) -> None:
 
 
 def check_state(op: str, x: torch.Tensor, name: str = "x") -> tuple[int, int, int]:
-    """Validates the residual state [T, n, C]; returns (T, n, C)."""
-    if x.dim() != 3:
-        raise ValueError(f"{op}: {name} must be [T, n, C], got shape {list(x.shape)}")
-    T, n, C = x.shape
-    reason = supports(n, C, x.dtype)
-    if reason:
-        raise ValueError(f"{op}: {reason} ({name} shape {list(x.shape)}, dtype {x.dtype})")
-    check_device(op, x, name)
-    return T, n, C
+    """Validates the residual state [T, n, C] for this backend; returns (T, n, C)."""
+    return checks.check_state(op, x, name, supports, check_device)
 
 
-def check_tensor(op: str, t: torch.Tensor, name: str, shape: tuple, dtype, device) -> torch.Tensor:
-    """Checks shape, dtype and device; returns a contiguous tensor (copying if it has to)."""
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, x is on {device}")
-    return t.contiguous()
+check_tensor = checks.check_tensor
 
 
 def on_device(t: torch.Tensor):

@@ -1,0 +1,35 @@
+"""Input checks every fused backend shares: wrong input fails loudly, never silently wrong.
+
+A backend passes its own `supports(n, C, dtype) -> reason | None` and `check_device(op, t, name)`,
+since which shapes and devices it takes differ (Triton's interpreter runs on the CPU, TileLang's
+"c" target takes no bf16); the messages and the order of the checks are the same for all.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def check_state(op: str, x: torch.Tensor, name: str, supports: Callable,
+                check_device: Callable) -> tuple[int, int, int]:
+    """Validates the residual state [T, n, C]; returns (T, n, C)."""
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must be [T, n, C], got shape {list(x.shape)}")
+    T, n, C = x.shape
+    reason = supports(n, C, x.dtype)
+    if reason:
+        raise ValueError(f"{op}: {reason} ({name} shape {list(x.shape)}, dtype {x.dtype})")
+    check_device(op, x, name)
+    return T, n, C
+
+
+def check_tensor(op: str, t: torch.Tensor, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """Checks shape, dtype and device; returns a contiguous tensor (copying if it has to)."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, x is on {device}")
+    return t.contiguous()
