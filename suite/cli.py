@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
+    if not console.is_terminal:
+        # Piped into a log (a cluster job, CI): rich would squeeze the tables into 80 columns.
+        console = Console(width=220)
     try:
         if args.command == "list":
             return _list(args, console)

@@ -220,8 +220,9 @@ def markdown_lines(records: list[dict], env: dict) -> list[str]:
             names = list(predict.PUBLISHED)
             lines += ["", ("**Prediction, not measurement**: the same overhead model evaluated for "
                       "other GPUs, this run's rates scaled by their published bandwidth and dense "
-                      "bf16 rates (suite/predict.py cites the datasheets), at the measured kernel "
-                      "efficiency where the run has it."), "",
+                      "bf16 rates (suite/predict.py cites the datasheets; a run on a GPU outside "
+                      "that table uses the datasheets at typical fractions instead), at the "
+                      "measured kernel efficiency where the run has it."), "",
                       "| method | recompute | C | " + " | ".join(f"{n} predicted %" for n in names)
                       + " |", "|---|---|---|" + "---|" * len(names)]
             for row in preds:

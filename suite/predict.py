@@ -40,6 +40,9 @@ PUBLISHED = {
     # sparsity, so 2,250 dense. https://www.nvidia.com/en-us/data-center/hgx/
     "B200": {"bandwidth_gbps": 8000, "bf16_tflops": 2250},
 }
+TYPICAL_COPY_FRACTION = 0.9
+TYPICAL_MATMUL_FRACTION = 0.7
+
 # Which published row a measured GPU name corresponds to (its datasheet is the scale's base).
 NAME_MATCH = {"H100": "H100 SXM", "H200": "H200", "B200": "B200"}
 SITES_PER_LAYER = 2
@@ -121,7 +124,12 @@ def rates_for(gpu: str, measured_gpu: str | None, copy_gbps: float, matmul_tflop
     base = next((PUBLISHED[v] for k, v in NAME_MATCH.items()
                  if measured_gpu and k in measured_gpu), None)
     if base is None:
-        return {"copy_gbps": copy_gbps, "matmul_tflops": matmul_tflops, "scaled_from": None}
+        # This run's GPU is not in the table (or it ran on a CPU): its rates say nothing about
+        # these GPUs, so use their datasheets at the fractions an H100 reaches in practice
+        # (copy 3.0 of 3.35 TB/s, ANCHORS.md; dense bf16 GEMM about 0.7 of peak).
+        return {"copy_gbps": TYPICAL_COPY_FRACTION * target["bandwidth_gbps"],
+                "matmul_tflops": TYPICAL_MATMUL_FRACTION * target["bf16_tflops"],
+                "scaled_from": None}
     return {"copy_gbps": copy_gbps * target["bandwidth_gbps"] / base["bandwidth_gbps"],
             "matmul_tflops": matmul_tflops * target["bf16_tflops"] / base["bf16_tflops"],
             "scaled_from": measured_gpu}

@@ -84,6 +84,12 @@ def test_predicted_overhead_falls_with_width_and_with_faster_memory():
     assert h200["matmul_tflops"] == pytest.approx(700)
     b200 = predict.rates_for("B200", "NVIDIA H100 80GB HBM3", 3000, 700)
     assert b200["matmul_tflops"] == pytest.approx(700 * 2250 / 989)
+    # A run on a machine outside the table (a CPU) says nothing about these GPUs: datasheets then.
+    h200_cpu = predict.rates_for("H200", None, 21, 0.5)
+    b200_cpu = predict.rates_for("B200", "AMD EPYC", 21, 0.5)
+    assert h200_cpu["copy_gbps"] == pytest.approx(predict.TYPICAL_COPY_FRACTION * 4800)
+    assert b200_cpu["matmul_tflops"] == pytest.approx(predict.TYPICAL_MATMUL_FRACTION * 2250)
+    assert h200_cpu["scaled_from"] is None
 
 
 def test_amax_gain_of_composite_products():
