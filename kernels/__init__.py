@@ -59,7 +59,7 @@ BACKENDS: dict[str, Backend] = {
                 pip_name="liger-kernel", description="Liger-Kernel's Triton mHC (peer, mhc only)"),
         Backend("tilelang", "kernels.tilelang", devices=("cuda",), requires=("tilelang",),
                 pip_name="tilelang==0.1.15", description="this suite's TileLang kernels",
-                probe="kernels.tilelang.common:unavailable"),
+                probe="kernels.tilelang.probe:unavailable"),
     )
 }
 

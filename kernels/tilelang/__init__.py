@@ -2,7 +2,8 @@
 
 post.py      F_post,res (shared by HC and mHC) and its backward
 residual.py  the plain add x + f
-common.py    availability probe, compilation and its cache, input checks
+common.py    import check, compilation and its cache, input checks
+probe.py     availability: can a TileLang kernel compile and run on this GPU (the registry probe)
 
 Not written yet: the coefficient passes with F_pre (mHC: norm + GEMM + Sinkhorn; HC: per-stream
 norm + projections). Their `pre` / `coeffs` are None, so the runner records `site`, `pre` and

@@ -1,8 +1,8 @@
-"""What every TileLang kernel here shares: availability, compilation (and its cache), input checks.
+"""What every TileLang kernel here shares: the import check, compilation (and its cache), input checks.
 
-Availability (`unavailable`, the registry's probe): tilelang must import, a CUDA GPU must be
-present, and a tiny kernel must compile and give the right answer on that GPU; the first failing
-step is the reason a case is skipped. The probe runs once per process and device.
+Availability (probe.py's `unavailable`, the registry's probe): tilelang must import
+(`import_reason` here), a CUDA GPU must be present, and a tiny kernel must compile and give the
+right answer on that GPU; the first failing step is the reason a case is skipped.
 
 Compilation (`compile_kernel`): kernels are built per shape (n, C, dtype, block sizes) by the
 `_build_*` factories of each module, memoised in-process by functools.lru_cache and on disk by
@@ -44,38 +44,6 @@ def import_reason() -> str | None:
         import tilelang  # noqa: F401
     except Exception as exc:  # noqa: BLE001 (a broken install must only skip this backend)
         return f"tilelang failed to import: {type(exc).__name__}: {exc}"
-    return None
-
-
-def unavailable(device: str = "cuda") -> str | None:
-    """Why the TileLang kernels cannot run on `device` here, or None (the registry's probe)."""
-    reason = import_reason()
-    if reason:
-        return reason
-    if device == "cpu":
-        return None if cpu_enabled() else "tilelang kernels run on CUDA (CPU only in tests)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU on this machine"
-    return _gpu_reason(torch.cuda.current_device())
-
-
-@functools.cache
-def _gpu_reason(index: int) -> str | None:
-    """Compiles and runs the residual add on a few elements: a toolchain that cannot build for this
-    GPU (nvcc / arch mismatch) shows here, once, instead of in every case."""
-    try:
-        from kernels.tilelang.residual import add_forward
-        dev = torch.device("cuda", index)
-        x = torch.arange(64, device=dev, dtype=torch.float32).to(torch.bfloat16).view(8, 1, 8)
-        f = torch.ones(8, 8, device=dev, dtype=torch.bfloat16)
-        out = add_forward(x, f)
-        torch.cuda.synchronize(dev)
-        if not torch.equal(out, (x.float() + 1).to(torch.bfloat16)):
-            return "tilelang probe kernel gave a wrong answer on this GPU"
-    except Exception as exc:  # noqa: BLE001 (any failure is the reason to skip)
-        name = torch.cuda.get_device_name(index)
-        msg = str(exc).strip().splitlines()
-        return f"tilelang cannot compile or run for {name}: {type(exc).__name__}: {msg[-1] if msg else ''}"
     return None
 
 
