@@ -459,7 +459,7 @@ def _build_dx_dphi(n: int, C: int, dtype: str, nblk: int, has_li: bool):
 
 # ====================================================================== host side
 def _check(op, x, phi, b, alpha, sinkhorn_iters):
-    T_, n, C = check_state(op, x)
+    _, n, C = check_state(op, x)
     if x.device.type != "cuda":
         raise ValueError(f"{op}: the mHC GEMM kernels (wgmma, TMA) run on CUDA only, x is on "
                          f"{x.device}")
@@ -505,7 +505,7 @@ def coeffs_from_m(m, b, alpha, n, iters):
 
 def coeffs_backward(m, r, b, alpha, dh_pre, g_post, g_res, C, iters):
     """Kernel _build_coef_bwd: (dlogit [T,K], du [T,K], coef [T]); all gradients given (zeros if none)."""
-    T_, K = m.shape
+    T_ = m.shape[0]
     n = dh_pre.shape[1]
     dlogit = torch.empty_like(m)
     du = torch.empty_like(m)
