@@ -1,4 +1,4 @@
-"""Compiles every TileLang mHC coefficient kernel for sm_90a on a machine without a GPU (needs nvcc),
+"""Compiles every TileLang mHC and HC coefficient kernel for sm_90a on a machine without a GPU (needs nvcc),
 so lowering and nvcc errors show before a device session.
 
 Usage: PYTHONPATH=<tilelang site> python scripts/tilelang_compile_check.py [n C] ...   (default 4 264 8 4096)
@@ -13,6 +13,7 @@ os.environ.setdefault("HCBENCH_TILELANG_TARGET", '{"kind": "cuda", "arch": "sm_9
 
 
 def main() -> int:
+    from kernels.tilelang import hc_pre as h
     from kernels.tilelang import mhc_pre as m
     args = [int(a) for a in sys.argv[1:]] or [4, 264, 8, 4096]
     bad = 0
@@ -25,6 +26,11 @@ def main() -> int:
             "coef_bwd": lambda n=n, C=C: m._build_coef_bwd(n, C, 20, False),
             "apply": lambda n=n, C=C: m._build_apply(n, C, "bfloat16", False),
             "dhpre": lambda n=n, C=C: m._build_dhpre(n, C, "bfloat16", False),
+            "hc gemm_norm": lambda n=n, C=C: m._build_gemm_norm(n, C, "bfloat16", True),
+            "hc dx_dw": lambda n=n, C=C: m._build_dx_dphi(n, C, "bfloat16", 2, True, True),
+            "hc dx_dw (coeffs)": lambda n=n, C=C: m._build_dx_dphi(n, C, "float16", 1, False, True),
+            "hc coef": lambda n=n, C=C: h._build_coef(n, False),
+            "hc coef_bwd": lambda n=n, C=C: h._build_coef_bwd(n, C, False),
         }
         for name, build in builds.items():
             try:

@@ -36,6 +36,17 @@ def jobs():
                 ("mhc_apply", n, C, dt), ("mhc_dhpre", n, C, dt), ("mhc_dx", n, C, dt, T, True)]
         if coeffs:
             mhc.append(("mhc_dx", n, C, dt, T, False))
+    # HC: the same row GEMM kernels in their HC form, its per-token kernels, mHC's apply / dh_pre
+    hc_shapes = [(n, C, "bfloat16", T, False) for n in (1, 2, 3, 4, 8)
+                 for C, T in ((264, 1), (2560, 37), (4096, 129), (7168, 67))]
+    hc_shapes += [(3, 264, "float16", 7, True), (4, 4096, "bfloat16", 33, True),
+                  (2, 4096, "float16", 9, True)]
+    hc_shapes += [(4, C, "bfloat16", 16384, False) for C in (2560, 4096, 7168)]
+    for n, C, dt, T, coeffs in hc_shapes:
+        mhc += [("hc_gemm", n, C, dt), ("hc_coef", n, 0, ""), ("hc_coef_bwd", n, C, ""),
+                ("mhc_apply", n, C, dt), ("mhc_dhpre", n, C, dt), ("hc_dx", n, C, dt, T, True)]
+        if coeffs:
+            mhc.append(("hc_dx", n, C, dt, T, False))
     out += list(dict.fromkeys(mhc))
     return out
 
@@ -45,7 +56,18 @@ def compile_one(job):
     kind, n, C, dtype = job[:4]
     t0 = time.time()
     try:
-        if kind.startswith("mhc"):
+        if kind.startswith("hc_"):
+            from kernels.tilelang import hc_pre
+            from kernels.tilelang import mhc_pre as m
+            if kind == "hc_gemm":
+                m._build_gemm_norm(n, C, dtype, True)
+            elif kind == "hc_coef":
+                hc_pre._build_coef(n, False)
+            elif kind == "hc_coef_bwd":
+                hc_pre._build_coef_bwd(n, C, False)
+            else:
+                m._build_dx_dphi(n, C, dtype, m._ranges(job[4] * n, n, C, "cuda"), job[5], True)
+        elif kind.startswith("mhc"):
             from kernels.tilelang import mhc_pre as m
             if kind == "mhc_gemm":
                 m._build_gemm_norm(n, C, dtype)
@@ -58,7 +80,7 @@ def compile_one(job):
             elif kind == "mhc_dhpre":
                 m._build_dhpre(n, C, dtype, False)
             else:
-                m._build_dx_dphi(n, C, dtype, m._ranges(job[4], n, C, "cuda"), job[5])
+                m._build_dx_dphi(n, C, dtype, m._ranges(job[4], n, n * C, "cuda"), job[5])
         elif kind == "post":
             from kernels.tilelang import post
             post._build_fwd(n, C, dtype, False)

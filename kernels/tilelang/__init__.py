@@ -5,13 +5,11 @@ residual.py  the plain add x + f
 common.py    availability probe, compilation and its cache, input checks
 
 mhc_pre.py   mHC coefficients (norm + GEMM + Sinkhorn) with F_pre, and their backward
-
-Not written yet: HC's coefficient pass with F_pre (per-stream norm + projections). Its `pre` /
-`coeffs` are None, so the runner records HC's `site`, `pre` and `coeffs` cases of this backend as
-skipped with that reason; its `post` cases run.
+hc_pre.py    HC coefficients (per-stream norm + projections, tanh) with F_pre, and their backward
 Importing this package imports tilelang; the registry only does so after checking it is installed.
 """
 from kernels import Ops
+from kernels.tilelang import hc_pre as _hc_pre
 from kernels.tilelang import mhc_pre as _mhc_pre
 from kernels.tilelang import post as _post
 from kernels.tilelang import residual as _residual
@@ -20,7 +18,8 @@ from kernels.tilelang.common import supports
 OPS = {
     "mhc": Ops("mhc", "tilelang", pre=_mhc_pre.mhc_pre, post=_post.post, coeffs=_mhc_pre.mhc_coeffs,
                supports=supports),
-    "hc": Ops("hc", "tilelang", pre=None, post=_post.post, coeffs=None, supports=supports),
+    "hc": Ops("hc", "tilelang", pre=_hc_pre.hc_pre, post=_post.post, coeffs=_hc_pre.hc_coeffs,
+              supports=supports),
     "residual": Ops("residual", "tilelang", pre=_residual.residual_pre, post=_residual.residual_post,
                     supports=supports),
 }

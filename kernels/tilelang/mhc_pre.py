@@ -68,8 +68,8 @@ GEMM_BT = 64            # tokens per CTA of the GEMM kernels (wgmma M)
 GEMM_BK = 64            # columns of x per chunk
 
 
-def _kp(n: int) -> int:
-    return max(16, -(-(n * n + 2 * n) // 16) * 16)
+def _kp(n: int, hc: bool = False) -> int:
+    return max(16, -(-((n + 2) if hc else (n * n + 2 * n)) // 16) * 16)
 
 
 def _seg(iters: int) -> int:
@@ -350,12 +350,15 @@ def _build_dhpre(n: int, C: int, dtype: str, cpu: bool):
 
 # ====================================================================== GEMM kernels (GPU)
 @functools.cache
-def _build_gemm_norm(n: int, C: int, dtype: str):
+def _build_gemm_norm(n: int, C: int, dtype: str, hc: bool = False):
+    """hc=False: rows are tokens, x [T, nC], phi [nC, n*n+2n] (mHC).
+    hc=True: rows are (token, stream) pairs, x [T*n, C], w [C, n+2] (HC's per-stream norm and
+    projections are the same row-norm GEMM: m = (x_row . w) * rsqrt(mean x_row^2 + eps))."""
     import tilelang.language as T
 
-    K = n * n + 2 * n
-    KP = _kp(n)
-    NC = n * C
+    K = (n + 2) if hc else n * n + 2 * n
+    KP = _kp(n, hc)
+    NC = C if hc else n * C
     BT, BK = GEMM_BT, GEMM_BK
     Tn = T.dynamic("T")
     f32 = "float32"
@@ -401,23 +404,27 @@ def _build_gemm_norm(n: int, C: int, dtype: str):
 
 
 @functools.cache
-def _build_dx_dphi(n: int, C: int, dtype: str, nblk: int, has_li: bool):
-    """nblk: token blocks (of GEMM_BT) per range; grid (cdiv(nC, BR), ranges)."""
+def _build_dx_dphi(n: int, C: int, dtype: str, nblk: int, has_li: bool, hc: bool = False):
+    """nblk: row blocks (of GEMM_BT) per range; grid (cdiv(D, BR), ranges). Rows and D as in
+    _build_gemm_norm; the layer_input term h_pre * g_li: mHC h_pre [T, n] at (row, col // C) and
+    g_li [T, C] at (row, col % C); HC h_pre [T*n, 1] at (row, 0) and g_li [T, C] at (row // n, col)."""
     import tilelang.language as T
 
-    KP = _kp(n)
-    NC = n * C
+    KP = _kp(n, hc)
+    NC = C if hc else n * C
+    HW = 1 if hc else n
     BT = GEMM_BT
     BR = 64
     Tn = T.dynamic("T")
+    Tg = T.dynamic("Tg")
     f32 = "float32"
 
     @T.prim_func
     def mhc_dx_dphi(x: T.Tensor((Tn, NC), dtype), phi_hi: T.Tensor((NC, KP), dtype),
                     phi_lo: T.Tensor((NC, KP), dtype), du_hi: T.Tensor((Tn, KP), dtype),
                     du_lo: T.Tensor((Tn, KP), dtype), inv_scale: T.Tensor((1,), f32),
-                    coef: T.Tensor((Tn,), f32), h_pre: T.Tensor((Tn, n), f32),
-                    g_li: T.Tensor((Tn, C), dtype), dx: T.Tensor((Tn, NC), dtype),
+                    coef: T.Tensor((Tn,), f32), h_pre: T.Tensor((Tn, HW), f32),
+                    g_li: T.Tensor((Tg, C), dtype), dx: T.Tensor((Tn, NC), dtype),
                     dphi_ws: T.Tensor((T.ceildiv(Tn, BT * nblk), NC, KP), f32)):
         with T.Kernel(T.ceildiv(NC, BR), T.ceildiv(Tn, BT * nblk), threads=128) as (rb, ts):
             phs = T.alloc_shared((BR, KP), dtype)
@@ -444,7 +451,11 @@ def _build_dx_dphi(n: int, C: int, dtype: str, nblk: int, has_li: bool):
                 T.copy(dxf, dxs)
                 for i, j in T.Parallel(BT, BR):
                     if t0 + i < Tn and rb * BR + j < NC:
-                        if has_li:
+                        if has_li and hc:
+                            dx[t0 + i, rb * BR + j] = (
+                                dxs[i, j] * inv_scale[0] + coef[t0 + i] * xs[i, j]
+                                + h_pre[t0 + i, 0] * g_li[(t0 + i) // n, rb * BR + j])
+                        elif has_li:
                             dx[t0 + i, rb * BR + j] = (
                                 dxs[i, j] * inv_scale[0] + coef[t0 + i] * xs[i, j]
                                 + h_pre[t0 + i, (rb * BR + j) // C] * g_li[t0 + i, (rb * BR + j) % C])
@@ -537,49 +548,53 @@ def dh_pre_of(x, g_li):
     return dh
 
 
-def gemm_norm(x, phi):
-    """(m [T, K], r [T]) on the GPU."""
+def gemm_norm(x, phi, hc: bool = False):
+    """(m [rows, K], r [rows]) on the GPU; rows are tokens (mHC) or (token, stream) pairs (HC)."""
     T_, n, C = x.shape
-    K = n * n + 2 * n
-    hi, lo = split_hi_lo(phi, x.dtype, _kp(n))
-    m = torch.empty(T_, K, device=x.device, dtype=torch.float32)
-    r = torch.empty(T_, device=x.device, dtype=torch.float32)
+    rows, D = (T_ * n, C) if hc else (T_, n * C)
+    K = phi.shape[1]
+    hi, lo = split_hi_lo(phi, x.dtype, _kp(n, hc))
+    m = torch.empty(rows, K, device=x.device, dtype=torch.float32)
+    r = torch.empty(rows, device=x.device, dtype=torch.float32)
     if T_:
-        kern = _build_gemm_norm(n, C, TL_DTYPES[x.dtype])
+        kern = _build_gemm_norm(n, C, TL_DTYPES[x.dtype], hc)
         with on_device(x):
-            kern(x.view(T_, n * C), hi, lo, m, r)
+            kern(x.view(rows, D), hi, lo, m, r)
     return m, r
 
 
-def _ranges(T_: int, n: int, C: int, device) -> int:
-    """Token blocks per range of the dx/dphi kernel: about 4 CTAs per SM in all."""
-    nblk = -(-T_ // GEMM_BT)
-    rows = -(-(n * C) // 64)
+def _ranges(rows: int, n: int, D: int, device) -> int:
+    """Row blocks per range of the dx/dphi kernel: about 4 CTAs per SM in all."""
+    nblk = -(-rows // GEMM_BT)
+    cb = -(-D // 64)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, -(-4 * sms // rows))
+    want = max(1, -(-4 * sms // cb))
     per = max(1, -(-nblk // want))
     return 1 << (per - 1).bit_length()      # a power of two: few compiled variants
 
 
-def dx_dphi(x, phi, du, coef, h_pre, g_li, need_phi):
+def dx_dphi(x, phi, du, coef, h_pre, g_li, need_phi, hc: bool = False):
+    """(dx, dphi): dx = du @ phi^T + coef * x (+ h_pre * g_li), dphi = x^T @ du, over 2-D rows."""
     T_, n, C = x.shape
-    KP = _kp(n)
+    rows, D = (T_ * n, C) if hc else (T_, n * C)
+    K = phi.shape[1]
+    KP = _kp(n, hc)
     dt = x.dtype
     # a power-of-two scale keeps du's lo part out of fp16's subnormals; undone in the kernel
     amax = du.abs().amax().clamp_min(1e-30)
     scale = torch.exp2(-torch.floor(torch.log2(amax)))
     du_hi, du_lo = split_hi_lo(du * scale, dt, KP)
     phi_hi, phi_lo = split_hi_lo(phi, dt, KP)
-    per = _ranges(T_, n, C, x.device)
-    nr = -(-T_ // (GEMM_BT * per))
+    per = _ranges(rows, n, D, x.device)
+    nr = -(-rows // (GEMM_BT * per))
     dx = torch.empty_like(x)
-    ws = torch.empty(nr, n * C, KP, device=x.device, dtype=torch.float32)
+    ws = torch.empty(nr, D, KP, device=x.device, dtype=torch.float32)
     has_li = g_li is not None
-    kern = _build_dx_dphi(n, C, TL_DTYPES[dt], per, has_li)
+    kern = _build_dx_dphi(n, C, TL_DTYPES[dt], per, has_li, hc)
+    hp = h_pre.reshape(rows, 1 if hc else n)
     with on_device(x):
-        kern(x.view(T_, n * C), phi_hi, phi_lo, du_hi, du_lo, (1.0 / scale).reshape(1), coef,
-             h_pre, g_li if has_li else x.new_empty(T_, C), dx.view(T_, n * C), ws)
-    K = n * n + 2 * n
+        kern(x.view(rows, D), phi_hi, phi_lo, du_hi, du_lo, (1.0 / scale).reshape(1), coef, hp,
+             g_li if has_li else x.new_empty(T_, C), dx.view(rows, D), ws)
     dphi = ws.sum(0)[:, :K] if need_phi else None
     return dx, dphi
 
