@@ -47,6 +47,13 @@ def jobs():
                 ("mhc_apply", n, C, dt), ("mhc_dhpre", n, C, dt), ("hc_dx", n, C, dt, T, True)]
         if coeffs:
             mhc.append(("hc_dx", n, C, dt, T, False))
+    # the per-kernel tests (test_sinkhorn_coef_forward_backward, test_apply_and_dh_pre, HC's
+    # test_coef_forward_backward) on their small shapes
+    for n, iters in ((1, 20), (3, 7), (4, 20), (8, 1)):
+        mhc += [("mhc_coef", n, iters, ""), ("mhc_coef_bwd", n, 40, iters), ("hc_coef", n, 0, ""),
+                ("hc_coef_bwd", n, 40, "")]
+    for n, C in ((1, 264), (4, 40), (3, 264)):
+        mhc += [("mhc_apply", n, C, "bfloat16"), ("mhc_dhpre", n, C, "bfloat16")]
     out += list(dict.fromkeys(mhc))
     return out
 
