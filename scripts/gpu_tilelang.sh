@@ -4,7 +4,7 @@
 #   2. bash scripts/gpu_tilelang.sh            (carrying .wheels-b)
 # .wheels-a: tilelang, apache-tvm-ffi, torch-c-dlpack-ext and tilelang's small pure deps
 # (cython, cloudpickle, ml_dtypes, psutil, tqdm); .wheels-b: z3-solver (README: TileLang on a GPU).
-# Runs: precompile (post, residual, mHC coefficient kernels), tests/tilelang, then
+# Runs: precompile (post, residual, mHC and HC coefficient kernels), tests/tilelang, then
 # kernels.yaml --only backend=tilelang,triton --only method=mhc,hc.
 # Writes to $OUT: gpu_tilelang.log (everything), pytest.log, precompile.log, run.tar.gz (the
 # harness run folder) and summary.txt (the short table, also printed last).
