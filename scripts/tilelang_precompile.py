@@ -22,15 +22,73 @@ def jobs():
     out = [("post", n, C, "bfloat16") for n in (1, 2, 3, 4, 8) for C in (264, 2560, 4096, 7168)]
     out += [("post", n, C, "float16") for n in (1, 2, 3, 4, 8) for C in (264, 4096)]
     out += [("residual", 1, C, dt) for C in (8, 264, 2560, 4096, 7168) for dt in ("bfloat16", "float16")]
+    # mHC coefficient pass, one job per kernel (they take 3-8 s each): the GPU tests' shapes and
+    # kernels.yaml's (n = 4, T = 16384); (n, C, dtype, iters, T, coeffs_too)
+    shapes = [(n, C, "bfloat16", 20, T, False) for n in (1, 2, 3, 4, 8)
+              for C, T in ((264, 1), (2560, 37), (4096, 129), (7168, 67))]
+    shapes += [(4, 4096, "bfloat16", 20, 33, True), (3, 264, "float16", 20, 7, True),
+               (8, 2560, "bfloat16", 1, 300, True), (2, 7168, "float16", 5, 1, True),
+               (2, 4096, "float16", 20, 9, True), (4, 2560, "bfloat16", 20, 65, False)]
+    shapes += [(4, C, "bfloat16", 20, 16384, False) for C in (2560, 4096, 7168)]
+    mhc = []
+    for n, C, dt, iters, T, coeffs in shapes:
+        mhc += [("mhc_gemm", n, C, dt), ("mhc_coef", n, iters, ""), ("mhc_coef_bwd", n, C, iters),
+                ("mhc_apply", n, C, dt), ("mhc_dhpre", n, C, dt), ("mhc_dx", n, C, dt, T, True)]
+        if coeffs:
+            mhc.append(("mhc_dx", n, C, dt, T, False))
+    # HC: the same row GEMM kernels in their HC form, its per-token kernels, mHC's apply / dh_pre
+    hc_shapes = [(n, C, "bfloat16", T, False) for n in (1, 2, 3, 4, 8)
+                 for C, T in ((264, 1), (2560, 37), (4096, 129), (7168, 67))]
+    hc_shapes += [(3, 264, "float16", 7, True), (4, 4096, "bfloat16", 33, True),
+                  (2, 4096, "float16", 9, True)]
+    hc_shapes += [(4, C, "bfloat16", 16384, False) for C in (2560, 4096, 7168)]
+    for n, C, dt, T, coeffs in hc_shapes:
+        mhc += [("hc_gemm", n, C, dt), ("hc_coef", n, 0, ""), ("hc_coef_bwd", n, C, ""),
+                ("mhc_apply", n, C, dt), ("mhc_dhpre", n, C, dt), ("hc_dx", n, C, dt, T, True)]
+        if coeffs:
+            mhc.append(("hc_dx", n, C, dt, T, False))
+    # the per-kernel tests (test_sinkhorn_coef_forward_backward, test_apply_and_dh_pre, HC's
+    # test_coef_forward_backward) on their small shapes
+    for n, iters in ((1, 20), (3, 7), (4, 20), (8, 1)):
+        mhc += [("mhc_coef", n, iters, ""), ("mhc_coef_bwd", n, 40, iters), ("hc_coef", n, 0, ""),
+                ("hc_coef_bwd", n, 40, "")]
+    for n, C in ((1, 264), (4, 40), (3, 264)):
+        mhc += [("mhc_apply", n, C, "bfloat16"), ("mhc_dhpre", n, C, "bfloat16")]
+    out += list(dict.fromkeys(mhc))
     return out
 
 
 def compile_one(job):
     sys.path.insert(0, str(ROOT))
-    kind, n, C, dtype = job
+    kind, n, C, dtype = job[:4]
     t0 = time.time()
     try:
-        if kind == "post":
+        if kind.startswith("hc_"):
+            from kernels.tilelang import hc_pre
+            from kernels.tilelang import mhc_pre as m
+            if kind == "hc_gemm":
+                m._build_gemm_norm(n, C, dtype, True)
+            elif kind == "hc_coef":
+                hc_pre._build_coef(n, False)
+            elif kind == "hc_coef_bwd":
+                hc_pre._build_coef_bwd(n, C, False)
+            else:
+                m._build_dx_dphi(n, C, dtype, m._ranges(job[4] * n, n, C, "cuda"), job[5], True)
+        elif kind.startswith("mhc"):
+            from kernels.tilelang import mhc_pre as m
+            if kind == "mhc_gemm":
+                m._build_gemm_norm(n, C, dtype)
+            elif kind == "mhc_coef":
+                m._build_coef(n, C, False)              # (n, iters)
+            elif kind == "mhc_coef_bwd":
+                m._build_coef_bwd(n, C, dtype, False)   # (n, C, iters)
+            elif kind == "mhc_apply":
+                m._build_apply(n, C, dtype, False)
+            elif kind == "mhc_dhpre":
+                m._build_dhpre(n, C, dtype, False)
+            else:
+                m._build_dx_dphi(n, C, dtype, m._ranges(job[4], n, n * C, "cuda"), job[5])
+        elif kind == "post":
             from kernels.tilelang import post
             post._build_fwd(n, C, dtype, False)
             post._build_bwd(n, C, dtype, False)

@@ -5,19 +5,22 @@ residual.py  the plain add x + f
 common.py    import check, compilation and its cache, input checks
 probe.py     availability: can a TileLang kernel compile and run on this GPU (the registry probe)
 
-Not written yet: the coefficient passes with F_pre (mHC: norm + GEMM + Sinkhorn; HC: per-stream
-norm + projections). Their `pre` / `coeffs` are None, so the runner records `site`, `pre` and
-`coeffs` cases of this backend as skipped with that reason; `post` cases run.
+mhc_pre.py   mHC coefficients (norm + GEMM + Sinkhorn) with F_pre, and their backward
+hc_pre.py    HC coefficients (per-stream norm + projections, tanh) with F_pre, and their backward
 Importing this package imports tilelang; the registry only does so after checking it is installed.
 """
 from kernels import Ops
+from kernels.tilelang import hc_pre as _hc_pre
+from kernels.tilelang import mhc_pre as _mhc_pre
 from kernels.tilelang import post as _post
 from kernels.tilelang import residual as _residual
 from kernels.tilelang.common import supports
 
 OPS = {
-    "mhc": Ops("mhc", "tilelang", pre=None, post=_post.post, coeffs=None, supports=supports),
-    "hc": Ops("hc", "tilelang", pre=None, post=_post.post, coeffs=None, supports=supports),
+    "mhc": Ops("mhc", "tilelang", pre=_mhc_pre.mhc_pre, post=_post.post, coeffs=_mhc_pre.mhc_coeffs,
+               supports=supports),
+    "hc": Ops("hc", "tilelang", pre=_hc_pre.hc_pre, post=_post.post, coeffs=_hc_pre.hc_coeffs,
+              supports=supports),
     "residual": Ops("residual", "tilelang", pre=_residual.residual_pre, post=_residual.residual_post,
                     supports=supports),
 }

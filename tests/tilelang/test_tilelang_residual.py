@@ -47,7 +47,10 @@ def test_registry():
         assert kernels.unavailable_reason("mhc", "tilelang", "cuda") == "no CUDA GPU on this machine"
     ops = kernels.get("mhc", "tilelang")
     assert ops.post is importlib.import_module("kernels.tilelang.post").post
-    assert ops.pre is None and ops.coeffs is None          # not written yet: their cases skip
+    assert ops.pre is importlib.import_module("kernels.tilelang.mhc_pre").mhc_pre
+    assert ops.coeffs is importlib.import_module("kernels.tilelang.mhc_pre").mhc_coeffs
+    hc = kernels.get("hc", "tilelang")
+    assert hc.pre is importlib.import_module("kernels.tilelang.hc_pre").hc_pre and hc.coeffs is not None
     assert kernels.get("residual", "tilelang").pre is not None
 
 
