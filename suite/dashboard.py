@@ -342,7 +342,8 @@ def scenario_plots(run: Run, records: list[dict], depth: int = 0) -> str:
         out.append(_section(
             f"Time against C ({what})", "Median time per call; each point links to its record.",
             [svgplot.plot(_series(rs, lambda r: r["time_ms"]["median"], depth, rid), C_label,
-                          "median time (ms, log scale)", t, log_y=True) for t, rs in panels], "plot-time"))
+                          "median time (ms, log scale)", t, log_y=True, end_labels=what != "site")
+             for t, rs in panels], "plot-time"))
         out.append(_section(
             f"GB/s against C ({what})", "Floor bytes of MATH.md over the median time.",
             [svgplot.plot(_series(rs, lambda r: r.get("gbps"), depth, rid), C_label, "GB/s", t)
@@ -412,7 +413,7 @@ def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
                        + (f" L_r={lr}" if lr else ""), **svgplot.style(m, b), "points": pts}
                       for (s, m, b, rc, lr), pts in sorted(by.items(), key=str) if s == scope]
             plots.append(svgplot.plot(series, "C (hidden size)", "overhead over residual (%)",
-                                      f"{scope}: overhead %", y_zero=True,
+                                      f"{scope}: overhead %", y_zero=True, end_labels=True,
                                       hlines=[(PAPER_OVERHEAD_PCT, f"paper {PAPER_OVERHEAD_PCT}%")]))
         out.append(_section("Overhead % against C",
                             "(t_method - t_residual) / t_residual of cases timed interleaved in this run; "
@@ -581,10 +582,11 @@ def hardware_page(runs: list[Run]) -> str:
                      "title": f"{_label(r)}: {r['_ratio']:.3f}"})
             series = [{"name": f"{m}/{b}", **svgplot.style(m, b), "points": p} for (m, b), p in sorted(by.items())]
             h = [(copy[ref] / copy[g], "copy-rate ratio")] if copy.get(ref) and copy.get(g) else []
-            plots.append(svgplot.plot(series, "C (hidden size)", f"time ratio ({g[:18]} / {ref[:18]})",
-                                      title, hlines=h))
+            plots.append(svgplot.plot(series, "C (hidden size)", "time / time on reference (x)",
+                                      f"{g[:30]}: {title}", hlines=h, width=460))
     parts.append(_legend(list(recs_by_id.values())))
-    parts.append(_section("Time ratio against C", "One panel per op, mode and n.", plots, "plot-hardware"))
+    parts.append(_section("Time ratio against C", f"Reference: {escape(ref)}. One panel per GPU model, op, "
+                          "mode and n; each point links to the record on that GPU.", plots, "plot-hardware"))
     header = ["case"] + [f"{g} ms" for g in gpus] + [f"{g} / {ref}" for g in gpus[1:]] + [f"{g} % copy" for g in gpus]
     body = []
     for row in sorted(rows, key=lambda row: _sort_key(next(iter(row["per_gpu"].values()))[1])):

@@ -34,7 +34,7 @@ def publish(run_dirs: list[Path], to: str, console: Console, csv: Path | None = 
         from suite import publish_pg
         counts = publish_pg.publish(to, runs)
         console.print(f"published {counts['runs']} runs and {counts['records']} records to "
-                      f"{publish_pg.redact(to)} ({counts['new_records']} new)")
+                      f"{publish_pg.redact(to)} ({counts['new_records']} new)", soft_wrap=True)
         return 0
     if "://" in to:
         raise PublishError(f"--to {to}: give a folder or a postgresql://USER@HOST/DB address")
@@ -43,7 +43,7 @@ def publish(run_dirs: list[Path], to: str, console: Console, csv: Path | None = 
     regs = sum(1 for cases in history(runs).values() for pts in cases.values()
                if pts and pts[-1].verdict == "regression")
     console.print(f"dashboard: {Path(to) / 'index.html'} ({len(files)} files, {len(runs)} runs, "
-                  f"{regs} regression(s) in the newest runs)")
+                  f"{regs} regression(s) in the newest runs)", soft_wrap=True)
     return 0
 
 

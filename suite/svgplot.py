@@ -83,13 +83,16 @@ def _marker(kind: str, x: float, y: float, fill: str, r: float = 4.0) -> str:
 def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
          lines: bool = True, y_zero: bool = True, hlines: list[tuple[float, str]] = (),
          x_ticks: list[float] | None = None, x_tick_labels: list[str] | None = None,
-         width: int = 420, height: int = 280, markers: bool = True, log_y: bool = False) -> str:
+         width: int = 420, height: int = 280, markers: bool = True, log_y: bool = False,
+         end_labels: bool = False) -> str:
     """series: [{"name", "colour", "marker", "dash", "points": [{"x", "y", "href"?, "title"?,
     "lo"?, "hi"?}]}]. Returns one <svg> element; an empty string when no series has a point."""
     pts = [p for s in series for p in s["points"] if p.get("y") is not None]
     if not pts:
         return ""
-    left, right, top, bottom = 64, 14, 30 if title else 12, 48
+    left, right, top, bottom = 64, 150 if end_labels else 14, 30 if title else 12, 48
+    if end_labels:
+        width += 136
     w, h = width - left - right, height - top - bottom
     xs = [p["x"] for p in pts]
     ys = [p["y"] for p in pts] + [p[k] for p in pts for k in ("lo", "hi") if p.get(k) is not None]
@@ -148,6 +151,10 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
             d = " ".join(f"{X(p['x']):.1f},{Y(p['y']):.1f}" for p in p_s)
             dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
             out.append(f'<polyline points="{d}" fill="none" stroke="{s["colour"]}" stroke-width="2"{dash}/>')
+        if end_labels and p_s:
+            last = p_s[-1]
+            out.append(f'<text x="{X(last["x"]) + 8:.1f}" y="{Y(last["y"]) + 4:.1f}" font-size="10" '
+                       f'fill="{s["colour"]}">{escape(s["name"][:26])}</text>')
         for p in (p_s if markers else []):
             if p.get("lo") is not None and p.get("hi") is not None:
                 out.append(f'<line x1="{X(p["x"]):.1f}" x2="{X(p["x"]):.1f}" y1="{Y(p["lo"]):.1f}" '
