@@ -40,7 +40,7 @@ tr.regression td{background:#fdecea}tr.improvement td{background:#e8f5e9}
 .verdict-regression{color:#b00020;font-weight:700}.verdict-improvement{color:#1b7f3a;font-weight:700}
 .plots{display:flex;flex-wrap:wrap;gap:10px}.plot{border:1px solid #ddd;background:#fff}
 .legend{margin:6px 0;font-size:12.5px}.key{margin-right:14px;white-space:nowrap}.key svg{vertical-align:middle}
-.card{background:#fff;border:1px solid #ddd;padding:10px 16px;margin:12px 0}
+.card{background:#fff;border:1px solid #ddd;padding:10px 16px;margin:12px 0}.card h2{margin-top:6px}
 .note{color:#444;font-size:13px;max-width:1100px}.bad{color:#b00020}.warn{color:#8a6d00}
 pre{background:#fff;border:1px solid #ddd;padding:8px;font-size:12px;overflow:auto;max-height:420px}
 a{color:#0b5cad}
@@ -147,10 +147,10 @@ def _kv(rows: list[tuple[str, str]]) -> str:
 def record_page(run: Run, r: dict) -> str:
     t = r.get("time_ms") or {}
     c = r["case"]
-    parts = [f'<p class="note">Run <a href="../../runs/{_slug(run.run_id)}.html">{escape(run.run_id)}</a> '
+    parts = [(f'<p class="note">Run <a href="../../runs/{_slug(run.run_id)}.html">{escape(run.run_id)}</a> '
              f'on {escape(run.gpu)} · <a href="../../runs/{_slug(run.run_id)}.html#env">environment</a> · '
              f'<a href="../../data/runs/{_slug(run.run_id)}/records.jsonl">records.jsonl</a> · '
-             f'<a href="../../data/runs/{_slug(run.run_id)}/env.json">env.json</a></p>']
+             f'<a href="../../data/runs/{_slug(run.run_id)}/env.json">env.json</a></p>')]
     status = r.get("status", "")
     why = f" - {escape(r['reason'])}" if r.get("reason") else ""
     parts.append(f'<p>Status: <b class="{"bad" if status == "failed" else ""}">{escape(status)}</b>{why}</p>')
@@ -492,8 +492,8 @@ def scenario_page(name: str, runs: list[Run]) -> str:
         parts.append(f'<h2>{escape(gpu)}</h2><p>Run <a href="runs/{_slug(run.run_id)}.html">{escape(run.run_id)}</a>, '
                      f'started {escape(run.started)}, copy rate {_f(run.copy_gbps, "{:.0f}")} GB/s: '
                      f'{c["ok"]} ok, {c["skipped"]} skipped, {c["failed"]} failed, {len(missing)} not run.{prev}</p>')
-        parts.append(scenario_plots(run, recs))
         parts.append(_problems(run, recs, missing, 0))
+        parts.append(scenario_plots(run, recs))
         parts.append(f"<h3>Table</h3>{records_table(run, recs, missing)}")
     return _page(f"Scenario {name}", "\n".join(parts))
 
@@ -503,8 +503,8 @@ def overview_page(runs: list[Run], hist) -> str:
     by_gpu = defaultdict(list)
     for run in runs:
         by_gpu[run.gpu].append(run)
-    parts = [f'<p class="note">{len(runs)} runs on {len(by_gpu)} GPU model(s). Each GPU shows its newest '
-             "run; every run is listed below. Numbers link to the records they come from.</p>"]
+    parts = [(f'<p class="note">{len(runs)} runs on {len(by_gpu)} GPU model(s). Each GPU shows its newest '
+             "run; every run is listed below. Numbers link to the records they come from.</p>")]
     for gpu in sorted(by_gpu):
         rs = sorted(by_gpu[gpu], key=lambda r: (r.started, r.run_id))
         last = rs[-1]
@@ -512,18 +512,28 @@ def overview_page(runs: list[Run], hist) -> str:
         counts = last.counts()
         summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
         scen = ", ".join(f'<a href="scenario-{_slug(s)}.html">{escape(s)}</a>' for s in last.scenarios)
+        newest = {}
+        for r in rs:
+            for sc in r.scenarios:
+                newest[sc] = r
+        per_sc = "; ".join(f'<a href="scenario-{_slug(sc)}.html">{escape(sc)}</a>: '
+                           f'<a href="runs/{_slug(r.run_id)}.html">{escape(r.run_id)}</a> '
+                           f'({r.counts()["ok"]} ok, {r.counts()["skipped"]} skipped, '
+                           f'{r.counts()["failed"]} failed, {r.counts()["not run"]} not run)'
+                           for sc, r in sorted(newest.items()))
         reg = (f'<span class="bad">{regs} case(s) regressed in their newest run</span>' if regs
                else "no regression in the newest runs")
         parts.append(
-            f'<div class="card gpu"><h2>{escape(gpu)}</h2>'
+            f'<section class="gpu card"><h2>{escape(gpu)}</h2>'
             f'<p>Latest run: <a href="runs/{_slug(last.run_id)}.html">{escape(last.run_id)}</a> '
             f'(started {escape(last.started)}; scenarios {scen}): {summary}. '
             f'{len(rs)} run(s) on this GPU model; <a href="history.html#{_slug(gpu)}">history</a>: {reg}.</p>'
+            f'<p>Newest run of each scenario: {per_sc}.</p>'
             + _kv(_env_rows(last))
             + svgplot.bars([(r.run_id[:16], r.copy_gbps, f"runs/{_slug(r.run_id)}.html#env")
                             for r in rs if r.copy_gbps], "copy rate (GB/s)", "copy rate of each run",
                            width=max(300, 120 * len(rs) + 80))
-            + "</div>")
+            + "</section>")
     rows = []
     for run in sorted(runs, key=lambda r: (r.started, r.run_id), reverse=True):
         c = run.counts()
@@ -562,10 +572,10 @@ def hardware_page(runs: list[Run]) -> str:
         runs_g = [run for run, _ in latest[g].values()]
         rates = [r.copy_gbps for r in runs_g if r.copy_gbps]
         copy[g] = statistics.median(rates) if rates else None
-    parts = [f'<p class="note">Same case ids (same method, backend, op, shape, dtype, mode) on each GPU '
+    parts = [(f'<p class="note">Same case ids (same method, backend, op, shape, dtype, mode) on each GPU '
              f"model, newest ok record each; ratio = time on that GPU over time on {escape(ref)} "
              "(below 1: faster). The red line is the copy-rate ratio: a memory-bound case scales "
-             "with it.</p>"]
+             "with it.</p>")]
     recs_by_id = {row["case_id"]: next(iter(row["per_gpu"].values()))[1] for row in rows}
     plots = []
     for g in gpus[1:]:
@@ -610,12 +620,12 @@ def hardware_page(runs: list[Run]) -> str:
 
 
 def history_page(runs: list[Run], hist) -> str:
-    parts = [f'<p class="note">Each case\'s median over runs on the same GPU model, in time order. A run is a '
+    parts = [(f'<p class="note">Each case\'s median over runs on the same GPU model, in time order. A run is a '
              f"<b>regression</b> when its median is more than {REGRESSION_PCT:.0f}% slower than the median "
              "of the previous runs' medians <i>and</i> above the noise band; an <b>improvement</b> is the "
              f"mirror image. Noise band: the previous runs' p10-p90 of single-call times (median of their "
              "p10 and of their p90), so a change inside what the calls already spread over is not called "
-             "a regression however large the ratio.</p>"]
+             "a regression however large the ratio.</p>")]
     for gpu in sorted(hist):
         cases = {cid: pts for cid, pts in hist[gpu].items() if len(pts) > 1}
         parts.append(f'<h2 id="{_slug(gpu)}">{escape(gpu)}</h2>')
@@ -675,17 +685,17 @@ def history_page(runs: list[Run], hist) -> str:
 def _hours(stamp: str) -> float:
     import datetime as dt
     try:
-        t = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        t = dt.datetime.fromisoformat(stamp)
     except ValueError:
         return 0.0
     if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
+        t = t.replace(tzinfo=dt.UTC)
     return t.timestamp() / 3600.0
 
 
 def _clock(hours: float) -> str:
     import datetime as dt
-    return dt.datetime.fromtimestamp(hours * 3600.0, dt.timezone.utc).strftime("%m-%d %H:%M")
+    return dt.datetime.fromtimestamp(hours * 3600.0, dt.UTC).strftime("%m-%d %H:%M")
 
 
 def data_index(runs: list[Run]) -> str:

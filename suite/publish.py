@@ -15,8 +15,16 @@ from rich.console import Console
 from rich.table import Table
 
 from suite import publish_export
-from suite.publish_model import (REGRESSION_PCT, PublishError, Run, filter_runs, hardware, history,
-                                 load_history, load_runs)
+from suite.publish_model import (
+    REGRESSION_PCT,
+    PublishError,
+    Run,
+    filter_runs,
+    hardware,
+    history,
+    load_history,
+    load_runs,
+)
 from suite.store import atomic_write
 
 
@@ -106,7 +114,8 @@ def compare_history(source: Path | list[Path], gpu: list[str], since: str | None
         t = Table(title=f"{g}: newest run of each case against the median of its previous runs "
                         f"(regression: > {REGRESSION_PCT:.0f}% slower and above the p10-p90 noise band)")
         for h in ("case", "runs", "newest run", "median ms", "previous ms", "change %", "band ms", "verdict"):
-            t.add_column(h, justify="left" if h in ("case", "newest run", "verdict") else "right")
+            t.add_column(h, justify="left" if h in ("case", "newest run", "verdict") else "right",
+                         no_wrap=h in ("case", "verdict"), overflow="fold")
         for cid, pts in sorted(judged.items(), key=lambda kv: publish_export.case_name(kv[1][-1].record)):
             p = pts[-1]
             style = {"regression": "red", "improvement": "green"}.get(p.verdict)

@@ -114,20 +114,20 @@ def publish(url: str, runs: list[Run]) -> dict:
         raise PublishError(f"{redact(url)}: cannot connect ({first}); nothing was published") from None
     counts = {"runs": 0, "records": 0, "new_records": 0}
     try:
-        with conn:      # one transaction: committed at the end, rolled back on any error
-            with conn.cursor() as cur:
-                cur.execute(SCHEMA)
-                cur.execute("INSERT INTO hcbench_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
-                            (SCHEMA_VERSION,))
-                for run in runs:
-                    cur.execute(RUN_SQL, (run.run_id, run.gpu, run.started or None, run.env.get("host"),
-                                          run.scenarios, run.copy_gbps,
-                                          json.dumps(run.env, sort_keys=True, default=str)))
-                    counts["runs"] += 1
-                    for r in run.records:
-                        cur.execute(RECORD_SQL, _record_row(run, r))
-                        counts["records"] += 1
-                        counts["new_records"] += bool(cur.fetchone()[0])
+        # one transaction: committed at the end, rolled back on any error
+        with conn, conn.cursor() as cur:
+            cur.execute(SCHEMA)
+            cur.execute("INSERT INTO hcbench_schema (version) VALUES (%s) ON CONFLICT DO NOTHING",
+                        (SCHEMA_VERSION,))
+            for run in runs:
+                cur.execute(RUN_SQL, (run.run_id, run.gpu, run.started or None, run.env.get("host"),
+                                      run.scenarios, run.copy_gbps,
+                                      json.dumps(run.env, sort_keys=True, default=str)))
+                counts["runs"] += 1
+                for r in run.records:
+                    cur.execute(RECORD_SQL, _record_row(run, r))
+                    counts["records"] += 1
+                    counts["new_records"] += bool(cur.fetchone()[0])
     except psycopg.Error as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PublishError(f"{redact(url)}: publish failed and was rolled back ({first})") from None

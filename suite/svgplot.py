@@ -121,8 +121,8 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
     def Y(v):
         return top + h - (scale(v) - ylo) / ((yhi - ylo) or 1.0) * h
 
-    out = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title or y_label)}">',
+    out = [(f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title or y_label)}">'),
            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>']
     if title:
         out.append(f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="13" '
@@ -194,8 +194,8 @@ def bars(values: list[tuple[str, float, str | None]], y_label: str, title: str =
     w, h = width - left - right, height - top - bottom
     yt = nice_ticks(0.0, max(v for _, v, _ in values))
     yhi = yt[-1] or 1.0
-    out = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title or y_label)}">',
+    out = [(f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title or y_label)}">'),
            f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>']
     if title:
         out.append(f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="13" '

@@ -14,8 +14,16 @@ import pytest
 
 from suite import dashboard, publish_export
 from suite.cli import main
-from suite.publish_model import (PublishError, Run, filter_runs, hardware, history, judge,
-                                 load_run_dir, load_runs)
+from suite.publish_model import (
+    PublishError,
+    Run,
+    filter_runs,
+    hardware,
+    history,
+    judge,
+    load_run_dir,
+    load_runs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "publish"
@@ -144,11 +152,11 @@ def test_site_from_fixture_is_complete_linked_and_deterministic(tmp_path):
             assert (site / "r" / run.run_id / f"{r['case_id']}.html").exists()
     model = (site / "scenario-sample_model.html").read_text()
     for section in ("plot-time", "plot-overhead", "plot-recompute"):
-        assert f'class="{section}"' in model
+        assert f"<section class=\"{section}\"" in model
     assert "paper 6.7%" in model and "flags" in model
     sample = (site / "scenario-sample.html").read_text()
     for section in ("plot-time", "plot-gbps", "plot-copy", "plot-fwdbwd"):
-        assert f'class="{section}"' in sample
+        assert f"<section class=\"{section}\"" in sample
     assert "check failed: x_next rel err 0.2" in sample and "not run" in sample
     assert 'class="plot-hardware"' in (site / "hardware.html").read_text()
     assert "verdict-regression" in (site / "history.html").read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from suite.scenario import Case  # noqa: E402
+from suite.scenario import Case
 
 SCENARIO = "sample"
 MODEL_SCENARIO = "sample_model"
@@ -98,8 +98,8 @@ def model_run(name: str, gpu: str, copy: float, started: str, seed: int) -> None
     out = HERE / name
     records, saved = [], []
     for C in (1024, 2048):
-        common = dict(C=C, T=2048, scope="model", layers=4, heads=8, mlp_ratio=4, seq=512, vocab=1000,
-                      mode="fwd+bwd")
+        common = {"C": C, "T": 2048, "scope": "model", "layers": 4, "heads": 8, "mlp_ratio": 4, "seq": 512, "vocab": 1000,
+                      "mode": "fwd+bwd"}
         members = [Case(method="residual", n=1, recompute="none", **common),
                    Case(method="hc", n=4, recompute="none", **common),
                    Case(method="mhc", n=4, recompute="none", **common),
