@@ -27,5 +27,12 @@ report: env
 compare: env
 	$(PY) harness.py compare $(A) $(B)
 
+# The static dashboard of every run folder under results/ (RUNS may list run folders instead).
+RUNS ?= results
+SITE ?= results/dashboard
+.PHONY: dashboard
+dashboard: env
+	$(PY) harness.py publish $(RUNS) --to $(SITE)
+
 clean-env:
 	rm -rf $(VENV)

@@ -39,9 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print a run's table again and write its report.md")
     rep.add_argument("run_dir", type=Path)
 
-    cmp_ = sub.add_parser("compare", help="join two runs by case id and print B/A time ratios")
-    cmp_.add_argument("run_a", type=Path)
-    cmp_.add_argument("run_b", type=Path)
+    cmp_ = sub.add_parser("compare", help="join two runs by case id and print B/A time ratios; "
+                          "without runs (or with --gpu/--since/--scenario), compare across the history")
+    cmp_.add_argument("run_a", type=Path, nargs="?")
+    cmp_.add_argument("run_b", type=Path, nargs="?")
+    cmp_.add_argument("--gpu", action="append", default=[], metavar="NAME",
+                      help="history: only GPU models whose name contains NAME (repeatable)")
+    cmp_.add_argument("--since", metavar="DATE", help="history: only runs started on or after DATE (YYYY-MM-DD)")
+    cmp_.add_argument("--scenario", action="append", default=[], metavar="NAME",
+                      help="history: only records of scenario NAME (repeatable)")
+    cmp_.add_argument("--history", type=Path, default=ROOT / "results",
+                      help="history.sqlite, or a folder with one or with run folders (default results/)")
+
+    pub = sub.add_parser("publish", help="write a static dashboard (or PostgreSQL) from run folders")
+    pub.add_argument("run_dirs", nargs="+", type=Path,
+                     help="run folders, or folders of run folders (e.g. results/)")
+    pub.add_argument("--to", required=True, metavar="DIR|postgresql://USER@HOST/DB",
+                     help="site folder to (re)write, or a PostgreSQL database")
+    pub.add_argument("--csv", type=Path, metavar="FILE", help="also write the tidy CSV here")
+    pub.add_argument("--benchmark-json", type=Path, metavar="FILE",
+                     help="also write github-action-benchmark JSON (customSmallerIsBetter) here")
+    pub.add_argument("--markdown", type=Path, metavar="FILE", help="also write the Markdown tables here")
     return p
 
 
@@ -58,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, console)
         if args.command == "report":
             return _report(args.run_dir, console)
+        if args.command == "publish":
+            return _publish(args, console)
+        if args.command == "compare" and (args.run_b is None or args.gpu or args.since
+                                          or args.scenario):
+            return _compare_history(args, console)
         if args.command == "compare":
             for d in (args.run_a, args.run_b):
                 _require_run_dir(d)
@@ -171,3 +194,25 @@ def _report(run_dir: Path, console: Console) -> int:
     print_run(run_dir, console)
     console.print(f"report: {write_markdown(run_dir)}")
     return EXIT_OK
+
+
+def _publish(args, console: Console) -> int:
+    from suite.publish import publish
+    from suite.publish_model import PublishError
+    try:
+        return publish(args.run_dirs, args.to, console, csv=args.csv,
+                       benchmark_json=args.benchmark_json, markdown=args.markdown)
+    except PublishError as exc:
+        raise BadInput([str(exc)])
+
+
+def _compare_history(args, console: Console) -> int:
+    from suite.publish import compare_history
+    from suite.publish_model import PublishError
+    if args.run_a is not None and args.run_b is None:
+        raise BadInput(["compare: give two run folders, or none to compare across the history"])
+    try:
+        source = [args.run_a, args.run_b] if args.run_b is not None else args.history
+        return compare_history(source, args.gpu, args.since, args.scenario, console)
+    except PublishError as exc:
+        raise BadInput([str(exc)])
