@@ -449,7 +449,7 @@ def normalise_parallel(case: Case) -> Case:
     """Fills the distributed fields' defaults and writes `overlap` in one order, so equal
     cases share one id. Residual has no connection to recompute, so early_recompute goes."""
     if case.parallel is None:
-        return replace(case, microbatches=None, overlap=None)
+        return case                     # parallel_problems refuses stray fields
     if case.parallel == "p2p":
         return replace(case, microbatches=None, overlap=None)
     parts = set() if case.overlap in (None, "none") else set(case.overlap.split("+"))
