@@ -127,8 +127,8 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
     try:
         parts = _exchange(world, (status, part))
     except Exception as exc:  # noqa: BLE001
-        raise WorldBroken(f"rank {world.rank} lost the others after the timed part: "
-                          f"{_first_line(exc)}; own status: {status[1] or 'ok'}") from exc
+        raise WorldBroken(f"a rank died or timed out during the timed part (rank "
+                          f"{world.rank} saw: {_first_line(exc)[:200]})") from exc
     bad = [(r, p[0][1]) for r, p in enumerate(parts) if p[0][0] != "ok"]
     if bad:
         r, why = bad[0]
