@@ -70,7 +70,9 @@ def unavailable(case: Case, world_size: int) -> str | None:
                 f"--nproc_per_node={case.gpus} (make bench GPUS={case.gpus}) or more nodes")
     if case.device == "cuda" and case.gpus > 1:
         import os
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        # Ranks on this node: torchrun says it; srun with --ntasks-per-node says it too.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE")
+                    or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
         if local > torch.cuda.device_count():
             return (f"{local} ranks on this node but {torch.cuda.device_count()} GPUs: one "
                     "rank per GPU")
