@@ -213,7 +213,7 @@ def _model(case: Case, device: str):
 
 
 def _high_priority_stream():
-    low, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream,
+    _, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream,
                                                               "priority_range") else (0, -1)
     return torch.cuda.Stream(priority=high)
 

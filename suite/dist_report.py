@@ -72,18 +72,18 @@ def overlap_rows(records: list[dict]) -> list[list[str]]:
 
 
 NOTES = [
-    "Every time is the maximum over the case's ranks of each sample (a barrier before each), "
-    "then the median; `rank spread` is the largest minus the smallest per-rank median.",
-    "p2p: algbw as nccl-tests defines it for sendrecv: message bytes / time of one message "
-    "(busbw = algbw); n = 4 messages are 4 times a residual model's.",
-    "pipeline / data: `compute` is the same step with one-element messages (pipeline: every "
-    "dependency kept) or without the all-reduce (data: DDP no_sync); `comm` the messages or "
-    "all-reduces alone; exposed = step - compute; overlap eff = (compute + comm - step) / "
-    "min(compute, comm): 1 fully hidden, 0 not hidden at all, below 0 worse than serial.",
-    f"Rows whose link reads `{STANDIN_MARK}` ran on one GPU: host-device copies on a copy engine "
-    "(pinned memory, PCIe) stand in for the link between stages; the pipeline stand-in is one "
-    "middle stage (stage 1 of 3) holding all L layers. They show what hiding a copy of n times "
-    "the bytes costs on one GPU, not NVLink or InfiniBand numbers.",
+    ("Every time is the maximum over the case's ranks of each sample (a barrier before each), "
+     "then the median; `rank spread` is the largest minus the smallest per-rank median."),
+    ("p2p: algbw as nccl-tests defines it for sendrecv: message bytes / time of one message "
+     "(busbw = algbw); n = 4 messages are 4 times a residual model's."),
+    ("pipeline / data: `compute` is the same step with one-element messages (pipeline: every "
+     "dependency kept) or without the all-reduce (data: DDP no_sync); `comm` the messages or "
+     "all-reduces alone; exposed = step - compute; overlap eff = (compute + comm - step) / "
+     "min(compute, comm): 1 fully hidden, 0 not hidden at all, below 0 worse than serial."),
+    (f"Rows whose link reads `{STANDIN_MARK}` ran on one GPU: host-device copies on a copy engine "
+     "(pinned memory, PCIe) stand in for the link between stages; the pipeline stand-in is one "
+     "middle stage (stage 1 of 3) holding all L layers. They show what hiding a copy of n times "
+     "the bytes costs on one GPU, not NVLink or InfiniBand numbers."),
 ]
 
 

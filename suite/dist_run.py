@@ -27,7 +27,9 @@ from suite import dist_bench, launch
 from suite.scenario import Case
 from suite.timing import Timer
 
-FAULT_ENV = "HCBENCH_FAULT_EXIT"      # "RANK:CASE_INDEX": that rank exits there (tests only)
+# Fault injection for tests: "RANK:CASE_INDEX" makes that rank exit before the timed part of
+# that case, "RANK:CASE_INDEX:hang" makes it sleep there (a collective that never completes).
+FAULT_ENV = "HCBENCH_FAULT_EXIT"
 _terminated = {"flag": False}
 
 
@@ -102,8 +104,8 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
         try:
             bench, gate = dist_bench.prepare(case, ctx, pipe_groups)
             if bench is None:
-                status = ("failed", f"check failed: {gate['worst']} rel err "
-                                    f"{gate['max_rel_err']:.3g} > tol {gate['tol']:.1g}")
+                status = ("failed", (f"check failed: {gate['worst']} rel err "
+                                     f"{gate['max_rel_err']:.3g} > tol {gate['tol']:.1g}"))
             elif gate is not None and not gate["passed"]:
                 status = ("failed", "check failed: the message did not arrive bit for bit")
         except Exception as exc:  # noqa: BLE001  (reported by rank 0 for every rank)
@@ -115,8 +117,11 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
         dist_bench.release(bench)
         r, why = bad[0]
         return {**fields, "status": "failed", "reason": f"rank {r}: {why}"}
-    if os.environ.get(FAULT_ENV) == f"{world.rank}:{index}":
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"{world.rank}:{index}":
         os._exit(3)
+    if fault == f"{world.rank}:{index}:hang":
+        time.sleep(10**6)
     part, status = None, ("ok", None)
     if member:
         try:
@@ -126,7 +131,7 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
     dist_bench.release(bench)
     try:
         parts = _exchange(world, (status, part))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise WorldBroken(f"a rank died or timed out during the timed part (rank "
                           f"{world.rank} saw: {_first_line(exc)[:200]})") from exc
     bad = [(r, p[0][1]) for r, p in enumerate(parts) if p[0][0] != "ok"]
@@ -199,12 +204,12 @@ def run_cases(session, items: list, view=None) -> None:
             view.finished(case, record)
 
     ok = _loop(items, world, emit)
-    launch.shutdown()
-    if _terminated["flag"] or not ok and world.size > 1:
-        # The other ranks are gone: nothing distributed can run; the single-process cases
-        # would run, but the launcher is stopping this process.
-        if _terminated["flag"]:
-            raise KeyboardInterrupt
+    if ok:
+        launch.shutdown()       # after a failure, tearing the group down can wait on the dead
+    if _terminated["flag"]:
+        # The launcher is stopping this process (another rank exited): no single-process case
+        # starts; the run ends as interrupted, every finished record kept.
+        raise KeyboardInterrupt
 
 
 def follow(scenarios: list, world: launch.World) -> int:
@@ -219,5 +224,6 @@ def follow(scenarios: list, world: launch.World) -> int:
               "scenarios; every rank needs the same scenario files and options", flush=True)
         return 2
     ok = _loop([by_id[i] for i in box[0]], world, emit=None)
-    launch.shutdown()
+    if ok:
+        launch.shutdown()
     return 0 if ok else 1

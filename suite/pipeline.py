@@ -57,7 +57,7 @@ def split_layers(layers: int, stages: int) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------- one stage
 class _Saved:
-    __slots__ = ("embed_out", "x_leaf", "out", "blocks", "recomputed", "loss", "out_leaf")
+    __slots__ = ("blocks", "embed_out", "loss", "out", "out_leaf", "recomputed", "x_leaf")
 
     def __init__(self):
         for name in self.__slots__:
@@ -287,7 +287,8 @@ class CopyLink:
         self.cuda = torch.device(device).type == "cuda"
         pin = self.cuda
         gen = torch.Generator().manual_seed(seed + 104729)
-        host = lambda: torch.randn(shape, generator=gen).to(dtype)  # noqa: E731
+        def host():
+            return torch.randn(shape, generator=gen).to(dtype)
         self.host_act = [host().pin_memory() if pin else host() for _ in range(microbatches)]
         self.host_grad = [host().pin_memory() if pin else host() for _ in range(microbatches)]
         self.host_out = [torch.empty(shape, dtype=dtype, pin_memory=pin)
