@@ -83,6 +83,7 @@ def unavailable(case: Case, world_size: int) -> str | None:
         ops = kernels.get(case.method, case.backend)
         if ops.pre is None:
             return f"backend {case.backend} has no pre op for {case.method} yet"
+        return ops.supports(case.n, case.C, DTYPES[case.dtype])
     return None
 
 
