@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -109,14 +110,16 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
             elif gate is not None and not gate["passed"]:
                 status = ("failed", "check failed: the message did not arrive bit for bit")
         except Exception as exc:  # noqa: BLE001  (reported by rank 0 for every rank)
-            status = ("failed", f"{type(exc).__name__}: {_first_line(exc)}")
+            status = ("failed", f"{type(exc).__name__}: {_first_line(exc)}",
+                      traceback.format_exc(limit=8))
     statuses = _exchange(world, (status, gate if world.rank == 0 else None))
-    bad = [(r, s[0][1]) for r, s in enumerate(statuses) if s[0][0] != "ok"]
+    bad = [(r, s[0]) for r, s in enumerate(statuses) if s[0][0] != "ok"]
     fields = {"check": statuses[0][1]}
     if bad:
         dist_bench.release(bench)
-        r, why = bad[0]
-        return {**fields, "status": "failed", "reason": f"rank {r}: {why}"}
+        r, st = bad[0]
+        return {**fields, "status": "failed", "reason": f"rank {r}: {st[1]}",
+                **({"traceback": st[2]} if len(st) > 2 else {})}
     fault = os.environ.get(FAULT_ENV, "")
     if fault == f"{world.rank}:{index}":
         os._exit(3)
@@ -127,19 +130,21 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
         try:
             part = dist_bench.run_part(bench)
         except Exception as exc:  # noqa: BLE001
-            status = ("failed", f"{type(exc).__name__}: {_first_line(exc)}")
+            status = ("failed", f"{type(exc).__name__}: {_first_line(exc)}",
+                      traceback.format_exc(limit=8))
     dist_bench.release(bench)
     try:
         parts = _exchange(world, (status, part))
     except Exception as exc:
         raise WorldBroken(f"a rank died or timed out during the timed part (rank "
                           f"{world.rank} saw: {_first_line(exc)[:200]})") from exc
-    bad = [(r, p[0][1]) for r, p in enumerate(parts) if p[0][0] != "ok"]
+    bad = [(r, p[0]) for r, p in enumerate(parts) if p[0][0] != "ok"]
     if bad:
-        r, why = bad[0]
+        r, st = bad[0]
         if world.size > 1:
-            raise WorldBroken(f"rank {r}: {why}")
-        return {**fields, "status": "failed", "reason": f"rank {r}: {why}"}
+            raise WorldBroken(f"rank {r}: {st[1]}")
+        return {**fields, "status": "failed", "reason": f"rank {r}: {st[1]}",
+                **({"traceback": st[2]} if len(st) > 2 else {})}
     if world.rank != 0:
         return None
     member_parts = [p[1] for r, p in enumerate(parts) if r in ranks]

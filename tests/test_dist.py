@@ -150,7 +150,7 @@ def _check_ok_records(records, world):
 
 def test_two_processes_end_to_end(tmp_path):
     scen = _scenario(tmp_path, [
-        {"parallel": "p2p", "method": ["residual", "mhc"], "gpus": [1, 2, 4]},
+        {"parallel": "p2p", "method": ["residual", "mhc"], "gpus": [1, 2, 4], "warmup_ms": 5},
         {"parallel": "pipeline", **MODEL, "method": "mhc", "layers": 2, "gpus": 1,
          "recompute": "mhc", "overlap": "stream+priority+early_recompute"},
         {"parallel": "pipeline", **MODEL, "method": "mhc", "layers": 2, "gpus": 2,
@@ -169,6 +169,10 @@ def test_two_processes_end_to_end(tmp_path):
     p2p = {(r["case"]["method"], r["case"]["gpus"]): r for r in ok if r["case"]["parallel"] == "p2p"}
     assert p2p[("mhc", 2)]["message_bytes"] == 4 * p2p[("residual", 2)]["message_bytes"]
     assert p2p[("mhc", 2)]["check"]["passed"]
+    report = next(p for p in out.iterdir() if p.is_dir()) / "report.md"
+    text = report.read_text()
+    assert "## Many GPUs" in text and "| stand-in (H2D/D2H copies) |" in text
+    assert text.count("| stand-in (H2D/D2H copies) |") == 3   # 2 p2p rows + 1 pipeline row
 
 
 def test_four_processes_end_to_end_with_subgroups(tmp_path):
