@@ -3,6 +3,9 @@
 # stand-ins of scenarios/pipeline.yaml (gpus: 1), where host-device copies on a copy engine
 # stand in for the link between stages. Cases with gpus > 1 need torchrun on a multi-GPU node
 # (make bench GPUS=8) and are not run here.
+#   0. tests/test_dist_standin.py on the GPU: with real CUDA streams (copy stream, high-priority
+#      post stream, early recompute) a stand-in stage's gradients and sent tensors equal those of
+#      the plain inline schedule (a missing stream wait would show here);
 #   1. p2p stand-in: a [T, n, C] message over the copy engine, n = 1, 2, 4, 8, C = 2560, 7168;
 #   2. pipeline stand-in at C = 2560 (4 layers), then C = 7168 (2 layers), resumed into the same
 #      run folder: residual, hc, mhc across the overlap techniques, step / compute / comm timed
@@ -41,14 +44,17 @@ stamp "make env"
 make env >/dev/null || echo "make env failed"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw,pcie.link.gen.current,pcie.link.width.current --format=csv
 
+stamp "stand-in stream-safety test"
+timeout -k 5 45 $PY -m pytest -q -p no:cacheprovider tests/test_dist_standin.py 2>&1 | tail -5
+
 stamp "p2p stand-in"
-timeout -k 10 60 $PY harness.py run $SCEN --out "$RUNS" --only gpus=1 --only parallel=p2p
+timeout -k 10 45 $PY harness.py run $SCEN --out "$RUNS" --only gpus=1 --only parallel=p2p
 echo "exit $?"
 RUN=$(ls -d "$RUNS"/2*/ 2>/dev/null | head -1)
 if [ -z "$RUN" ]; then echo "no run folder"; exit 1; fi
 
 stamp "pipeline stand-in C=2560"
-timeout -k 10 140 $PY harness.py run $SCEN --resume "$RUN" --only gpus=1 --only parallel=pipeline \
+timeout -k 10 130 $PY harness.py run $SCEN --resume "$RUN" --only gpus=1 --only parallel=pipeline \
     --only C=2560
 echo "exit $?"
 

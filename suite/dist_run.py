@@ -166,6 +166,8 @@ def _loop(items: list, world: launch.World, emit) -> bool:
     broken = None
     for index, (name, case) in enumerate(items):
         t0 = time.perf_counter()
+        if _terminated["flag"] and not broken:
+            broken = "the launcher stopped this rank (SIGTERM)"
         if broken:
             fields = {"status": "failed", "reason": f"not run: {broken}"}
         else:
@@ -191,7 +193,10 @@ def run_cases(session, items: list, view=None) -> None:
     if not items and world.size == 1:
         return
     from suite import steps
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # With several ranks, SIGTERM comes from the launcher when another rank exited: finish the
+    # record in hand (its collectives fail at once) instead of dying without it. One process
+    # keeps the default (a `timeout` or Ctrl-C stops it; finished records are on disk).
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if world.size > 1 else None
     launch.init(world)
     if world.size > 1:
         dist.broadcast_object_list([[c.case_id for _, c in items]], src=0)
@@ -209,6 +214,8 @@ def run_cases(session, items: list, view=None) -> None:
             view.finished(case, record)
 
     ok = _loop(items, world, emit)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
     if ok:
         launch.shutdown()       # after a failure, tearing the group down can wait on the dead
     if _terminated["flag"]:
