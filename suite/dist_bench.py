@@ -254,7 +254,7 @@ class Pipeline:
             self.link = pp.DistLink(ctx.ranks, s, groups, shape, dtype, ctx.device, M, True,
                                     seed=case.seed)
             self.quiet = pp.DistLink(ctx.ranks, s, groups, shape, dtype, ctx.device, M, False,
-                                     seed=case.seed)
+                                     fakes=(self.link.fake_act, self.link.fake_grad))
             self.tokens, self.targets = _tokens(case, M, case.seed + 1, ctx.device)
             # every boundary carries M activations forward and M gradients back
             self.bytes_per_step = 2 * M * (P - 1) * self.msg_bytes

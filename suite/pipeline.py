@@ -213,19 +213,21 @@ class DistLink:
     right shape."""
 
     def __init__(self, ranks: list[int], stage: int, groups: dict, shape, dtype, device,
-                 microbatches: int, full: bool = True, seed: int = 0):
+                 microbatches: int, full: bool = True, seed: int = 0, fakes=None):
         self.ranks, self.s, self.groups, self.full = ranks, stage, groups, full
         P = len(ranks)
         self.has_prev, self.has_next = stage > 0, stage < P - 1
-        gen = torch.Generator(device=device).manual_seed(seed + 7919 * stage)
         size = shape if full else (1,)
         self.act_buf = [torch.empty(size, dtype=dtype, device=device) for _ in range(microbatches)]
         self.grad_buf = [torch.empty(size, dtype=dtype, device=device) for _ in range(microbatches)]
-        # Stand-in values for what is not received (full=False) or not computed (comm-only).
-        self.fake_act = [torch.randn(shape, generator=gen, device=device).to(dtype)
-                         for _ in range(microbatches)]
-        self.fake_grad = [torch.randn(shape, generator=gen, device=device).to(dtype)
-                          for _ in range(microbatches)]
+        # Random stand-ins for what is not received (full=False) or not computed (comm-only):
+        # one state and one gradient, shared by every micro-batch (and with `fakes`' link).
+        if fakes is None:
+            gen = torch.Generator(device=device).manual_seed(seed + 7919 * stage)
+            act = torch.randn(shape, generator=gen, device=device).to(dtype)
+            grad = torch.randn(shape, generator=gen, device=device).to(dtype)
+            fakes = ([act] * microbatches, [grad] * microbatches)
+        self.fake_act, self.fake_grad = fakes
         self.token = torch.ones(1, dtype=dtype, device=device)
 
     def _payload(self, t):
