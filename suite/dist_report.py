@@ -83,7 +83,8 @@ NOTES = [
     (f"Rows whose link reads `{STANDIN_MARK}` ran on one GPU: host-device copies on a copy engine "
      "(pinned memory, PCIe) stand in for the link between stages; the pipeline stand-in is one "
      "middle stage (stage 1 of 3) holding all L layers. They show what hiding a copy of n times "
-     "the bytes costs on one GPU, not NVLink or InfiniBand numbers."),
+     "the bytes costs on one GPU, not NVLink or InfiniBand numbers. The copies run on copy "
+     "engines, not on SMs, so there the high-priority post stream has nothing to preempt."),
 ]
 
 

@@ -197,9 +197,6 @@ def run_cases(session, items: list, view=None) -> None:
     # record in hand (its collectives fail at once) instead of dying without it. One process
     # keeps the default (a `timeout` or Ctrl-C stops it; finished records are on disk).
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if world.size > 1 else None
-    launch.init(world)
-    if world.size > 1:
-        dist.broadcast_object_list([[c.case_id for _, c in items]], src=0)
 
     def emit(name, case, fields):
         if view:
@@ -213,6 +210,15 @@ def run_cases(session, items: list, view=None) -> None:
         if view:
             view.finished(case, record)
 
+    try:
+        launch.init(world)
+        if world.size > 1:
+            dist.broadcast_object_list([[c.case_id for _, c in items]], src=0)
+    except Exception as exc:  # noqa: BLE001  (every distributed case fails with the reason)
+        for name, case in items:
+            emit(name, case, {"status": "failed", "reason": "could not join the process group: "
+                              f"{type(exc).__name__}: {_first_line(exc)}"})
+        return
     ok = _loop(items, world, emit)
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
