@@ -218,6 +218,8 @@ def run_cases(session, items: list, view=None) -> None:
         for name, case in items:
             emit(name, case, {"status": "failed", "reason": "could not join the process group: "
                               f"{type(exc).__name__}: {_first_line(exc)}"})
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         return
     ok = _loop(items, world, emit)
     if previous is not None:
