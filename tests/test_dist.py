@@ -220,3 +220,23 @@ def test_a_hung_collective_ends_as_a_failed_case(tmp_path):
     assert "timed out" in records[32]["reason"] or "Timed out" in records[32]["reason"] \
         or "collective" in records[32]["reason"], records[32]["reason"]
     assert records[48]["reason"].startswith("not run")
+
+
+def test_one_process_standins_and_a_case_past_its_timeout(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    from suite import cli
+    scen = _scenario(tmp_path, [
+        {"parallel": "p2p", "method": "mhc", "gpus": [1, 2]},
+        {"parallel": "pipeline", **MODEL, "method": "hc", "layers": 2, "gpus": 1,
+         "timeout_s": 0.001},
+        {"parallel": "pipeline", **MODEL, "method": "hc", "layers": 2, "gpus": 1, "C": 48},
+    ])
+    out = tmp_path / "runs"
+    assert cli.main(["run", str(scen), "--out", str(out)]) == cli.EXIT_FAILED
+    records = {(r["case"]["parallel"], r["case"]["C"], r["case"]["gpus"]): r
+               for r in _records(out)}
+    assert records[("p2p", 32, 1)]["status"] == "ok" and records[("p2p", 32, 1)]["standin"]
+    assert "the world has 1" in records[("p2p", 32, 2)]["reason"]
+    assert "timed out" in records[("pipeline", 32, 1)]["reason"]
+    assert records[("pipeline", 48, 1)]["status"] == "ok"
