@@ -22,6 +22,8 @@ def _stage_grads(device, overlap, method, recompute):
                      L_r=1, microbatches=MB)
     link = pp.CopyLink((2 * cfg.seq, cfg.n, cfg.C), torch.float32, device, MB,
                        "stream" in overlap, seed=9)
+    for buf in link.act_buf + link.grad_buf:     # a receive read before its copy lands: NaN
+        buf.fill_(float("nan"))
     pp.run_1f1b(pp.schedule(1, 3, MB), stage, link, MB, overlap)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -30,15 +32,17 @@ def _stage_grads(device, overlap, method, recompute):
     return grads, sent
 
 
+# Loose enough for fp32 attention backward kernels that accumulate with atomics; a receive
+# read before its copy lands reads NaN.
 def _compare(device, method, recompute):
     base, base_sent = _stage_grads(device, set(), method, recompute)
     for overlap in ({"stream"}, {"stream", "priority"}, {"stream", "priority", "early_recompute"}):
         got, sent = _stage_grads(device, overlap, method, recompute)
         assert got.keys() == base.keys()
         for k in base:
-            torch.testing.assert_close(got[k], base[k], rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(got[k], base[k], rtol=1e-4, atol=1e-5, msg=k)
         for a, b in zip(sent, base_sent):       # what went out: activations and gradients
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method, recompute", [("mhc", "mhc")])
