@@ -13,8 +13,12 @@ env: $(VENV)/.hcbench-ready
 $(VENV)/.hcbench-ready: pyproject.toml scripts/make_env.py
 	python3 scripts/make_env.py $(VENV)
 
+# GPUS=N (N > 1) starts N ranks on this node with torchrun (README: many GPUs and SLURM).
+GPUS ?= 1
+LAUNCH = $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS),$(PY))
+
 bench: env
-	$(PY) harness.py run $(SCENARIO) --out $(OUT) $(ARGS)
+	$(LAUNCH) harness.py run $(SCENARIO) --out $(OUT) $(ARGS)
 
 # pytest exits 5 when it collects no test; that is a broken test tree, reported as such.
 test: env

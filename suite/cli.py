@@ -173,6 +173,12 @@ def _run(args, console: Console) -> int:
         args.set.append("traffic=true")
     scenarios = (_load(args.scenarios, args.set, args.only) if args.scenarios
                  else _saved_scenarios(args.resume, args.set, args.only))
+    from suite import launch
+    world = launch.from_env()
+    launch.keep_multicast_off()
+    if world.rank != 0:          # torchrun / SLURM: rank 0 records, the others take part
+        from suite import dist_run
+        return dist_run.follow(scenarios, world)
     try:
         store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
                                         retry_failed=args.retry_failed, console=console)

@@ -69,16 +69,7 @@ class _ConnectionRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sites, x0, *params):
-        x = x0
-        f_graphs, li_leaves = [], []
-        for site in sites:
-            layer_input, h_post, h_res = site.pre(x)            # grad mode is off here
-            li = layer_input.detach().requires_grad_(True)
-            with torch.enable_grad():
-                f = site.F(li)
-            x = site.post(x, f.detach(), h_post, h_res)
-            f_graphs.append(f)
-            li_leaves.append(li)
+        x, f_graphs, li_leaves = keep_forward(sites, x0)
         ctx.sites = sites
         ctx.n_params = [len(s.conn) for s in sites]
         # f (C per token per site) is what Table 3 stores; F's graph holds li like a residual F.
@@ -90,32 +81,64 @@ class _ConnectionRecompute(torch.autograd.Function):
     def backward(ctx, grad_x):
         x0, *f_graphs = ctx.saved_tensors
         sites, li_leaves = ctx.sites, ctx.li_leaves
-        recomputed = []
-        with torch.enable_grad():
-            x = x0.detach()
-            for site, f in zip(sites, f_graphs):
-                x_in = x.detach().requires_grad_(True)
-                layer_input, h_post, h_res = site.pre(x_in)
-                f_leaf = f.detach().requires_grad_(True)
-                x = site.post(x_in, f_leaf, h_post, h_res)
-                recomputed.append((x_in, layer_input, f_leaf, x))
-        g = grad_x
-        param_grads: list = []
-        for site, f, li, (x_in, layer_input, f_leaf, x_out) in zip(
-                reversed(sites), reversed(f_graphs), reversed(li_leaves), reversed(recomputed)):
-            (g_f,) = torch.autograd.grad(x_out, f_leaf, g, retain_graph=True)
-            torch.autograd.backward(f, g_f)                   # F's weights and li.grad
-            params = list(site.conn)
-            outs, grads = [x_out], [g]
-            if li.grad is not None:
-                outs.append(layer_input)
-                grads.append(li.grad)
-            got = torch.autograd.grad(outs, [x_in] + params, grads, allow_unused=True)
-            g = got[0]
-            param_grads = list(got[1:]) + param_grads
-            li.grad = None
+        recomputed = replay(sites, x0, f_graphs)
+        g, param_grads = backprop(sites, f_graphs, li_leaves, recomputed, grad_x)
         ctx.li_leaves = None
         return (None, g, *param_grads)
+
+
+# The three phases of the connection recompute, apart so that a pipeline stage can run the
+# replay before it waits for the gradient from the next stage (suite.pipeline).
+def keep_forward(sites, x0):
+    """Forward of one block without autograd for the connection: (x out, each F's output
+    with F's own graph, each F's input leaf)."""
+    x = x0
+    f_graphs, li_leaves = [], []
+    with torch.no_grad():
+        for site in sites:
+            layer_input, h_post, h_res = site.pre(x)
+            li = layer_input.detach().requires_grad_(True)
+            with torch.enable_grad():
+                f = site.F(li)
+            x = site.post(x, f.detach(), h_post, h_res)
+            f_graphs.append(f)
+            li_leaves.append(li)
+    return x, f_graphs, li_leaves
+
+
+def replay(sites, x0, f_graphs) -> list:
+    """Reruns the connection ops from the block input x0 with autograd (F is not rerun)."""
+    recomputed = []
+    with torch.enable_grad():
+        x = x0.detach()
+        for site, f in zip(sites, f_graphs):
+            x_in = x.detach().requires_grad_(True)
+            layer_input, h_post, h_res = site.pre(x_in)
+            f_leaf = f.detach().requires_grad_(True)
+            x = site.post(x_in, f_leaf, h_post, h_res)
+            recomputed.append((x_in, layer_input, f_leaf, x))
+    return recomputed
+
+
+def backprop(sites, f_graphs, li_leaves, recomputed, grad_x):
+    """Walks the sites in reverse: the gradient at the block input and the connection
+    parameters' gradients (F's accumulate into .grad)."""
+    g = grad_x
+    param_grads: list = []
+    for site, f, li, (x_in, layer_input, f_leaf, x_out) in zip(
+            reversed(sites), reversed(f_graphs), reversed(li_leaves), reversed(recomputed)):
+        (g_f,) = torch.autograd.grad(x_out, f_leaf, g, retain_graph=True)
+        torch.autograd.backward(f, g_f)                   # F's weights and li.grad
+        params = list(site.conn)
+        outs, grads = [x_out], [g]
+        if li.grad is not None:
+            outs.append(layer_input)
+            grads.append(li.grad)
+        got = torch.autograd.grad(outs, [x_in] + params, grads, allow_unused=True)
+        g = got[0]
+        param_grads = list(got[1:]) + param_grads
+        li.grad = None
+    return g, param_grads
 
 
 class SavedBytes:

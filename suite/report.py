@@ -15,6 +15,7 @@ COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", 
 # Every field that changes what is measured, so a ratio joins exactly the same case.
 IDENTITY = tuple(c for c in COLUMNS if c != "backend") + ("scope", "gpus")
 IDENTITY += ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
+IDENTITY += ("parallel", "microbatches", "overlap")
 HEADER = {"sinkhorn_iters": "iters"}
 NOISY_CV = 0.05      # above this, a row's CV is marked "!": its median deserves less trust
 ORDER = {"residual": 0, "hc": 1, "mhc": 2}
@@ -66,6 +67,9 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         if c.get("scope", "site") != "site":   # a whole layer or step: say so where op would be
             lr = f"/{c['L_r']}" if c.get("L_r") else ""
             row[COLUMNS.index("op")] = f"{c['scope']} L={c.get('layers')} rc={c.get('recompute')}{lr}"
+        if c.get("parallel"):
+            from suite import dist_report
+            row[COLUMNS.index("op")] = dist_report.op_label(c)
         if r["status"] == "ok":
             noisy = " !" if t["cv"] > NOISY_CV else ""
             row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}{noisy}",
@@ -99,6 +103,9 @@ def _label(r: dict) -> str:
     if c.get("scope", "site") != "site":
         lr = f" L_r={c['L_r']}" if c.get("L_r") else ""
         op = f" {c['scope']} L={c.get('layers')} recompute={c.get('recompute')}{lr}"
+    if c.get("parallel"):
+        from suite import dist_report
+        op = " " + dist_report.op_label(c)
     return f"{c['method']}/{c['backend']}{op}{n} C={c['C']} T={c['T']} {c['dtype']} {c['mode']} {c['device']}"
 
 
@@ -121,6 +128,8 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
         for r in recs[:50]:
             console.print(f"    {_label(r)}", highlight=False, markup=False)
     report_sections.print_traffic(records, console)
+    from suite import dist_report
+    dist_report.print_tables(records, console)
     flags = report_sections.flags_line(records)
     if flags:
         console.print(flags, highlight=False, markup=False)
@@ -186,6 +195,8 @@ def markdown(run_dir: Path) -> str:
     lines += report_sections.state_markdown(records, env)
     from suite import overhead
     lines += overhead.markdown_lines(records, env)
+    from suite import dist_report
+    lines += dist_report.markdown_lines(records)
     grouped = reasons(records)
     if grouped:
         lines += ["", "## Skipped and failed cases", ""]

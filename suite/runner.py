@@ -66,6 +66,9 @@ def deadline(seconds: float):
 
 def unavailable(case: Case) -> str | None:
     """Why this machine cannot run the case (a skip, not an error), or None."""
+    if case.parallel:
+        from suite import dist_bench, launch
+        return dist_bench.unavailable(case, launch.from_env().size)
     if case.device == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
@@ -295,14 +298,18 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
     view = ProgressView(len(todo), console)
     interrupted = False
     try:
+        # Distributed cases first: the other ranks wait for them (suite.dist_run).
+        from suite import dist_run
+        dist_run.run_cases(session, [(n, c) for n, c in todo if c.parallel], view)
         for name, case in todo:
-            if case.scope != "site":
+            if case.scope != "site" or case.parallel:
                 continue    # layer and model: below, timed interleaved with their group
             view.starting(case)
             record = session.run_case(case, name)
             view.finished(case, record)
         from suite import steps
-        for group in steps.groups([(n, c) for n, c in todo if c.scope != "site"]):
+        for group in steps.groups([(n, c) for n, c in todo
+                                   if c.scope != "site" and not c.parallel]):
             steps.run_group(session, group, view)
     except KeyboardInterrupt:
         interrupted = True

@@ -69,15 +69,20 @@ class Case:
     vocab: int | None = None
     recompute: str | None = None
     L_r: int | None = None
+    # Distributed fields (suite.dist_bench); None for single-process cases, so their ids stay.
+    parallel: str | None = None         # p2p | pipeline | data
+    microbatches: int | None = None     # pipeline: micro-batches per step
+    overlap: str | None = None          # pipeline, data: none or techniques joined by '+'
 
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
     RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s", "traffic")
     MODEL_FIELDS = ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
+    PARALLEL_FIELDS = ("parallel", "microbatches", "overlap")
 
     @property
     def case_id(self) -> str:
         what = {k: v for k, v in asdict(self).items() if k not in self.RUN_CONTROL
-                and not (k in self.MODEL_FIELDS and v is None)}
+                and not (k in self.MODEL_FIELDS + self.PARALLEL_FIELDS and v is None)}
         blob = json.dumps(what, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -92,7 +97,7 @@ class Case:
             rc = "" if self.recompute == "none" else f" recompute={self.recompute} L_r={self.L_r}"
             model = f" {self.scope} L={self.layers} seq={self.seq}{rc}"
         return (f"{self.method}/{self.backend}{op}{n}{model} C={self.C} T={self.T} {self.dtype} "
-                f"{self.mode} on {self.device}")
+                f"{self.mode} on {self.device}{parallel_label(self)}")
 
 
 CASE_FIELDS = tuple(f.name for f in fields(Case))
@@ -148,6 +153,12 @@ def _check_value(key: str, v: Any) -> str | None:
         return f"{v!r} is not allowed; allowed: a positive number of {unit}"
     if key == "traffic":
         return None if isinstance(v, bool) else f"{v!r} is not allowed; allowed: true | false"
+    if key == "parallel":
+        return choice(PARALLEL)
+    if key == "microbatches":
+        return int_range(1)
+    if key == "overlap":
+        return _check_overlap(v)
     return f"unknown field; allowed: {', '.join(CASE_FIELDS)}"
 
 
@@ -284,7 +295,7 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
                             "set it in defaults, sweep or include")
             continue
         case = normalise(Case(**values))
-        bad = model_problems(case)
+        bad = model_problems(case) or parallel_problems(case)
         if bad:
             problems.append(f"{label}: case {i + 1} ({_short(values)}): {bad}")
             continue
@@ -302,7 +313,7 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
 
 def normalise(case: Case) -> Case:
     """Fields that do not apply to a method are fixed, so equivalent cases share one id."""
-    case = normalise_model(case)
+    case = normalise_parallel(normalise_model(case))
     if case.method == "residual":
         return replace(case, n=1, sinkhorn_iters=None)
     if case.method == "hc":
@@ -413,3 +424,81 @@ def _value_in(value, options: set[str]) -> bool:
         except ValueError:
             pass
     return False
+
+
+# ---------------------------------------------------------------- distributed cases
+PARALLEL = ("p2p", "pipeline", "data")
+OVERLAP_TECHNIQUES = ("stream", "priority", "early_recompute")
+OVERLAP_HELP = ("none, or any of stream, priority, early_recompute joined by '+' "
+                "(e.g. stream+priority)")
+
+
+def _check_overlap(v) -> str | None:
+    if not isinstance(v, str) or not v:
+        return f"{v!r} is not allowed; allowed: {OVERLAP_HELP}"
+    if v == "none":
+        return None
+    parts = v.split("+")
+    bad = [p for p in parts if p not in OVERLAP_TECHNIQUES]
+    if bad or len(set(parts)) != len(parts):
+        return f"{v!r} is not allowed; allowed: {OVERLAP_HELP}"
+    return None
+
+
+def normalise_parallel(case: Case) -> Case:
+    """Fills the distributed fields' defaults and writes `overlap` in one order, so equal
+    cases share one id. Residual has no connection to recompute, so early_recompute goes."""
+    if case.parallel is None:
+        return case                     # parallel_problems refuses stray fields
+    if case.parallel == "p2p":
+        return replace(case, microbatches=None, overlap=None)
+    parts = set() if case.overlap in (None, "none") else set(case.overlap.split("+"))
+    if case.recompute in (None, "none"):
+        parts.discard("early_recompute")
+    overlap = "+".join(t for t in OVERLAP_TECHNIQUES if t in parts) or "none"
+    if case.parallel == "data":
+        return replace(case, microbatches=None, overlap=overlap)
+    return replace(case, microbatches=case.microbatches or 4, overlap=overlap)
+
+
+def parallel_problems(case: Case) -> str | None:
+    """Cross-field rules of the distributed cases: one line, or None."""
+    if case.parallel is None:
+        if case.microbatches is not None or case.overlap is not None:
+            return "microbatches and overlap need parallel: pipeline or data"
+        return None
+    if case.parallel == "p2p":
+        if case.scope != "site" or case.op != "site":
+            return f"scope: {case.scope!r} is not allowed with parallel p2p; allowed: site"
+        if case.gpus > 1 and case.gpus % 2:
+            return (f"gpus: {case.gpus} is not allowed with parallel p2p (ranks send in pairs); "
+                    "allowed: 1 (the single-GPU stand-in) or an even number")
+        return None
+    if case.scope != "model":
+        return (f"scope: {case.scope!r} is not allowed with parallel {case.parallel}; "
+                "allowed: model")
+    if case.parallel == "pipeline":
+        if case.gpus > case.layers:
+            return (f"gpus: {case.gpus} stages need at least as many layers; layers is "
+                    f"{case.layers}")
+        if case.T % (case.microbatches * case.seq):
+            return (f"T: {case.T} is not a multiple of microbatches * seq = "
+                    f"{case.microbatches * case.seq}; allowed: T = microbatches * batch * seq")
+    if case.parallel == "data":
+        extra = set(case.overlap.split("+")) - {"priority", "none"}
+        if extra:
+            return (f"overlap: {case.overlap!r} is not allowed with parallel data (DDP overlaps "
+                    "its all-reduce itself); allowed: none | priority")
+    return None
+
+
+def parallel_label(case: Case) -> str:
+    if case.parallel is None:
+        return ""
+    if case.parallel == "p2p":
+        where = "stand-in: host-device copies" if case.gpus == 1 else f"gpus={case.gpus}"
+        return f" [p2p {where}]"
+    where = ("stand-in: host-device copies" if case.gpus == 1 and case.parallel == "pipeline"
+             else f"gpus={case.gpus}")
+    mb = f" mb={case.microbatches}" if case.microbatches else ""
+    return f" [{case.parallel} {where}{mb} overlap={case.overlap}]"
