@@ -40,7 +40,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-import kernels
 from suite import pipeline as pp
 from suite.scenario import Case
 from suite.timing import Timer, Timing
@@ -57,34 +56,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def is_standin(case: Case) -> bool:
     return case.gpus == 1 and case.parallel in ("p2p", "pipeline")
-
-
-def unavailable(case: Case, world_size: int) -> str | None:
-    """Why this world cannot run the case (a skip), or None. The same answer on every rank."""
-    if case.device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA GPU on this machine"
-    if case.parallel == "data" and case.gpus < 2:
-        return "data parallel needs gpus >= 2 (an all-reduce over one replica moves nothing)"
-    if case.gpus > world_size:
-        return (f"needs {case.gpus} ranks, the world has {world_size}: launch with torchrun "
-                f"--nproc_per_node={case.gpus} (make bench GPUS={case.gpus}) or more nodes")
-    if case.device == "cuda" and case.gpus > 1:
-        import os
-        # Ranks on this node: torchrun says it; srun with --ntasks-per-node says it too.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE")
-                    or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
-        if local > torch.cuda.device_count():
-            return (f"{local} ranks on this node but {torch.cuda.device_count()} GPUs: one "
-                    "rank per GPU")
-    reason = kernels.unavailable_reason(case.method, case.backend, case.device)
-    if reason:
-        return reason
-    if case.parallel != "p2p":
-        ops = kernels.get(case.method, case.backend)
-        if ops.pre is None:
-            return f"backend {case.backend} has no pre op for {case.method} yet"
-        return ops.supports(case.n, case.C, DTYPES[case.dtype])
-    return None
 
 
 @dataclass
@@ -210,7 +181,7 @@ def _tokens(case: Case, count: int, seed: int, device: str):
 
 def _model(case: Case, device: str):
     from suite.model import Transformer
-    from suite.steps import model_config
+    from suite.model import model_config
     return Transformer(model_config(case), seed=case.seed, device=device)
 
 

@@ -4,7 +4,7 @@ Rank 0 runs `harness.py run` as in one process (suite.runner); the distributed c
 first, through `run_cases`. Every other rank runs `follow`: it loads the same scenarios, takes
 the list of case ids to run from rank 0 (so a resumed run agrees on what is left) and takes part
 in each case. Per case, every rank of the world:
-  1. decides the same skip (suite.dist_bench.unavailable) or joins the case's group;
+  1. decides the same skip (suite.availability.distributed_unavailable) or joins the case's group;
   2. builds its part and passes the gate (prepare), then all ranks exchange statuses: one
      rank's failure fails the case on every rank before any timed message;
   3. times (run) and sends its part to rank 0, which combines and records.
@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from suite import dist_bench, launch
+from suite.availability import distributed_unavailable
+from suite.guard import deadline
 from suite.scenario import Case
 from suite.timing import Timer
 
@@ -88,7 +90,7 @@ def _device_for(case: Case, world: launch.World) -> str:
 
 def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, timers: dict):
     """Runs one case on this rank; on rank 0 returns the record's fields (status, reason, ...)."""
-    reason = dist_bench.unavailable(case, world.size)
+    reason = distributed_unavailable(case, world.size)
     if reason:
         return {"status": "skipped", "reason": reason}
     ranks = tuple(range(case.gpus))
@@ -173,7 +175,6 @@ def _loop(items: list, world: launch.World, emit) -> bool:
         else:
             try:
                 if world.size == 1:     # one process: the runner's per-case time limit applies
-                    from suite.runner import deadline
                     with deadline(case.timeout_s):
                         fields = _one_case(index, case, world, groups, timers)
                 else:

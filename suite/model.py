@@ -21,7 +21,7 @@ blocks of L_r layers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -195,3 +195,13 @@ def init_weights(module: nn.Module, layers: int, seed: int, device="cpu") -> Non
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def model_config(case, **over) -> ModelConfig:
+    """The model a scope layer/model case (suite.scenario.Case) describes; `over` replaces fields."""
+    cfg = ModelConfig(method=case.method, C=case.C, layers=case.layers, heads=case.heads,
+                      seq=case.seq, vocab=case.vocab or 1, n=case.n, backend=case.backend,
+                      mlp_ratio=case.mlp_ratio, dtype=case.dtype,
+                      sinkhorn_iters=case.sinkhorn_iters or 20, recompute=case.recompute,
+                      L_r=case.L_r or 1)
+    return replace(cfg, **over)

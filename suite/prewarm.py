@@ -26,7 +26,7 @@ def _warm(case_dict: dict) -> tuple[str, float, str | None]:
 
     import kernels
     from suite import workload
-    from suite.runner import unavailable
+    from suite.availability import unavailable
     from suite.scenario import Case
     case = Case(**case_dict)
     t0 = time.perf_counter()

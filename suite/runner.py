@@ -6,13 +6,9 @@ with every finished case already written.
 """
 from __future__ import annotations
 
-import datetime as dt
-import contextlib
 import gc
 import json
-import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -27,6 +23,8 @@ from suite import check as checking
 from suite import cost as costing
 from suite import env as environment
 from suite import telemetry, traffic, workload
+from suite.availability import unavailable
+from suite.guard import CaseTimeout, deadline, first_line, now_utc
 from suite.scenario import Case, Scenario
 from suite.store import RECORD_SCHEMA, RunStore, new_run_dir, write_json
 from suite.timing import Timer, copy_rate_gbps
@@ -34,59 +32,6 @@ from suite.timing import Timer, copy_rate_gbps
 
 class ResumeMismatch(Exception):
     """A run folder resumed on another GPU: its times would not be comparable."""
-
-
-class CaseTimeout(Exception):
-    """A case ran past its timeout_s."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Raises CaseTimeout in this thread after `seconds` (SIGALRM; main thread on POSIX only).
-
-    It ends a case stuck in Python code, such as a compilation that never finishes or a wait
-    loop; a kernel hung inside one blocking CUDA call returns to Python only when that call does.
-    """
-    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
-
-    def expire(signum, frame):
-        raise CaseTimeout(f"timed out after {seconds:g} s (timeout_s)")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def unavailable(case: Case) -> str | None:
-    """Why this machine cannot run the case (a skip, not an error), or None."""
-    if case.parallel:
-        from suite import dist_bench, launch
-        return dist_bench.unavailable(case, launch.from_env().size)
-    if case.device == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA GPU on this machine"
-        if case.gpus > torch.cuda.device_count():
-            return f"needs {case.gpus} GPUs, {torch.cuda.device_count()} present"
-    elif case.gpus > 1:
-        return "gpus > 1 needs device cuda"
-    if case.gpus > 1:
-        return "scope site runs on one GPU; multi-GPU scopes come with the distributed scenarios"
-    reason = kernels.unavailable_reason(case.method, case.backend, case.device)
-    if reason:
-        return reason
-    ops = kernels.get(case.method, case.backend)
-    if case.op == "coeffs" and ops.coeffs is None:
-        return f"backend {case.backend} has no coeffs op for {case.method}"
-    if case.op in ("pre", "site") and ops.pre is None:
-        return f"backend {case.backend} has no pre op for {case.method} yet"
-    return ops.supports(case.n, case.C, workload.TORCH_DTYPES[case.dtype])
 
 
 class Session:
@@ -117,7 +62,7 @@ class Session:
                   "bytes": None, "flops": None, "gbps": None, "tflops": None,
                   "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
                   "gpu_uuid": self.gpu_uuid if case.device == "cuda" else None,
-                  "started_utc": _now()}
+                  "started_utc": now_utc()}
         t0 = time.perf_counter()
         reason = unavailable(case)
         if reason:
@@ -129,9 +74,9 @@ class Session:
             except CaseTimeout as exc:
                 record.update(status="failed", reason=str(exc))
             except torch.cuda.OutOfMemoryError as exc:
-                record.update(status="failed", reason=f"out of memory: {_first_line(exc)}")
+                record.update(status="failed", reason=f"out of memory: {first_line(exc)}")
             except Exception as exc:
-                record.update(status="failed", reason=f"{type(exc).__name__}: {_first_line(exc)}",
+                record.update(status="failed", reason=f"{type(exc).__name__}: {first_line(exc)}",
                               traceback=traceback.format_exc(limit=8))
             finally:
                 gc.collect()
@@ -197,15 +142,6 @@ def _peak_memory(call, timer: Timer) -> int | None:
     call()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - timer.flush_bytes
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class ProgressView:

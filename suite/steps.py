@@ -30,7 +30,9 @@ from dataclasses import replace
 import torch
 
 from suite import predict
-from suite.model import Layer, ModelConfig, Transformer, init_weights
+from suite.availability import unavailable
+from suite.guard import deadline, first_line, now_utc
+from suite.model import Layer, ModelConfig, Transformer, init_weights, model_config
 from suite.scenario import Case
 from suite.timing import Timer, Timing
 from suite.tolerance import rel_err
@@ -51,15 +53,6 @@ GATE_TOL = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-4}
 GATE_TOL_CONN = {"bf16": 0.2, "fp16": 0.05, "fp32": 1e-4}
 GROUP_FIELDS = ("device", "scope", "C", "T", "seq", "layers", "heads", "mlp_ratio", "vocab",
                 "dtype", "mode", "gpus")
-
-
-def model_config(case: Case, **over) -> ModelConfig:
-    cfg = ModelConfig(method=case.method, C=case.C, layers=case.layers, heads=case.heads,
-                      seq=case.seq, vocab=case.vocab or 1, n=case.n, backend=case.backend,
-                      mlp_ratio=case.mlp_ratio, dtype=case.dtype,
-                      sinkhorn_iters=case.sinkhorn_iters or 20, recompute=case.recompute,
-                      L_r=case.L_r or 1)
-    return replace(cfg, **over)
 
 
 def group_key(case: Case) -> str:
@@ -302,7 +295,6 @@ def subgroups(cases: list[Case], budget: float) -> list[list[Case]]:
 
 def run_group(session, items: list, view=None) -> None:
     """Measures one comparison group (a list of (scenario name, Case)) into session's store."""
-    from suite import runner
     if not items:
         return
     records, passing = {}, []
@@ -312,12 +304,12 @@ def run_group(session, items: list, view=None) -> None:
         record = _new_record(session, case, name)
         records[id(case)] = (case, record)
         t0 = time.perf_counter()
-        reason = runner.unavailable(case)
+        reason = unavailable(case)
         if reason:
             record.update(status="skipped", reason=reason)
         else:
             try:
-                with runner.deadline(case.timeout_s):
+                with deadline(case.timeout_s):
                     result = check(case, case.device)
                 record["check"] = result
                 if result["passed"]:
@@ -327,14 +319,14 @@ def run_group(session, items: list, view=None) -> None:
                                   reason=f"check failed: {result['worst']} rel err "
                                          f"{result['max_rel_err']:.3g} > tol {result['tol']:.1g}")
             except Exception as exc:  # noqa: BLE001  (one failing case never stops the sweep)
-                _fail(record, exc, runner)
+                _fail(record, exc)
         record["wall_s"] = round(time.perf_counter() - t0, 3)
         gc.collect()
     if passing:
         device = passing[0].device
         budget = memory_budget(device)
         for index, members in enumerate(subgroups(passing, budget)):
-            _time_subgroup(session, members, records, index, runner)
+            _time_subgroup(session, members, records, index)
     for case, record in records.values():
         if record["status"] == "ok" and record["time_ms"] is None:
             record.update(status="failed", reason="not timed (its subgroup failed)")
@@ -343,21 +335,21 @@ def run_group(session, items: list, view=None) -> None:
             view.finished(case, record)
 
 
-def _fail(record: dict, exc: BaseException, runner) -> None:
+def _fail(record: dict, exc: BaseException) -> None:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
-        record.update(status="failed", reason=f"out of memory: {runner._first_line(exc)}")
+        record.update(status="failed", reason=f"out of memory: {first_line(exc)}")
     else:
-        record.update(status="failed", reason=f"{type(exc).__name__}: {runner._first_line(exc)}",
+        record.update(status="failed", reason=f"{type(exc).__name__}: {first_line(exc)}",
                       traceback=traceback.format_exc(limit=8))
 
 
-def _time_subgroup(session, members: list[Case], records: dict, index: int, runner) -> None:
+def _time_subgroup(session, members: list[Case], records: dict, index: int) -> None:
     """Builds the members, times them interleaved, fills the records not yet timed and gives
     every record the samples of what it was timed with (`interleaved_with`)."""
     built = []
     t0 = time.perf_counter()
     try:
-        with runner.deadline(sum(c.timeout_s for c in members)):
+        with deadline(sum(c.timeout_s for c in members)):
             for case in members:
                 built.append(Step(case, case.device, case.seed))
             timer = session.timer(members[0].device)
@@ -379,7 +371,7 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int, runn
         for case in members:
             _, record = records[id(case)]
             if record["time_ms"] is None and record["status"] == "ok":
-                _fail(record, exc, runner)
+                _fail(record, exc)
                 record["reason"] = "interleaved timing: " + record["reason"]
     finally:
         spent = time.perf_counter() - t0
@@ -393,14 +385,13 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int, runn
 
 
 def _new_record(session, case: Case, name: str) -> dict:
-    from suite import runner
     from suite.store import RECORD_SCHEMA
     return {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
             "scenario": name, "status": "ok", "reason": None, "time_ms": None,
             "bytes": None, "flops": None, "gbps": None, "tflops": None,
             "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
             "gpu_uuid": session.gpu_uuid if case.device == "cuda" else None,
-            "group": group_key(case), "started_utc": runner._now()}
+            "group": group_key(case), "started_utc": now_utc()}
 
 
 def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer, rate) -> None:

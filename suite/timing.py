@@ -160,5 +160,4 @@ def copy_rate_gbps(timer: Timer, nbytes: int | None = None) -> dict:
     dst = torch.empty_like(src)
     timing = timer.time(lambda: dst.copy_(src), warmup_ms=25, rep_ms=200)
     rate = 2 * nbytes / (timing.median * 1e-3) / 1e9
-    del src, dst
     return {"gbps": rate, "bytes": nbytes, "time_ms": timing.summary()}

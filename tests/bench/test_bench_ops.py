@@ -11,7 +11,7 @@ import pytest
 
 import kernels
 from suite import check, cost, workload
-from suite.runner import unavailable
+from suite.availability import unavailable
 from suite.scenario import Case
 from suite.timing import Timer
 from tests.conftest import HAS_CUDA
