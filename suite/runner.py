@@ -24,9 +24,9 @@ from suite import cost as costing
 from suite import env as environment
 from suite import telemetry, traffic, workload
 from suite.availability import unavailable
-from suite.guard import CaseTimeout, deadline, first_line, now_utc
+from suite.guard import CaseTimeout, deadline, first_line
 from suite.scenario import Case, Scenario
-from suite.store import RECORD_SCHEMA, RunStore, new_run_dir, write_json
+from suite.store import RunStore, new_record, new_run_dir, write_json
 from suite.timing import Timer, copy_rate_gbps
 
 
@@ -57,12 +57,7 @@ class Session:
         write_json(self.store.dir / "env.json", self.env)
 
     def run_case(self, case: Case, scenario: str) -> dict:
-        record = {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
-                  "scenario": scenario, "status": "ok", "reason": None, "time_ms": None,
-                  "bytes": None, "flops": None, "gbps": None, "tflops": None,
-                  "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
-                  "gpu_uuid": self.gpu_uuid if case.device == "cuda" else None,
-                  "started_utc": now_utc()}
+        record = new_record(case, scenario, self.gpu_uuid)
         t0 = time.perf_counter()
         reason = unavailable(case)
         if reason:

@@ -31,7 +31,7 @@ import torch
 
 from suite import predict
 from suite.availability import unavailable
-from suite.guard import deadline, first_line, now_utc
+from suite.guard import deadline, first_line
 from suite.model import Layer, ModelConfig, Transformer, init_weights, model_config
 from suite.scenario import Case
 from suite.timing import Timer, Timing
@@ -385,13 +385,8 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
 
 
 def _new_record(session, case: Case, name: str) -> dict:
-    from suite.store import RECORD_SCHEMA
-    return {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
-            "scenario": name, "status": "ok", "reason": None, "time_ms": None,
-            "bytes": None, "flops": None, "gbps": None, "tflops": None,
-            "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
-            "gpu_uuid": session.gpu_uuid if case.device == "cuda" else None,
-            "group": group_key(case), "started_utc": now_utc()}
+    from suite.store import new_record
+    return {**new_record(case, name, session.gpu_uuid), "group": group_key(case)}
 
 
 def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer, rate) -> None:

@@ -15,7 +15,19 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+from suite.guard import now_utc
+
 RECORD_SCHEMA = "hcbench.record/1"
+
+
+def new_record(case, scenario: str, gpu_uuid: str | None) -> dict:
+    """A case's record before it runs (status ok until something says otherwise): every field
+    of the format present, so skipped and failed records read like measured ones."""
+    return {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
+            "scenario": scenario, "status": "ok", "reason": None, "time_ms": None,
+            "bytes": None, "flops": None, "gbps": None, "tflops": None,
+            "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
+            "gpu_uuid": gpu_uuid if case.device == "cuda" else None, "started_utc": now_utc()}
 HISTORY_NAME = "history.sqlite"
 
 
