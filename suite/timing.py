@@ -133,7 +133,7 @@ class Timer:
             self.sync()
             first, _ = self._one(fn)              # compiles, autotunes, allocates: never kept
             spent, est, hosts = first, first, []
-            while (spent < warmup_ms or len(hosts) < 3) and len(hosts) < max_samples:
+            while (spent < warmup_ms or not hosts) and len(hosts) < max_samples:
                 est, host = self._one(fn)
                 spent += est
                 hosts.append(host)
