@@ -153,7 +153,7 @@ class SavedBytes:
             st = t.untyped_storage()
             self.storages[st.data_ptr()] = st.nbytes()
         except (RuntimeError, NotImplementedError):
-            pass
+            pass    # no plain storage (sparse, nested, fake tensors): nothing this count can size
         return t
 
     def __enter__(self):

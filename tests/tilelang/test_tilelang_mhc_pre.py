@@ -19,6 +19,7 @@ import torch
 
 from kernels import reference as ref
 from suite.tolerance import rel_err, tolerance
+from tests.pre_check import assert_pre_matches
 
 HAS_CUDA = torch.cuda.is_available()
 FP16, BF16 = torch.float16, torch.bfloat16
@@ -118,26 +119,9 @@ def _compare(fn, ref_fn, n, C, T_, dtype, iters, seed, needs=(True, True, True, 
     phi, b, alpha = ref.random_params("mhc", n, C, g)
     x = torch.randn(T_, n, C, generator=g).to(dtype)
     inputs = [t.cuda() for t in (x, phi, b, alpha)]
-    leaves = [t.clone().requires_grad_(r) for t, r in zip(inputs, needs)]
-    leaves_ref = [t.detach().double().requires_grad_(r) for t, r in zip(inputs, needs)]
-    out = fn(*leaves, sinkhorn_iters=iters)
-    ref_in = list(leaves_ref)
-    phi_d = leaves_ref[1]
-    ref_in[1] = phi_d + (_mod().phi_as_used(inputs[1], dtype).double() - phi_d).detach()
-    out_ref = ref_fn(*ref_in, sinkhorn_iters=iters)
-    names = ["first", "h_post", "h_res"]
-    errs = {nm: rel_err(o, e) for nm, o, e in zip(names, out, out_ref)}
-    ups = [torch.randn(o.shape, generator=g).to(o.dtype) for o in out]
-    sel = [i for i, u in enumerate(use) if u]
-    torch.autograd.backward([out[i] for i in sel], [ups[i].cuda() for i in sel])
-    torch.autograd.backward([out_ref[i] for i in sel], [ups[i].cuda().double() for i in sel])
-    for nm, t, t_ref, r in zip(("dx", "dphi", "db", "dalpha"), leaves, leaves_ref, needs):
-        if r:
-            assert t.grad is not None, nm
-            errs[nm] = rel_err(t.grad, t_ref.grad)
-    tol = tolerance(dtype)
-    bad = {k: f"{v:.2e}" for k, v in errs.items() if not v <= tol}
-    assert not bad, f"n={n} C={C} T={T_} {dtype}: above {tol}: {bad} (all {errs})"
+    assert_pre_matches(fn, ref_fn, inputs, dtype, g, ("dx", "dphi", "db", "dalpha"),
+                       _mod().phi_as_used, f"n={n} C={C} T={T_}",
+                       opts={"sinkhorn_iters": iters}, needs=needs, use=use)
 
 
 GPU_CASES = [(n, C, T_) for n in (1, 2, 3, 4, 8) for C, T_ in ((264, 1), (2560, 37), (4096, 129),

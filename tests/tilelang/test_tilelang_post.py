@@ -10,6 +10,7 @@ import torch
 
 from kernels import reference
 from suite.tolerance import rel_err, tolerance
+from tests.post_inputs import make_inputs, reference_outputs
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -19,25 +20,13 @@ def _post():
     return importlib.import_module("kernels.tilelang.post").post
 
 
-def make_inputs(T, n, C, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed * 1000 + T * 100 + n * 10 + C)
-    x = torch.randn(T, n, C, generator=g).to(dtype)
-    f = torch.randn(T, C, generator=g).to(dtype)
-    h_post = 2 * torch.sigmoid(torch.randn(T, n, generator=g))
-    h_res = reference.sinkhorn(torch.randn(T, n, n, generator=g))
-    grad = torch.randn(T, n, C, generator=g).to(dtype)
-    return [t.to(device) for t in (x, f, h_post, h_res, grad)]
-
-
 def check(T, n, C, dtype, device=DEVICE, seed=0):
     x, f, h_post, h_res, grad = make_inputs(T, n, C, dtype, device, seed)
     ins = [t.clone().requires_grad_() for t in (x, f, h_post, h_res)]
     out = _post()(*ins)
     assert out.shape == (T, n, C) and out.dtype == dtype and out.device == x.device
     grads = torch.autograd.grad(out, ins, grad)
-    ref_ins = [t.detach().double().requires_grad_() for t in (x, f, h_post, h_res)]
-    ref_out = reference.post(*ref_ins)
-    ref_grads = torch.autograd.grad(ref_out, ref_ins, grad.double())
+    ref_out, ref_grads = reference_outputs(x, f, h_post, h_res, grad)
     tol = tolerance(dtype)
     errs = {"x_next": rel_err(out, ref_out)}
     for name, got, want, dt in zip(("dx", "df", "dh_post", "dh_res"), grads, ref_grads,
@@ -64,8 +53,7 @@ def test_post_partial_grads():
     x, f, h_post, h_res, grad = make_inputs(T, n, C, dtype, DEVICE, seed=3)
     ins = [t.clone().requires_grad_(k in (1, 3)) for k, t in enumerate((x, f, h_post, h_res))]
     _post()(*ins).backward(grad)
-    ref_ins = [t.detach().double().requires_grad_() for t in (x, f, h_post, h_res)]
-    ref_grads = torch.autograd.grad(reference.post(*ref_ins), ref_ins, grad.double())
+    _, ref_grads = reference_outputs(x, f, h_post, h_res, grad)
     assert ins[0].grad is None and ins[2].grad is None
     assert rel_err(ins[1].grad, ref_grads[1]) <= tolerance(dtype)
     assert rel_err(ins[3].grad, ref_grads[3]) <= tolerance(dtype)

@@ -12,28 +12,12 @@ import torch
 
 from kernels import reference
 from suite.tolerance import rel_err, tolerance
+from tests.post_inputs import make_inputs, reference_outputs
 
 P = importlib.import_module("kernels.triton.post")   # the package re-exports the function `post`
 post = P.post
 
 DTYPES = (torch.bfloat16, torch.float16)
-
-
-def make_inputs(T, n, C, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed * 1000 + T * 100 + n * 10 + C)
-    x = torch.randn(T, n, C, generator=g).to(dtype)
-    f = torch.randn(T, C, generator=g).to(dtype)
-    h_post = 2 * torch.sigmoid(torch.randn(T, n, generator=g))
-    h_res = reference.sinkhorn(torch.randn(T, n, n, generator=g))
-    grad = torch.randn(T, n, C, generator=g).to(dtype)
-    return [t.to(device) for t in (x, f, h_post, h_res, grad)]
-
-
-def reference_outputs(x, f, h_post, h_res, grad):
-    ins = [t.detach().double().requires_grad_() for t in (x, f, h_post, h_res)]
-    out = reference.post(*ins)
-    grads = torch.autograd.grad(out, ins, grad.double())
-    return out, grads
 
 
 def check(T, n, C, dtype, device, fwd=None, bwd=None, seed=0):
