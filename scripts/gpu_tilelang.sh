@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# All GPU work of the TileLang backend in one command (<= 8 minutes), the SECOND of two:
-#   1. python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-a/*.whl
-#   2. bash scripts/gpu_tilelang.sh            (carrying .wheels-b)
-# .wheels-a: tilelang, apache-tvm-ffi, torch-c-dlpack-ext and tilelang's small pure deps
-# (cython, cloudpickle, ml_dtypes, psutil, tqdm); .wheels-b: z3-solver (README: TileLang on a GPU).
+# All GPU work of the TileLang backend in one command (<= 8 minutes) on an offline GPU machine:
+#   bash scripts/gpu_tilelang.sh      (carrying .tilelang-site.tar.xz from scripts/pack_tilelang_site.sh)
+# The archive holds tilelang, apache-tvm-ffi, z3-solver, torch-c-dlpack-ext and tilelang's small
+# pure deps, unpacked into /tmp/site and put on PYTHONPATH. Where tilelang is already importable
+# the archive is not needed.
 # Runs: precompile (post, residual, mHC and HC coefficient kernels), tests/tilelang, then
 # kernels.yaml --only backend=tilelang,triton --only method=mhc,hc.
 # Writes to $OUT: gpu_tilelang.log (everything), pytest.log, precompile.log, run.tar.gz (the
@@ -25,9 +25,9 @@ finish() {
 }
 trap finish EXIT
 
-step "wheels-b into /tmp/site"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels-b/*.whl || echo "WARN: .wheels-b install failed"
-export PYTHONPATH=/tmp/site:$PWD
+step "tilelang site into /tmp/site"
+source scripts/tilelang_site.sh
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PIP_NO_INDEX=1
 step "make env"
 make env >"$OUT/make_env.log" 2>&1 || { echo "make env failed:"; tail -20 "$OUT/make_env.log"; }

@@ -14,7 +14,7 @@ set -u
 export COLUMNS=${COLUMNS:-220}          # rich renders the tables this wide in the log
 OUT=${OUT:-$PWD/gpu_traffic_out}
 BUDGET_S=${BUDGET_S:-465}              # the whole script, set-up included
-TRAFFIC_ONLY=${TRAFFIC_ONLY:-backend=torch,triton}
+TRAFFIC_ONLY=${TRAFFIC_ONLY:-backend=torch,triton,tilelang}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_traffic.log"
 RUNS="$PWD/results/gpu-traffic"
@@ -38,6 +38,7 @@ PY=python3
 trap finish EXIT
 
 say "set-up"
+source scripts/tilelang_site.sh
 export PIP_NO_INDEX=1
 timeout -k 10 150 make env >>"$LOG" 2>&1 || say "make env failed (status $?); falling back to python3"
 [ -x .venv/bin/python ] && PY=.venv/bin/python

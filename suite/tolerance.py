@@ -19,8 +19,10 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Norm-wise relative error in fp64; NaN or Inf anywhere gives inf (never passes)."""
-    out = out.detach().to(torch.float64)
+    """Norm-wise relative error in fp64; NaN or Inf anywhere gives inf (never passes).
+
+    The output is moved to the reference's device: references are often computed on the CPU."""
+    out = out.detach().to(device=ref.device, dtype=torch.float64)
     ref = ref.detach().to(torch.float64)
     if out.shape != ref.shape:
         raise ValueError(f"shape mismatch: {list(out.shape)} vs reference {list(ref.shape)}")
