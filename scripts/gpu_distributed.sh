@@ -45,7 +45,7 @@ make env >/dev/null || echo "make env failed"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw,pcie.link.gen.current,pcie.link.width.current --format=csv
 
 stamp "stand-in stream-safety test"
-timeout -k 5 45 $PY -m pytest -q -p no:cacheprovider tests/test_dist_standin.py 2>&1 | tail -5
+timeout -k 5 45 $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_dist_standin.py 2>&1 | tail -40
 
 stamp "p2p stand-in"
 timeout -k 10 45 $PY harness.py run $SCEN --out "$RUNS" --only gpus=1 --only parallel=p2p
