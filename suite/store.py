@@ -146,3 +146,35 @@ class History:
                  r.get("pct_of_copy"), r.get("peak_mem_bytes"),
                  json.dumps(r, sort_keys=True, default=str)))
         con.close()
+
+
+def merge_run_copies(run_dir: Path, copies: list[Path]) -> tuple[int, int]:
+    """Folds copies of one run folder, each resumed elsewhere (e.g. separate device calls that
+    each started from the committed folder), back into it. A case's record is added when the
+    folder lacks it, or replaces one that is not ok with one that is; the saved scenario case
+    lists become their union. Returns (records added, records replaced)."""
+    run_dir = Path(run_dir)
+    records = {r["case_id"]: r for r in read_records(run_dir)}
+    added = replaced = 0
+    for copy in map(Path, copies):
+        for r in read_records(copy):
+            old = records.get(r["case_id"])
+            if old is None:
+                added += 1
+            elif old.get("status") != "ok" and r.get("status") == "ok":
+                replaced += 1
+            else:
+                continue
+            records[r["case_id"]] = r
+        for saved in sorted((copy / "scenarios").glob("*.json")):
+            mine = run_dir / "scenarios" / saved.name
+            theirs = json.loads(saved.read_text())
+            if mine.exists():
+                doc = json.loads(mine.read_text())
+                have = {json.dumps(c, sort_keys=True) for c in doc["cases"]}
+                doc["cases"] += [c for c in theirs["cases"] if json.dumps(c, sort_keys=True) not in have]
+            else:
+                doc = theirs
+            write_json(mine, doc)
+    atomic_write(run_dir / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
+    return added, replaced

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Finishes a committed run folder on a fresh, offline GPU machine in one command:
+#   OUT=/some/dir bash scripts/gpu_resume.sh SCENARIO RUN_DIR [--only K=V ...] [--set K=V ...] [--traffic]
+# e.g. the cases a time-limited call left out:
+#   bash scripts/gpu_resume.sh scenarios/recompute.yaml results/<run> --only layers=30
+#   bash scripts/gpu_resume.sh scenarios/traffic.yaml results/<run> --only backend=compile,liger
+# Set-up: TileLang from .tilelang-site.tar.xz (scripts/tilelang_site.sh), `make env` with the
+# machine's torch, and every wheel under .whl/ (e.g. liger-kernel, which `make env` cannot fetch
+# offline) installed into the venv without dependencies. Then the scenario's remaining cases are
+# compiled in parallel (python -m suite.prewarm: Liger's autotuning, torch.compile, TileLang) and run
+# with --resume. Whatever finished is copied to $OUT (records.jsonl, env.json, report.md,
+# scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s) cuts the run short;
+# each device call starts from the committed folder, so merge the records afterwards
+# (scripts/merge_records.py).
+set -u
+[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_resume.sh SCENARIO RUN_DIR [harness args...]" >&2; exit 2; }
+SCENARIO=$1 RUN_DIR=${2%/}
+shift 2
+OUT=${OUT:-$PWD/out}
+BUDGET_S=${BUDGET_S:-560}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+stamp() { echo "== ${SECONDS}s: $*"; }
+collect() {
+    stamp "collecting"
+    PYTHONPATH=$PWD timeout -k 5 60 .venv/bin/python harness.py report "$RUN_DIR" >/dev/null 2>&1
+    for f in records.jsonl env.json report.md scenarios; do
+        [ -e "$RUN_DIR/$f" ] && cp -r "$RUN_DIR/$f" "$OUT/"
+    done
+    stamp "done: $(ls "$OUT" | tr '\n' ' ')"
+}
+[ -d "$RUN_DIR" ] || { echo "gpu_resume: $RUN_DIR is not a run folder" >&2; exit 2; }
+[ -f "$SCENARIO" ] || { echo "gpu_resume: $SCENARIO: no such scenario file" >&2; exit 2; }
+trap collect EXIT
+
+stamp "set-up"
+source scripts/tilelang_site.sh
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PIP_NO_INDEX=1
+make env >/dev/null 2>&1 || echo "make env failed"
+for w in .whl/*.whl; do
+    [ -f "$w" ] && .venv/bin/python -m pip install -q --no-index --no-deps "$w"
+done
+nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
+
+# prewarm takes --only and --set; the harness flags it does not know stay for the run
+prewarm_args=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --only|--set) prewarm_args+=("${args[i]}" "${args[i+1]}"); i=$((i + 1)) ;;
+    esac
+done
+left=$((BUDGET_S - SECONDS))
+stamp "prewarm (limit $((left / 3))s)"
+timeout -k 5 $((left / 3)) .venv/bin/python -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
+    2>&1 | tail -20
+
+left=$((BUDGET_S - SECONDS))
+stamp "run --resume $RUN_DIR (limit ${left}s)"
+timeout -k 10 "$left" .venv/bin/python harness.py run "$SCENARIO" --resume "$RUN_DIR" "$@" 2>&1 | tail -40
+stamp "harness exit status ${PIPESTATUS[0]} (124 = cut at the time limit; finished cases are kept)"
