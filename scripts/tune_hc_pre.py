@@ -46,6 +46,12 @@ FWD_CONFIGS = [
     "fwd_prefetch=0",
     "x_hint=evict_last",                        # pass-1 x: L1+L2 evict_last instead of .cg
     "x_hint=none,w_hint=none,evict2=0",         # no cache hints at all
+    # tensor-core projections over [T*n, C] rows (w as hi + lo), then the apply kernel
+    "fwd_impl=gemm",
+    "fwd_impl=gemm,gemm_bm=128,gemm_warps=8",
+    "fwd_impl=gemm,gemm_bk=128,gemm_stages=4",
+    "fwd_impl=gemm,gemm_bm=128,gemm_bk=128,gemm_warps=8,gemm_stages=3",
+    "fwd_impl=gemm,apply_bt=8,apply_bc=512",
 ]
 BWD_CONFIGS = [
     "",

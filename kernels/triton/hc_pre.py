@@ -54,6 +54,19 @@ Design (NK = n+2 projections, NP = n rounded up to a power of two):
     dh_pre first and a reduction over tokens after, which one token-major pass can only do with
     per-program [C, NK] partials (as much traffic again) or millions of atomics.
 
+  fwd_impl="gemm" (opt-in; written after an H100 run measured the FMA forward at 16-27% of the
+  copy rate, latency-bound with its DRAM bytes at the floor, and TileLang's tensor-core version of
+  the same split 1.5-1.9x faster; not yet timed on a GPU: scripts/tune_hc_pre.py has its configs):
+    _fwd_gemm_kernel, grid cdiv(T*n, gemm_bm): x viewed as [T*n, C] rows (token, stream); each
+      program streams its rows' C in gemm_bk chunks (pipelined, gemm_stages), multiplies them on
+      tensor cores by w [C, 16] split into hi + lo in x's dtype (two products, fp32 accumulation:
+      w to ~16 bits, x as loaded), and sums squares; per row: r, z, tanh, h_pre, h_post and
+      column i of h_res (z, r saved for the same backward).
+    apply_pre (kernels/triton/apply_pre.py): layer_input from h_pre, reading x again.
+  DRAM bytes per token: read 2nC (x twice), write C + small. On the interpreter the products run
+  in fp32 (it multiplies 16-bit float tiles as bit patterns), so CPU tests check the indexing and
+  the epilogue, and the GPU tests (test_gpu_gemm_matches_reference) the bf16 products.
+
 Offsets: per-token bases are int64 (T*n*C may exceed 2^31); C is passed as C/8 so that the
 compiler knows every row starts 16-byte aligned.
 
@@ -69,6 +82,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
 
 EPS = reference.EPS_RMS
@@ -83,6 +97,10 @@ DEFAULT_CONFIG = {
                              # L2 evict_last; PTX cannot combine it with .cg) or "none"
     "w_hint": "evict_last",  # w loads (L1 and L2 evict_last) or "none"
     "evict2": 1,             # pass-2 x loads evict_first (their last use)
+    # fwd_impl "gemm" (opt-in until timed on a GPU): the projections on tensor cores with x viewed
+    # as [T*n, C] rows, w split into hi + lo in x's dtype, then a separate apply kernel
+    "fwd_impl": "fma", "gemm_bm": 64, "gemm_bk": 64, "gemm_warps": 4, "gemm_stages": 3,
+    "apply_bt": 16, "apply_bc": 256,
     "b1_bt": 0, "b1_rows": 8, "b1_warps": 4, "b1_programs": 8192, "b1_prefetch": 1, "b1_cp": 2,
     "b2_bt": 0, "b2_rows": 4, "b2_warps": 4, "b2_programs": 1056, "b2_prefetch": 1, "b2_cp": 2,
 }
@@ -297,6 +315,62 @@ def _fwd_kernel(x_ptr, wt_ptr, b_ptr, s_ptr,
                 oc = 2 * p0 + wcol
                 tl.store(lirow + oc, _pack(li_lo, li_hi, li_ptr.dtype.element_ty, NTH, CP),
                          mask=tmask & (oc < C))
+
+
+@triton.jit
+def _fwd_gemm_kernel(x_ptr, whi_ptr, wlo_ptr, b_ptr, s_ptr, hpre_ptr, hpost_ptr, hres_ptr, z_ptr, r_ptr,
+                     R, C, EPS,
+                     N: tl.constexpr, NK: tl.constexpr, NKP: tl.constexpr,
+                     BM: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, SAVE: tl.constexpr,
+                     DOT_F32: tl.constexpr):
+    # Rows are (token, stream) pairs of x viewed as [T*n, C], so every row's epilogue is its own:
+    # r, z = r * (x_row . w), tanh, then h_pre[t, i], h_post[t, i] and column i of h_res[t].
+    # w is [C, NKP] in x's dtype twice (hi + lo): two tensor-core products with fp32 accumulation
+    # give the projections to ~16 bits of w, and x goes to the tensor cores as loaded.
+    row = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = row < R
+    r64 = row.to(tl.int64)
+    kk = tl.arange(0, BK)
+    kcol = tl.arange(0, NKP)
+    acc = tl.zeros([BM, NKP], dtype=tl.float32)
+    ss = tl.zeros([BM], dtype=tl.float32)
+    for k0 in tl.range(0, C, BK, num_stages=STAGES):
+        c = k0 + kk
+        cm = c < C
+        xt = tl.load(x_ptr + r64[:, None] * C + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        xf = xt.to(tl.float32)
+        ss += tl.sum(xf * xf, axis=1)
+        woff = c[:, None] * NKP + kcol[None, :]
+        whi = tl.load(whi_ptr + woff, mask=cm[:, None], other=0.0)
+        wlo = tl.load(wlo_ptr + woff, mask=cm[:, None], other=0.0)
+        if DOT_F32:
+            # the interpreter multiplies 16-bit float tiles as their bit patterns: same values in fp32
+            acc = tl.dot(xf, whi.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(xf, wlo.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, whi, acc)
+            acc = tl.dot(xt, wlo, acc)
+    r = 1.0 / tl.sqrt(ss / C + EPS)
+    z = acc * r[:, None]
+    t = r64 // N
+    i = r64 % N
+    kc = kcol[None, :]
+    zm = rmask[:, None] & (kc < NK)
+    if SAVE:
+        tl.store(z_ptr + r64[:, None] * NK + kc, z, mask=zm)
+        tl.store(r_ptr + r64, r, mask=rmask)
+    p = _tanh(z)
+    sa = tl.load(s_ptr)
+    sb = tl.load(s_ptr + 1)
+    p0 = tl.sum(tl.where(kc == 0, p, 0.0), axis=1)
+    p1 = tl.sum(tl.where(kc == 1, p, 0.0), axis=1)
+    tl.store(hpre_ptr + r64, sa * p0 + tl.load(b_ptr + i, mask=rmask, other=0.0), mask=rmask)
+    tl.store(hpost_ptr + r64, sb * p1 + tl.load(b_ptr + N + i, mask=rmask, other=0.0), mask=rmask)
+    # column k = 2 + j of this row is h_res[t, j, i] (destination j, source i)
+    j = kc - 2
+    hm = rmask[:, None] & (kc >= 2) & (kc < NK)
+    bres = tl.load(b_ptr + 2 * N + j * N + i[:, None], mask=hm, other=0.0)
+    tl.store(hres_ptr + t[:, None] * (N * N) + j * N + i[:, None], sa * p + bres, mask=hm)
 
 
 @triton.jit
@@ -607,6 +681,12 @@ def parse_config(config=None) -> dict:
             cfg[key] = val if isinstance(DEFAULT_CONFIG[key], str) else int(val)
     if cfg["x_hint"] not in ("cg", "evict_last", "none"):
         raise ValueError(f"hc_pre: x_hint must be 'cg', 'evict_last' or 'none', got {cfg['x_hint']!r}")
+    if cfg["fwd_impl"] not in ("fma", "gemm"):
+        raise ValueError(f"hc_pre: fwd_impl must be 'fma' or 'gemm', got {cfg['fwd_impl']!r}")
+    for key in ("gemm_bm", "gemm_bk"):
+        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+            raise ValueError(f"hc_pre: {key} must be a power of two >= 16 (tensor-core tiles), "
+                             f"got {cfg[key]}")
     if cfg["w_hint"] not in ("evict_last", "none"):
         raise ValueError(f"hc_pre: w_hint must be 'evict_last' or 'none', got {cfg['w_hint']!r}")
     return cfg
@@ -624,6 +704,31 @@ def _warps(want: int, C: int, cp: int) -> int:
 def _bt(explicit: int, rows: int, NP: int, T: int) -> int:
     bt = explicit if explicit > 0 else max(1, rows // NP)
     return max(1, min(_pow2(bt), _pow2(T)))
+
+
+def _launch_fwd_gemm(x, w, b, s, with_li, save, cfg):
+    T, n, C = x.shape
+    NK, NKP = n + 2, 16
+    dev, f32 = x.device, torch.float32
+    w_pad = w.new_zeros(C, NKP)
+    w_pad[:, :NK] = w
+    w_hi = w_pad.to(x.dtype)
+    w_lo = (w_pad - w_hi.float()).to(x.dtype)
+    hpre = torch.empty(T, n, device=dev, dtype=f32)
+    hpost = torch.empty(T, n, device=dev, dtype=f32)
+    hres = torch.empty(T, n, n, device=dev, dtype=f32)
+    z = torch.empty(T, n, NK, device=dev, dtype=f32) if save else None
+    r = torch.empty(T, n, device=dev, dtype=f32) if save else None
+    bm = _pow2(cfg["gemm_bm"])
+    _fwd_gemm_kernel[(triton.cdiv(T * n, bm),)](
+        x, w_hi, w_lo, b, s, hpre, hpost, hres, z if save else hpost, r if save else hpost,
+        T * n, C, EPS, N=n, NK=NK, NKP=NKP, BM=bm, BK=_pow2(cfg["gemm_bk"]),
+        STAGES=cfg["gemm_stages"], SAVE=save, DOT_F32=interpreting(), num_warps=cfg["gemm_warps"])
+    if not with_li:
+        return hpre, hpost, hres, z, r
+    li = torch.empty(T, C, device=dev, dtype=x.dtype)
+    apply_pre(x, hpre, li, _pow2(cfg["apply_bt"]), _pow2(cfg["apply_bc"]))
+    return li, hpost, hres, z, r
 
 
 def _launch_fwd(x, wt, b, s, with_li, save, cfg):
@@ -673,7 +778,9 @@ class _HCPreFn(torch.autograd.Function):
         wt = w.new_zeros(n + 2, CW)
         wt[:, :C] = w.t()
         save = any(ctx.needs_input_grad[:4])
-        out0, hpost, hres, z, r = _launch_fwd(x, wt, b, s, with_li, save, cfg)
+        launch = _launch_fwd_gemm if cfg["fwd_impl"] == "gemm" else _launch_fwd
+        out0, hpost, hres, z, r = launch(x, w if launch is _launch_fwd_gemm else wt, b, s, with_li,
+                                         save, cfg)
         if save:
             ctx.save_for_backward(x, wt, b, s, z, r)
         ctx.with_li = with_li

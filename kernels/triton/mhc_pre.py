@@ -29,7 +29,8 @@ Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
   HBM bytes per token: read n*C*e once (e = 2; plus phi from L2), write C*e (layer_input) +
   (n*n + 2n)*4 (coefficients) + (n*n + 2n + 1)*4 (m, r, only when a gradient is needed). x is read
   twice only as far as the phase-2 re-read misses L2 (scripts/tune_mhc_pre.py measures it).
-  config fused=False: phase 2 becomes a separate `_apply_kernel` (x read twice from HBM).
+  config fused=False: phase 2 becomes a separate apply kernel (kernels/triton/apply_pre.py; x read
+  twice from HBM).
 
 Non-split forward (config split=False; the default when cdiv(T, ns_bt) >= #SM and no split-path
   field is set explicitly, use_split()): `_phi_pack_kernel` re-lays phi out per call as
@@ -81,6 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
 
 EPS_RMS = 1e-6
@@ -414,23 +416,6 @@ def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
                     tl.store(li_ptr + t64[:, None] * C + c[None, :],
                              li.to(li_ptr.dtype.element_ty), mask=lm)
         vid = tl.atomic_add(sync_ptr, 1)
-
-
-@triton.jit
-def _apply_kernel(x_ptr, hpre_ptr, li_ptr, T, C,
-                  N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """layer_input = sum_i h_pre[i] x[i] (used when config fused=False)."""
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    tmask = tok < T
-    t64 = tok.to(tl.int64)
-    lm = tmask[:, None] & (c < C)[None, :]
-    li = tl.zeros([BT, BC], dtype=tl.float32)
-    for i in tl.static_range(N):
-        h_i = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0)
-        xt = tl.load(x_ptr + t64[:, None] * (N * C) + i * C + c[None, :], mask=lm, other=0.0)
-        li += h_i[:, None] * xt.to(tl.float32)
-    tl.store(li_ptr + t64[:, None] * C + c[None, :], li.to(li_ptr.dtype.element_ty), mask=lm)
 
 
 # ====================================================================== non-split forward
@@ -983,8 +968,7 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     _LAST["sync"] = sync
     if apply and not fused:
         abt, abc = _np2(cfg.apply_bt), _np2(cfg.apply_bc)
-        _apply_kernel[(triton.cdiv(T, abt), triton.cdiv(C, abc))](
-            x, h_pre, li, T, C, N=n, NP=NP, BT=abt, BC=abc, num_warps=4)
+        apply_pre(x, h_pre, li, abt, abc)
     return li, h_pre, h_post, h_res, m, r
 
 

@@ -111,6 +111,28 @@ def test_width_multiple_of_chunk(T, n, C, dtype, config, kernel_device):
     check("hc_coeffs", T, n, C, dtype, kernel_device, config=config)
 
 
+GEMM = {"fwd_impl": "gemm", "gemm_bm": 16, "gemm_bk": 16, "apply_bt": 4, "apply_bc": 32}
+
+
+@pytest.mark.parametrize("fn_name,T,n,C,dtype", [
+    ("hc_pre", 1, 1, 40, torch.bfloat16), ("hc_pre", 7, 3, 264, torch.float16),
+    ("hc_pre", 33, 4, 64, torch.bfloat16), ("hc_pre", 5, 8, 40, torch.float16),
+    ("hc_coeffs", 7, 2, 264, torch.bfloat16), ("hc_coeffs", 3, 4, 40, torch.float16)],
+    ids=["pre-n1", "pre-n3", "pre-n4", "pre-n8", "coeffs-n2", "coeffs-n4"])
+def test_gemm_forward(fn_name, T, n, C, dtype, kernel_device):
+    """fwd_impl=gemm: rows (token, stream) on tensor cores with w as hi + lo, several K chunks with
+    a partial last one (C = 40, 264 over 16-column chunks), row blocks that straddle tokens
+    (n = 3) and a partial last block; the backward (shared) sees its z and r."""
+    check(fn_name, T, n, C, dtype, kernel_device, config=GEMM)
+
+
+def test_gemm_config_errors():
+    with pytest.raises(ValueError, match="fwd_impl must be 'fma' or 'gemm'"):
+        H.parse_config("fwd_impl=wgmma")
+    with pytest.raises(ValueError, match="gemm_bk must be a power of two >= 16"):
+        H.parse_config({"gemm_bk": 8})
+
+
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False),
                                    (False, False, False, True)], ids=["x", "w+b", "s"])
 def test_partial_gradients(needs, kernel_device):
@@ -182,6 +204,14 @@ def test_gpu_matches_reference(n, C, T, dtype):
     check("hc_pre", T, n, C, dtype, "cuda")
     if T == 17:
         check("hc_coeffs", T, n, C, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 17, 4097])
+@pytest.mark.parametrize("C", [264, 2560, 7168])
+@pytest.mark.parametrize("n", [1, 3, 4, 8])
+def test_gpu_gemm_matches_reference(n, C, T):
+    check("hc_pre", T, n, C, torch.bfloat16, "cuda", config={"fwd_impl": "gemm"})
 
 
 @pytest.mark.gpu
