@@ -107,6 +107,85 @@ def _post_fwd_kernel(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T,
 
 
 @triton.jit
+def _post_fwd_chunk(x_base, f_base, out_base, c0, hp, hcols, rows, off2,
+                    N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, MASK_C: tl.constexpr):
+    # One [NP, BV, VEC] chunk of one token; the row and column masks are compile-time optional so
+    # that full chunks of an n = 2^k state carry no predicates at all.
+    r3 = rows[:, None, None]
+    cols = c0 + off2                                                             # [BV, VEC]
+    tile = r3 * C + cols[None, :, :]
+    if MASK_C:
+        cmask = cols < C
+        tmask = (r3 < N) & cmask[None, :, :]
+        xt = tl.load(x_base + tile, mask=tmask, other=0.0)
+        f = tl.load(f_base + cols, mask=cmask, other=0.0)
+    elif NP != N:
+        tmask = (r3 < N) & (cols < C)[None, :, :]                                # rows only (cols < C holds)
+        xt = tl.load(x_base + tile, mask=tmask, other=0.0)
+        f = tl.load(f_base + cols)
+    else:
+        xt = tl.load(x_base + tile)
+        f = tl.load(f_base + cols)
+    xt = xt.to(tl.float32)
+    acc = hp[:, None, None] * f.to(tl.float32)[None, :, :]
+    for j in tl.static_range(N):
+        x_j = tl.sum(tl.where(r3 == j, xt, 0.0), axis=0)                         # row j, in-thread
+        acc += hcols[j][:, None, None] * x_j[None, :, :]
+    out = acc.to(out_base.dtype.element_ty)
+    if MASK_C or NP != N:
+        tl.store(out_base + tile, out, mask=tmask)
+    else:
+        tl.store(out_base + tile, out)
+
+
+@triton.jit
+def _post_fwd_token(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, t,
+                    N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
+                    BLOCK_C: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr):
+    BV: tl.constexpr = BLOCK_C // VEC
+    NFULL: tl.constexpr = C // BLOCK_C
+    rows = tl.arange(0, NP)
+    rmask = rows < N
+    off2 = tl.arange(0, BV)[:, None] * VEC + tl.arange(0, VEC)[None, :]         # [BV, VEC]
+    x_base = x_ptr + t * (N * C)
+    f_base = f_ptr + t * C
+    out_base = out_ptr + t * (N * C)
+    # The token's coefficients are loaded once, before the chunk loop, and live in registers
+    # across it: h_post[t] and the n columns of h_res[t] (column j: what source j adds to each
+    # destination), so a chunk issues only its n + 1 16-byte loads per thread.
+    hp = tl.load(hp_ptr + t * N + rows, mask=rmask, other=0.0)
+    hcols = ()
+    for j in tl.static_range(N):
+        hcols = hcols + (tl.load(hr_ptr + t * (N * N) + rows * N + j, mask=rmask, other=0.0),)
+    for k in tl.range(0, NFULL, num_stages=NUM_STAGES):
+        _post_fwd_chunk(x_base, f_base, out_base, k * BLOCK_C, hp, hcols, rows, off2,
+                        N, NP, C, False)
+    if C % BLOCK_C != 0:
+        # The tail is peeled off so that only it pays for column masks.
+        _post_fwd_chunk(x_base, f_base, out_base, NFULL * BLOCK_C, hp, hcols, rows, off2,
+                        N, NP, C, True)
+
+
+@triton.jit
+def _post_fwd_loop_kernel(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T,
+                          N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
+                          BLOCK_C: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr,
+                          PERSISTENT: tl.constexpr):
+    # One token per program, all of C in a loop (what the TileLang kernel does): the token's
+    # coefficients are read once rather than once per chunk, and the loop can be software
+    # pipelined. PERSISTENT: a fixed grid (a multiple of the SM count) strides over the tokens,
+    # so CTAs are launched and retired once per program rather than once per token.
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        for t in tl.range(pid, T, tl.num_programs(0)):
+            _post_fwd_token(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, tl.cast(t, tl.int64),
+                            N, NP, C, BLOCK_C, VEC, NUM_STAGES)
+    else:
+        _post_fwd_token(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, pid.to(tl.int64),
+                        N, NP, C, BLOCK_C, VEC, NUM_STAGES)
+
+
+@triton.jit
 def _post_bwd_kernel(g_ptr, x_ptr, f_ptr, hp_ptr, hr_ptr,
                      dx_ptr, df_ptr, dhp_ptr, dhr_ptr,
                      N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
@@ -213,16 +292,27 @@ def _default_block_c(C: int) -> int:
 FWD_TOKENS = 1
 
 
+# Opt-in forward variant (loop=1): one token per program looping over C. Not yet timed on a GPU.
+# Pipeline depth of its chunk loop: num_stages > 1 streams chunks through shared memory with
+# 16-byte cp.async (Triton's software pipeliner), num_stages = 1 keeps plain 16-byte loads.
+LOOP_STAGES = 3
+
+_KEYS = ("block_c", "num_warps", "num_stages", "split", "vec", "bt", "loop", "persistent")
+
+
 @functools.lru_cache(maxsize=None)
 def _parse(spec: str) -> dict:
     out = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, val = item.partition("=")
         key = key.strip()
-        if key not in ("block_c", "num_warps", "num_stages", "split", "vec", "bt") or not val.strip():
-            raise ValueError(f"{OP}: bad config item {item!r} (keys: block_c, num_warps; forward "
-                             "also bt; backward also vec, num_stages, split)")
-        out[key] = int(val)
+        if key not in _KEYS or not val.strip():
+            raise ValueError(f"{OP}: bad config item {item!r} (keys: block_c, num_warps, vec, "
+                             "num_stages; forward also bt, loop, persistent; backward also split)")
+        try:
+            out[key] = int(val)
+        except ValueError:
+            raise ValueError(f"{OP}: bad config item {item!r} (values are integers)") from None
     return out
 
 
@@ -248,17 +338,50 @@ def _vec(d: dict, block_c: int) -> int:
     return vec
 
 
+def _loop_block_c(C: int) -> int:
+    """Largest of 1024/512/256 that divides C, else C rounded up, capped at 1024.
+
+    A looping program wants wide chunks (more bytes in flight per iteration, fewer iterations),
+    and a divisor of C leaves no masked tail chunk: 2560 -> 512, 4096 and 7168 -> 1024.
+    """
+    cap = min(1024, _pow2(C))
+    for b in (1024, 512, 256):
+        if b <= cap and C % b == 0:
+            return b
+    return cap
+
+
 def fwd_config(n: int, C: int, cfg=None) -> dict:
-    """Resolved forward launch parameters: block_c, vec, bt (tokens per program), num_warps."""
+    """Resolved forward launch parameters: block_c, vec, bt (tokens per program), num_warps,
+    loop (0: one program per chunk; 1: one program per token looping over C), persistent
+    (loop only: 0, or programs per SM) and num_stages (loop only; None without the loop)."""
     d = {**_as_dict(os.environ.get("HCBENCH_POST_FWD")), **_as_dict(cfg)}
-    block_c = int(d.get("block_c") or _default_block_c(C))
+    loop = int(d.get("loop") or 0)
+    if loop not in (0, 1):
+        raise ValueError(f"{OP}: loop must be 0 or 1, got {loop}")
+    persistent = int(d.get("persistent") or 0)
+    if persistent < 0:
+        raise ValueError(f"{OP}: persistent must be 0 (off) or programs per SM >= 1, got {persistent}")
+    if persistent and not loop:
+        raise ValueError(f"{OP}: persistent={persistent} needs loop=1")
+    block_c = int(d.get("block_c") or (_loop_block_c(C) if loop else _default_block_c(C)))
     _check_block_c(block_c)
     vec = _vec(d, block_c)
-    bt = int(d.get("bt") or FWD_TOKENS)
+    bt = int(d.get("bt") or (1 if loop else FWD_TOKENS))
     if bt < 1 or bt & (bt - 1):
         raise ValueError(f"{OP}: bt must be a power of two >= 1, got {bt}")
+    if loop and bt != 1:
+        raise ValueError(f"{OP}: bt must be 1 with loop=1 (one token per program), got {bt}")
+    num_stages = None
+    if loop:
+        # num_stages is also a backward key; without the loop the forward has no loop to
+        # pipeline and ignores it, so one config string can still serve both kernels.
+        num_stages = LOOP_STAGES if d.get("num_stages") is None else int(d["num_stages"])
+        if num_stages < 1:
+            raise ValueError(f"{OP}: num_stages must be >= 1 (1: no pipelining), got {num_stages}")
     return {"block_c": block_c, "vec": vec, "bt": bt,
-            "num_warps": int(d.get("num_warps") or max(1, min(8, bt * block_c // (32 * vec))))}
+            "num_warps": int(d.get("num_warps") or max(1, min(8, bt * block_c // (32 * vec)))),
+            "loop": loop, "persistent": persistent, "num_stages": num_stages}
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,6 +419,17 @@ def post_forward(x, f, h_post, h_res, cfg=None):
     if T == 0:
         return out
     p = fwd_config(n, C, cfg)
+    if p["loop"]:
+        grid = T
+        if p["persistent"]:
+            sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+                if x.device.type == "cuda" else 4
+            grid = min(T, p["persistent"] * sms)
+        _post_fwd_loop_kernel[(grid,)](
+            x, f, h_post, h_res, out, T,
+            N=n, NP=_pow2(n), C=C, BLOCK_C=p["block_c"], VEC=p["vec"], NUM_STAGES=p["num_stages"],
+            PERSISTENT=bool(p["persistent"]), num_warps=p["num_warps"])
+        return out
     ncb = triton.cdiv(C, p["block_c"])
     _post_fwd_kernel[(triton.cdiv(T, p["bt"]) * ncb,)](
         x, f, h_post, h_res, out, T,

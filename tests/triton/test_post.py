@@ -74,6 +74,57 @@ def test_post_even_chunks(kernel_device):
     check(4, 4, 256, torch.float16, kernel_device, fwd="bt=2,block_c=64")
 
 
+# Opt-in forward variant (fwd "loop=1"): one program per token looping over C's chunks, and its
+# persistent form (a fixed grid striding over the tokens; 4 "SMs" on the CPU, so T = 5 makes one
+# program take two tokens). Forward only: the backward is the same kernel whatever fwd says.
+# block_c = 128: C = 264 is two full chunks and a masked tail of 8, C = 512 four full chunks.
+# Every (n, C, T); the dtype alternates so that each (n, C) meets both. Persistent with T = 5 only
+# (with T = 1 it is the same launch as the plain loop).
+LOOP = [(n, C, DTYPES[(i + j + k) % 2], T)
+        for i, n in enumerate((1, 3, 4)) for j, C in enumerate((264, 512)) for k, T in enumerate((1, 5))]
+LOOP_CASES = [(*case, p) for case in LOOP for p in (0, 1) if p == 0 or case[3] > 1]
+
+
+def check_fwd(T, n, C, dtype, device, fwd):
+    x, f, h_post, h_res, _ = make_inputs(T, n, C, dtype, device)
+    out = post(x, f, h_post, h_res, fwd=fwd)
+    assert out.shape == (T, n, C) and out.dtype == dtype
+    err = rel_err(out, reference.post(x.double(), f.double(), h_post.double(), h_res.double()))
+    assert err <= tolerance(dtype), f"T={T} n={n} C={C} {dtype} fwd={fwd}: error {err}"
+
+
+@pytest.mark.parametrize("n,C,dtype,T,persistent", LOOP_CASES,
+                         ids=[f"n{n}-C{C}-{str(d)[6:]}-T{T}" + ("-persistent" if p else "")
+                              for n, C, d, T, p in LOOP_CASES])
+def test_post_fwd_loop(n, C, dtype, T, persistent, kernel_device):
+    check_fwd(T, n, C, dtype, kernel_device, f"loop=1,block_c=128,persistent={persistent}")
+
+
+@pytest.mark.parametrize("fwd", ["loop=1",                                   # defaults: one tail chunk
+                                 "loop=1,block_c=64,num_stages=1",            # unpipelined loop
+                                 "loop=1,block_c=64,num_stages=4,num_warps=2,vec=4",
+                                 "loop=1,block_c=64,persistent=2"])           # grid capped at T
+def test_post_fwd_loop_configs(fwd, kernel_device):
+    check_fwd(3, 3, 264, torch.bfloat16, kernel_device, fwd)
+
+
+def test_post_fwd_loop_env(monkeypatch, kernel_device):
+    monkeypatch.setenv("HCBENCH_POST_FWD", "loop=1,block_c=16,num_stages=2")
+    assert P.fwd_config(4, 40)["loop"] == 1
+    check_fwd(3, 4, 40, torch.float16, kernel_device, None)      # two chunks and a tail of 8
+
+
+def test_post_fwd_config_defaults(monkeypatch):
+    monkeypatch.delenv("HCBENCH_POST_FWD", raising=False)
+    assert P.fwd_config(4, 4096) == {"block_c": 256, "vec": 8, "bt": 1, "num_warps": 1,
+                                     "loop": 0, "persistent": 0, "num_stages": None}
+    assert P.fwd_config(4, 2560, "loop=1") == {"block_c": 512, "vec": 8, "bt": 1, "num_warps": 2,
+                                               "loop": 1, "persistent": 0, "num_stages": 3}
+    assert P.fwd_config(4, 7168, "loop=1,persistent=2,num_stages=1")["block_c"] == 1024
+    # num_stages is a backward key too: without the loop the forward ignores it
+    assert P.fwd_config(4, 4096, "num_stages=2")["num_stages"] is None
+
+
 @pytest.mark.parametrize("which", [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 3)])
 def test_post_partial_grads(which, kernel_device):
     """Only the inputs that require grad get one (ctx.needs_input_grad), and they are right."""
@@ -158,6 +209,21 @@ def test_post_bad_config(kernel_device):
         post(**_good(kernel_device), fwd="block_c=48")
     with pytest.raises(ValueError, match="bad config item"):
         post(**_good(kernel_device), fwd="blocks=64")
+
+
+@pytest.mark.parametrize("fwd,match", [
+    ("loop=2", "loop must be 0 or 1, got 2"),
+    ("persistent=1", "persistent=1 needs loop=1"),
+    ("loop=1,persistent=-1", "persistent must be 0 .* got -1"),
+    ("loop=1,num_stages=0", "num_stages must be >= 1 .* got 0"),
+    ("loop=1,bt=2", "bt must be 1 with loop=1"),
+    ("loop=yes", "bad config item 'loop=yes' .values are integers"),
+    ("loops=1", "bad config item 'loops=1'"),
+])
+def test_post_bad_loop_config(fwd, match, kernel_device):
+    with pytest.raises(ValueError, match=match) as exc:
+        post(**_good(kernel_device), fwd=fwd)
+    assert "\n" not in str(exc.value)
 
 
 # ------------------------------------------------------------------ GPU, the benchmark widths
