@@ -8,9 +8,11 @@ Usage: python scripts/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..
 2. For bf16, n = 4, T = 16384 and each C: post and residual_post against the reference (fp32 on
    the GPU), forward output and every gradient, for every configuration timed.
 3. Times, per configuration (one "key=value,..." string given to post(fwd=..., bwd=...); keys
-   block_c and num_warps apply to both kernels, vec / num_stages / split to the backward only):
-   forward, and forward + backward through autograd. Medians through suite.timing, the runner's
-   timer (L2 flushed before every call).
+   block_c and num_warps apply to both kernels, vec / num_stages / split to the backward, bt /
+   loop / persistent to the forward, num_stages to the forward too with loop=1; "FWD|BWD" gives
+   the kernels different strings, so "loop=1,...|" times the loop forward next to the default
+   backward): forward, and forward + backward through autograd. Medians through suite.timing,
+   the runner's timer (L2 flushed before every call).
 Floors: forward (2n+1)C elements per token; forward + backward (5n+3)C (MATH.md, ANCHORS.md).
 The table comes last. Aims to finish within about 60 s (most of it compiling).
 """
@@ -45,6 +47,23 @@ CONFIGS = [
     "block_c=512,bt=2",             # 4 warps
     "block_c=512,bt=4",             # 8 warps
     "block_c=512",                  # earlier runner-up (2 warps)
+    # Forward loop=1 (not yet timed on a GPU): one program per token looping over C, h_post and
+    # h_res read once per token. num_stages >= 2 pipelines the chunks through shared memory
+    # (cp.async), 1 uses plain 16-byte loads. "|": the backward keeps its defaults.
+    "loop=1|",                      # defaults: block_c 512 (C = 2560) or 1024, 3 stages
+    "loop=1,block_c=512,num_stages=2|",
+    "loop=1,block_c=512,num_stages=3|",
+    "loop=1,block_c=512,num_stages=4|",
+    "loop=1,block_c=1024,num_stages=1|",
+    "loop=1,block_c=1024,num_stages=2|",
+    "loop=1,block_c=1024,num_stages=3|",
+    "loop=1,block_c=1024,num_stages=4|",
+    "loop=1,block_c=2048,num_stages=1|",    # 8 warps
+    "loop=1,block_c=2048,num_stages=2|",
+    "loop=1,block_c=2048,num_stages=3|",
+    "loop=1,block_c=2048,num_stages=4|",
+    "loop=1,block_c=1024,persistent=4|",    # grid 4 programs per SM striding over the tokens
+    "loop=1,block_c=1024,persistent=8|",
 ]
 N, T, DTYPE = 4, 16384, torch.bfloat16
 DEVICE = "cuda"
@@ -76,9 +95,18 @@ def reference_post(x, f, h_post, h_res, grad):
     return [out.detach()] + list(torch.autograd.grad(out, ins, grad.float()))
 
 
+def split_cfg(cfg: str) -> tuple[str, str]:
+    """A configuration's forward and backward strings: "FWD|BWD", or one string for both."""
+    if "|" in cfg:
+        fwd, _, bwd = cfg.partition("|")
+        return fwd, bwd
+    return cfg, cfg
+
+
 def check_post(ins, ref, cfg) -> float:
+    fwd, bwd = split_cfg(cfg)
     leaves = [t.detach().clone().requires_grad_() for t in ins[:4]]
-    out = P.post(*leaves, fwd=cfg, bwd=cfg)
+    out = P.post(*leaves, fwd=fwd, bwd=bwd)
     got = [out] + list(torch.autograd.grad(out, leaves, ins[4]))
     return max(rel_err(a, b) for a, b in zip(got, ref))
 
@@ -127,19 +155,23 @@ def main() -> int:
         fb_bytes = (5 * N + 3) * C * x.element_size() * T
         leaves = [t.detach().clone().requires_grad_() for t in ins[:4]]
         for cfg in configs:
+            fwd, bwd = split_cfg(cfg)
             err = check_post(ins, ref, cfg)
             if not err <= tol:
                 failures.append(f"post C={C} [{cfg or 'default'}]: max rel_err {err:.2e} > {tol}")
 
-            def fb(cfg=cfg):
-                out = P.post(*leaves, fwd=cfg, bwd=cfg)
+            def fb(fwd=fwd, bwd=bwd):
+                out = P.post(*leaves, fwd=fwd, bwd=bwd)
                 torch.autograd.grad(out, leaves, grad)
 
-            t_f = bench(lambda cfg=cfg: P.post(x, f, h_post, h_res, fwd=cfg, bwd=cfg))
+            t_f = bench(lambda fwd=fwd, bwd=bwd: P.post(x, f, h_post, h_res, fwd=fwd, bwd=bwd))
             t_fb = bench(fb)
-            fc = P.fwd_config(N, C, cfg)
-            bc = P.bwd_config(T, N, C, x.device, cfg)
-            name = (cfg or "default") + (f" [f {fc['block_c']}/{fc['num_warps']}w; b {bc['block_c']}/v{bc['vec']}/"
+            fc = P.fwd_config(N, C, fwd)
+            bc = P.bwd_config(T, N, C, x.device, bwd)
+            floop = f"loop {fc['block_c']}/{fc['num_warps']}w/s{fc['num_stages']}" + \
+                (f"/p{fc['persistent']}" if fc["persistent"] else "") if fc["loop"] else \
+                f"{fc['block_c']}/{fc['num_warps']}w"
+            name = (cfg or "default") + (f" [f {floop}; b {bc['block_c']}/v{bc['vec']}/"
                                          f"{bc['num_warps']}w/s{bc['num_stages']}]")
             rows.append((C, name, t_f, fwd_bytes / t_f / 1e6, 100 * fwd_bytes / t_f / 1e6 / rate, t_fb,
                          100 * (fb_bytes / rate / 1e6) / t_fb, err))
@@ -150,11 +182,12 @@ def main() -> int:
     for msg in failures:
         print("FAIL", msg)
     print(f"\npost, bf16, n={N}, T={T}; copy rate {rate:.0f} GB/s; fwd floor (2n+1)C, fwd+bwd floor (5n+3)C")
-    hdr = f"{'C':>5} {'config':<62} {'fwd ms':>7} {'fwd GB/s':>8} {'%copy':>6} {'f+b ms':>7} {'%floor':>6} {'err':>7}"
+    hdr = (f"{'C':>5} {'config':<72} {'fwd ms':>7} {'fwd GB/s':>8} {'%copy':>6} {'f+b ms':>7} "
+           f"{'%floor':>6} {'err':>7}")
     print(hdr)
     print("-" * len(hdr))
     for C, name, t_f, gbs, pct, t_fb, pfl, err in rows:
-        print(f"{C:>5} {name:<62} {t_f:7.3f} {gbs:8.0f} {pct:6.1f} {t_fb:7.3f} {pfl:6.1f} {err:7.1e}")
+        print(f"{C:>5} {name:<72} {t_f:7.3f} {gbs:8.0f} {pct:6.1f} {t_fb:7.3f} {pfl:6.1f} {err:7.1e}")
     return 1 if failures else 0
 
 

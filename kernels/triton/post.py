@@ -39,9 +39,25 @@ C is a compile-time constant (one compile per width; it lets every row load be a
 and drops masks when BLOCK_C divides C).
 
 Tuning: `post(..., fwd=..., bwd=...)` takes a dict (or "key=value,..." string) with keys
-block_c, num_warps (both) and vec, num_stages, split (backward only); the environment variables
-HCBENCH_POST_FWD / HCBENCH_POST_BWD give defaults in the same string form. Unset keys use
-`fwd_config` / `bwd_config`'s heuristics. scripts/tune_post.py times the alternatives.
+block_c, num_warps, vec (both), bt, loop, persistent (forward only), split (backward only) and
+num_stages (backward; forward with loop=1); the environment variables HCBENCH_POST_FWD /
+HCBENCH_POST_BWD give defaults in the same string form. Unset keys use `fwd_config` /
+`bwd_config`'s heuristics. scripts/tune_post.py times the alternatives.
+
+Forward loop variant, opt-in and NOT YET MEASURED ON A GPU (checked in the interpreter and
+compiled for sm_90 without a GPU only): fwd "loop=1" (default 0) runs `_post_fwd_loop_kernel`,
+one program per token looping over all of C, as the TileLang kernel does (96-97% of the copy
+rate on an H100 against 85-87% for `_post_fwd_kernel`; the aim is >= 90%). It reads h_post[t]
+and h_res[t] once per token instead of once per chunk, keeps the [NP, BLOCK_C / VEC, VEC] tiles
+and 16-byte row vectors above, peels a masked tail chunk off when BLOCK_C does not divide C, and
+pipelines the chunk loop with `tl.range(num_stages=...)`. Keys: block_c (default the largest of
+1024 / 512 / 256 dividing C: 2560 -> 512, 4096 and 7168 -> 1024), num_warps (default
+block_c / (32 vec), at most 8), num_stages (default 3; >= 2 streams chunks through shared memory
+with 16-byte cp.async, 1 loads straight into registers; ignored without loop=1, since it is
+also a backward key), persistent (default 0; P >= 1 launches min(T, P * SM count) programs
+striding over the tokens). bt must stay 1 and persistent needs loop=1. Compiled for sm_90 at
+n = 4, block_c 1024: 48 registers, 20 KiB shared memory with 3 stages (none with 1), 16-byte
+cp.async / loads and 128-bit stores, no shuffles.
 """
 from __future__ import annotations
 
@@ -111,6 +127,8 @@ def _post_fwd_chunk(x_base, f_base, out_base, c0, hp, hcols, rows, off2,
                     N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, MASK_C: tl.constexpr):
     # One [NP, BV, VEC] chunk of one token; the row and column masks are compile-time optional so
     # that full chunks of an n = 2^k state carry no predicates at all.
+    BV: tl.constexpr = off2.shape[0]
+    VEC: tl.constexpr = off2.shape[1]
     r3 = rows[:, None, None]
     cols = c0 + off2                                                             # [BV, VEC]
     tile = r3 * C + cols[None, :, :]
@@ -120,7 +138,7 @@ def _post_fwd_chunk(x_base, f_base, out_base, c0, hp, hcols, rows, off2,
         xt = tl.load(x_base + tile, mask=tmask, other=0.0)
         f = tl.load(f_base + cols, mask=cmask, other=0.0)
     elif NP != N:
-        tmask = (r3 < N) & (cols < C)[None, :, :]                                # rows only (cols < C holds)
+        tmask = tl.broadcast_to(r3 < N, [NP, BV, VEC])                           # padded rows only
         xt = tl.load(x_base + tile, mask=tmask, other=0.0)
         f = tl.load(f_base + cols)
     else:

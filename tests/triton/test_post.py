@@ -266,3 +266,34 @@ def test_post_gpu_int64_offsets(kernel_device):
         assert rel_err(out[sl], ref_out) <= tol, sl
         for got, want in zip((dx[sl], df[sl], dhp[sl], dhr[sl]), ref_grads):
             assert rel_err(got, want) <= tol, sl
+
+
+LOOP_GPU = [(n, C, T) for n in (1, 3, 4, 8) for C in (264, 2560, 7168) for T in (1, 4097)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fwd", ["loop=1", "loop=1,num_stages=1", "loop=1,block_c=2048,num_stages=4",
+                                 "loop=1,persistent=4"])
+@pytest.mark.parametrize("n,C,T", LOOP_GPU, ids=[f"n{n}-C{C}-T{T}" for n, C, T in LOOP_GPU])
+def test_post_gpu_loop(n, C, T, fwd, kernel_device):
+    check_fwd(T, n, C, torch.bfloat16, kernel_device, fwd)
+
+
+@pytest.mark.gpu
+def test_post_gpu_loop_int64_offsets(kernel_device):
+    """The loop forward (plain and persistent) past 2^31 elements, checked on the last tokens."""
+    T, n, C, dtype = 70000, 4, 7680, torch.bfloat16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2 ** 30:
+        pytest.skip("needs about 12 GiB of free GPU memory")
+    g = torch.Generator(device=kernel_device).manual_seed(8)
+    x = torch.randn(T, n, C, generator=g, device=kernel_device, dtype=dtype)
+    f = torch.randn(T, C, generator=g, device=kernel_device, dtype=dtype)
+    h_post = 2 * torch.sigmoid(torch.randn(T, n, generator=g, device=kernel_device))
+    h_res = reference.sinkhorn(torch.randn(T, n, n, generator=g, device=kernel_device))
+    for fwd in ("loop=1", "loop=1,persistent=4"):
+        out = post(x, f, h_post, h_res, fwd=fwd)
+        for sl in (slice(0, 16), slice(T - 64, T)):
+            want = reference.post(x[sl].double(), f[sl].double(), h_post[sl].double(), h_res[sl].double())
+            assert rel_err(out[sl], want) <= tolerance(dtype), (fwd, sl)
+        del out
