@@ -27,8 +27,8 @@ Backward, one pass (kernel `_post_bwd_kernel`), g = dL/dx_next:
   Bytes per token: read (2n+1)C, write (n+1)C elements (+ n + n^2 fp32), the floor. Gradients
   not asked for (ctx.needs_input_grad) are neither computed nor their inputs read.
 
-Defaults (reasoned, not yet measured; scripts/tune_post.py measures): BLOCK_C = the largest of
-1024 / 512 / 256 dividing C (2560 -> 512, 4096 and 7168 -> 1024), VEC = 8 (16 bytes) and
+Defaults (measured with scripts/tune_post.py on an H100, see _default_block_c): BLOCK_C = the
+smallest of 256 / 512 / 1024 dividing C (256 at 2560, 4096 and 7168), VEC = 8 (16 bytes) and
 num_warps = BLOCK_C / (32 VEC), in both kernels (backward with n > 4: VEC = 4, BLOCK_C <= 512,
 for registers). Compiled for sm_90 with triton 3.9 (ptxas, no GPU): forward 48 registers at
 n = 4, all row accesses 128-bit; backward 161 registers (3 CTAs of 4 warps per SM), 128-bit
