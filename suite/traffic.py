@@ -81,9 +81,6 @@ def unavailable(case, ncu: str | None) -> str | None:
     """Why this case's traffic cannot be measured here (before starting anything), or None."""
     if case.device != "cuda":
         return "traffic is measured on a CUDA GPU only (case device is cpu)"
-    if case.mode != "fwd":
-        return ("fwd+bwd not profiled: autograd launches backward kernels from another thread, "
-                "outside the NVTX range; only fwd cases are measured")
     if not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
     if ncu is None:

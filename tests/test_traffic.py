@@ -204,7 +204,6 @@ def test_a_hung_profiler_is_killed_with_its_children(tmp_path):
 def test_without_gpu_or_ncu_the_case_keeps_its_analytic_bytes_and_says_why(monkeypatch):
     floor = cost.Cost(1, 1, 0)
     assert "CUDA GPU only" in traffic.measure(_case(device="cpu"), floor)["traffic_reason"]
-    assert "fwd+bwd" in traffic.measure(_case(device="cuda", mode="fwd+bwd"), floor)["traffic_reason"]
     monkeypatch.setattr(traffic.torch.cuda, "is_available", lambda: False)
     assert traffic.measure(_case(device="cuda"), floor)["traffic_reason"] == "no CUDA GPU on this machine"
     monkeypatch.setattr(traffic.torch.cuda, "is_available", lambda: True)
@@ -227,6 +226,25 @@ def test_probe_runs_a_case_and_reports_errors_in_one_line(capsys):
     assert "hcbench-probe: ok" in capsys.readouterr().out
     assert traffic_probe.main([json.dumps({**case.to_dict(), "backend": "nope"})]) == 1
     assert capsys.readouterr().out.startswith(f"{traffic.PROBE_ERROR} KeyError")
+
+
+def test_probe_runs_the_backward_on_its_own_thread(monkeypatch, capsys):
+    """fwd+bwd: the probe runs forward and backward, every backward node on the thread that
+    opened the NVTX range. (A CPU backward uses the calling thread anyway; on a GPU it is the
+    probe's multithreading switch that keeps it there.)"""
+    import threading
+    seen = []
+    real_run = traffic_probe.workload.run
+
+    def run(ops, case, inputs):
+        hook = lambda grad: seen.append(threading.get_ident())     # noqa: E731
+        inputs["x"].register_hook(hook)
+        return real_run(ops, case, inputs)
+
+    monkeypatch.setattr(traffic_probe.workload, "run", run)
+    case = _case(device="cpu", dtype="fp32", mode="fwd+bwd", method="mhc", n=2, sinkhorn_iters=3)
+    assert traffic_probe.main([json.dumps(case.to_dict())]) == 0, capsys.readouterr().out
+    assert seen and set(seen) == {threading.get_ident()}
 
 
 def test_probe_runs_as_a_module_from_the_repository_root():
