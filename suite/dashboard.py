@@ -274,10 +274,17 @@ def _panels(records: list[dict]) -> list[tuple[str, list[dict]]]:
     scope, op and mode as the baseline. T and dtype enter the title only where they vary."""
     ok = [r for r in records if _ok(r)]
     vary = {k: len({r["case"].get(k) for r in ok}) > 1 for k in ("T", "dtype", "layers")}
+    # Where each width has one layer count (overhead.yaml: fewer layers at larger C so the models
+    # fit), layers do not split the panels: one point per panel would hide the trend over C.
+    by_c = defaultdict(set)
+    for r in ok:
+        by_c[r["case"]["C"]].add(r["case"].get("layers"))
+    layers_follow_c = vary["layers"] and all(len(v) == 1 for v in by_c.values())
     groups = defaultdict(list)
     for r in ok:
         c = r["case"]
-        base = (c.get("scope", "site"), c["op"], c["mode"], c["T"], c["dtype"], c.get("layers"))
+        layers = None if layers_follow_c else c.get("layers")
+        base = (c.get("scope", "site"), c["op"], c["mode"], c["T"], c["dtype"], layers)
         groups[base].append(r)
     out = []
     op_order = {"site": 0, "pre": 1, "coeffs": 2, "post": 3}
@@ -289,6 +296,8 @@ def _panels(records: list[dict]) -> list[tuple[str, list[dict]]]:
             title = f"{op if scope == 'site' else scope} · {mode}" + (f" · n={n}" if n else "")
             title += (f" · T={T}" if vary["T"] else "") + (f" · {dtype}" if vary["dtype"] else "")
             title += (f" · L={layers}" if vary["layers"] and layers else "")
+            if layers_follow_c and scope != "site":
+                title += " · L by C"
             out.append((title, members))
     return out
 
@@ -305,7 +314,8 @@ def _series(records: list[dict], y, depth: int, run_id: str, label=None) -> list
     order = {"residual": 0, "hc": 1, "mhc": 2}
     out = []
     for (method, backend, name), pts in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0])):
-        out.append({"name": name, **svgplot.style(method, backend), "points": pts})
+        out.append({"name": name, **svgplot.style(method, backend), "points": pts,
+                    "hollow": " recompute=" in name})
     return out
 
 
@@ -315,7 +325,11 @@ def _legend(records: list[dict]) -> str:
     for r in records:
         c = r["case"]
         seen[(order.get(c["method"], 9), c["method"], c["backend"])] = svgplot.style(c["method"], c["backend"])
-    return svgplot.legend([(f"{m}/{b}", st) for (_, m, b), st in sorted(seen.items())])
+    entries = [(f"{m}/{b}", st) for (_, m, b), st in sorted(seen.items())]
+    if any(" recompute=" in _series_name(r) for r in records):
+        entries.append(("hollow: with recompute", {"colour": "#555", "marker": "circle", "dash": "",
+                                                    "hollow": True}))
+    return svgplot.legend(entries)
 
 
 def _section(title: str, explain: str, plots: list[str], cls: str) -> str:
@@ -410,7 +424,8 @@ def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
         plots = []
         for scope in sorted({k[0] for k in by}):
             series = [{"name": f"{m}/{b}" + (f" rc={rc}" if rc not in (None, "none") else "")
-                       + (f" L_r={lr}" if lr else ""), **svgplot.style(m, b), "points": pts}
+                       + (f" L_r={lr}" if lr else ""), **svgplot.style(m, b), "points": pts,
+                       "hollow": rc not in (None, "none")}
                       for (s, m, b, rc, lr), pts in sorted(by.items(), key=str) if s == scope]
             plots.append(svgplot.plot(series, "C (hidden size)", "overhead over residual (%)",
                                       f"{scope}: overhead %", y_zero=True, end_labels=True,
@@ -430,6 +445,8 @@ def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
             c = x["case"]
             by[(c.method, c.backend, c.recompute, c.C, c.layers)].append(
                 {"x": x["time_cost_pct"], "y": x["activation_bytes"] / 2**20,
+                 "label": ("full" if c.recompute == "full" else f"L_r={c.L_r}")
+                          if len({y["case"].C for y in rc}) == 1 else f"C={c.C}",
                  "title": f"{c.method} recompute={c.recompute} L_r={c.L_r} C={c.C}: "
                           f"{x['time_cost_pct']:.1f}% time, {x['activation_bytes'] / 2**20:.0f} MiB"})
         series = [{"name": f"{m}/{b} {r} C={C} L={L}", **svgplot.style(m, b), "points": pts}

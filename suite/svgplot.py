@@ -68,16 +68,18 @@ def log_ticks(lo: float, hi: float) -> list[float]:
         e += 1
 
 
-def _marker(kind: str, x: float, y: float, fill: str, r: float = 4.0) -> str:
+def _marker(kind: str, x: float, y: float, fill: str, r: float = 4.0, hollow: bool = False) -> str:
+    # hollow: white inside, outlined in the series colour (a variant of the same method/backend)
+    paint = f'fill="#fff" stroke="{fill}" stroke-width="1.5"' if hollow else f'fill="{fill}"'
     if kind == "square":
-        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}" fill="{fill}"/>'
+        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}" {paint}/>'
     if kind == "triangle":
         return (f'<polygon points="{x:.1f},{y - r - 1:.1f} {x - r - 1:.1f},{y + r:.1f} '
-                f'{x + r + 1:.1f},{y + r:.1f}" fill="{fill}"/>')
+                f'{x + r + 1:.1f},{y + r:.1f}" {paint}/>')
     if kind == "diamond":
         return (f'<polygon points="{x:.1f},{y - r - 1:.1f} {x + r + 1:.1f},{y:.1f} {x:.1f},'
-                f'{y + r + 1:.1f} {x - r - 1:.1f},{y:.1f}" fill="{fill}"/>')
-    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" fill="{fill}"/>'
+                f'{y + r + 1:.1f} {x - r - 1:.1f},{y:.1f}" {paint}/>')
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" {paint}/>'
 
 
 def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
@@ -85,8 +87,9 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
          x_ticks: list[float] | None = None, x_tick_labels: list[str] | None = None,
          width: int = 420, height: int = 280, markers: bool = True, log_y: bool = False,
          end_labels: bool = False) -> str:
-    """series: [{"name", "colour", "marker", "dash", "points": [{"x", "y", "href"?, "title"?,
-    "lo"?, "hi"?}]}]. Returns one <svg> element; an empty string when no series has a point."""
+    """series: [{"name", "colour", "marker", "dash", "hollow"?, "points": [{"x", "y", "href"?,
+    "title"?, "label"?, "lo"?, "hi"?}]}]. Returns one <svg> element; an empty string when no series
+    has a point. A point's label is drawn beside it; a hollow series has outlined markers."""
     pts = [p for s in series for p in s["points"] if p.get("y") is not None]
     if not pts:
         return ""
@@ -145,6 +148,7 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
                    f'stroke="#C00" stroke-dasharray="5,4" stroke-width="1.5"/>')
         out.append(f'<text x="{left + w - 4}" y="{Y(y) - 4:.1f}" text-anchor="end" font-size="11" '
                    f'fill="#C00">{escape(lab)}</text>')
+    tags = []            # end labels: [baseline y, x, series], spread apart after the loop
     for s in series:
         p_s = sorted((p for p in s["points"] if p.get("y") is not None), key=lambda p: p["x"])
         if lines and len(p_s) > 1:
@@ -152,21 +156,45 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
             dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
             out.append(f'<polyline points="{d}" fill="none" stroke="{s["colour"]}" stroke-width="2"{dash}/>')
         if end_labels and p_s:
-            last = p_s[-1]
-            out.append(f'<text x="{X(last["x"]) + 8:.1f}" y="{Y(last["y"]) + 4:.1f}" font-size="10" '
-                       f'fill="{s["colour"]}">{escape(s["name"][:26])}</text>')
+            tags.append([Y(p_s[-1]["y"]) + 4, X(p_s[-1]["x"]) + 8, s])
         for p in (p_s if markers else []):
             if p.get("lo") is not None and p.get("hi") is not None:
                 out.append(f'<line x1="{X(p["x"]):.1f}" x2="{X(p["x"]):.1f}" y1="{Y(p["lo"]):.1f}" '
                            f'y2="{Y(p["hi"]):.1f}" stroke="{s["colour"]}" stroke-width="1.5"/>')
-            mark = _marker(s.get("marker", "circle"), X(p["x"]), Y(p["y"]), p.get("fill") or s["colour"])
+            mark = _marker(s.get("marker", "circle"), X(p["x"]), Y(p["y"]), p.get("fill") or s["colour"],
+                           hollow=bool(s.get("hollow")))
+            if p.get("label"):
+                out.append(f'<text x="{X(p["x"]) + 6:.1f}" y="{Y(p["y"]) - 6:.1f}" font-size="9" '
+                           f'fill="{s["colour"]}">{escape(p["label"])}</text>')
             tip = f"<title>{escape(p.get('title') or s['name'])}</title>"
             if p.get("href"):
                 out.append(f'<a href="{escape(p["href"])}">{mark.replace("/>", ">" + tip + "</" + _tag(mark) + ">", 1)}</a>')
             else:
                 out.append(mark.replace("/>", ">" + tip + "</" + _tag(mark) + ">", 1))
+    for y, x, s in _spread(tags, top + 10, top + h + 4):
+        out.append(f'<text x="{x:.1f}" y="{y:.1f}" font-size="10" fill="{s["colour"]}">'
+                   f'{escape(s["name"][:26])}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _spread(tags: list, lo: float, hi: float, gap: float = 11.0) -> list:
+    """End labels ordered by height and pushed apart to at least `gap` px, kept within [lo, hi]
+    where there is room: series that end close together stay readable."""
+    tags = sorted(tags, key=lambda t: t[0])
+    for i in range(1, len(tags)):
+        tags[i][0] = max(tags[i][0], tags[i - 1][0] + gap)
+    overflow = tags[-1][0] - hi if tags else 0
+    if overflow > 0:
+        for t in tags:
+            t[0] -= overflow
+        for i in range(len(tags) - 2, -1, -1):
+            tags[i][0] = min(tags[i][0], tags[i + 1][0] - gap)
+        shift = lo - tags[0][0]
+        if shift > 0:                       # more labels than fit: keep the gap, start at the top
+            for t in tags:
+                t[0] += shift
+    return tags
 
 
 def _tag(mark: str) -> str:
@@ -180,7 +208,7 @@ def legend(entries: list[tuple[str, dict]]) -> str:
         dash = f' stroke-dasharray="{st["dash"]}"' if st.get("dash") else ""
         svg = (f'<svg width="34" height="14" xmlns="http://www.w3.org/2000/svg"><line x1="1" x2="33" '
                f'y1="7" y2="7" stroke="{st["colour"]}" stroke-width="2"{dash}/>'
-               f'{_marker(st["marker"], 17, 7, st["colour"], 3.5)}</svg>')
+               f'{_marker(st["marker"], 17, 7, st["colour"], 3.5, bool(st.get("hollow")))}</svg>')
         items.append(f'<span class="key">{svg} {escape(label)}</span>')
     return '<div class="legend">' + " ".join(items) + "</div>"
 

@@ -212,3 +212,30 @@ def test_publish_error_names_the_bad_file(tmp_path):
     (bad / "records.jsonl").write_text("{not json\n")
     with pytest.raises(PublishError, match="records.jsonl: line 1"):
         load_runs([bad])
+
+
+# ---------------------------------------------------------------- plot layout on real-shaped data
+def test_end_labels_that_would_overlap_are_spread_within_the_plot():
+    from suite.svgplot import _spread
+    tags = [[100.0, 0, "a"], [101.0, 0, "b"], [100.5, 0, "c"], [300.0, 0, "d"]]
+    ys = [t[0] for t in _spread(tags, 20, 302)]
+    assert all(b - a >= 11 - 1e-9 for a, b in zip(ys, ys[1:]))
+    assert ys[0] >= 20 and ys[-1] <= 302
+    crowded = _spread([[50.0, 0, i] for i in range(40)], 20, 200)   # more than fit: keep the gap
+    assert crowded[0][0] == 20 and crowded[1][0] - crowded[0][0] == 11
+
+
+def _step(C, layers, method="mhc", recompute="none"):
+    return {"status": "ok", "time_ms": {"median": 1.0}, "case_id": f"{method}{C}{layers}{recompute}",
+            "case": {"scope": "model", "op": "site", "mode": "fwd+bwd", "T": 4096, "dtype": "bf16",
+                     "C": C, "layers": layers, "n": 4, "method": method, "backend": "triton",
+                     "recompute": recompute}}
+
+
+def test_layers_that_follow_the_width_do_not_split_the_panels():
+    overhead_like = [_step(1280, 12), _step(4096, 6), _step(7168, 2), _step(7168, 2, "hc")]
+    panels = dashboard._panels(overhead_like)
+    assert len(panels) == 1 and panels[0][0].endswith("L by C")
+    recompute_like = [_step(2560, 12), _step(2560, 30)]          # same width, two depths
+    assert sorted(t for t, _ in dashboard._panels(recompute_like)) == [
+        "model · fwd+bwd · n=4 · L=12", "model · fwd+bwd · n=4 · L=30"]
