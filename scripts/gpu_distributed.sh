@@ -39,9 +39,8 @@ collect() {
 }
 trap collect EXIT
 
-export PIP_NO_INDEX=1
 stamp "make env"
-make env >/dev/null || echo "make env failed"
+source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw,pcie.link.gen.current,pcie.link.width.current --format=csv
 
 stamp "stand-in stream-safety test"

@@ -23,10 +23,7 @@ collect() {
 trap collect EXIT
 
 stamp "set-up"
-source scripts/tilelang_site.sh
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PIP_NO_INDEX=1
-make env >/dev/null 2>&1 || echo "make env failed"
-PY=.venv/bin/python
+source scripts/device_env.sh
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
 
 stamp "tune_post.py"

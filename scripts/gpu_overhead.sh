@@ -35,9 +35,8 @@ collect() {
 }
 trap collect EXIT
 
-export PIP_NO_INDEX=1
 stamp "make env"
-make env >/dev/null || echo "make env failed"
+source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw --format=csv
 
 stamp "overhead C=2560,7168"

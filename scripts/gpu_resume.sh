@@ -4,9 +4,8 @@
 # e.g. the cases a time-limited call left out:
 #   bash scripts/gpu_resume.sh scenarios/recompute.yaml results/<run> --only layers=30
 #   bash scripts/gpu_resume.sh scenarios/traffic.yaml results/<run> --only backend=compile,liger
-# Set-up: TileLang from .tilelang-site.tar.xz (scripts/tilelang_site.sh), `make env` with the
-# machine's torch, and every wheel under .whl/ (e.g. liger-kernel, which `make env` cannot fetch
-# offline) installed into the venv without dependencies. Then the scenario's remaining cases are
+# Set-up: scripts/device_env.sh (TileLang from .tilelang-site.tar.xz, `make env` on the machine's
+# torch, the wheels under .whl/ such as liger-kernel). Then the scenario's remaining cases are
 # compiled in parallel (python -m suite.prewarm: Liger's autotuning, torch.compile, TileLang) and run
 # with --resume. Whatever finished is copied to $OUT (records.jsonl, env.json, report.md,
 # scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s) cuts the run short;
@@ -23,7 +22,7 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 stamp() { echo "== ${SECONDS}s: $*"; }
 collect() {
     stamp "collecting"
-    PYTHONPATH=$PWD timeout -k 5 60 .venv/bin/python harness.py report "$RUN_DIR" >/dev/null 2>&1
+    timeout -k 5 60 "${PY:-python3}" harness.py report "$RUN_DIR" >/dev/null 2>&1
     for f in records.jsonl env.json report.md scenarios; do
         [ -e "$RUN_DIR/$f" ] && cp -r "$RUN_DIR/$f" "$OUT/"
     done
@@ -34,12 +33,7 @@ collect() {
 trap collect EXIT
 
 stamp "set-up"
-source scripts/tilelang_site.sh
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PIP_NO_INDEX=1
-make env >/dev/null 2>&1 || echo "make env failed"
-for w in .whl/*.whl; do
-    [ -f "$w" ] && .venv/bin/python -m pip install -q --no-index --no-deps "$w"
-done
+source scripts/device_env.sh
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
 
 # prewarm takes --only and --set; the harness flags it does not know stay for the run
@@ -52,10 +46,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 left=$((BUDGET_S - SECONDS))
 stamp "prewarm (limit $((left / 3))s)"
-timeout -k 5 $((left / 3)) .venv/bin/python -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
+timeout -k 5 $((left / 3)) "$PY" -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
     2>&1 | tail -20
 
 left=$((BUDGET_S - SECONDS))
 stamp "run --resume $RUN_DIR (limit ${left}s)"
-timeout -k 10 "$left" .venv/bin/python harness.py run "$SCENARIO" --resume "$RUN_DIR" "$@" 2>&1 | tail -40
+timeout -k 10 "$left" "$PY" harness.py run "$SCENARIO" --resume "$RUN_DIR" "$@" 2>&1 | tail -40
 stamp "harness exit status ${PIPESTATUS[0]} (124 = cut at the time limit; finished cases are kept)"

@@ -25,13 +25,8 @@ finish() {
 }
 trap finish EXIT
 
-step "tilelang site into /tmp/site"
-source scripts/tilelang_site.sh
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PIP_NO_INDEX=1
-step "make env"
-make env >"$OUT/make_env.log" 2>&1 || { echo "make env failed:"; tail -20 "$OUT/make_env.log"; }
-PY=.venv/bin/python
+step "set-up (scripts/device_env.sh: tilelang site, make env)"
+MAKE_ENV_LOG=$OUT/make_env.log source scripts/device_env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks_throttle_reasons.active,temperature.gpu,power.draw --format=csv || true
 $PY -c "import torch, tilelang, triton; print('torch', torch.__version__, 'tilelang', tilelang.__version__, 'triton', triton.__version__)"
 $PY -c "import kernels; print('tilelang unavailable_reason:', kernels.unavailable_reason('mhc', 'tilelang', 'cuda'))"

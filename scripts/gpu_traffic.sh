@@ -38,10 +38,7 @@ PY=python3
 trap finish EXIT
 
 say "set-up"
-source scripts/tilelang_site.sh
-export PIP_NO_INDEX=1
-timeout -k 10 150 make env >>"$LOG" 2>&1 || say "make env failed (status $?); falling back to python3"
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+MAKE_ENV_LOG=$LOG source scripts/device_env.sh
 export HCBENCH_NCU=${HCBENCH_NCU:-/usr/local/cuda/bin/ncu}
 "$HCBENCH_NCU" --version >>"$LOG" 2>&1 || say "ncu not runnable at $HCBENCH_NCU"
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active,mig.mode.current \

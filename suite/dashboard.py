@@ -106,10 +106,14 @@ def _label(r: dict) -> str:
     return publish_export.case_name(r)
 
 
+def _with_recompute(c: dict) -> bool:
+    return c.get("scope", "site") != "site" and c.get("recompute") not in (None, "none")
+
+
 def _series_name(r: dict) -> str:
     c = r["case"]
     name = f"{c['method']}/{c['backend']}"
-    if c.get("scope", "site") != "site" and c.get("recompute") not in (None, "none"):
+    if _with_recompute(c):
         name += f" recompute={c['recompute']}" + (f" L_r={c['L_r']}" if c.get("L_r") else "")
     return name
 
@@ -308,14 +312,14 @@ def _series(records: list[dict], y, depth: int, run_id: str, label=None) -> list
         v = y(r)
         if v is None:
             continue
-        by[(r["case"]["method"], r["case"]["backend"], _series_name(r))].append(
+        by[(r["case"]["method"], r["case"]["backend"], _series_name(r), _with_recompute(r["case"]))].append(
             {"x": r["case"]["C"], "y": v, "href": _rec_href(run_id, r["case_id"], depth),
              "title": f"{_label(r)}: {label(v) if label else _f(v)}"})
     order = {"residual": 0, "hc": 1, "mhc": 2}
     out = []
-    for (method, backend, name), pts in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0])):
-        out.append({"name": name, **svgplot.style(method, backend), "points": pts,
-                    "hollow": " recompute=" in name})
+    for (method, backend, name, hollow), pts in sorted(by.items(),
+                                                       key=lambda kv: (order.get(kv[0][0], 9), kv[0])):
+        out.append({"name": name, **svgplot.style(method, backend), "points": pts, "hollow": hollow})
     return out
 
 
@@ -326,7 +330,7 @@ def _legend(records: list[dict]) -> str:
         c = r["case"]
         seen[(order.get(c["method"], 9), c["method"], c["backend"])] = svgplot.style(c["method"], c["backend"])
     entries = [(f"{m}/{b}", st) for (_, m, b), st in sorted(seen.items())]
-    if any(" recompute=" in _series_name(r) for r in records):
+    if any(_with_recompute(r["case"]) for r in records):
         entries.append(("hollow: with recompute", {"colour": "#555", "marker": "circle", "dash": "",
                                                     "hollow": True}))
     return svgplot.legend(entries)

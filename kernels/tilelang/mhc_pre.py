@@ -52,6 +52,7 @@ import math
 
 import torch
 
+from kernels.hilo import split_hi_lo
 from kernels.tilelang.common import (
     TL_DTYPES,
     block_c,
@@ -482,16 +483,6 @@ def _check(op, x, phi, b, alpha, sinkhorn_iters):
     if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
         raise ValueError(f"{op}: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
     return x, phi, b, alpha
-
-
-def split_hi_lo(t: torch.Tensor, dtype: torch.dtype, cols: int):
-    """t [R, K] fp32 -> (hi, lo) [R, cols] in dtype, zero padded: hi + lo ~ t to ~16 bits."""
-    R, K = t.shape
-    hi = torch.zeros(R, cols, device=t.device, dtype=dtype)
-    lo = torch.zeros(R, cols, device=t.device, dtype=dtype)
-    hi[:, :K] = t.to(dtype)
-    lo[:, :K] = (t - hi[:, :K].float()).to(dtype)
-    return hi, lo
 
 
 def phi_as_used(phi: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

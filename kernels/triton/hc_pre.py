@@ -82,6 +82,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.hilo import split_hi_lo
 from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
 
@@ -710,10 +711,7 @@ def _launch_fwd_gemm(x, w, b, s, with_li, save, cfg):
     T, n, C = x.shape
     NK, NKP = n + 2, 16
     dev, f32 = x.device, torch.float32
-    w_pad = w.new_zeros(C, NKP)
-    w_pad[:, :NK] = w
-    w_hi = w_pad.to(x.dtype)
-    w_lo = (w_pad - w_hi.float()).to(x.dtype)
+    w_hi, w_lo = split_hi_lo(w, x.dtype, NKP)
     hpre = torch.empty(T, n, device=dev, dtype=f32)
     hpost = torch.empty(T, n, device=dev, dtype=f32)
     hres = torch.empty(T, n, n, device=dev, dtype=f32)
@@ -778,9 +776,10 @@ class _HCPreFn(torch.autograd.Function):
         wt = w.new_zeros(n + 2, CW)
         wt[:, :C] = w.t()
         save = any(ctx.needs_input_grad[:4])
-        launch = _launch_fwd_gemm if cfg["fwd_impl"] == "gemm" else _launch_fwd
-        out0, hpost, hres, z, r = launch(x, w if launch is _launch_fwd_gemm else wt, b, s, with_li,
-                                         save, cfg)
+        if cfg["fwd_impl"] == "gemm":
+            out0, hpost, hres, z, r = _launch_fwd_gemm(x, w, b, s, with_li, save, cfg)
+        else:
+            out0, hpost, hres, z, r = _launch_fwd(x, wt, b, s, with_li, save, cfg)
         if save:
             ctx.save_for_backward(x, wt, b, s, z, r)
         ctx.with_li = with_li
