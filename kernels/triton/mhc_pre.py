@@ -62,6 +62,8 @@ Backward: two kernels plus torch sums of small per-CTA partials.
   (dx). mhc_coeffs' backward reads x once (the first kernel does not need it).
   mhc_pre_backward(..., dx_accumulate=) adds dx in place into a given x gradient (a site-level
   autograd Function can fold F_post,res's dx in: nC extra read instead of autograd's 3nC add).
+  mhc_pre / mhc_coeffs do the same through autograd: h_res carries a kernels/site_link.py link to
+  x, a fused post given that h_res and x hands its dx over, and the dx kernel adds into it (ACC).
   config bwd_fused=True (mhc_pre, opt-in until measured): x read once. `_bwd_coef_kernel` first
   does the post / res part without x; then `_bwd_fused_kernel`: slices s = (stream, BR columns);
   phase-1 items (group of GB*BT tokens, slice), taken by any CTA from one ticket in order, store
@@ -82,6 +84,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import site_link
 from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
 
@@ -1095,13 +1098,13 @@ def _on(device):
 
 class _MhcFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, b, alpha, iters, with_li, cfg, grad_mode):
+    def forward(ctx, x, phi, b, alpha, iters, with_li, cfg, grad_mode, link):
         # (forward runs with grad mode off: the caller's grad mode comes in as an argument)
         save = grad_mode and any(ctx.needs_input_grad[:4])
         with _on(x.device):
             li, h_pre, h_post, h_res, m, r = _forward(x, phi, b, alpha, iters, with_li, save, cfg)
         ctx.set_materialize_grads(False)
-        ctx.iters, ctx.with_li, ctx.cfg = iters, with_li, cfg
+        ctx.iters, ctx.with_li, ctx.cfg, ctx.link = iters, with_li, cfg, link
         if save:
             ctx.save_for_backward(x, phi, b, alpha, m, r, h_pre)
         if with_li:
@@ -1111,13 +1114,24 @@ class _MhcFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_first, g_post, g_res):
         needs = tuple(ctx.needs_input_grad[:4])
-        if g_first is None and g_post is None and g_res is None:
-            return None, None, None, None, None, None, None, None
         x, phi, b, alpha, m, r, h_pre = ctx.saved_tensors
+        # post's x gradient, when a linked post handed it over (kernels/site_link.py)
+        acc = site_link.accumulator(ctx.link[0], x) if needs[0] else None
+        if g_first is None and g_post is None and g_res is None:
+            return acc, None, None, None, None, None, None, None, None
         with _on(x.device):
             dx, dphi, db, dalpha = _backward(x, phi, b, alpha, m, r, h_pre, ctx.iters, g_first,
-                                             g_post, g_res, ctx.with_li, needs, ctx.cfg)
-        return dx, dphi, db, dalpha, None, None, None, None
+                                             g_post, g_res, ctx.with_li, needs, ctx.cfg, dx_acc=acc)
+        return dx, dphi, db, dalpha, None, None, None, None, None
+
+
+def _apply(x_user, x, phi, b, alpha, iters, with_li, cfg):
+    """_MhcFn with h_res linked to x (kernels/site_link.py) when a gradient may be needed."""
+    holder = [None]
+    out = _MhcFn.apply(x, phi, b, alpha, iters, with_li, cfg, torch.is_grad_enabled(), holder)
+    if torch.is_grad_enabled() and x_user.requires_grad:
+        holder[0] = site_link.attach(out[2], x_user)
+    return out
 
 
 # ---------------------------------------------------------------- entry points without autograd
@@ -1164,13 +1178,11 @@ def mhc_pre_backward(saved, g_first, g_h_post, g_h_res, *, needs=(True, True, Tr
 
 def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, *, config=None):
     """(h_pre [T,n], h_post [T,n], h_res [T,n,n]) in fp32, h_res indexed [token, dst, src]."""
-    x, phi, b, alpha, *_ = _check("mhc_coeffs", x, phi, b, alpha, sinkhorn_iters)
-    return _MhcFn.apply(x, phi, b, alpha, sinkhorn_iters, False, _config(config),
-                        torch.is_grad_enabled())
+    xc, phi, b, alpha, *_ = _check("mhc_coeffs", x, phi, b, alpha, sinkhorn_iters)
+    return _apply(x, xc, phi, b, alpha, sinkhorn_iters, False, _config(config))
 
 
 def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20, *, config=None):
     """(layer_input [T,C] in x.dtype, h_post [T,n] fp32, h_res [T,n,n] fp32)."""
-    x, phi, b, alpha, *_ = _check("mhc_pre", x, phi, b, alpha, sinkhorn_iters)
-    return _MhcFn.apply(x, phi, b, alpha, sinkhorn_iters, True, _config(config),
-                        torch.is_grad_enabled())
+    xc, phi, b, alpha, *_ = _check("mhc_pre", x, phi, b, alpha, sinkhorn_iters)
+    return _apply(x, xc, phi, b, alpha, sinkhorn_iters, True, _config(config))

@@ -44,20 +44,17 @@ num_stages (backward; forward with loop=1); the environment variables HCBENCH_PO
 HCBENCH_POST_BWD give defaults in the same string form. Unset keys use `fwd_config` /
 `bwd_config`'s heuristics. scripts/tune_post.py times the alternatives.
 
-Forward loop variant, opt-in and NOT YET MEASURED ON A GPU (checked in the interpreter and
-compiled for sm_90 without a GPU only): fwd "loop=1" (default 0) runs `_post_fwd_loop_kernel`,
-one program per token looping over all of C, as the TileLang kernel does (96-97% of the copy
-rate on an H100 against 85-87% for `_post_fwd_kernel`; the aim is >= 90%). It reads h_post[t]
-and h_res[t] once per token instead of once per chunk, keeps the [NP, BLOCK_C / VEC, VEC] tiles
-and 16-byte row vectors above, peels a masked tail chunk off when BLOCK_C does not divide C, and
-pipelines the chunk loop with `tl.range(num_stages=...)`. Keys: block_c (default the largest of
-1024 / 512 / 256 dividing C: 2560 -> 512, 4096 and 7168 -> 1024), num_warps (default
-block_c / (32 vec), at most 8), num_stages (default 3; >= 2 streams chunks through shared memory
-with 16-byte cp.async, 1 loads straight into registers; ignored without loop=1, since it is
+Forward loop variant (`_post_fwd_loop_kernel`, fwd "loop=1"; the default from LOOP_MIN_TOKENS =
+2048 tokens, measured on an H100 at T = 16384, see LOOP_STAGES): one program per token looping
+over all of C, as the TileLang kernel does. It reads h_post[t] and h_res[t] once per token instead
+of once per chunk, keeps the [NP, BLOCK_C / VEC, VEC] tiles and 16-byte row vectors above, peels a
+masked tail chunk off when BLOCK_C does not divide C, and pipelines the chunk loop with
+`tl.range(num_stages=...)`. Keys: block_c (default 512 or 256, whichever divides C), num_warps
+(default block_c / (32 vec), at most 8), num_stages (default 3; >= 2 streams chunks through shared
+memory with 16-byte cp.async, 1 loads straight into registers; ignored without loop=1, since it is
 also a backward key), persistent (default 0; P >= 1 launches min(T, P * SM count) programs
-striding over the tokens). bt must stay 1 and persistent needs loop=1. Compiled for sm_90 at
-n = 4, block_c 1024: 48 registers, 20 KiB shared memory with 3 stages (none with 1), 16-byte
-cp.async / loads and 128-bit stores, no shuffles.
+striding over the tokens; slower on the H100). bt must stay 1 and persistent needs loop=1; loop=0
+selects the chunked kernel at any T.
 """
 from __future__ import annotations
 
@@ -68,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import site_link
 from kernels.triton.common import check_state, check_tensor
 
 OP = "post"
@@ -310,10 +308,15 @@ def _default_block_c(C: int) -> int:
 FWD_TOKENS = 1
 
 
-# Opt-in forward variant (loop=1): one token per program looping over C. Not yet timed on a GPU.
+# Forward variant loop=1: one token per program looping over C, the default from LOOP_MIN_TOKENS
+# tokens (H100, n = 4, T = 16384, scripts/tune_post.py, results/tuning-20261123-h100/session4:
+# block_c 512 with 3 stages reached 85.6 / 89.2 / 91.8% of the copy rate at C = 2560 / 4096 /
+# 7168 against 85.3 / 87.7 / 88.0% for the chunked kernel). Below that a program per token leaves
+# SMs idle, and the chunked kernel (C split over programs) is kept.
 # Pipeline depth of its chunk loop: num_stages > 1 streams chunks through shared memory with
 # 16-byte cp.async (Triton's software pipeliner), num_stages = 1 keeps plain 16-byte loads.
 LOOP_STAGES = 3
+LOOP_MIN_TOKENS = 2048
 
 _KEYS = ("block_c", "num_warps", "num_stages", "split", "vec", "bt", "loop", "persistent")
 
@@ -357,24 +360,25 @@ def _vec(d: dict, block_c: int) -> int:
 
 
 def _loop_block_c(C: int) -> int:
-    """Largest of 1024/512/256 that divides C, else C rounded up, capped at 1024.
+    """512 or 256, whichever divides C first, else C rounded up to a power of two, capped at 512.
 
-    A looping program wants wide chunks (more bytes in flight per iteration, fewer iterations),
-    and a divisor of C leaves no masked tail chunk: 2560 -> 512, 4096 and 7168 -> 1024.
+    512 beat 1024 and 2048 at every width measured (same H100 run as LOOP_STAGES), and a divisor
+    of C leaves no masked tail chunk: 2560, 4096 and 7168 -> 512.
     """
-    cap = min(1024, _pow2(C))
-    for b in (1024, 512, 256):
+    cap = min(512, _pow2(C))
+    for b in (512, 256):
         if b <= cap and C % b == 0:
             return b
     return cap
 
 
-def fwd_config(n: int, C: int, cfg=None) -> dict:
+def fwd_config(n: int, C: int, cfg=None, T: int = 0) -> dict:
     """Resolved forward launch parameters: block_c, vec, bt (tokens per program), num_warps,
-    loop (0: one program per chunk; 1: one program per token looping over C), persistent
-    (loop only: 0, or programs per SM) and num_stages (loop only; None without the loop)."""
+    loop (0: one program per chunk; 1: one program per token looping over C; default 1 from
+    LOOP_MIN_TOKENS tokens), persistent (loop only: 0, or programs per SM) and num_stages (loop
+    only; None without the loop)."""
     d = {**_as_dict(os.environ.get("HCBENCH_POST_FWD")), **_as_dict(cfg)}
-    loop = int(d.get("loop") or 0)
+    loop = int(d["loop"]) if d.get("loop") is not None else int(T >= LOOP_MIN_TOKENS)
     if loop not in (0, 1):
         raise ValueError(f"{OP}: loop must be 0 or 1, got {loop}")
     persistent = int(d.get("persistent") or 0)
@@ -436,7 +440,7 @@ def post_forward(x, f, h_post, h_res, cfg=None):
     out = torch.empty_like(x)
     if T == 0:
         return out
-    p = fwd_config(n, C, cfg)
+    p = fwd_config(n, C, cfg, T)
     if p["loop"]:
         grid = T
         if p["persistent"]:
@@ -489,9 +493,9 @@ def post_backward(g, x, f, h_post, h_res, need=(True, True, True, True), cfg=Non
 
 class _Post(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, f, h_post, h_res, fwd_cfg, bwd_cfg):
+    def forward(ctx, x, f, h_post, h_res, fwd_cfg, bwd_cfg, link):
         ctx.save_for_backward(x, f, h_post, h_res)
-        ctx.bwd_cfg = bwd_cfg
+        ctx.bwd_cfg, ctx.link = bwd_cfg, link
         return post_forward(x, f, h_post, h_res, fwd_cfg)
 
     @staticmethod
@@ -501,7 +505,8 @@ class _Post(torch.autograd.Function):
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
         dx, df, dhp, dhr = post_backward(g.contiguous(), x, f, h_post, h_res, need, ctx.bwd_cfg)
-        return dx, df, dhp, dhr, None, None
+        dx = site_link.hand_over(ctx, ctx.link, dx, 3)   # to the linked pre's backward, if any
+        return dx, df, dhp, dhr, None, None, None
 
 
 def post(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
@@ -510,11 +515,13 @@ def post(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Te
 
     x [T, n, C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T, C] x's dtype,
     h_post [T, n] fp32, h_res [T, n, n] fp32 [token, dst, src]. Returns [T, n, C] in x's dtype.
-    fwd / bwd: optional launch overrides (see module docstring).
+    fwd / bwd: optional launch overrides (see module docstring). When h_res comes from a fused
+    pre of the same x (kernels/site_link.py), the x gradient goes to that pre's backward.
     """
     T, n, C = check_state(OP, x, "x")
+    link = site_link.claim(h_res, x)
     x = x.contiguous()
     f = check_tensor(OP, f, "f", (T, C), x.dtype, x.device)
     h_post = check_tensor(OP, h_post, "h_post", (T, n), torch.float32, x.device)
     h_res = check_tensor(OP, h_res, "h_res", (T, n, n), torch.float32, x.device)
-    return _Post.apply(x, f, h_post, h_res, fwd, bwd)
+    return _Post.apply(x, f, h_post, h_res, fwd, bwd, link)

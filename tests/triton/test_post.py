@@ -118,9 +118,14 @@ def test_post_fwd_config_defaults(monkeypatch):
     monkeypatch.delenv("HCBENCH_POST_FWD", raising=False)
     assert P.fwd_config(4, 4096) == {"block_c": 256, "vec": 8, "bt": 1, "num_warps": 1,
                                      "loop": 0, "persistent": 0, "num_stages": None}
+    assert P.fwd_config(4, 4096, T=P.LOOP_MIN_TOKENS - 1)["loop"] == 0
+    assert P.fwd_config(4, 4096, T=16384) == {"block_c": 512, "vec": 8, "bt": 1, "num_warps": 2,
+                                              "loop": 1, "persistent": 0, "num_stages": 3}
+    assert P.fwd_config(4, 4096, "loop=0", T=16384)["loop"] == 0
     assert P.fwd_config(4, 2560, "loop=1") == {"block_c": 512, "vec": 8, "bt": 1, "num_warps": 2,
                                                "loop": 1, "persistent": 0, "num_stages": 3}
-    assert P.fwd_config(4, 7168, "loop=1,persistent=2,num_stages=1")["block_c"] == 1024
+    assert P.fwd_config(4, 7168, "loop=1,persistent=2,num_stages=1")["block_c"] == 512
+    assert P.fwd_config(4, 264, "loop=1")["block_c"] == 512      # one chunk and a masked tail
     # num_stages is a backward key too: without the loop the forward ignores it
     assert P.fwd_config(4, 4096, "num_stages=2")["num_stages"] is None
 
