@@ -73,7 +73,11 @@ def compile_one(job):
             elif kind == "hc_coef_bwd":
                 hc_pre._build_coef_bwd(n, C, False)
             else:
-                m._build_dx_dphi(n, C, dtype, m._ranges(job[4] * n, n, C, "cuda"), job[5], True)
+                nblk = m._ranges(job[4] * n, n, C, "cuda")
+                m._build_dx_prep(n, dtype, True, False)
+                m._build_dx_dphi(n, C, dtype, nblk, job[5], True)
+                if job[5]:       # a site: post's x gradient comes in through the link (acc)
+                    m._build_dx_dphi(n, C, dtype, nblk, True, True, True)
         elif kind.startswith("mhc"):
             from kernels.tilelang import mhc_pre as m
             if kind == "mhc_gemm":
@@ -87,7 +91,11 @@ def compile_one(job):
             elif kind == "mhc_dhpre":
                 m._build_dhpre(n, C, dtype, False)
             else:
-                m._build_dx_dphi(n, C, dtype, m._ranges(job[4], n, n * C, "cuda"), job[5])
+                nblk = m._ranges(job[4], n, n * C, "cuda")
+                m._build_dx_prep(n, dtype, False, False)
+                m._build_dx_dphi(n, C, dtype, nblk, job[5])
+                if job[5]:       # a site: post's x gradient comes in through the link (acc)
+                    m._build_dx_dphi(n, C, dtype, nblk, True, False, True)
         elif kind == "post":
             from kernels.tilelang import post
             post._build_fwd(n, C, dtype, False)

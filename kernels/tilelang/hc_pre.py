@@ -14,14 +14,17 @@ split into hi + lo in x's dtype, 64 rows = 16 tokens (n = 4) per CTA). Forward, 
   mhc_pre._build_apply: layer_input = sum_i h_pre[i] x[i].
 Backward: mhc_pre._build_dhpre (dh_pre = g_li . x[i]), _build_coef_bwd (one thread per token:
 dz = (1 - p^2) dp, du = dz / r, coef = -(dz . z) / (r^2 C), per-token ds), then the row GEMM
-kernel mhc_pre._build_dx_dphi(hc=True): dx = du @ w^T + coef * x + h_pre * g_li and dw = x^T @ du.
-db is a torch sum of the upstream gradients.
+kernel mhc_pre._build_dx_dphi(hc=True): dx = du @ w^T + coef * x + h_pre * g_li and dw = x^T @ du
+(the tile kernel when n divides its 64-row block: 16 tokens of 4 streams, a [16, br] g_li tile).
+db is a torch sum of the upstream gradients. Site link as in mhc_pre: hc_pre / hc_coeffs tag h_res,
+a fused post of the same x hands its dx over, and the dx kernel adds into it in place.
 HBM bytes per token, like mHC's: x read twice in each direction (the floor reads it once).
 """
 import functools
 
 import torch
 
+from kernels import site_link
 from kernels.tilelang import mhc_pre as _m
 from kernels.tilelang.common import check_state, check_tensor, compile_kernel, on_device
 
@@ -157,7 +160,8 @@ def _forward(x, w, b, s, with_li):
     return li, h_pre, h_post, h_res, z, r
 
 
-def _backward(x, w, s, z, r, h_pre, g_first, g_post, g_res, with_li, needs):
+def _backward(x, w, s, z, r, h_pre, g_first, g_post, g_res, with_li, needs, acc=None):
+    """acc: post's x gradient handed over through the site link (added into dx in place)."""
     T_, n, C = x.shape
     f32 = torch.float32
     dev = x.device
@@ -176,9 +180,10 @@ def _backward(x, w, s, z, r, h_pre, g_first, g_post, g_res, with_li, needs):
     if need_x or need_w:
         if T_:
             dx, dw = _m.dx_dphi(x, w, du.view(T_ * n, n + 2), coef.view(-1), h_pre, g_li, need_w,
-                                hc=True)
+                                hc=True, acc=acc if need_x else None)
         else:
-            dx, dw = torch.zeros_like(x), torch.zeros_like(w)
+            dx = acc if acc is not None else torch.zeros_like(x)
+            dw = torch.zeros_like(w)
     if need_b:
         db = torch.cat([dh.sum(0), gq.sum(0), gr.sum(0).flatten()])
     if need_s:
@@ -188,29 +193,42 @@ def _backward(x, w, s, z, r, h_pre, g_first, g_post, g_res, with_li, needs):
 
 class _HcFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, s, with_li):
+    def forward(ctx, x, w, b, s, with_li, holder):
         li, h_pre, h_post, h_res, z, r = _forward(x, w, b, s, with_li)
         ctx.set_materialize_grads(False)
-        ctx.with_li = with_li
+        ctx.with_li, ctx.holder = with_li, holder
         ctx.save_for_backward(x, w, s, z, r, h_pre)
         return (li if with_li else h_pre), h_post, h_res
 
     @staticmethod
     def backward(ctx, g_first, g_post, g_res):
         needs = tuple(ctx.needs_input_grad[:4])
-        if (g_first is None and g_post is None and g_res is None) or not any(needs):
-            return None, None, None, None, None
         x, w, s, z, r, h_pre = ctx.saved_tensors
-        return (*_backward(x, w, s, z, r, h_pre, g_first, g_post, g_res, ctx.with_li, needs), None)
+        # post's x gradient from a linked post (kernels/site_link.py), taken on every path
+        acc = site_link.accumulator(ctx.holder[0], x) if needs[0] else None
+        if (g_first is None and g_post is None and g_res is None) or not any(needs):
+            return acc, None, None, None, None, None
+        return (*_backward(x, w, s, z, r, h_pre, g_first, g_post, g_res, ctx.with_li, needs, acc),
+                None, None)
+
+
+def _apply(x_user, x, w, b, s, with_li):
+    """_HcFn with h_res linked to the caller's x (kernels/site_link.py) when a gradient may be
+    needed: a fused post of that x and h_res then hands its dx to this backward."""
+    holder = [None]
+    out = _HcFn.apply(x, w, b, s, with_li, holder)
+    if torch.is_grad_enabled() and x_user.requires_grad:
+        holder[0] = site_link.attach(out[2], x_user)
+    return out
 
 
 def hc_coeffs(x, w, b, s):
     """(h_pre [T,n], h_post [T,n], h_res [T,n,n]) in fp32, h_res indexed [token, dst, src]."""
-    x, w, b, s = _check("hc_coeffs", x, w, b, s)
-    return _HcFn.apply(x, w, b, s, False)
+    xc, w, b, s = _check("hc_coeffs", x, w, b, s)
+    return _apply(x, xc, w, b, s, False)
 
 
 def hc_pre(x, w, b, s):
     """(layer_input [T,C] in x.dtype, h_post [T,n] fp32, h_res [T,n,n] fp32)."""
-    x, w, b, s = _check("hc_pre", x, w, b, s)
-    return _HcFn.apply(x, w, b, s, True)
+    xc, w, b, s = _check("hc_pre", x, w, b, s)
+    return _apply(x, xc, w, b, s, True)

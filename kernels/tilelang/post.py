@@ -16,6 +16,10 @@ Backward (`_build_bwd`), g = dL/dx_next, one CTA per token, one pass over C:
 The C-sums are TileLang reducers: per-thread partials across all chunks, one cross-thread
 AllReduce per coefficient at the end. Reads (2n+1)C, writes (n+1)C per token (+ n + n^2 fp32).
 All four gradients are computed whenever one is asked for (their inputs are read anyway for dx).
+Site link (kernels/site_link.py): when h_res comes from a fused pre of this same x object, post
+claims the pre's link and its backward hands dx to the pre's backward (site_link.hand_over)
+instead of returning it; the pre's dx kernel adds its own gradient into it in place, so autograd
+never runs a separate add of the two x gradients (2nC read + nC write per token saved).
 
 BLOCK: the largest of 1024 / 512 / 256 dividing C, else C rounded up to a power of two (capped at
 1024) with a predicated last chunk, so any C that is a multiple of 8 works.
@@ -24,6 +28,7 @@ import functools
 
 import torch
 
+from kernels import site_link
 from kernels.tilelang.common import (
     TL_DTYPES,
     block_c,
@@ -179,18 +184,21 @@ def post_backward(g, x, f, h_post, h_res):
 
 class _Post(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, f, h_post, h_res):
+    def forward(ctx, x, f, h_post, h_res, link):
         ctx.save_for_backward(x, f, h_post, h_res)
+        ctx.link = link
         return post_forward(x, f, h_post, h_res)
 
     @staticmethod
     def backward(ctx, g):
         need = ctx.needs_input_grad[:4]
         if not any(need):
-            return None, None, None, None
+            return None, None, None, None, None
         x, f, h_post, h_res = ctx.saved_tensors
         grads = post_backward(g.to(x.dtype).contiguous(), x, f, h_post, h_res)
-        return tuple(d if k else None for d, k in zip(grads, need))
+        dx, df, dhp, dhr = (d if k else None for d, k in zip(grads, need))
+        dx = site_link.hand_over(ctx, ctx.link, dx, 3)   # to the linked pre's backward, if any
+        return dx, df, dhp, dhr, None
 
 
 def post(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
@@ -198,10 +206,13 @@ def post(x: torch.Tensor, f: torch.Tensor, h_post: torch.Tensor, h_res: torch.Te
 
     x [T, n, C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T, C] x's dtype,
     h_post [T, n] fp32, h_res [T, n, n] fp32 [token, dst, src]. Returns [T, n, C] in x's dtype.
+    When h_res comes from a fused pre of this same x (kernels/site_link.py), the x gradient goes
+    to that pre's backward, which adds its own into it in place (no separate add of the two).
     """
     T_, n, C = check_state(OP, x, "x")
+    link = site_link.claim(h_res, x)
     x = x.contiguous()
     f = check_tensor(OP, f, "f", (T_, C), x.dtype, x.device)
     h_post = check_tensor(OP, h_post, "h_post", (T_, n), torch.float32, x.device)
     h_res = check_tensor(OP, h_res, "h_res", (T_, n, n), torch.float32, x.device)
-    return _Post.apply(x, f, h_post, h_res)
+    return _Post.apply(x, f, h_post, h_res, link)
