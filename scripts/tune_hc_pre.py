@@ -1,6 +1,7 @@
 """Checks and times kernels/triton/hc_pre.py (HC pre: norm + tanh projections + F_pre) on a CUDA GPU.
 
 Usage: python scripts/tune_hc_pre.py [--C 2560,4096,7168] [--fwd "cfg;cfg"] [--bwd "cfg;cfg"] [--json F]
+                                    [--kernels]  (per-kernel device times, torch.profiler)
        TRITON_INTERPRET=1 python scripts/tune_hc_pre.py --smoke   (no GPU: tiny shapes in the
        interpreter, to test the script itself; its timings mean nothing)
 
@@ -11,7 +12,10 @@ kernels/triton/hc_pre.py; "" is the default). HC_PRE_CONFIG in the environment c
    size; every gradient on the first 1024 tokens), for every configuration timed.
 3. Times (medians through suite.timing, L2 flushed before every call): hc_pre forward per
    forward configuration; hc_pre forward + backward (autograd) per backward configuration; and the
-   HC site forward, hc_pre + kernels.triton.post (if importable), with the default configuration.
+   HC site, hc_pre + kernels.triton.post (if importable), forward and forward + backward (x's two
+   gradients joined by the site link, kernels/site_link.py), with the default configuration.
+   --kernels: each backward configuration's and the site's kernels, mean device time per call
+   (torch.profiler, L2 flushed between calls).
 Floors (elements of 2 bytes per token, plus the fp32 coefficients h_post, h_res: 4(n + n^2) bytes
 written forward, read backward): hc_pre forward (n+1)C; hc_pre forward + backward (3n+2)C (backward
 reads x and g_li, writes dx); site forward (3n+2)C (MATH.md: read (2n+1)C, write (n+1)C).
@@ -38,26 +42,23 @@ from suite.tolerance import rel_err, tolerance  # noqa: E402
 H = importlib.import_module("kernels.triton.hc_pre")   # the package re-exports the function hc_pre
 
 FWD_CONFIGS = [
-    "",                                         # default: 8 warps, 2 CTAs/SM persistent, prefetch
-    "fwd_ctas_per_sm=0",                        # one program per token block (no persistence)
-    "fwd_warps=4,fwd_ctas_per_sm=4",            # 512-column chunks (divide 2560, 4096, 7168)
-    "fwd_warps=16,fwd_ctas_per_sm=1",
-    "fwd_ctas_per_sm=3",                        # more tokens resident (L2 re-read working set up)
-    "fwd_prefetch=0",
-    "x_hint=evict_last",                        # pass-1 x: L1+L2 evict_last instead of .cg
-    "x_hint=none,w_hint=none,evict2=0",         # no cache hints at all
-    # tensor-core projections over [T*n, C] rows (w as hi + lo), then the apply kernel
-    "fwd_impl=gemm",
-    "fwd_impl=gemm,gemm_bm=128,gemm_warps=8",
-    "fwd_impl=gemm,gemm_bk=128,gemm_stages=4",
-    "fwd_impl=gemm,gemm_bm=128,gemm_bk=128,gemm_warps=8,gemm_stages=3",
-    "fwd_impl=gemm,apply_bt=8,apply_bc=512",
+    "",                                         # default: fwd_impl=gemm, gemm_bk=128, gemm_stages=4
+    "gemm_bm=128,gemm_warps=8,gemm_stages=3",
+    "gemm_bk=64,gemm_stages=3",                 # the gemm defaults before the first H100 run
+    "apply_bt=8,apply_bc=512",
+    "fwd_impl=fma",                             # one-kernel FMA forward (8 warps, 2 CTAs/SM)
+    "fwd_impl=fma,fwd_warps=4,fwd_ctas_per_sm=4",
 ]
 BWD_CONFIGS = [
-    "",
-    "b2_prefetch=0,b1_prefetch=0",
-    "b1_bt=1,b2_warps=8",
-    "b2_bt=2",
+    "",                                         # b2_impl=mma: 64 rows x 64 columns, 4 warps, 3 stages
+    "b2_impl=fma",                              # the FMA dx / dw kernel
+    "b2_bc=128,b2_warps=8,b2_ctas=1",          # 8 warps: ~160-176 registers, 1 CTA per SM
+    "b2_stages=4,b2_ctas=3",                    # 74 KB of shared memory: 3 CTAs per SM
+    "b2_stages=2",
+    "b2_ctas=3",
+    "b2_ctas=8",
+    "b2_bm=128,b2_warps=8,b2_ctas=1",
+    "b2_dw=tf32",
 ]
 N, T, DTYPE = 4, 16384, torch.bfloat16
 DEVICE = "cuda"
@@ -67,6 +68,48 @@ SMOKE = False
 def bench(fn) -> float:
     """Median ms through the suite's one timer (L2 flushed before each call on a GPU)."""
     return Timer(DEVICE).time(fn, warmup_ms=5, rep_ms=25, min_samples=3 if SMOKE else 30).median
+
+
+def kernel_times(fn, reps=5):
+    """{kernel name: mean device us per call} over `reps` calls of fn (torch.profiler), with a
+    256 MB write between calls (L2 flushed; its kernel is left out)."""
+    if DEVICE != "cuda":
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    buf = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+    fn()
+    torch.cuda.synchronize()
+    buf.fill_(3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            buf.fill_(1)
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        out[e.key] = out.get(e.key, 0.0) + t / reps
+    for k in [k for k in out if "FillFunctor<unsigned char>" in k]:      # the flush
+        out.pop(k)
+    return out
+
+
+def print_kernels(label, fn):
+    try:
+        kt = kernel_times(fn)
+    except Exception as exc:   # the profiler is a diagnostic: never fail the run for it
+        print(f"  kernels {label}: profiler failed: {type(exc).__name__}: {exc}", flush=True)
+        return
+    if kt:
+        print(f"  kernels {label}: total {sum(kt.values()):.0f} us", flush=True)
+        for k, v in sorted(kt.items(), key=lambda kv: -kv[1]):
+            if v >= 3.0:
+                print(f"    {v:8.1f} us  {k[:90]}", flush=True)
 
 
 def copy_rate() -> float:
@@ -107,7 +150,10 @@ def floors(T, n, C):
     coef = 4 * (n + n * n) * T             # h_post, h_res (fp32)
     fwd = (n + 1) * C * e * T + coef
     return {"fwd": fwd, "fwd+bwd": (3 * n + 2) * C * e * T + 2 * coef,
-            "site fwd": (3 * n + 2) * C * e * T + 2 * coef}
+            "site fwd": (3 * n + 2) * C * e * T + 2 * coef,
+            # site fwd + pre bwd (2n+1)C + post bwd (3n+2)C, as scripts/tune_mhc_pre.py (F's own
+            # elementwise product not counted)
+            "site f+b": (8 * n + 5) * C * e * T + 4 * coef}
 
 
 def main() -> int:
@@ -118,6 +164,7 @@ def main() -> int:
     ap.add_argument("--bwd", default=None, help="';'-separated backward configurations")
     ap.add_argument("--json", default=None, help="write every result to this file")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter allowed")
+    ap.add_argument("--kernels", action="store_true", help="per-kernel device times (profiler)")
     args = ap.parse_args()
     SMOKE = args.smoke
     if not torch.cuda.is_available():
@@ -170,6 +217,8 @@ def main() -> int:
                 torch.autograd.grad(out, (xg, wg, bg, sg), ups)
             ms = bench(fb)
             record("fwd+bwd", cfg, ms, err)
+            if args.kernels:
+                print_kernels(f"C={C} fwd+bwd {cfg or 'default'}", fb)
         if post is not None:
             f = torch.randn(T, C, generator=g, device=DEVICE).to(DTYPE)
 
@@ -179,12 +228,28 @@ def main() -> int:
             with torch.no_grad():
                 ms = bench(site)
             record("site fwd", "hc_pre+post", ms, float("nan"))
+            gn = torch.randn(T, N, C, generator=g, device=DEVICE).to(DTYPE)
+            fm = torch.randn(T, C, generator=g, device=DEVICE).to(DTYPE)
+
+            def site_fb():
+                li, h_post, h_res = H.hc_pre(xg, wg, bg, sg)
+                out = post(xg, li * fm, h_post, h_res)     # F = layer_input * fm
+                torch.autograd.grad(out, (xg, wg, bg, sg), gn)
+            ms = bench(site_fb)
+            record("site f+b", "hc_pre+post (F = li*m)", ms, float("nan"))
+            if args.kernels:
+                print_kernels(f"C={C} site fwd+bwd", site_fb)
         del x, w, b, s, xg, wg, bg, sg
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
     if post is None:
         print(f"(site rows skipped: kernels.triton.post did not import: {post_err})")
+    for key, ctas in getattr(H, "_RESIDENT", {}).items():
+        kw = dict(key[1])
+        print(f"resident CTAs per SM: {ctas}  {key[0]} " + " ".join(
+            f"{k}={kw[k]}" for k in ("N", "BM", "BT", "BC", "BR", "STAGES", "ACC", "num_warps")
+            if k in kw) + (f"  (fallback: {H._RESIDENT_ERR[key][:200]})" if key in getattr(H, "_RESIDENT_ERR", {}) else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     tol = tolerance(DTYPE)

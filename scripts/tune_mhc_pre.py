@@ -3,6 +3,10 @@
 
     .venv/bin/python scripts/tune_mhc_pre.py            # bf16, n=4, T=16384, 20 Sinkhorn iterations
     TUNE_BUDGET_S=60 .venv/bin/python scripts/tune_mhc_pre.py
+    .venv/bin/python scripts/tune_mhc_pre.py --bwd "cfg;cfg" [--C 4096,7168] [--kernels]
+        backward sweep only: mhc_pre fwd+bwd per configuration ("k=v,..."; "" is the default),
+        gradients checked first, then the site fwd+bwd with the default; --kernels adds each one's
+        kernels (mean device time per call, torch.profiler, L2 flushed between calls)
 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written, through suite.timing (L2 flushed).
 2. Per C in (4096, 2560, 7168): mhc_pre (default config) against the fp64 reference, then times of
@@ -24,6 +28,7 @@ copy rate. Config keys: kernels/triton/mhc_pre.py Config.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -242,11 +247,128 @@ NS_MAIN_ONLY = [
     {"split": False, "ns_prefetch": 0},                 # no register prefetch of x tiles
     {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_warps": 8, "ns_stages": 3},
 ]
-BWD = {"b2_bt": 64, "b2_warps": 8}                     # best backward of the earlier sweep
+BWD = {}                                               # the backward defaults (Config b2_*)
+
+
+def _arg(name, default=None):
+    if name in sys.argv:
+        i = sys.argv.index(name)
+        return sys.argv[i + 1] if i + 1 < len(sys.argv) and not sys.argv[i + 1].startswith("--") \
+            else ""
+    return default
+
+
+def _parse_cfg(text):
+    cfg = {}
+    for kv in text.replace(" ", "").split(","):
+        if not kv:
+            continue
+        k, v = kv.split("=", 1)
+        typ = {f.name: f.type for f in dataclasses.fields(M.Config)}[k]
+        cfg[k] = (v.lower() in ("1", "true")) if typ in ("bool", bool) else \
+            int(v) if typ in ("int", int) else v
+    return cfg
+
+
+def kernel_times(fn, reps=5):
+    """{kernel name: mean device us per call} over `reps` calls of fn (torch.profiler), with a
+    256 MB write between calls (L2 flushed; its kernel is left out)."""
+    if DRY:
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    buf = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            buf.fill_(1)
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        out[e.key] = out.get(e.key, 0.0) + t / reps
+    for k in [k for k in out if "FillFunctor<unsigned char>" in k]:      # the flush
+        out.pop(k)
+    return out
+
+
+def print_kernels(label, fn):
+    try:
+        kt = kernel_times(fn)
+    except Exception as exc:   # a diagnostic: never fail the run for it
+        print(f"  kernels {label}: profiler failed: {type(exc).__name__}: {exc}", flush=True)
+        return
+    if kt:
+        print(f"  kernels {label}: total {sum(kt.values()):.0f} us", flush=True)
+        for k, v in sorted(kt.items(), key=lambda kv: -kv[1]):
+            if v >= 3.0:
+                print(f"    {v:8.1f} us  {k[:90]}", flush=True)
+
+
+KERNELS = "--kernels" in sys.argv
+
+
+def bwd_sweep(cfgs, widths):
+    for C in widths:
+        x, phi, b, alpha = make_inputs(C)
+        for cfg in cfgs:
+            if left() < 4:
+                print(f"  (time budget: skipping the rest at C={C})")
+                break
+            if time_fwd_bwd(C, x, phi, b, alpha, cfg) is not None and KERNELS:
+                xs = x.clone().requires_grad_()
+                ps = [t.clone().requires_grad_() for t in (phi, b, alpha)]
+                (gl, gq, gr, gn), _ = upstream(C, x, phi, b, alpha)
+
+                def run():
+                    out = M.mhc_pre(xs, *ps, sinkhorn_iters=ITERS, config=cfg)
+                    torch.autograd.grad(out, [xs, *ps], (gl, gq, gr))
+                print_kernels(f"C={C} pre fwd+bwd {cfg_name(cfg)}", run)
+        if post_kernel is not None and left() > 4:
+            time_fwd_bwd(C, x, phi, b, alpha, {}, what="site fwd+bwd")
+            if KERNELS:
+                xs = x.clone().requires_grad_()
+                ps = [t.clone().requires_grad_() for t in (phi, b, alpha)]
+                (gl, gq, gr, gn), _ = upstream(C, x, phi, b, alpha)
+
+                def site():
+                    li, hq, hr = M.mhc_pre(xs, *ps, sinkhorn_iters=ITERS)
+                    torch.autograd.grad(post_kernel(xs, li, hq, hr), [xs, *ps], gn)
+                print_kernels(f"C={C} site fwd+bwd", site)
+        del x, phi, b, alpha
+        if not DRY:
+            torch.cuda.empty_cache()
 
 
 def main():
     global COPY
+    if _arg("--bwd") is not None:
+        if not DRY and not torch.cuda.is_available():
+            print("tune_mhc_pre: needs a CUDA GPU")
+            return 1
+        COPY = copy_rate()
+        print(f"device {'cpu (dry)' if DRY else torch.cuda.get_device_name()}, triton "
+              f"{triton.__version__}; copy rate {COPY / 1e9:.0f} GB/s", flush=True)
+        widths = [int(c) for c in _arg("--C", "64" if DRY else "4096").split(",")]
+        bwd_sweep([_parse_cfg(c) for c in _arg("--bwd").split(";")], widths)
+        H = importlib.import_module("kernels.triton.hc_pre")   # resident_ctas' cache
+        for key, ctas in getattr(H, "_RESIDENT", {}).items():
+            kw = dict(key[1])
+            print(f"resident CTAs per SM: {ctas}  {key[0]} " + " ".join(
+                f"{k}={kw[k]}" for k in ("N", "BM", "BT", "BC", "BR", "STAGES", "ACC", "num_warps")
+                if k in kw) + (f"  (fallback: {H._RESIDENT_ERR[key][:200]})" if key in getattr(H, "_RESIDENT_ERR", {}) else ""))
+        print(f"\nmhc_pre, bf16, n={N}, T={T}; copy {COPY / 1e9:.0f} GB/s; {time.time() - T0:.0f} s")
+        print(f"{'C':>5} {'what':13s} {'config':48s} {'ms':>8} {'GB/s':>6} {'%copy':>6}")
+        for C, what, name, ms, fb in ROWS:
+            gbs = fb / ms / 1e6
+            print(f"{C:5d} {what:13s} {name:48s} {ms:8.4f} {gbs:6.0f} {100 * gbs * 1e9 / COPY:5.1f}%")
+        return 0
     if not DRY and not torch.cuda.is_available():
         print("tune_mhc_pre: needs a CUDA GPU")
         return 1

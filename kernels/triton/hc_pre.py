@@ -12,7 +12,24 @@ folded in); b fp32 [n*n+2n] = [b_pre | b_post | b_res (dst, src)]; s fp32 [2] = 
 Both functions are differentiable w.r.t. x, w, b, s (torch.autograd.Function; only the gradients
 asked for in ctx.needs_input_grad are computed).
 
-Design (NK = n+2 projections, NP = n rounded up to a power of two):
+Design (NK = n+2 projections, NP = n rounded up to a power of two). Times: H100 SXM, bf16,
+n = 4, T = 16384 (scripts/tune_hc_pre.py; kernel times from torch.profiler, L2 flushed).
+
+Forward, fwd_impl="gemm" (the default; C = 4096: 0.45 ms against 1.02 ms for the FMA forward
+below, C = 7168: 0.75 against 1.46 ms; gemm_bk = 128 and gemm_stages = 4 beat 64 / 3, 0.52 and
+0.85 ms):
+  _fwd_gemm_kernel, grid cdiv(T*n, gemm_bm): x viewed as [T*n, C] rows (token, stream); each
+    program streams its rows' C in gemm_bk chunks (pipelined, gemm_stages), multiplies them on
+    tensor cores by w [C, 16] split into hi + lo in x's dtype (two products, fp32 accumulation:
+    w to ~16 bits, x as loaded), and sums squares; per row: r, z, tanh, h_pre, h_post and
+    column i of h_res (z, r saved for the backward). 195 us at C = 4096 (2.75 TB/s of x).
+  apply_pre (kernels/triton/apply_pre.py): layer_input from h_pre, reading x again (229 us).
+  DRAM bytes per token: read 2nC (x twice), write C + small. On the interpreter the products run
+  in fp32 (it multiplies 16-bit float tiles as bit patterns), so CPU tests check the indexing and
+  the epilogue, and the GPU tests the bf16 products.
+
+Forward, fwd_impl="fma" (selectable; one kernel, x read once from DRAM, but latency-bound at
+16-27% of the copy rate on the H100):
   x is read as int32 pairs of bf16/fp16 (x.view(int32)): one shift or mask turns each half into
   fp32 (bf16), where a plain .to(float32) costs two instructions per element. Tiles are
   [BT tokens, NP streams, NTH = 32 * num_warps threads, CP pairs]: a thread owns 2*CP adjacent
@@ -20,11 +37,7 @@ Design (NK = n+2 projections, NP = n rounded up to a power of two):
   once per thread (16-byte, unmasked) and used BT*NP times; every accumulator has the tile's shape,
   so the projections are pure FFMAs (NK+1 per element of x, with the sum of squares) with no
   per-chunk reduction; the sum over streams for layer_input is in-thread. Cross-thread reductions
-  happen once per token block. Why FMAs and not tensor cores: N = n+2 is tiny, a tl.dot needs
-  M >= 16 rows per CTA (4 tokens resident per CTA for n = 4, which breaks the L2 re-read below),
-  stages x through shared memory once per warp, and tf32 would round w; the FMA loop is ~12
-  instructions per element of x (sm_90 SASS, n = 4), under the issue rate at copy bandwidth.
-
+  happen once per token block.
   _fwd_kernel, persistent grid = min(token blocks, SMs * fwd_ctas_per_sm); program p takes token
   blocks p, p + grid, ...; per block:
     pass 1 over C chunks (next chunk prefetched into registers): sums of squares and the NK
@@ -35,40 +48,48 @@ Design (NK = n+2 projections, NP = n rounded up to a power of two):
     keeps w, loaded evict_last), pass-2 loads are evict_first, and the grid bounds the tokens in
     flight: L2 working set ~ grid * BT * 2nC bytes (264 x 1 x 57 KB = 15 MB for n = 4, C = 7168).
     DRAM bytes per token: read 2nC, write 2C + 4(n + n^2) (h_post, h_res), + 4n(NK+1) (z, r)
-    when a gradient will be needed: one read of x and one write of layer_input, the floor.
-    From L2 (not DRAM): the 2nC re-read and 4*NK*C of w per token block unless L1 holds w.
-    hc_coeffs runs pass 1 only (writes 4n more for h_pre, no layer_input).
+    when a gradient will be needed. hc_coeffs runs pass 1 only.
 
-  Backward, two kernels (u = r*dz, e = r^2 * mean_c(dxn*xn) = r^2/C * sum_k dz_k z_k):
-    _bwd_coef_kernel, grid = cdiv(T, GT), each program loops over GT tokens in blocks of BT:
-      dh_pre = g_li . x[i] (one pass over x and g_li; none for hc_coeffs) + upstream dh_pre,
-      dp = s * dh, dz = (1 - p^2) dp, ds and db_pre partials per program (summed by torch);
-      writes coef [T, n, NK+2] = (u_0..u_{NK-1}, h_pre, e). db_post, db_res are torch sums of
-      the upstream gradients.
-    _bwd_dx_kernel, grid = (C chunks, token groups): w's chunk stays in registers;
-      dx[i] = h_pre[i] g_li + sum_k u[i,k] w[:,k] - e[i] x[i]    (RMSNorm backward folded in)
-      dw partial [group, NK, C] += sum_{t,i} x[i] u[i,k], written once per program, summed by torch.
-    DRAM bytes per token: read 2(2n+2)C (x and g_li twice), write 2nC, + ~4n(3NK+8) of
-    coefficients (z, r, g_post, g_res, coef) and ~2% of dw partials. The fused floor reads x and
-    g_li once ((n+1)C elements); the second read is the price of dw: it needs the full-C reduction
-    dh_pre first and a reduction over tokens after, which one token-major pass can only do with
-    per-program [C, NK] partials (as much traffic again) or millions of atomics.
+Backward, two kernels (u = r*dz, e = r^2 * mean_c(dxn*xn) = r^2/C * sum_k dz_k z_k):
+  _bwd_coef_kernel, grid = cdiv(T, GT), each program loops over GT tokens in blocks of BT:
+    dh_pre = g_li . x[i] (one pass over x and g_li; none for hc_coeffs) + upstream dh_pre,
+    dp = s * dh, dz = (1 - p^2) dp, ds and db_pre partials per program (summed by torch);
+    writes coef [T, n, NKC] = (u_0..u_{NK-1}, h_pre, e, pad; NKC = n+4 rounded up to 4: 16-byte
+    rows). db_post, db_res are torch sums of the upstream gradients. 281 us at C = 4096.
+  _bwd_dx_mma_kernel (b2_impl="mma", the default), rows = (token, stream) pairs of x viewed as
+    [T*n, C]; program = (b2_bc columns, a range of rows), column block fastest, row ranges
+    last-first (the first reads hit what _bwd_coef_kernel left in L2); per b2_bm rows, loads
+    pipelined through shared memory (b2_stages):
+      dx = u @ w^T (tensor cores, tf32, K = NK padded to 16) - e x + h_pre g_li   (RMSNorm
+        backward folded in; g_li's row is row // n) [+ the dx already in the output: ACC]
+      dw partial [BC, 16] += x^T @ u on tensor cores: x as loaded (bf16) times u split into
+        hi + lo in bf16 (fp32 accumulation: x exact, u to ~16 bits; b2_dw="tf32" or fp16 x: x in
+        fp32 and tf32 products), written once per program as [groups, C, NK], summed by torch.
+    Addresses are a 64-bit scalar base per row block plus loop-invariant 32-bit offsets, and
+    whole blocks (C % b2_bc == 0, T*n % b2_bm == 0) drop every mask, so few registers go to the
+    pipeline: 126 at 64 x 64 x 4 warps (sm_90, triton 3.6; 164 with ACC). The grid is whole waves
+    of the CTAs that fit on an SM (b2_ctas; 0: from the compiled kernel's registers and shared
+    memory: 4 per SM, 3 with ACC). 453 us at C = 4096 (2.7 TB/s of DRAM traffic) against 1185 us
+    for _bwd_dx_kernel in the same run; 653 us with ACC (in the site: nC more read); 794 us at
+    C = 7168 (b2_stages=4: 446 / 768 us without ACC, but 2 CTAs per SM with it).
+  _bwd_dx_kernel (b2_impl="fma"): the FMA version, grid = (C chunks, token groups), w's chunk in
+    registers; dw partial [group, NK, C]; no in-place accumulation (a site link's dx is added by
+    torch). Under triton 3.6 its in-thread reductions became shuffles and it spills.
+  DRAM traffic per token: x and g_li read twice ((n+1)C elements per pass), dx written (nC; read
+  too with ACC), + ~4n(3NK+8) bytes of coefficients and ~1% of dw partials. The fused floor reads x
+  and g_li once;
+  the second read is the price of dw: it needs the full-C reduction dh_pre first and a reduction
+  over tokens after, which one token-major pass can only do with per-program [C, NK] partials
+  (as much traffic again) or millions of atomics.
 
-  fwd_impl="gemm" (opt-in; written after an H100 run measured the FMA forward at 16-27% of the
-  copy rate, latency-bound with its DRAM bytes at the floor, and TileLang's tensor-core version of
-  the same split 1.5-1.9x faster; not yet timed on a GPU: scripts/tune_hc_pre.py has its configs):
-    _fwd_gemm_kernel, grid cdiv(T*n, gemm_bm): x viewed as [T*n, C] rows (token, stream); each
-      program streams its rows' C in gemm_bk chunks (pipelined, gemm_stages), multiplies them on
-      tensor cores by w [C, 16] split into hi + lo in x's dtype (two products, fp32 accumulation:
-      w to ~16 bits, x as loaded), and sums squares; per row: r, z, tanh, h_pre, h_post and
-      column i of h_res (z, r saved for the same backward).
-    apply_pre (kernels/triton/apply_pre.py): layer_input from h_pre, reading x again.
-  DRAM bytes per token: read 2nC (x twice), write C + small. On the interpreter the products run
-  in fp32 (it multiplies 16-bit float tiles as bit patterns), so CPU tests check the indexing and
-  the epilogue, and the GPU tests (test_gpu_gemm_matches_reference) the bf16 products.
+Site link (kernels/site_link.py): hc_pre and hc_coeffs attach a link for the caller's x to
+h_res. A post given that h_res and the same x (kernels/triton/post.py) hands its dx over instead
+of returning it; the backward takes it first (site_link.accumulator) and _bwd_dx_mma_kernel adds
+its own dx into it in place (nC more bytes read, instead of autograd's separate 3nC add).
 
-Offsets: per-token bases are int64 (T*n*C may exceed 2^31); C is passed as C/8 so that the
-compiler knows every row starts 16-byte aligned.
+Offsets: per-token (per-row-block) bases are int64 (T*n*C may exceed 2^31); the FMA kernels
+get C as C/8 so that the compiler knows every row starts 16-byte aligned (the others rely on
+triton's divisibility-by-16 specialisation of C).
 
 Tuning: keyword `config` (dict or "key=value,..." string) or the environment variable
 HC_PRE_CONFIG (same string form); keys in DEFAULT_CONFIG. scripts/tune_hc_pre.py times variants.
@@ -81,7 +102,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels import reference, site_link
 from kernels.hilo import split_hi_lo
 from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
@@ -98,11 +119,16 @@ DEFAULT_CONFIG = {
                              # L2 evict_last; PTX cannot combine it with .cg) or "none"
     "w_hint": "evict_last",  # w loads (L1 and L2 evict_last) or "none"
     "evict2": 1,             # pass-2 x loads evict_first (their last use)
-    # fwd_impl "gemm" (opt-in until timed on a GPU): the projections on tensor cores with x viewed
-    # as [T*n, C] rows, w split into hi + lo in x's dtype, then a separate apply kernel
-    "fwd_impl": "fma", "gemm_bm": 64, "gemm_bk": 64, "gemm_warps": 4, "gemm_stages": 3,
+    # fwd_impl "gemm" (the default since an H100 run timed it at 2.0-2.3x the FMA forward): the
+    # projections on tensor cores with x viewed as [T*n, C] rows, w split into hi + lo in x's
+    # dtype, then a separate apply kernel; "fma" is the one-kernel FMA forward (_fwd_kernel)
+    "fwd_impl": "gemm", "gemm_bm": 64, "gemm_bk": 128, "gemm_warps": 4, "gemm_stages": 4,
     "apply_bt": 16, "apply_bc": 256,
     "b1_bt": 0, "b1_rows": 8, "b1_warps": 4, "b1_programs": 8192, "b1_prefetch": 1, "b1_cp": 2,
+    # dx / dw kernel: b2_impl "mma" (_bwd_dx_mma_kernel, tensor cores; keys b2_bm, b2_bc,
+    # b2_warps, b2_stages, b2_ctas, b2_dw) or "fma" (_bwd_dx_kernel; b2_bt, b2_rows, b2_warps,
+    # b2_programs, b2_prefetch, b2_cp)
+    "b2_impl": "mma", "b2_bm": 64, "b2_bc": 64, "b2_stages": 3, "b2_ctas": 0, "b2_dw": "bf16",
     "b2_bt": 0, "b2_rows": 4, "b2_warps": 4, "b2_programs": 1056, "b2_prefetch": 1, "b2_cp": 2,
 }
 # The interpreter pays per program and per op, not per byte: big token blocks, few programs.
@@ -659,6 +685,116 @@ def _bwd_dx_kernel(x_ptr, g_ptr, wt_ptr, coef_ptr, dx_ptr, dwp_ptr,
             _dw_store(dwrow, 9, C, de9, do9, wc, wm, NTH, CP)
 
 
+@triton.jit
+def _bwd_dx_mma_kernel(x_ptr, g_ptr, w_ptr, coef_ptr, dx_ptr, dwp_ptr,
+                       R, C8, GR, NCB, NG,
+                       N: tl.constexpr, NK: tl.constexpr, NKC: tl.constexpr, KP: tl.constexpr,
+                       BM: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
+                       HAS_G: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DW: tl.constexpr,
+                       ACC: tl.constexpr, DW_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+                       EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+    # Rows are (token, stream) pairs of x viewed as [R = T*n, C]; coef [R, NKC] = (u_0..u_{NK-1},
+    # h_pre, e, pad); g [T, C] (row r uses g[r // n]); w [C, NK] fp32; dx [R, C]; dwp [NG, C, NK].
+    # Program (column block cb, row group pg), column block fastest; groups last-first and rows
+    # from their end (the first reads hit what _bwd_coef_kernel left in L2). C = 8 * C8 (rows
+    # 16-byte aligned for the compiler). Per BM rows:
+    #   dx = u @ w^T (tensor cores, tf32) - e x + h_pre g   [+ dx already there: ACC]
+    #   dw_partial += x^T @ u (tensor cores: bf16 x as loaded with u = hi + lo in bf16, or tf32)
+    C = C8 * 8
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    pg = NG - 1 - pid // NCB
+    c = cb * BC + tl.arange(0, BC)
+    cm = c < C
+    kk = tl.arange(0, KP)
+    km = kk < NK
+    if WRITE_DX:
+        wt = tl.load(w_ptr + c[:, None] * NK + kk[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+        wT = tl.trans(wt)
+    dw = tl.zeros([BC, KP], dtype=tl.float32)
+    r_lo = pg * GR
+    r_hi = tl.minimum(R, r_lo + GR)
+    nb = tl.cdiv(r_hi - r_lo, BM)
+    # 64-bit scalar base per row block + loop-invariant 32-bit offsets inside the block (few
+    # address registers, nothing 64-bit per element)
+    jj = tl.arange(0, BM)
+    xo = jj[:, None] * C + c[None, :]
+    co = jj[:, None] * NKC + kk[None, :]
+    POW2: tl.constexpr = (N & (N - 1)) == 0
+    if POW2:
+        go = (jj // N)[:, None] * C + c[None, :]      # blocks start at a multiple of N
+    for kb in tl.range(0, nb, num_stages=STAGES):
+        row0 = r_lo + (nb - 1 - kb) * BM
+        base = row0.to(tl.int64) * C
+        # EVEN_R / EVEN_C: whole row blocks / column blocks, no masks (none to carry through the
+        # software pipeline)
+        if EVEN_R:
+            rm = jj >= 0
+        else:
+            rm = jj < r_hi - row0
+        if EVEN_C:
+            lm = rm[:, None]
+        else:
+            lm = rm[:, None] & cm[None, :]
+        if EVEN_R and EVEN_C:
+            xt = tl.load(x_ptr + base + xo)
+        else:
+            xt = tl.load(x_ptr + base + xo, mask=lm, other=0.0)
+        cptr = coef_ptr + row0.to(tl.int64) * NKC + co
+        if EVEN_R:
+            ct = tl.load(cptr, mask=(kk < NKC)[None, :], other=0.0)
+        else:
+            ct = tl.load(cptr, mask=rm[:, None] & (kk < NKC)[None, :], other=0.0)
+        u = tl.where(km[None, :], ct, 0.0)
+        if WRITE_DW:
+            if DW_BF16:
+                uh = u.to(tl.bfloat16)
+                ul = (u - uh.to(tl.float32)).to(tl.bfloat16)
+                if DOT_F32:     # interpreter: the same split products, in fp32
+                    xT = tl.trans(xt.to(tl.float32))
+                    dw = tl.dot(xT, uh.to(tl.float32), dw, input_precision="ieee")
+                    dw = tl.dot(xT, ul.to(tl.float32), dw, input_precision="ieee")
+                else:
+                    xT = tl.trans(xt)
+                    dw = tl.dot(xT, uh, dw)
+                    dw = tl.dot(xT, ul, dw)
+            elif DOT_F32:
+                dw = tl.dot(tl.trans(xt.to(tl.float32)), u, dw, input_precision="ieee")
+            else:
+                dw = tl.dot(tl.trans(xt.to(tl.float32)), u, dw, input_precision="tf32")
+        if WRITE_DX:
+            if DOT_F32:
+                d = tl.dot(u, wT, input_precision="ieee")
+            else:
+                d = tl.dot(u, wT, input_precision="tf32")
+            e = tl.sum(tl.where(kk[None, :] == NK + 1, ct, 0.0), axis=1)
+            d -= e[:, None] * xt.to(tl.float32)
+            if HAS_G:
+                a = tl.sum(tl.where(kk[None, :] == NK, ct, 0.0), axis=1)
+                gptr = g_ptr + (row0 // N).to(tl.int64) * C
+                if POW2:
+                    gptr += go
+                else:
+                    gptr += ((row0 % N + jj) // N)[:, None] * C + c[None, :]
+                if EVEN_R and EVEN_C:
+                    gt = tl.load(gptr)
+                else:
+                    gt = tl.load(gptr, mask=lm, other=0.0)
+                d += a[:, None] * gt.to(tl.float32)
+            optr = dx_ptr + base + xo
+            if EVEN_R and EVEN_C:
+                if ACC:     # add into the x gradient already there (read then write, same thread)
+                    d += tl.load(optr).to(tl.float32)
+                tl.store(optr, d.to(dx_ptr.dtype.element_ty))
+            else:
+                if ACC:
+                    d += tl.load(optr, mask=lm, other=0.0).to(tl.float32)
+                tl.store(optr, d.to(dx_ptr.dtype.element_ty), mask=lm)
+    if WRITE_DW:
+        tl.store(dwp_ptr + pg.to(tl.int64) * C * NK + c[:, None] * NK + kk[None, :], dw,
+                 mask=cm[:, None] & km[None, :])
+
+
 # ------------------------------------------------------------------------------------ host side
 def _pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
@@ -688,6 +824,10 @@ def parse_config(config=None) -> dict:
         if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"hc_pre: {key} must be a power of two >= 16 (tensor-core tiles), "
                              f"got {cfg[key]}")
+    if cfg["b2_impl"] not in ("mma", "fma"):
+        raise ValueError(f"hc_pre: b2_impl must be 'mma' or 'fma', got {cfg['b2_impl']!r}")
+    if cfg["b2_dw"] not in ("bf16", "tf32"):
+        raise ValueError(f"hc_pre: b2_dw must be 'bf16' or 'tf32', got {cfg['b2_dw']!r}")
     if cfg["w_hint"] not in ("evict_last", "none"):
         raise ValueError(f"hc_pre: w_hint must be 'evict_last' or 'none', got {cfg['w_hint']!r}")
     return cfg
@@ -762,48 +902,130 @@ def _launch_fwd(x, wt, b, s, with_li, save, cfg):
     return li if with_li else hpre, hpost, hres, z, r
 
 
+def _wt(w, T, n, C, cfg):
+    """wT [NK, CW] for the FMA kernels: column-contiguous loads, zero padded to whole chunks of
+    _fwd_kernel and the FMA _bwd_dx_kernel."""
+    CW = C
+    for key, cpk in (("fwd", "fwd_cp"), ("b2", "b2_cp")):
+        chunk = 64 * _warps(cfg[key + "_warps"], C, _pow2(cfg[cpk])) * _pow2(cfg[cpk])
+        CW = triton.cdiv(CW, chunk) * chunk
+    # Built explicitly: F.pad with zero padding (CW == C, C a multiple of the chunk) returns a
+    # clone that keeps w.t()'s strides, i.e. w's [C, NK] memory layout, not [NK, CW].
+    wt = w.new_zeros(n + 2, CW)
+    wt[:, :C] = w.t()
+    return wt
+
+
+def _splits(units: int, nblk: int, slots: int) -> int:
+    """How many pieces to cut each of `units` work units (nblk blocks each) into, for `slots`
+    resident CTAs: the smallest k (<= nblk, <= 64) whose waves times work per CTA,
+    ceil(k * units / slots) / k, is within 5% of the best."""
+    t = {k: triton.cdiv(k * units, slots) / k for k in range(1, min(nblk, 64) + 1)}
+    best = min(t.values())
+    return min(k for k, v in t.items() if v <= 1.05 * best)
+
+
+_RESIDENT: dict = {}
+_RESIDENT_ERR: dict = {}      # why resident_ctas fell back (diagnostics)
+
+
+def resident_ctas(kernel, args, kwargs, fallback: int) -> int:
+    """How many CTAs of `kernel`, compiled for these arguments (kernel.warmup: compiled, not
+    launched), fit on one SM: registers (allocated per warp in 256s of 64K), shared memory (228
+    KB per SM, 1 KB reserved per CTA) and 64 warps. `fallback` on the interpreter or when triton
+    does not say. Cached per constexpr set, argument dtypes and device."""
+    if interpreting():
+        return fallback
+    key = (kernel.fn.__name__, tuple(sorted(kwargs.items())),
+           tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args),
+           args[0].device.index)
+    if key not in _RESIDENT:
+        try:
+            k = kernel.warmup(*args, grid=(1,), **kwargs)
+            k._init_handles()
+            warps = k.metadata.num_warps
+            warp_regs = triton.cdiv(k.n_regs * 32, 256) * 256
+            props = torch.cuda.get_device_properties(args[0].device)
+            smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+            by_regs = 65536 // (warp_regs * warps)
+            by_smem = smem_sm // (k.metadata.shared + 1024)
+            _RESIDENT[key] = max(1, min(by_regs, by_smem, 64 // warps, 32))
+        except Exception as exc:     # (an older or newer triton without these attributes)
+            _RESIDENT[key] = fallback
+            _RESIDENT_ERR[key] = f"{type(exc).__name__}: {exc}"
+    return _RESIDENT[key]
+
+
+def _launch_bwd_dx_mma(x, g, w, coef, dx, need_x, need_w, acc, cfg):
+    """_bwd_dx_mma_kernel: dx into `dx` (added to what is there when acc: a site link's
+    accumulator) and the dw partials; returns dw [C, NK] or None."""
+    T, n, C = x.shape
+    NK, NKC = n + 2, coef.shape[2]
+    R = T * n
+    bm = max(16, min(_pow2(cfg["b2_bm"]), _pow2(R)))
+    bc = max(16, min(_pow2(cfg["b2_bc"]), _pow2(C)))
+    ncb = triton.cdiv(C, bc)
+    nblk = triton.cdiv(R, bm)
+    kw = dict(N=n, NK=NK, NKC=NKC, KP=16, BM=bm, BC=bc, STAGES=cfg["b2_stages"],
+              HAS_G=g is not None, WRITE_DX=need_x, WRITE_DW=need_w, ACC=acc,
+              DW_BF16=cfg["b2_dw"] == "bf16" and x.dtype == torch.bfloat16,
+              DOT_F32=interpreting(), EVEN_R=R % bm == 0, EVEN_C=C % bc == 0,
+              num_warps=cfg["b2_warps"])
+    # Row groups per column block: whole waves of the CTAs that fit on the GPU at once (b2_ctas
+    # per SM, 0: as many as the compiled kernel's registers and shared memory allow)
+    args = [x, g if g is not None else x, w, coef, dx if need_x else x, coef, R, C // 8, bm, ncb, 3]
+    ctas = cfg["b2_ctas"] if cfg["b2_ctas"] > 0 else resident_ctas(_bwd_dx_mma_kernel, args, kw, 3)
+    groups = _splits(ncb, nblk, ctas * _num_sms(x.device))
+    gr = bm * triton.cdiv(nblk, groups)
+    groups = triton.cdiv(R, gr)
+    dwp = torch.empty(groups, C, NK, device=x.device, dtype=torch.float32) if need_w else None
+    _bwd_dx_mma_kernel[(ncb * groups,)](
+        x, g if g is not None else x, w, coef, dx if need_x else x, dwp if need_w else coef,
+        R, C // 8, gr, ncb, groups, **kw)
+    if not need_w:
+        return None
+    return dwp[0] if groups == 1 else dwp.sum(0)
+
+
 class _HCPreFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, s, with_li, cfg):
-        # wT [NK, CW]: column-contiguous loads, zero padded to whole chunks of both kernels
+    def forward(ctx, x, w, b, s, with_li, cfg, holder):
         T, n, C = x.shape
-        CW = C
-        for key, cpk in (("fwd", "fwd_cp"), ("b2", "b2_cp")):
-            chunk = 64 * _warps(cfg[key + "_warps"], C, _pow2(cfg[cpk])) * _pow2(cfg[cpk])
-            CW = triton.cdiv(CW, chunk) * chunk
-        # Built explicitly: F.pad with zero padding (CW == C, C a multiple of the chunk) returns a
-        # clone that keeps w.t()'s strides, i.e. w's [C, NK] memory layout, not [NK, CW].
-        wt = w.new_zeros(n + 2, CW)
-        wt[:, :C] = w.t()
         save = any(ctx.needs_input_grad[:4])
         if cfg["fwd_impl"] == "gemm":
             out0, hpost, hres, z, r = _launch_fwd_gemm(x, w, b, s, with_li, save, cfg)
         else:
-            out0, hpost, hres, z, r = _launch_fwd(x, wt, b, s, with_li, save, cfg)
+            out0, hpost, hres, z, r = _launch_fwd(x, _wt(w, T, n, C, cfg), b, s, with_li, save, cfg)
         if save:
-            ctx.save_for_backward(x, wt, b, s, z, r)
+            ctx.save_for_backward(x, w, b, s, z, r)
         ctx.with_li = with_li
         ctx.cfg = cfg
+        ctx.holder = holder
         ctx.set_materialize_grads(False)
         return out0, hpost, hres
 
     @staticmethod
     def backward(ctx, g0, gpost, gres):
-        x, wt, b, s, z, r = ctx.saved_tensors
+        x, w, b, s, z, r = ctx.saved_tensors
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        # First, on every path: F_post,res's share of dx (kernels/site_link.py), if a post put it
+        # in this pre's link; the dx kernel adds into it in place.
+        acc = site_link.accumulator(ctx.holder[0], x) if need_x else None
         cfg = ctx.cfg
         T, n, C = x.shape
-        NP, NK, NKC = _pow2(n), n + 2, n + 4
+        NP, NK = _pow2(n), n + 2
+        NKC = (n + 4 + 3) // 4 * 4       # coef row: u_0..u_{NK-1}, h_pre, e (+ pad to 16 bytes)
         dev, f32 = x.device, torch.float32
         is_bf16 = x.dtype == torch.bfloat16
         x32 = x.view(torch.int32)
         has_g = ctx.with_li and g0 is not None
         gpre = g0.contiguous() if (not ctx.with_li and g0 is not None) else None
-        g = _int32_viewable(g0).view(torch.int32) if has_g else None
+        gc = _int32_viewable(g0) if has_g else None
+        g = gc.view(torch.int32) if has_g else None
         gpost = torch.zeros(T, n, device=dev, dtype=f32) if gpost is None else gpost.contiguous()
         gres = torch.zeros(T, n, n, device=dev, dtype=f32) if gres is None else gres.contiguous()
 
-        # kernel 1: dh_pre, dz -> coef [T, n, NK+2] = (r*dz, h_pre, e); ds / db_pre partials
+        # kernel 1: dh_pre, dz -> coef [T, n, NKC] = (r*dz, h_pre, e); ds / db_pre partials
         cp1 = _pow2(cfg["b1_cp"])
         warps1 = _warps(cfg["b1_warps"], C, cp1)
         BT1 = _bt(cfg["b1_bt"], cfg["b1_rows"], NP, T)
@@ -821,7 +1043,11 @@ class _HCPreFn(torch.autograd.Function):
             PREFETCH=bool(cfg["b1_prefetch"]), num_warps=warps1)
 
         dx = dw = db = ds = None
-        if need_x or need_w:
+        if (need_x or need_w) and cfg["b2_impl"] == "mma":
+            dx = (acc if acc is not None else torch.empty_like(x)) if need_x else None
+            dw = _launch_bwd_dx_mma(x, gc, w, coef, dx, need_x, need_w, acc is not None, cfg)
+        elif need_x or need_w:
+            wt = _wt(w, T, n, C, cfg)
             cp2 = _pow2(cfg["b2_cp"])
             warps2 = _warps(cfg["b2_warps"], C, cp2)
             BT2 = _bt(cfg["b2_bt"], cfg["b2_rows"], NP, T)
@@ -840,11 +1066,13 @@ class _HCPreFn(torch.autograd.Function):
                 PREFETCH=bool(cfg["b2_prefetch"]), num_warps=warps2)
             if need_w:
                 dw = dwp.sum(0).t().contiguous()
+            if acc is not None:         # (the FMA kernel has no in-place accumulation)
+                dx = acc.add_(dx)
         if need_b:
             db = torch.cat([part[:, 2:].sum(0), gpost.sum(0), gres.sum(0).flatten()])
         if need_s:
             ds = part[:, :2].sum(0)
-        return dx, dw, db, ds, None, None
+        return dx, dw, db, ds, None, None, None
 
 
 def _int32_viewable(t: torch.Tensor) -> torch.Tensor:
@@ -862,20 +1090,32 @@ def _check(op, x, w, b, s):
     return x, w, b, s
 
 
+def _apply(x_user, x, w, b, s, with_li, config):
+    holder = [None]
+    out = _HCPreFn.apply(x, w, b, s, with_li, parse_config(config), holder)
+    # a site link for the caller's x, carried by h_res: a post given this h_res and x hands its
+    # dx to this pre's backward, which adds it in place (kernels/site_link.py)
+    if x_user.requires_grad and torch.is_grad_enabled():
+        holder[0] = site_link.attach(out[2], x_user)
+    return out
+
+
 def hc_coeffs(x, w, b, s, *, config=None):
     """(h_pre [T,n], h_post [T,n], h_res [T,n,n]) fp32, differentiable w.r.t. x, w, b, s."""
+    x_user = x
     x, w, b, s = _check("hc_coeffs", x, w, b, s)
     if x.shape[0] == 0:
         return reference.hc_coeffs(x, w, b, s)
-    return _HCPreFn.apply(x, w, b, s, False, parse_config(config))
+    return _apply(x_user, x, w, b, s, False, config)
 
 
 def hc_pre(x, w, b, s, *, config=None):
     """(layer_input [T,C] x.dtype, h_post [T,n], h_res [T,n,n]), differentiable w.r.t. x, w, b, s."""
+    x_user = x
     x, w, b, s = _check("hc_pre", x, w, b, s)
     if x.shape[0] == 0:
         return reference.hc_pre(x, w, b, s)
-    return _HCPreFn.apply(x, w, b, s, True, parse_config(config))
+    return _apply(x_user, x, w, b, s, True, config)
 
 
 __all__ = ["hc_coeffs", "hc_pre", "parse_config", "DEFAULT_CONFIG"]

@@ -53,11 +53,15 @@ Backward: two kernels plus torch sums of small per-CTA partials.
   state inside the segment from that start (O(iters^1.5) tiny math per token); then the gradient of
   the max shift goes to the arg-max entries (split on ties, as torch.amax). Writes du = dm/r
   [T, K] fp32, coef = dr/(nC r) [T] and per-CTA partials of db and dalpha.
-  `_bwd_dx_dphi_kernel`, grid n * cdiv(C, BR) column blocks x TS token ranges: each CTA keeps its
-  phi rows [BR, KP] on chip and streams its token range once (last range first, each range from
-  its end, so the first reads hit what the first kernel left in L2):
-  dx = du @ phi^T + coef * v + h_pre[i] * g_li on tensor cores (tf32), and v^T @ du accumulated in
-  registers, written once per CTA ([TS, nC, K], summed by torch).
+  `_bwd_dx_dphi_kernel`, grid n * cdiv(C, BR) column blocks x TS token ranges (stream index
+  fastest, so the n CTAs reading the same g_li columns run together; TS from the CTAs per SM the
+  compiled kernel really allows, `b2_ctas`): each CTA keeps its phi rows [BR, KP] on chip and
+  streams its token range once through a STAGES-deep software pipeline (last range first, each
+  range from its end, so the first reads hit what the first kernel left in L2):
+  dx = du @ phi^T + coef * v + h_pre[i] * g_li on tensor cores (tf32), and v^T @ du with bf16 x as
+  loaded times du split into hi + lo bf16 halves (fp32 accumulation; `b2_dphi=prec` for the
+  earlier PREC product), written once per CTA ([TS, nC, K], summed by torch). H100, bf16, n = 4,
+  T = 16384, C = 4096: 442 us (850 us before this layout), 618 us with post's dx added in (ACC).
   HBM bytes per token (mhc_pre): read 2nC*e (x twice) + 2C*e (g_li) + (K+1)*4 (+ n*4), write nC*e
   (dx). mhc_coeffs' backward reads x once (the first kernel does not need it).
   mhc_pre_backward(..., dx_accumulate=) adds dx in place into a given x gradient (a site-level
@@ -117,13 +121,19 @@ class Config:
     b1_bt: int = 16
     b1_bc: int = 64
     b1_warps: int = 4
-    # backward, kernel 2 (dx and dphi); 64 tokens and 8 warps were the fastest on an H100 at
-    # C = 2560-7168 (results/tuning-20261123-h100/final/tune_mhc_pre.log)
+    # backward, kernel 2 (dx and dphi): 64 tokens x 64 columns x 4 warps, 2 stages: 128 registers
+    # and 41 KB of shared memory at n = 4 (sm_90, triton 3.6): 4 CTAs per SM (3 with dx_acc: 145
+    # registers). H100, n = 4, T = 16384 (torch.profiler): 442 us at C = 4096, 618 us with
+    # dx_acc, 800 us at C = 7168 (3 stages: 464-472 us at 4096; the tf32 kernel before it, 128
+    # columns x 8 warps: 850 us under ncu)
     b2_bt: int = 64
-    b2_br: int = 128
-    b2_ts: int = 0        # token splits; 0: auto (enough CTAs for ~4 per SM)
-    b2_warps: int = 8
-    b2_stages: int = 3
+    b2_br: int = 64       # columns per CTA (n >= 5: at most 64, and 8 warps unless set)
+    b2_ts: int = 0        # token splits; 0: auto (fewest waves x work per CTA, b2_ctas per SM)
+    b2_ctas: int = 0      # CTAs per SM for the auto split; 0: what the compiled kernel allows
+    b2_warps: int = 4
+    b2_stages: int = 2
+    b2_dphi: str = "bf16"   # dphi product: "bf16" (x as loaded, du = hi + lo in bf16; bf16 x only)
+                            # or "prec" (x in fp32, `precision`)
     # backward, fused alternative for mhc_pre (x read once): _bwd_fused_kernel
     bwd_fused: bool = False
     bf_bt: int = 32       # tokens per sub-block (tl.dot M)
@@ -631,9 +641,18 @@ def _bwd_coef_kernel(x_ptr, gli_ptr, gpre_ptr, gpost_ptr, gres_ptr, m_ptr, r_ptr
 def _bwd_dx_dphi_kernel(x_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, gli_ptr, dx_ptr, dphi_ptr,
                         T, C, NCB, TPS, TS,
                         N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                        BT: tl.constexpr, BR: tl.constexpr,
+                        BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
                         HAS_LI: tl.constexpr, DX: tl.constexpr, DPHI: tl.constexpr,
-                        ACC: tl.constexpr, PREC: tl.constexpr):
+                        ACC: tl.constexpr, PREC: tl.constexpr, DPHI_BF16: tl.constexpr,
+                        DOT_F32: tl.constexpr, EVEN_T: tl.constexpr, EVEN_C: tl.constexpr):
+    # CTA (stream i, BR columns, token range ts): dx = du @ phi_i^T + coef x + h_pre[i] g_li on
+    # tensor cores (tf32), dphi_i partial += x^T @ du (DPHI_BF16: bf16 x as loaded times du split
+    # into hi + lo in bf16, fp32 accumulation: x exact, du to ~16 bits; else PREC on x in fp32).
+    # Addresses: a 64-bit scalar base per token block + loop-invariant 32-bit in-block offsets.
+    # (C itself, not C/8: triton's divisibility-by-16 specialisation of C gives the 16-byte row
+    # alignment at the widths that matter, and C/8 cost 8-16 registers at n = 4.)
+    # EVEN_T / EVEN_C: whole token blocks / column blocks (no masks to carry through the
+    # software pipeline, STAGES deep).
     pid = tl.program_id(0)
     i = pid % N                       # stream fastest: the n CTAs sharing g_li columns run together
     cb = (pid // N) % NCB
@@ -650,34 +669,74 @@ def _bwd_dx_dphi_kernel(x_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, gli_ptr, dx_
     if DX:
         phi_t = tl.load(phi_ptr + prow[:, None] * K + kk[None, :],
                         mask=cmask[:, None] & kmask[None, :], other=0.0)
+        phi_T = tl.trans(phi_t)
     acc = tl.zeros([BR, KP], dtype=tl.float32)
     t_lo = ts * TPS
     t_hi = tl.minimum(t_lo + TPS, T)
     nb = tl.cdiv(t_hi - t_lo, BT)
-    for kb in range(nb):
-        tok = t_lo + (nb - 1 - kb) * BT + rows
-        tmask = tok < t_hi
-        t64 = tok.to(tl.int64)
-        du = tl.load(du_ptr + t64[:, None] * K + kk[None, :], mask=tmask[:, None] & kmask[None, :],
-                     other=0.0)
-        lm = tmask[:, None] & cmask[None, :]
-        xt = tl.load(x_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm, other=0.0)
-        xf = xt.to(tl.float32)
+    xo = rows[:, None] * nC + (i * C + c)[None, :]
+    go = rows[:, None] * C + c[None, :]
+    do = rows[:, None] * K + kk[None, :]
+    for kb in tl.range(0, nb, num_stages=STAGES):
+        t0 = t_lo + (nb - 1 - kb) * BT
+        t064 = t0.to(tl.int64)
+        if EVEN_T:
+            tmask = rows >= 0
+        else:
+            tmask = rows < t_hi - t0
+        if EVEN_C:
+            lm = tmask[:, None]
+        else:
+            lm = tmask[:, None] & cmask[None, :]
+        xb = x_ptr + t064 * nC
+        if EVEN_T and EVEN_C:
+            xt = tl.load(xb + xo)
+        else:
+            xt = tl.load(xb + xo, mask=lm, other=0.0)
+        if EVEN_T:
+            du = tl.load(du_ptr + t064 * K + do, mask=kmask[None, :], other=0.0)
+        else:
+            du = tl.load(du_ptr + t064 * K + do, mask=tmask[:, None] & kmask[None, :], other=0.0)
         if DPHI:
-            acc = tl.dot(tl.trans(xf), du, acc, input_precision=PREC)
+            if DPHI_BF16:
+                duh = du.to(tl.bfloat16)
+                dul = (du - duh.to(tl.float32)).to(tl.bfloat16)
+                if DOT_F32:     # interpreter: the same split products, in fp32
+                    xT = tl.trans(xt.to(tl.float32))
+                    acc = tl.dot(xT, duh.to(tl.float32), acc, input_precision="ieee")
+                    acc = tl.dot(xT, dul.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    xT = tl.trans(xt)
+                    acc = tl.dot(xT, duh, acc)
+                    acc = tl.dot(xT, dul, acc)
+            elif DOT_F32:
+                acc = tl.dot(tl.trans(xt.to(tl.float32)), du, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(xt.to(tl.float32)), du, acc, input_precision=PREC)
         if DX:
-            dxt = tl.dot(du, tl.trans(phi_t), input_precision=PREC)
-            cf = tl.load(coef_ptr + t64, mask=tmask, other=0.0)
-            dxt += cf[:, None] * xf
+            if DOT_F32:
+                dxt = tl.dot(du, phi_T, input_precision="ieee")
+            else:
+                dxt = tl.dot(du, phi_T, input_precision=PREC)
+            cf = tl.load(coef_ptr + t0 + rows, mask=tmask, other=0.0)
+            dxt += cf[:, None] * xt.to(tl.float32)
             if HAS_LI:
-                hp = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0)
-                gl = tl.load(gli_ptr + t64[:, None] * C + c[None, :], mask=lm, other=0.0)
+                hp = tl.load(hpre_ptr + (t0 + rows).to(tl.int64) * N + i, mask=tmask, other=0.0)
+                gb = gli_ptr + t064 * C
+                if EVEN_T and EVEN_C:
+                    gl = tl.load(gb + go)
+                else:
+                    gl = tl.load(gb + go, mask=lm, other=0.0)
                 dxt += hp[:, None] * gl.to(tl.float32)
-            if ACC:     # add into the x gradient already there (in place: read then write, same thread)
-                dxt += tl.load(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm,
-                               other=0.0).to(tl.float32)
-            tl.store(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :],
-                     dxt.to(dx_ptr.dtype.element_ty), mask=lm)
+            optr = dx_ptr + t064 * nC + xo
+            if EVEN_T and EVEN_C:
+                if ACC:     # add into the x gradient already there (read then write, same thread)
+                    dxt += tl.load(optr).to(tl.float32)
+                tl.store(optr, dxt.to(dx_ptr.dtype.element_ty))
+            else:
+                if ACC:
+                    dxt += tl.load(optr, mask=lm, other=0.0).to(tl.float32)
+                tl.store(optr, dxt.to(dx_ptr.dtype.element_ty), mask=lm)
     if DPHI:
         tl.store(dphi_ptr + ts.to(tl.int64) * nC * K + prow[:, None] * K + kk[None, :], acc,
                  mask=cmask[:, None] & kmask[None, :])
@@ -1033,23 +1092,41 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
         dalpha = dap.sum(0)
     if need_x or need_phi:
         bt2 = max(16, min(_np2(cfg.b2_bt), _np2(T)))
-        br = _np2(cfg.b2_br)
-        if KP >= 64 and "b2_br" not in cfg.explicit:    # n >= 5: [BR, KP] phi rows + dphi accumulator
-            br = min(br, 64)
-            bt2 = 16
+        br = max(16, _np2(cfg.b2_br))
+        warps2 = cfg.b2_warps
+        if KP >= 64:                  # n >= 5: [BR, KP] phi rows + dphi accumulator
+            if "b2_br" not in cfg.explicit:
+                br = min(br, 64)
+            if "b2_warps" not in cfg.explicit:
+                warps2 = max(warps2, 8)
         ncb = triton.cdiv(C, br)
         nblk = triton.cdiv(T, bt2)
-        ts = cfg.b2_ts if cfg.b2_ts > 0 else triton.cdiv(4 * _num_sms(dev), n * ncb)
-        ts = max(1, min(ts, nblk))
-        tps = triton.cdiv(nblk, ts) * bt2
-        ts = triton.cdiv(T, tps)
         acc = need_x and dx_acc is not None
         dx = (dx_acc if acc else torch.empty_like(x)) if need_x else x
+        if cfg.b2_dphi not in ("bf16", "prec"):
+            raise ValueError(f"mhc_pre: b2_dphi must be 'bf16' or 'prec', got {cfg.b2_dphi!r}")
+        kw = dict(N=n, K=K, KP=KP, BT=bt2, BR=br, STAGES=cfg.b2_stages, HAS_LI=has_li, DX=need_x,
+                  DPHI=need_phi, ACC=acc, PREC=cfg.precision,
+                  DPHI_BF16=(cfg.b2_dphi == "bf16" and x.dtype == torch.bfloat16
+                             and cfg.precision == "tf32"),
+                  DOT_F32=interpreting(), EVEN_T=T % bt2 == 0, EVEN_C=C % br == 0,
+                  num_warps=warps2)
+        if cfg.b2_ts > 0:
+            ts = min(cfg.b2_ts, nblk)
+        else:   # the smallest split within 5% of the fewest waves x work per CTA, for the CTAs
+                # that fit on an SM (b2_ctas, 0: from the compiled kernel's registers and smem)
+            from kernels.triton.hc_pre import resident_ctas
+            ctas = cfg.b2_ctas if cfg.b2_ctas > 0 else resident_ctas(
+                _bwd_dx_dphi_kernel, [x, phi, du, coef, h_pre, gli, dx, du, T, C, ncb, bt2, 3],
+                kw, 3)
+            slots, units = ctas * _num_sms(dev), n * ncb
+            t_k = {k: triton.cdiv(k * units, slots) / k for k in range(1, min(nblk, 64) + 1)}
+            ts = min(k for k, v in t_k.items() if v <= 1.05 * min(t_k.values()))
+        tps = triton.cdiv(nblk, ts) * bt2
+        ts = triton.cdiv(T, tps)
         dphi_ws = torch.empty(ts, n * C, K, device=dev, dtype=f32) if need_phi else du
         _bwd_dx_dphi_kernel[(n * ncb * ts,)](
-            x, phi, du, coef, h_pre, gli, dx, dphi_ws, T, C, ncb, tps, ts,
-            N=n, K=K, KP=KP, BT=bt2, BR=br, HAS_LI=has_li, DX=need_x, DPHI=need_phi,
-            ACC=acc, PREC=cfg.precision, num_warps=cfg.b2_warps, num_stages=cfg.b2_stages)
+            x, phi, du, coef, h_pre, gli, dx, dphi_ws, T, C, ncb, tps, ts, **kw)
         if not need_x:
             dx = None
         if need_phi:

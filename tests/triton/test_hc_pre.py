@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from kernels import reference
+from kernels import reference, site_link
 from suite.tolerance import rel_err, tolerance
 
 H = importlib.import_module("kernels.triton.hc_pre")   # the package re-exports the function hc_pre
@@ -21,6 +21,8 @@ FNS = {"hc_pre": (H.hc_pre, reference.hc_pre), "hc_coeffs": (H.hc_coeffs, refere
 OUT_NAMES = {"hc_pre": ("layer_input", "h_post", "h_res"), "hc_coeffs": ("h_pre", "h_post", "h_res")}
 # The GPU tiling (small token blocks, many programs), forced on the interpreter for one case.
 GPU_TILING = {k: v for k, v in H.DEFAULT_CONFIG.items() if k in H.INTERPRETER_CONFIG}
+# The FMA kernels (one-kernel forward _fwd_kernel, dx / dw kernel _bwd_dx_kernel), not the defaults.
+FMA = {"fwd_impl": "fma", "b2_impl": "fma"}
 
 
 def make_inputs(T, n, C, dtype, device, seed=0):
@@ -80,11 +82,22 @@ def test_matches_reference(fn_name, T, n, C, dtype, kernel_device):
     check(fn_name, T, n, C, dtype, kernel_device)
 
 
+@pytest.mark.parametrize("fn_name,T,n,C,dtype", [
+    ("hc_pre", 1, 1, 40, torch.bfloat16), ("hc_pre", 7, 3, 264, torch.float16),
+    ("hc_pre", 33, 4, 64, torch.bfloat16), ("hc_pre", 7, 8, 264, torch.bfloat16),
+    ("hc_coeffs", 7, 2, 264, torch.float16)],
+    ids=["pre-n1", "pre-n3", "pre-n4", "pre-n8", "coeffs-n2"])
+def test_fma_kernels(fn_name, T, n, C, dtype, kernel_device):
+    """fwd_impl=fma, b2_impl=fma: the FMA forward and dx / dw kernels (selectable, not default)."""
+    check(fn_name, T, n, C, dtype, kernel_device, config=FMA)
+
+
 def test_gpu_tiling_and_no_prefetch(kernel_device):
-    """The GPU's small token blocks (partial last block, persistent loop), then no prefetch."""
-    check("hc_pre", 7, 3, 264, torch.bfloat16, kernel_device, config=GPU_TILING)
+    """The GPU's small token blocks (partial last block, persistent loop), then no prefetch
+    (FMA kernels)."""
+    check("hc_pre", 7, 3, 264, torch.bfloat16, kernel_device, config=dict(GPU_TILING, **FMA))
     check("hc_pre", 5, 4, 40, torch.float16, kernel_device,
-          config=dict(GPU_TILING, fwd_prefetch=0, b1_prefetch=0, b2_prefetch=0, fwd_bt=2))
+          config=dict(GPU_TILING, fwd_prefetch=0, b1_prefetch=0, b2_prefetch=0, fwd_bt=2, **FMA))
 
 
 @pytest.mark.parametrize("prefetch", [1, 0])
@@ -92,15 +105,15 @@ def test_many_chunks(prefetch, kernel_device):
     """One warp per program: 128-column chunks, so C = 264 and 1032 take several chunks with a
     partial last one (pass 2 walks them in reverse), in all three kernels."""
     cfg = dict(fwd_warps=1, b1_warps=1, b2_warps=1, fwd_prefetch=prefetch, b1_prefetch=prefetch,
-               b2_prefetch=prefetch)
+               b2_prefetch=prefetch, **FMA)
     check("hc_pre", 5, 4, 264, torch.bfloat16, kernel_device, config=cfg)
     check("hc_pre", 3, 3, 1032, torch.float16, kernel_device, config=dict(cfg, fwd_cp=1, b2_cp=1))
     check("hc_coeffs", 3, 2, 264, torch.bfloat16, kernel_device, config=cfg)
 
 
 @pytest.mark.parametrize("T,n,C,dtype,config", [
-    (1, 1, 1024, torch.bfloat16, GPU_TILING),                        # the GPU's 8 warps: 1024 columns
-    (5, 4, 512, torch.float16, dict(GPU_TILING, fwd_warps=4, fwd_ctas_per_sm=4)),
+    (1, 1, 1024, torch.bfloat16, dict(GPU_TILING, **FMA)),           # the GPU's 8 warps: 1024 columns
+    (5, 4, 512, torch.float16, dict(GPU_TILING, fwd_warps=4, fwd_ctas_per_sm=4, **FMA)),
     (3, 2, 128, torch.bfloat16, None),                                # C = 64: one 1-warp chunk
 ], ids=["n1-C1024-gpu", "n4-C512-w4", "n2-C128"])
 def test_width_multiple_of_chunk(T, n, C, dtype, config, kernel_device):
@@ -192,6 +205,155 @@ def test_config_string(kernel_device):
     assert cfg["fwd_warps"] == 2 and cfg["b2_bt"] == 1 and cfg["x_hint"] == "none"
     with pytest.raises(ValueError, match="x_hint"):
         H.parse_config({"x_hint": "cs"})
+
+
+# ------------------------------------------------------------ dx / dw on tensor cores (b2_impl=mma)
+MMA_TILINGS = {
+    "blocks": {"b2_bm": 16, "b2_bc": 32, "b2_ctas": 8},           # several row groups and columns
+    "tiny": {"b2_bm": 16, "b2_bc": 16, "b2_ctas": 64, "b2_stages": 2},
+    "tf32": {"b2_dw": "tf32", "b2_bc": 128},                       # dw in tf32 instead of bf16 hi + lo
+}
+
+
+@pytest.mark.parametrize("tiling", list(MMA_TILINGS))
+@pytest.mark.parametrize("fn_name,T,n,C,dtype", [
+    ("hc_pre", 7, 3, 264, torch.bfloat16),      # row blocks straddle tokens (n = 3), column tails
+    ("hc_pre", 16, 4, 64, torch.bfloat16),      # whole row and column blocks (EVEN_R, EVEN_C)
+    ("hc_pre", 5, 8, 40, torch.float16),
+    ("hc_pre", 33, 1, 264, torch.bfloat16),
+    ("hc_pre", 9, 5, 64, torch.bfloat16),       # n = 5: no power of two
+    ("hc_coeffs", 16, 2, 128, torch.float16)],
+    ids=["pre-n3", "pre-n4-even", "pre-n8", "pre-n1", "pre-n5", "coeffs-n2"])
+def test_mma_backward_tilings(fn_name, T, n, C, dtype, tiling, kernel_device):
+    check(fn_name, T, n, C, dtype, kernel_device, config=MMA_TILINGS[tiling])
+
+
+# ------------------------------------------------------------------------- site link (dx handed over)
+class _EmulatedPost(torch.autograd.Function):
+    """F_post,res in torch with kernels/triton/post.py's link protocol: claims the link, puts its
+    dx there (site_link.hand_over) and returns no x gradient."""
+
+    @staticmethod
+    def forward(ctx, x, f, h_post, h_res, link):
+        ctx.save_for_backward(x, f, h_post, h_res)
+        ctx.link = link
+        out = torch.einsum("tij,tjc->tic", h_res, x.float()) + h_post[..., None] * f.float()[:, None]
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, f, h_post, h_res = ctx.saved_tensors
+        g = g.float()
+        dx = torch.einsum("tij,tic->tjc", h_res, g).to(x.dtype)
+        df = (h_post[..., None] * g).sum(1).to(f.dtype)
+        dhp = (g * f.float()[:, None]).sum(-1)
+        dhr = torch.einsum("tic,tjc->tij", g, x.float())
+        dx = site_link.hand_over(ctx, ctx.link, dx, 3)
+        return dx, df, dhp, dhr, None
+
+
+def _emulated_post(x, f, h_post, h_res):
+    return _EmulatedPost.apply(x, f, h_post, h_res, site_link.claim(h_res, x))
+
+
+def _triton_post(x, f, h_post, h_res):
+    from kernels.triton.post import post
+    return post(x, f, h_post, h_res)
+
+
+def _site_grads(post_fn, fn, x, w, b, s, m, up, link=True):
+    """x -> pre -> F = layer_input * m (apply(h_pre) * m for hc_coeffs) -> post(x, F, h_post,
+    h_res) -> (out, gradients of x, w, b, s). link=False hands post a view of x (no link)."""
+    ins = [t.clone().requires_grad_() for t in (x, w, b, s)]
+    if fn in (H.hc_coeffs, reference.hc_coeffs) or getattr(fn, "coeffs", False):
+        h_pre, h_post, h_res = fn(*ins)
+        li = reference.apply_pre(ins[0], h_pre).to(x.dtype)
+    else:
+        li, h_post, h_res = fn(*ins)
+    xp = ins[0] if link else ins[0].view_as(ins[0])
+    out = post_fn(xp, li * m.to(li.dtype), h_post, h_res)
+    return out, torch.autograd.grad(out, ins, up.to(out.dtype))
+
+
+def _site_case(fn_name, T, n, C, dtype, device, config, monkeypatch):
+    (x, w, b, s), g = make_inputs(T, n, C, dtype, device, seed=3)
+    m = torch.randn(T, C, generator=g).to(dtype).to(device)
+    up = torch.randn(T, n, C, generator=g).to(dtype).to(device)
+    taken = []
+    real = site_link.accumulator
+
+    def spy(link, xx):
+        acc = real(link, xx)
+        taken.append(acc is not None)
+        return acc
+    monkeypatch.setattr(H.site_link, "accumulator", spy)
+    fn = H.hc_pre if fn_name == "hc_pre" else H.hc_coeffs
+
+    def kfn(*a):
+        return fn(*a, config=config)
+    kfn.coeffs = fn_name == "hc_coeffs"
+    ref_fn = reference.hc_pre if fn_name == "hc_pre" else reference.hc_coeffs
+    ref = _site_grads(reference.post, ref_fn, *(t.double() for t in (x, w, b, s, m, up)))
+    return kfn, (x, w, b, s, m, up), ref, taken
+
+
+def _errs(got, want):
+    out, grads = got
+    rout, rgrads = want
+    errs = {"out": rel_err(out, rout)}
+    errs.update({"d" + k: rel_err(a, r) for k, a, r in zip("xwbs", grads, rgrads)})
+    return errs
+
+
+@pytest.mark.parametrize("config", [None, FMA, MMA_TILINGS["blocks"]], ids=["default", "fma", "blocks"])
+@pytest.mark.parametrize("fn_name,T,n,C,dtype", [
+    ("hc_pre", 7, 4, 264, torch.bfloat16), ("hc_pre", 16, 4, 64, torch.bfloat16),
+    ("hc_pre", 5, 3, 40, torch.float16), ("hc_pre", 1, 1, 64, torch.bfloat16),
+    ("hc_coeffs", 9, 2, 40, torch.bfloat16)],
+    ids=["pre-n4", "pre-n4-even", "pre-n3", "pre-n1-T1", "coeffs-n2"])
+def test_site_link_accumulates_dx(fn_name, T, n, C, dtype, config, kernel_device, monkeypatch):
+    """pre + a post that hands its dx over (site_link): pre's backward takes it once and adds it in
+    place (ACC), no torch add; every gradient still matches fp64."""
+    kfn, ins, ref, taken = _site_case(fn_name, T, n, C, dtype, kernel_device, config, monkeypatch)
+    errs = _errs(_site_grads(_emulated_post, kfn, *ins), ref)
+    assert taken == [True]
+    bad = {k: v for k, v in errs.items() if not v <= tolerance(dtype)}
+    assert not bad, f"site {fn_name} T={T} n={n} C={C} {dtype} {config}: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("fn_name,T,n,C,dtype", [
+    ("hc_pre", 7, 4, 264, torch.bfloat16), ("hc_pre", 8, 8, 64, torch.float16),
+    ("hc_pre", 3, 2, 40, torch.bfloat16), ("hc_coeffs", 5, 3, 40, torch.bfloat16)],
+    ids=["pre-n4", "pre-n8", "pre-n2", "coeffs-n3"])
+def test_site_with_triton_post(fn_name, T, n, C, dtype, kernel_device, monkeypatch):
+    """hc_pre + kernels.triton.post through autograd, with the link (post hands dx over) and
+    without (post given a view of x: autograd adds the two x gradients): the same gradients, and
+    dx matches fp64. (The whole site rounds F, df and the output to 16 bits, so the small
+    coefficient gradients are compared between the two paths, not with fp64.)"""
+    kfn, ins, ref, taken = _site_case(fn_name, T, n, C, dtype, kernel_device, None, monkeypatch)
+    linked = _site_grads(_triton_post, kfn, *ins)
+    plain = _site_grads(_triton_post, kfn, *ins, link=False)
+    tol = tolerance(dtype)
+    errs = _errs(linked, plain)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"linked vs plain {fn_name} T={T} n={n} C={C} {dtype}: {bad} (all: {errs})"
+    errs = _errs(linked, ref)
+    assert errs["dx"] <= tol and errs["out"] <= tol, errs
+    import kernels.triton.post as post_module
+    linking = hasattr(post_module, "site_link")      # post.py hands dx over (site_link.hand_over)
+    assert taken == [linking, False]     # linked: one accumulator; plain: none
+
+
+def test_site_link_not_taken(kernel_device):
+    """No link: h_res detached from pre, x without grad, or a second post on the same h_res."""
+    (x, w, b, s), g = make_inputs(5, 4, 40, torch.bfloat16, kernel_device)
+    x = x.clone().requires_grad_()
+    li, h_post, h_res = H.hc_pre(x, w, b, s)
+    assert site_link.claim(h_res, x.detach()) is None           # another x object
+    assert site_link.claim(h_res, x) is not None
+    assert site_link.claim(h_res, x) is None                    # claimed once only
+    li, h_post, h_res = H.hc_pre(x.detach(), w, b, s)
+    assert getattr(h_res, site_link._ATTR, None) is None         # x without grad: no link
 
 
 # ------------------------------------------------------------------------------------ GPU

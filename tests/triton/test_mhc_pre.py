@@ -360,3 +360,45 @@ def test_gpu_int64_offsets(split):
     assert rel_err(li[-64:], out_ref[0]) <= tolerance(BF16)
     assert rel_err(h_res[-64:], out_ref[2]) <= tolerance(BF16)
     assert rel_err(xr.grad[-64:], tail[0].grad) <= tolerance(BF16)
+
+
+# ------------------------------------------------ dx / dphi kernel (_bwd_dx_dphi_kernel) tilings
+B2_CONFIGS = {
+    # several token splits and column blocks, partial last ones (C = 40, 264 over 16 columns)
+    "splits": {"b2_bt": 16, "b2_br": 16, "b2_ts": 3},
+    "stages3-ctas1": {"b2_stages": 3, "b2_ctas": 1},
+    "prec": {"b2_dphi": "prec"},                        # dphi on x in fp32 (tf32), not bf16 hi + lo
+    "ieee": {"precision": "ieee", "b2_br": 32},
+    "warps8": {"b2_warps": 8, "b2_br": 128, "b2_ts": 2},
+}
+B2_CASES = [(1, 264, 7, BF16), (3, 40, 33, BF16), (4, 64, 32, BF16), (4, 264, 1, FP16),
+            (5, 40, 17, BF16), (8, 264, 9, FP16)]
+
+
+@pytest.mark.parametrize("name", list(B2_CONFIGS))
+@pytest.mark.parametrize("n,C,T,dtype", B2_CASES,
+                         ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}" for c in B2_CASES])
+def test_dx_dphi_tilings(kernel_device, n, C, T, dtype, name):
+    """dx and dphi (and db, dalpha) for tilings of the dx / dphi kernel: token splits with partial
+    last blocks, whole blocks (n = 4, C = 64, T = 32: no masks), both dphi products."""
+    errs, _ = _compare(mhc_pre, ref.mhc_pre, n, C, T, dtype, 20, kernel_device, seed=7 * n + C + T,
+                       config=B2_CONFIGS[name])
+    _assert_close(errs, dtype, f"mhc_pre n={n} C={C} T={T} {dtype} {name}")
+
+
+@pytest.mark.parametrize("name", ["splits", "prec"])
+def test_dx_dphi_accumulate(kernel_device, name):
+    """mhc_pre_backward(dx_accumulate=): dx added in place (ACC) with whole and partial blocks."""
+    for n, C, T in ((4, 64, 32), (3, 264, 7)):
+        (x, phi, b, alpha), g = _inputs(n, C, T, BF16, kernel_device, seed=31 + n)
+        li, h_post, h_res, saved = mhc_pre_forward(x, phi, b, alpha, 20, config=B2_CONFIGS[name])
+        ups = [torch.randn(o.shape, generator=g).to(o.dtype).to(kernel_device)
+               for o in (li, h_post, h_res)]
+        d0 = torch.randn(T, n, C, generator=g).to(BF16).to(kernel_device)
+        acc = d0.clone()
+        dx, dphi, _, _ = mhc_pre_backward(saved, *ups, dx_accumulate=acc)
+        assert dx is acc
+        leaves = [t.detach().double().requires_grad_() for t in (x, phi, b, alpha)]
+        torch.autograd.backward(ref.mhc_pre(*leaves, sinkhorn_iters=20), [u.double() for u in ups])
+        assert rel_err(dx, leaves[0].grad + d0.double()) <= tolerance(BF16)
+        assert rel_err(dphi, leaves[1].grad) <= tolerance(BF16)

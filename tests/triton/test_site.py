@@ -10,7 +10,7 @@ from kernels import site_link
 from suite.check import check
 from suite.scenario import Case
 
-METHODS = ("mhc",)
+METHODS = ("mhc", "hc")
 
 
 def _gate(method, n, C, T, dtype, device, monkeypatch):
