@@ -6,8 +6,8 @@
 # the archive is not needed.
 # Runs: precompile (post, residual, mHC and HC coefficient kernels), tests/tilelang, then
 # kernels.yaml --only backend=tilelang,triton --only method=mhc,hc.
-# Writes to $OUT: gpu_tilelang.log (everything), pytest.log, precompile.log, run.tar.gz (the
-# harness run folder) and summary.txt (the short table, also printed last).
+# Writes to $OUT: gpu_tilelang.log (everything), pytest.log, precompile.log, site_tests.log, run.tar.gz
+# (the harness run folder) and summary.txt (the short table, also printed last).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -32,16 +32,22 @@ $PY -c "import torch, tilelang, triton; print('torch', torch.__version__, 'tilel
 $PY -c "import kernels; print('tilelang unavailable_reason:', kernels.unavailable_reason('mhc', 'tilelang', 'cuda'))"
 
 step "precompile (parallel, into TileLang's disk cache)"
-timeout -k 10 170 $PY scripts/tilelang_precompile.py --procs 15 >"$OUT/precompile.log" 2>&1
+timeout -k 10 150 $PY scripts/tilelang_precompile.py --procs 15 >"$OUT/precompile.log" 2>&1
 echo "precompile rc=$? ($(grep -c '^ok' "$OUT/precompile.log") ok, $(grep -c '^FAILED' "$OUT/precompile.log") failed)"
 grep -A4 '^FAILED' "$OUT/precompile.log" | head -30
 tail -1 "$OUT/precompile.log"
 
 step "GPU tests (tests/tilelang)"
-timeout -k 10 120 $PY -m pytest -q -rA -p no:cacheprovider tests/tilelang >"$OUT/pytest.log" 2>&1
+timeout -k 10 100 $PY -m pytest -q -rA -p no:cacheprovider tests/tilelang >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 tail -3 "$OUT/pytest.log"
+
+step "Triton site-link GPU tests (fwd+bwd against fp64; the TileLang ones are in tests/tilelang)"
+timeout -k 10 60 $PY -m pytest -q -rf -p no:cacheprovider tests/triton/test_site.py -m gpu \
+  >"$OUT/site_tests.log" 2>&1
+echo "site tests rc=$?"
+tail -3 "$OUT/site_tests.log"
 
 step "kernels.yaml: tilelang and triton, mHC and HC (site and post)"
 mkdir -p "$OUT/runs"
