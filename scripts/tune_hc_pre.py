@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from suite.kernel_profile import print_kernels  # noqa: E402
 from suite.timing import Timer, copy_rate_gbps  # noqa: E402
 
 from kernels import reference  # noqa: E402
@@ -68,48 +69,6 @@ SMOKE = False
 def bench(fn) -> float:
     """Median ms through the suite's one timer (L2 flushed before each call on a GPU)."""
     return Timer(DEVICE).time(fn, warmup_ms=5, rep_ms=25, min_samples=3 if SMOKE else 30).median
-
-
-def kernel_times(fn, reps=5):
-    """{kernel name: mean device us per call} over `reps` calls of fn (torch.profiler), with a
-    256 MB write between calls (L2 flushed; its kernel is left out)."""
-    if DEVICE != "cuda":
-        return {}
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    buf = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
-    fn()
-    torch.cuda.synchronize()
-    buf.fill_(3)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            buf.fill_(1)
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if getattr(e, "device_type", None) != DeviceType.CUDA:
-            continue
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0.0)
-        out[e.key] = out.get(e.key, 0.0) + t / reps
-    for k in [k for k in out if "FillFunctor<unsigned char>" in k]:      # the flush
-        out.pop(k)
-    return out
-
-
-def print_kernels(label, fn):
-    try:
-        kt = kernel_times(fn)
-    except Exception as exc:   # the profiler is a diagnostic: never fail the run for it
-        print(f"  kernels {label}: profiler failed: {type(exc).__name__}: {exc}", flush=True)
-        return
-    if kt:
-        print(f"  kernels {label}: total {sum(kt.values()):.0f} us", flush=True)
-        for k, v in sorted(kt.items(), key=lambda kv: -kv[1]):
-            if v >= 3.0:
-                print(f"    {v:8.1f} us  {k[:90]}", flush=True)
 
 
 def copy_rate() -> float:
@@ -218,7 +177,7 @@ def main() -> int:
             ms = bench(fb)
             record("fwd+bwd", cfg, ms, err)
             if args.kernels:
-                print_kernels(f"C={C} fwd+bwd {cfg or 'default'}", fb)
+                print_kernels(f"C={C} fwd+bwd {cfg or 'default'}", fb, DEVICE)
         if post is not None:
             f = torch.randn(T, C, generator=g, device=DEVICE).to(DTYPE)
 
@@ -238,7 +197,7 @@ def main() -> int:
             ms = bench(site_fb)
             record("site f+b", "hc_pre+post (F = li*m)", ms, float("nan"))
             if args.kernels:
-                print_kernels(f"C={C} site fwd+bwd", site_fb)
+                print_kernels(f"C={C} site fwd+bwd", site_fb, DEVICE)
         del x, w, b, s, xg, wg, bg, sg
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

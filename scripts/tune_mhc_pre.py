@@ -46,6 +46,7 @@ import triton  # noqa: E402
 
 from kernels import reference as ref  # noqa: E402
 from suite.cost import case_cost  # noqa: E402
+from suite.kernel_profile import print_kernels  # noqa: E402
 from suite.timing import Timer, copy_rate_gbps  # noqa: E402
 from suite.tolerance import rel_err  # noqa: E402
 
@@ -270,47 +271,6 @@ def _parse_cfg(text):
     return cfg
 
 
-def kernel_times(fn, reps=5):
-    """{kernel name: mean device us per call} over `reps` calls of fn (torch.profiler), with a
-    256 MB write between calls (L2 flushed; its kernel is left out)."""
-    if DRY:
-        return {}
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    buf = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            buf.fill_(1)
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if getattr(e, "device_type", None) != DeviceType.CUDA:
-            continue
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0.0)
-        out[e.key] = out.get(e.key, 0.0) + t / reps
-    for k in [k for k in out if "FillFunctor<unsigned char>" in k]:      # the flush
-        out.pop(k)
-    return out
-
-
-def print_kernels(label, fn):
-    try:
-        kt = kernel_times(fn)
-    except Exception as exc:   # a diagnostic: never fail the run for it
-        print(f"  kernels {label}: profiler failed: {type(exc).__name__}: {exc}", flush=True)
-        return
-    if kt:
-        print(f"  kernels {label}: total {sum(kt.values()):.0f} us", flush=True)
-        for k, v in sorted(kt.items(), key=lambda kv: -kv[1]):
-            if v >= 3.0:
-                print(f"    {v:8.1f} us  {k[:90]}", flush=True)
-
-
 KERNELS = "--kernels" in sys.argv
 
 
@@ -329,7 +289,7 @@ def bwd_sweep(cfgs, widths):
                 def run():
                     out = M.mhc_pre(xs, *ps, sinkhorn_iters=ITERS, config=cfg)
                     torch.autograd.grad(out, [xs, *ps], (gl, gq, gr))
-                print_kernels(f"C={C} pre fwd+bwd {cfg_name(cfg)}", run)
+                print_kernels(f"C={C} pre fwd+bwd {cfg_name(cfg)}", run, DEV)
         if post_kernel is not None and left() > 4:
             time_fwd_bwd(C, x, phi, b, alpha, {}, what="site fwd+bwd")
             if KERNELS:
@@ -340,7 +300,7 @@ def bwd_sweep(cfgs, widths):
                 def site():
                     li, hq, hr = M.mhc_pre(xs, *ps, sinkhorn_iters=ITERS)
                     torch.autograd.grad(post_kernel(xs, li, hq, hr), [xs, *ps], gn)
-                print_kernels(f"C={C} site fwd+bwd", site)
+                print_kernels(f"C={C} site fwd+bwd", site, DEV)
         del x, phi, b, alpha
         if not DRY:
             torch.cuda.empty_cache()

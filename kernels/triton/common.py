@@ -1,9 +1,12 @@
-"""Input checks shared by the Triton kernels: wrong input fails loudly, never silently wrong."""
+"""What the Triton kernels share: input checks (wrong input fails loudly, never silently wrong) and
+small @triton.jit helpers that several kernels inline."""
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels import checks
 
@@ -53,3 +56,21 @@ def num_sms(device: torch.device, interpreter_sms: int) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+@triton.jit
+def dot_xT_hilo(xt, u, acc, DOT_F32: tl.constexpr):
+    """acc + xt^T @ u for a weight gradient over tokens: xt [BT, BR] bf16 as loaded (exact), u
+    [BT, K] fp32 split into two bf16 halves, fp32 accumulation (u to ~16 bits). DOT_F32: the same
+    split products in fp32 (the interpreter multiplies 16-bit tiles as bit patterns)."""
+    uh = u.to(tl.bfloat16)
+    ul = (u - uh.to(tl.float32)).to(tl.bfloat16)
+    if DOT_F32:
+        xT = tl.trans(xt.to(tl.float32))
+        acc = tl.dot(xT, uh.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(xT, ul.to(tl.float32), acc, input_precision="ieee")
+    else:
+        xT = tl.trans(xt)
+        acc = tl.dot(xT, uh, acc)
+        acc = tl.dot(xT, ul, acc)
+    return acc

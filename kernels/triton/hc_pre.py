@@ -105,7 +105,7 @@ import triton.language as tl
 from kernels import reference, site_link
 from kernels.hilo import split_hi_lo
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
+from kernels.triton.common import check_state, check_tensor, dot_xT_hilo, interpreting, num_sms
 
 EPS = reference.EPS_RMS
 
@@ -748,16 +748,7 @@ def _bwd_dx_mma_kernel(x_ptr, g_ptr, w_ptr, coef_ptr, dx_ptr, dwp_ptr,
         u = tl.where(km[None, :], ct, 0.0)
         if WRITE_DW:
             if DW_BF16:
-                uh = u.to(tl.bfloat16)
-                ul = (u - uh.to(tl.float32)).to(tl.bfloat16)
-                if DOT_F32:     # interpreter: the same split products, in fp32
-                    xT = tl.trans(xt.to(tl.float32))
-                    dw = tl.dot(xT, uh.to(tl.float32), dw, input_precision="ieee")
-                    dw = tl.dot(xT, ul.to(tl.float32), dw, input_precision="ieee")
-                else:
-                    xT = tl.trans(xt)
-                    dw = tl.dot(xT, uh, dw)
-                    dw = tl.dot(xT, ul, dw)
+                dw = dot_xT_hilo(xt, u, dw, DOT_F32)
             elif DOT_F32:
                 dw = tl.dot(tl.trans(xt.to(tl.float32)), u, dw, input_precision="ieee")
             else:

@@ -90,7 +90,7 @@ import triton.language as tl
 
 from kernels import site_link
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
+from kernels.triton.common import check_state, check_tensor, dot_xT_hilo, interpreting, num_sms
 
 EPS_RMS = 1e-6
 EPS_SK = 1e-6
@@ -699,16 +699,7 @@ def _bwd_dx_dphi_kernel(x_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, gli_ptr, dx_
             du = tl.load(du_ptr + t064 * K + do, mask=tmask[:, None] & kmask[None, :], other=0.0)
         if DPHI:
             if DPHI_BF16:
-                duh = du.to(tl.bfloat16)
-                dul = (du - duh.to(tl.float32)).to(tl.bfloat16)
-                if DOT_F32:     # interpreter: the same split products, in fp32
-                    xT = tl.trans(xt.to(tl.float32))
-                    acc = tl.dot(xT, duh.to(tl.float32), acc, input_precision="ieee")
-                    acc = tl.dot(xT, dul.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    xT = tl.trans(xt)
-                    acc = tl.dot(xT, duh, acc)
-                    acc = tl.dot(xT, dul, acc)
+                acc = dot_xT_hilo(xt, du, acc, DOT_F32)
             elif DOT_F32:
                 acc = tl.dot(tl.trans(xt.to(tl.float32)), du, acc, input_precision="ieee")
             else:

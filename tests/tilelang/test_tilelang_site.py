@@ -94,11 +94,11 @@ def _toy_site(T, n, C, posts, link=True, seed=0):
     return got, want
 
 
-def _assert_close(got, want, names):
-    tol = tolerance(DTYPE)
+def _assert_close(got, want, names, dtype=DTYPE, label=""):
+    tol = tolerance(dtype)
     errs = {nm: rel_err(a, b) for nm, a, b in zip(names, got, want)}
     bad = {k: f"{v:.2e}" for k, v in errs.items() if not v <= tol}
-    assert not bad, f"above {tol}: {bad} (all {errs})"
+    assert not bad, f"{label}above {tol}: {bad} (all {errs})"
 
 
 @pytest.mark.parametrize("n,C,T", [(4, 264, 5), (1, 40, 3), (3, 40, 7)])
@@ -186,10 +186,7 @@ SITE_CASES = [("mhc", 4, 2560, 37), ("mhc", 4, 2560, 1), ("mhc", 3, 264, 5),
 @pytest.mark.parametrize("method,n,C,T", SITE_CASES, ids=[f"{m}-n{n}-C{C}-T{T}" for m, n, C, T in SITE_CASES])
 def test_gpu_site(method, n, C, T, puts):
     got, want, names = _site_grads(method, n, C, T, 1, seed=n * 31 + T)
-    tol = tolerance(torch.bfloat16)
-    errs = {nm: rel_err(a, b) for nm, a, b in zip(names, got, want)}
-    bad = {k: f"{v:.2e}" for k, v in errs.items() if not v <= tol}
-    assert not bad, f"{method} n={n} C={C} T={T}: above {tol}: {bad} (all {errs})"
+    _assert_close(got, want, names, torch.bfloat16, f"{method} n={n} C={C} T={T}: ")
     assert puts == [(T, n, C)], "post's x gradient did not go through the link"
 
 
@@ -199,10 +196,7 @@ def test_gpu_site(method, n, C, T, puts):
 def test_gpu_site_two_posts_share_h_res(method, puts):
     n, C, T = 4, 2560, 17
     got, want, names = _site_grads(method, n, C, T, 2, seed=11)
-    tol = tolerance(torch.bfloat16)
-    errs = {nm: rel_err(a, b) for nm, a, b in zip(names, got, want)}
-    bad = {k: f"{v:.2e}" for k, v in errs.items() if not v <= tol}
-    assert not bad, f"{method} two posts: above {tol}: {bad} (all {errs})"
+    _assert_close(got, want, names, torch.bfloat16, f"{method} two posts: ")
     assert puts == [(T, n, C)], "exactly the first post hands its dx over"
 
 
