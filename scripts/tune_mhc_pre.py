@@ -3,6 +3,9 @@
 
     .venv/bin/python scripts/tune_mhc_pre.py            # bf16, n=4, T=16384, 20 Sinkhorn iterations
     TUNE_BUDGET_S=60 .venv/bin/python scripts/tune_mhc_pre.py
+    .venv/bin/python scripts/tune_mhc_pre.py --fwd "cfg;cfg" [--C 4096,7168] [--kernels]
+        forward sweep only: mhc_pre forward per configuration, each checked against the fp64
+        reference before it is timed, then the site forward (mhc_pre + post) with each
     .venv/bin/python scripts/tune_mhc_pre.py --bwd "cfg;cfg" [--C 4096,7168] [--kernels]
         backward sweep only: mhc_pre fwd+bwd per configuration ("k=v,..."; "" is the default),
         gradients checked first, then the site fwd+bwd with the default; --kernels adds each one's
@@ -306,9 +309,33 @@ def bwd_sweep(cfgs, widths):
             torch.cuda.empty_cache()
 
 
+def fwd_sweep(cfgs, widths):
+    for C in widths:
+        x, phi, b, alpha = make_inputs(C)
+        ref_out = ref.mhc_pre(*(t.double() for t in (x, phi, b, alpha)), sinkhorn_iters=ITERS)
+        f = torch.randn(T, C, device=DEV).to(DT)
+        for cfg in cfgs:
+            if left() < 4:
+                print(f"  (time budget: skipping the rest at C={C})")
+                break
+            if time_fwd("pre fwd", C, x, phi, b, alpha, cfg, ref_out) is None:
+                continue
+            if KERNELS:
+                print_kernels(f"C={C} pre fwd {cfg_name(cfg)}",
+                              lambda: M.mhc_pre(x, phi, b, alpha, sinkhorn_iters=ITERS, config=cfg), DEV)
+            if post_kernel is not None:
+                ms = bench(lambda: post_kernel(x, f, *M.mhc_pre(x, phi, b, alpha, sinkhorn_iters=ITERS,
+                                                                 config=cfg)[1:]))
+                record(C, "site fwd", cfg, ms)
+        del x, phi, b, alpha, ref_out, f
+        if not DRY:
+            torch.cuda.empty_cache()
+
+
 def main():
     global COPY
-    if _arg("--bwd") is not None:
+    sweep_arg = "--bwd" if _arg("--bwd") is not None else "--fwd" if _arg("--fwd") is not None else None
+    if sweep_arg:
         if not DRY and not torch.cuda.is_available():
             print("tune_mhc_pre: needs a CUDA GPU")
             return 1
@@ -316,7 +343,8 @@ def main():
         print(f"device {'cpu (dry)' if DRY else torch.cuda.get_device_name()}, triton "
               f"{triton.__version__}; copy rate {COPY / 1e9:.0f} GB/s", flush=True)
         widths = [int(c) for c in _arg("--C", "64" if DRY else "4096").split(",")]
-        bwd_sweep([_parse_cfg(c) for c in _arg("--bwd").split(";")], widths)
+        cfgs = [_parse_cfg(c) for c in _arg(sweep_arg).split(";")]
+        (bwd_sweep if sweep_arg == "--bwd" else fwd_sweep)(cfgs, widths)
         H = importlib.import_module("kernels.triton.hc_pre")   # resident_ctas' cache
         for key, ctas in getattr(H, "_RESIDENT", {}).items():
             kw = dict(key[1])

@@ -13,8 +13,9 @@ Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
   streams; S = cdiv(C, cw) slices). The grid is one CTA per item (or `persist` CTAs per SM looping);
   item ids come from an atomic ticket, so groups are processed in order whatever order the hardware
   dispatches CTAs in. An item reads x[block g, :, slice s] once and does
-    phase 1: partial v @ phi on tensor cores (tl.dot, x exact in fp32, phi in tf32, fp32
-             accumulation; K = n*n+2n padded to a power of two >= 16, padded columns masked) and the
+    phase 1: partial v @ phi on tensor cores (fwd_dot "hilo", the default: x as loaded times phi's
+             hi and lo halves in x's dtype, two products, fp32 accumulation; "f32": x in fp32, phi
+             in tf32; K = n*n+2n padded to a power of two >= 16, padded columns zero) and the
              partial sum of squares, stored to a ring of partial-sum slots (slots are reused while
              still in L2, so the partials are never written back to HBM). The LAST item of group g
              to arrive (atomic counter) sums the S partials and runs the per-token epilogue in
@@ -29,16 +30,21 @@ Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
   HBM bytes per token: read n*C*e once (e = 2; plus phi from L2), write C*e (layer_input) +
   (n*n + 2n)*4 (coefficients) + (n*n + 2n + 1)*4 (m, r, only when a gradient is needed). x is read
   twice only as far as the phase-2 re-read misses L2 (scripts/tune_mhc_pre.py measures it).
+  Measured (ncu, H100, bf16, n = 4, T = 16384, C = 4096, bt 64, cw 256): 462 us, DRAM read 1.06 GB,
+  i.e. x twice: the ~400 items in flight (3 CTAs per SM x 128 KB) already fill L2, so the re-read
+  misses. Smaller items keep x in L2 (cw 64: 73% L2 hits) but lose more to per-item overhead
+  (1.3 ms); one CTA per SM (persist=1) starves the loads (0.69 ms). Still the fastest forward
+  here, 8-10% ahead of the non-split kernel at every width.
   config fused=False: phase 2 becomes a separate apply kernel (kernels/triton/apply_pre.py; x read
   twice from HBM).
 
-Non-split forward (config split=False; the default when cdiv(T, ns_bt) >= #SM and no split-path
-  field is set explicitly, use_split()): `_phi_pack_kernel` re-lays phi out per call as
+Non-split forward (config split=False, or any ns_* field set explicitly; use_split()):
+  `_phi_pack_kernel` re-lays phi out per call as
   [nC, 2*NP*NP] (NP = max(4, next_pow2(n)), zero padded, pre/post/res interleaved so that
   reshape + split of the accumulator gives the three groups), then `_fwd_ns_kernel`, grid
   cdiv(T, ns_bt), no workspace, atomics or waits: one CTA per ns_bt tokens loops over all n*C
   columns in chunks of ns_bk (column chunk outer, stream inner; x tiles prefetched one chunk ahead
-  in registers, phi tiles staged by the pipeliner), accumulating v @ phi_packed (tl.dot, tf32) and
+  in registers, phi tiles staged by the pipeliner), accumulating v @ phi_packed (fwd_dot as above) and
   the sum of squares; the epilogue (r, sigmoid, 2*sigmoid, Sinkhorn) runs in registers and writes
   h_pre, h_post, h_res and the same m, r as the split path (the backward is shared). mhc_pre then
   re-reads the block's x (column chunks backwards: the latest lines first) for layer_input:
@@ -89,6 +95,7 @@ import triton
 import triton.language as tl
 
 from kernels import site_link
+from kernels.hilo import split_hi_lo, split_weight_hi_lo
 from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import check_state, check_tensor, dot_xT_hilo, interpreting, num_sms
 
@@ -103,7 +110,7 @@ class Config:
     # forward
     bt: int = 64          # tokens per block (>= 16, power of two: tl.dot M dimension)
     bk: int = 64          # columns per chunk within a stream (power of two >= 16)
-    cw: int = 128         # slice width in columns (multiple of bk); S = cdiv(C, cw)
+    cw: int = 256         # slice width in columns (multiple of bk); S = cdiv(C, cw)
     lag: int = 2          # layer_input of group g - lag is done by the items of group g
     fused: bool = True    # layer_input in the same kernel (else a separate apply kernel)
     persist: int = 0      # 0: one CTA per item; k > 0: k CTAs per SM looping over tickets
@@ -115,6 +122,11 @@ class Config:
     warps: int = 4
     stages: int = 3
     precision: str = "tf32"   # tl.dot input precision: "tf32", "tf32x3" or "ieee"
+    # forward GEMM (both forward kernels): "hilo" x as loaded (bf16/fp16, exact) times phi split
+    # into hi + lo halves in x's dtype (kernels/hilo.py), two products, fp32 accumulation (phi to
+    # ~16 bits); "f32": x converted to fp32 in registers and one product at `precision` (tf32
+    # truncates phi to 11 bits). H100, n = 4, T = 16384, C = 4096: f32 split GEMM phase 666 us.
+    fwd_dot: str = "hilo"
     apply_bt: int = 16    # separate apply kernel (fused=False)
     apply_bc: int = 256
     # backward, kernel 1 (per-token coefficient backward)
@@ -143,8 +155,10 @@ class Config:
     bf_pre: int = 1       # phase-1 items each CTA takes before its first phase-2 item
     bf_warps: int = 4
     bf_stages: int = 3
-    # forward path choice: -1 auto (non-split when cdiv(T, ns_bt) >= #SM and no split-path field
-    # is set explicitly), 1 (True) the split kernel above, 0 (False) the non-split kernel below
+    # forward path choice: -1 auto (the split kernel above unless a non-split field is set
+    # explicitly), 1 (True) the split kernel, 0 (False) the non-split kernel below. H100, bf16,
+    # n = 4, T = 16384, fwd_dot hilo: split (bt 64, cw 256) 299 / 456 / 804 us at C = 2560 / 4096 /
+    # 7168, non-split 321 / 503 / 865 us (results/tuning-20261124-h100/fwd_probe.txt)
     split: int = -1
     # non-split forward (_fwd_ns_kernel): one CTA per ns_bt tokens looping over all n*C columns
     # 64 tokens and 4 stages: 7-14% faster coefficient pass than 32/3 on an H100 (same log)
@@ -278,13 +292,31 @@ def _wait_until(cnt_ptr, target, err_ptr, MAXSPIN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
+def _dot_hilo(xt, hi_ptr, lo_ptr, off, mask, acc, DOT_F32: tl.constexpr):
+    """acc + xt @ (hi + lo): xt [BT, BK] in x's dtype as loaded, hi / lo [BK, W] tiles of a
+    weight split in x's dtype (kernels/hilo.py). DOT_F32: the same products in fp32 (the
+    interpreter multiplies 16-bit float tiles as their bit patterns)."""
+    hi = tl.load(hi_ptr + off, mask=mask, other=0.0)
+    lo = tl.load(lo_ptr + off, mask=mask, other=0.0)
+    if DOT_F32:
+        xf = xt.to(tl.float32)
+        acc = tl.dot(xf, hi.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(xf, lo.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xt, hi, acc)
+        acc = tl.dot(xt, lo, acc)
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, phi_ptr, plo_ptr, b_ptr, alpha_ptr,
                 ws_ptr, wss_ptr, sync_ptr,
                 hpre_ptr, hpost_ptr, hres_ptr, m_ptr, r_ptr, li_ptr,
                 T, C, G, S, CHUNKS, LAG, TOTAL, RING, iters,
                 N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr,
                 APPLY: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+                HILO: tl.constexpr, DOT_F32: tl.constexpr,
                 MAXSPIN: tl.constexpr, NT: tl.constexpr, EARLY: tl.constexpr,
                 EU: tl.constexpr, EU2: tl.constexpr):
     nC = N * C
@@ -335,12 +367,20 @@ def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
                 c = c_lo + (j - i * CHUNKS) * BK + cols
                 cmask = c < C
                 xt = tl.load(x_ptr + xrow[:, None] + (i * C + c)[None, :],
-                             mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                prow = (i * C + c).to(tl.int64) * K
-                pt = tl.load(phi_ptr + prow[:, None] + kk[None, :],
-                             mask=cmask[:, None] & kmask[None, :], other=0.0)
-                acc = tl.dot(xt, pt, acc, input_precision=PREC)
-                ss += tl.sum(xt * xt, axis=1)     # (a [BT, BK] accumulator costs 26 registers)
+                             mask=tmask[:, None] & cmask[None, :], other=0.0)
+                if HILO:
+                    # phi hi / lo: [nC, KP] in x's dtype, zero padded past K
+                    prow = (i * C + c).to(tl.int64) * KP
+                    acc = _dot_hilo(xt, phi_ptr, plo_ptr, prow[:, None] + kk[None, :],
+                                    cmask[:, None], acc, DOT_F32)
+                    xf = xt.to(tl.float32)
+                else:
+                    xf = xt.to(tl.float32)
+                    prow = (i * C + c).to(tl.int64) * K
+                    pt = tl.load(phi_ptr + prow[:, None] + kk[None, :],
+                                 mask=cmask[:, None] & kmask[None, :], other=0.0)
+                    acc = tl.dot(xf, pt, acc, input_precision=PREC)
+                ss += tl.sum(xf * xf, axis=1)     # (a [BT, BK] accumulator costs 26 registers)
             if early < S + 2:
                 _wait_until(sync_ptr + 2 + gw, S + 2, sync_ptr + 1, MAXSPIN)
             tl.debug_barrier()
@@ -433,10 +473,12 @@ def _fwd_kernel(x_ptr, phi_ptr, b_ptr, alpha_ptr,
 
 # ====================================================================== non-split forward
 @triton.jit
-def _phi_pack_kernel(phi_ptr, out_ptr, R,
-                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BR: tl.constexpr):
+def _phi_pack_kernel(phi_ptr, out_ptr, lo_ptr, R,
+                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BR: tl.constexpr,
+                     HILO: tl.constexpr):
     """phi [R, K] -> [R, 2W], W = NP*NP: column 2q+1 = res entry q = i*NP + j (i, j < N), column
-    2q = pre/post entry q = 2j + h (h = 0 pre, 1 post; j < N); every other column 0."""
+    2q = pre/post entry q = 2j + h (h = 0 pre, 1 post; j < N); every other column 0.
+    HILO: out gets phi rounded to lo_ptr's dtype (hi) and lo_ptr the rest, rounded the same way."""
     W: tl.constexpr = NP * NP
     rr = tl.program_id(0) * BR + tl.arange(0, BR)
     q2 = tl.arange(0, 2 * W)
@@ -451,16 +493,23 @@ def _phi_pack_kernel(phi_ptr, out_ptr, R,
     rm = rr < R
     r64 = rr.to(tl.int64)
     v = tl.load(phi_ptr + r64[:, None] * K + src[None, :], mask=rm[:, None] & ok[None, :], other=0.0)
-    tl.store(out_ptr + r64[:, None] * (2 * W) + q2[None, :], v, mask=rm[:, None])
+    off = r64[:, None] * (2 * W) + q2[None, :]
+    if HILO:
+        hi = v.to(lo_ptr.dtype.element_ty)
+        tl.store(out_ptr + off, hi, mask=rm[:, None])
+        tl.store(lo_ptr + off, (v - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=rm[:, None])
+    else:
+        tl.store(out_ptr + off, v, mask=rm[:, None])
 
 
 @triton.jit
-def _fwd_ns_kernel(x_ptr, phic_ptr, b_ptr, alpha_ptr,
+def _fwd_ns_kernel(x_ptr, phic_ptr, plo_ptr, b_ptr, alpha_ptr,
                    hpre_ptr, hpost_ptr, hres_ptr, m_ptr, r_ptr, li_ptr,
                    T, C, iters,
                    N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PF: tl.constexpr,
-                   APPLY: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+                   APPLY: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+                   HILO: tl.constexpr, DOT_F32: tl.constexpr):
     """One CTA per BT tokens: the whole v @ phi (packed phi, see _phi_pack_kernel), the epilogue
     in registers, then (APPLY) layer_input from a second pass over the same tokens' x."""
     W: tl.constexpr = NP * NP
@@ -502,8 +551,12 @@ def _fwd_ns_kernel(x_ptr, phic_ptr, b_ptr, alpha_ptr,
             xc = tl.load(x_ptr + xrow[:, None] + kcol[None, :], mask=tmask[:, None] & cm[None, :],
                          other=0.0)
         xt = xc.to(tl.float32)
-        pt = tl.load(phic_ptr + kcol[:, None] * (2 * W) + q2[None, :], mask=cm[:, None], other=0.0)
-        acc = tl.dot(xt, pt, acc, input_precision=PREC)
+        if HILO:
+            acc = _dot_hilo(xc, phic_ptr, plo_ptr, kcol[:, None] * (2 * W) + q2[None, :], cm[:, None],
+                            acc, DOT_F32)
+        else:
+            pt = tl.load(phic_ptr + kcol[:, None] * (2 * W) + q2[None, :], mask=cm[:, None], other=0.0)
+            acc = tl.dot(xt, pt, acc, input_precision=PREC)
         ss += tl.sum(xt * xt, axis=1)
     # ---------------- epilogue (per token, in registers)
     r = tl.sqrt(ss / nC + 1e-6)
@@ -917,9 +970,8 @@ def _shapes(n):
     return K, max(2, _np2(n)), max(16, _np2(K))
 
 
-# Config fields that only the split forward reads: set explicitly, they make split=auto pick it.
-_SPLIT_FIELDS = frozenset({"bt", "bk", "cw", "lag", "fused", "persist", "ring", "early", "epi_unroll",
-                           "min_items", "warps", "stages", "apply_bt", "apply_bc"})
+# Config fields that only the non-split forward reads: set explicitly, they make split=auto pick it.
+_NS_FIELDS = frozenset({"ns_bt", "ns_bk", "ns_bc", "ns_warps", "ns_stages", "ns_prefetch"})
 
 
 def _ns_bt(cfg: Config, T: int) -> int:
@@ -927,27 +979,48 @@ def _ns_bt(cfg: Config, T: int) -> int:
 
 
 def use_split(T: int, device, cfg: Config) -> bool:
-    """Which forward runs: the split kernel (few token blocks) or the non-split one."""
+    """Which forward runs: the split kernel (the default at every T) or the non-split one."""
     if cfg.split >= 0:
         return bool(cfg.split)
-    if cfg.explicit & _SPLIT_FIELDS:
-        return True
-    return triton.cdiv(T, _ns_bt(cfg, T)) < _num_sms(device)
+    return not (cfg.explicit & _NS_FIELDS)
 
 
 def _ns_np(n: int) -> int:
     return max(4, _np2(n))      # res tile [NP, NP] with NP*NP >= 16 (tl.dot N >= 16)
 
 
-def pack_phi(phi: torch.Tensor, n: int) -> torch.Tensor:
-    """phi [nC, n*n+2n] -> [nC, 2*NP*NP] in the non-split kernel's column order (zero padded)."""
+def pack_phi(phi: torch.Tensor, n: int, hilo_dtype: torch.dtype | None = None):
+    """phi [nC, n*n+2n] -> [nC, 2*NP*NP] in the non-split kernel's column order (zero padded);
+    with hilo_dtype, the pair (hi, lo) of that layout in that dtype (kernels/hilo.py's split)."""
     R, K = phi.shape
     NP = _ns_np(n)
-    out = torch.empty(R, 2 * NP * NP, device=phi.device, dtype=phi.dtype)
+    out = torch.empty(R, 2 * NP * NP, device=phi.device, dtype=hilo_dtype or phi.dtype)
+    lo = torch.empty_like(out) if hilo_dtype is not None else out
     BR = 64
     if R:
-        _phi_pack_kernel[(triton.cdiv(R, BR),)](phi, out, R, N=n, NP=NP, K=K, BR=BR, num_warps=4)
-    return out
+        _phi_pack_kernel[(triton.cdiv(R, BR),)](phi, out, lo, R, N=n, NP=NP, K=K, BR=BR,
+                                                HILO=hilo_dtype is not None, num_warps=4)
+    return (out, lo) if hilo_dtype is not None else out
+
+
+def _hilo(cfg: Config) -> bool:
+    if cfg.fwd_dot not in ("hilo", "f32"):
+        raise ValueError(f"mhc_pre: config fwd_dot must be 'hilo' or 'f32', got {cfg.fwd_dot!r}")
+    return cfg.fwd_dot == "hilo"
+
+
+def phi_as_used(phi: torch.Tensor, dtype: torch.dtype, config=None) -> torch.Tensor:
+    """The phi the forward GEMM multiplies by, in fp32 (for a reference that matches the kernel):
+    hi + lo in dtype for fwd_dot="hilo", else phi at `precision` (tf32: the H100's tensor cores
+    drop the low 13 mantissa bits, truncation; measured in results/tuning-20261123-h100/session4)."""
+    cfg = _config(config)
+    if _hilo(cfg):
+        hi, lo = split_hi_lo(phi.detach().float(), dtype, phi.shape[1])
+        return hi.float() + lo.float()
+    if cfg.precision == "tf32":
+        bits = phi.detach().float().contiguous().view(torch.int32)
+        return (bits & ~0x1FFF).view(torch.float32)
+    return phi.detach().float()
 
 
 def _forward_ns(x, phi, b, alpha, iters, apply, save, cfg, outs):
@@ -958,11 +1031,16 @@ def _forward_ns(x, phi, b, alpha, iters, apply, save, cfg, outs):
     bt = _ns_bt(cfg, T)
     bk = max(16, _np2(cfg.ns_bk))
     bc = max(16, _np2(cfg.ns_bc))
-    phic = pack_phi(phi, n)
+    hilo = _hilo(cfg)
+    if hilo:
+        phic, plo = pack_phi(phi, n, x.dtype)
+    else:
+        phic = plo = pack_phi(phi, n)
     _fwd_ns_kernel[(triton.cdiv(T, bt),)](
-        x, phic, b, alpha, h_pre, h_post, h_res, m, r, li, T, C, iters,
+        x, phic, plo, b, alpha, h_pre, h_post, h_res, m, r, li, T, C, iters,
         N=n, NP=NP, K=K, BT=bt, BK=bk, BC=bc, PF=cfg.ns_prefetch > 0, APPLY=apply, SAVE=save,
-        PREC=cfg.precision, num_warps=cfg.ns_warps, num_stages=cfg.ns_stages)
+        PREC=cfg.precision, HILO=hilo, DOT_F32=interpreting(), num_warps=cfg.ns_warps,
+        num_stages=cfg.ns_stages)
     _LAST.pop("sync", None)
     return outs
 
@@ -1012,10 +1090,13 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     ws = torch.empty(ring * S * bt * K, device=dev, dtype=f32)
     wss = torch.empty(ring * S * bt, device=dev, dtype=f32)
     sync = torch.zeros(G + 2, device=dev, dtype=torch.int32)
+    hilo = _hilo(cfg)
+    phi_hi, phi_lo = split_weight_hi_lo(phi, x.dtype, KP) if hilo else (phi, phi)
     _fwd_kernel[(grid,)](
-        x, phi, b, alpha, ws, wss, sync, h_pre, h_post, h_res, m, r, li,
+        x, phi_hi, phi_lo, b, alpha, ws, wss, sync, h_pre, h_post, h_res, m, r, li,
         T, C, G, S, cw // bk, lag, total, ring, iters,
         N=n, NP=NP, K=K, KP=KP, BT=bt, BK=bk, APPLY=fused, SAVE=save, PREC=cfg.precision,
+        HILO=hilo, DOT_F32=interpreting(),
         MAXSPIN=MAX_SPIN, NT=32 * warps, EARLY=cfg.early, EU=eu, EU2=eu2,
         num_warps=warps, num_stages=cfg.stages)
     _LAST["sync"] = sync

@@ -8,7 +8,7 @@ import torch
 
 from kernels import reference as ref
 from kernels.triton.mhc_pre import (_config, mhc_coeffs, mhc_pre, mhc_pre_backward, mhc_pre_forward,
-                                    sync_errors, use_split)
+                                    phi_as_used, sync_errors, use_split)
 from suite.tolerance import rel_err, tolerance
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -21,33 +21,25 @@ def _inputs(n, C, T, dtype, device, seed):
     return [t.to(device) for t in (x, phi, b, alpha)], g
 
 
-def tf32(t):
-    """t as the H100's tf32 tensor-core products see an fp32 operand: the low 13 mantissa bits
-    dropped (truncation, not cvt.rna rounding). Measured (2026-11-24, n = 2, C = 2560, T = 4097):
-    the kernel's dalpha is 7e-8 from a reference with truncated phi, 4e-4 from one with phi
-    rounded to nearest, 2e-4 from exact phi; dalpha's three token sums cancel, so the difference
-    between the two roundings of phi shows up to 6.8e-3 there with other upstream gradients."""
-    bits = t.detach().to(torch.float32).contiguous().view(torch.int32)
-    return (bits & ~0x1FFF).view(torch.float32)
-
-
 def _compare(fn, ref_fn, n, C, T, dtype, iters, device, seed, config=None,
-             needs=(True, True, True, True), use=(True, True, True), phi_as_tf32=False):
+             needs=(True, True, True, True), use=(True, True, True), phi_used=False):
     """Runs fn and the fp64 reference on the same inputs; returns {name: rel_err}.
 
-    phi_as_tf32: the reference multiplies by phi rounded to tf32, as the kernel's GEMM does
-    (x is exact in tf32), with phi's gradient passed straight through. That isolates the kernel's
-    own error from the declared tf32 rounding, which sums over tokens with cancellation can
-    amplify far beyond its 2^-11 (see test_gpu_mhc_pre)."""
+    phi_used: the reference multiplies by phi as the kernel's forward GEMM rounds it
+    (kernels.triton.mhc_pre.phi_as_used: hi + lo halves, or tf32 truncated for fwd_dot="f32"),
+    with phi's gradient passed straight through. That isolates the kernel's own error from the
+    declared rounding of phi, which sums over tokens with cancellation can amplify far beyond its
+    size (see test_gpu_mhc_pre)."""
     inputs, g = _inputs(n, C, T, dtype, device, seed)
     leaves = [t.clone().requires_grad_(r) for t, r in zip(inputs, needs)]
     leaves_ref = [t.detach().to(torch.float64).requires_grad_(r) for t, r in zip(inputs, needs)]
     out = fn(*leaves, sinkhorn_iters=iters, config=config)
     assert sync_errors() == 0
     ref_in = list(leaves_ref)
-    if phi_as_tf32:
+    if phi_used:
         phi = leaves_ref[1]
-        ref_in[1] = phi + (tf32(phi).to(torch.float64) - phi).detach()
+        used = phi_as_used(inputs[1], dtype, config).to(torch.float64)
+        ref_in[1] = phi + (used - phi).detach()
     out_ref = ref_fn(*ref_in, sinkhorn_iters=iters)
     names = ["layer_input" if fn is mhc_pre else "h_pre", "h_post", "h_res"]
     errs = {nm: rel_err(o, o_ref) for nm, o, o_ref in zip(names, out, out_ref)}
@@ -83,6 +75,8 @@ PRE_CASES = [
     (4, 264, 33, BF16, 20, {"bt": 16, "cw": 128, "ring": 2, "early": True}),
     (8, 40, 7, FP16, 20, None),
     (8, 264, 33, BF16, 1, None),
+    (4, 264, 33, FP16, 20, {"fwd_dot": "f32"}),           # the fp32-x / tf32 forward GEMM
+    (3, 264, 130, BF16, 20, {"fwd_dot": "f32", "split": False}),
     # backward reading x once (phase-1 items + slice owners); several groups and slices
     (4, 264, 33, FP16, 20, {"bwd_fused": True, "bf_bt": 16, "bf_gb": 1, "bf_br": 64}),
     (3, 40, 33, BF16, 1, {"bwd_fused": True, "bf_bt": 16, "bf_gb": 2, "bf_br": 16, "bf_pre": 3}),
@@ -230,19 +224,17 @@ def test_nonsplit_configs(kernel_device, config):
 
 def test_split_choice(kernel_device):
     dev = torch.device(kernel_device)
-    assert use_split(1, dev, _config(None))                          # one token block: split
-    assert not use_split(1 << 20, dev, _config(None))                # fills the GPU: non-split
-    assert use_split(1 << 20, dev, _config({"split": True}))
+    assert use_split(1, dev, _config(None))                          # the default at any T
+    assert use_split(1 << 20, dev, _config(None))
     assert not use_split(1, dev, _config({"split": False}))
-    assert use_split(1 << 20, dev, _config({"bt": 32, "cw": 256}))   # split-path fields: split
-    # the automatic choice on a shape that takes the non-split path here (forward only)
-    T = 64 * 32 if kernel_device == "cuda" else 130
-    if not use_split(T, dev, _config(None)):
-        (x, phi, b, alpha), _ = _inputs(2, 40, T, BF16, kernel_device, seed=13)
-        out = mhc_pre(x, phi, b, alpha, sinkhorn_iters=20)
-        out_ref = ref.mhc_pre(*(t.double() for t in (x, phi, b, alpha)), sinkhorn_iters=20)
-        for o, o_ref in zip(out, out_ref):
-            assert rel_err(o, o_ref) <= tolerance(BF16)
+    assert not use_split(1 << 20, dev, _config({"ns_bt": 32}))       # non-split fields: non-split
+    assert use_split(1 << 20, dev, _config({"ns_bt": 32, "split": True}))
+    # a non-split field picks that path end to end (forward only)
+    (x, phi, b, alpha), _ = _inputs(2, 40, 130, BF16, kernel_device, seed=13)
+    out = mhc_pre(x, phi, b, alpha, sinkhorn_iters=20, config={"ns_bt": 16})
+    out_ref = ref.mhc_pre(*(t.double() for t in (x, phi, b, alpha)), sinkhorn_iters=20)
+    for o, o_ref in zip(out, out_ref):
+        assert rel_err(o, o_ref) <= tolerance(BF16)
 
 
 # ------------------------------------------------------------------ input checks
@@ -293,13 +285,13 @@ def _gpu_cases():
 @pytest.mark.parametrize("n,C,T,dtype", _gpu_cases(),
                          ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}" for c in _gpu_cases()])
 def test_gpu_mhc_pre(n, C, T, dtype):
-    # Against the reference with phi truncated to tf32, what the tensor cores use. Against exact
-    # phi, dalpha at n=2, C=2560, T=4097 fp16 is off by 3.4e-3 (H100, 2026-11-23): its three sums
-    # over 8194 terms cancel to a few units, so the tf32 rounding of phi (2^-11) shows 200x larger
-    # in the relative error; precision="ieee" gives 1.6e-5 (results/tuning-20261123-h100/session2).
+    # Against the reference with phi as the forward GEMM rounds it. Against exact phi, dalpha at
+    # n=2, C=2560, T=4097 fp16 was off by 3.4e-3 with the tf32 forward (H100, 2026-11-23): its
+    # three sums over 8194 terms cancel to a few units, so the rounding of phi (tf32: 2^-11) shows
+    # 200x larger in the relative error (results/tuning-20261123-h100/session2, session4).
     errs, _ = _compare(mhc_pre, ref.mhc_pre, n, C, T, dtype, 20, "cuda", seed=n + C + T,
-                       phi_as_tf32=True)
-    _assert_close(errs, dtype, f"mhc_pre n={n} C={C} T={T} {dtype} (tf32 phi)")
+                       phi_used=True)
+    _assert_close(errs, dtype, f"mhc_pre n={n} C={C} T={T} {dtype} (phi as used)")
 
 
 @pytest.mark.gpu
@@ -307,6 +299,7 @@ def test_gpu_mhc_pre(n, C, T, dtype):
                                     {"early": True, "ring": 3}, {"ring": 1, "lag": 2},
                                     {"bt": 32, "cw": 128, "warps": 8, "stages": 4},
                                     {"precision": "tf32x3"}, {"bwd_fused": True},
+                                    {"fwd_dot": "f32"}, {"fwd_dot": "f32", "split": False},
                                     {"bwd_fused": True, "bf_ctas": 1, "bf_pre": 0, "bf_gb": 1},
                                     {"split": True}, {"split": False},
                                     {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_warps": 8},
