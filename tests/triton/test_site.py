@@ -21,7 +21,8 @@ def _gate(method, n, C, T, dtype, device, monkeypatch):
                 device=device, sinkhorn_iters=20 if method == "mhc" else None)
     res = check(kernels.get(method, "triton"), case, device)
     assert res["passed"], f"{method} n={n} C={C} T={T} {dtype}: {res['errors']} vs {res['tols']}"
-    assert puts == [(T, n, C)], "post's x gradient did not go through the link"
+    # the gate may check fewer tokens than the case has (suite.check.check_tokens: GPU memory)
+    assert puts == [(res["T"], n, C)], "post's x gradient did not go through the link"
 
 
 SMALL = [(n, C, T, dt) for n, C, T, dt in ((1, 264, 7, "bf16"), (4, 264, 1, "bf16"),
