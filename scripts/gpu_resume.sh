@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Finishes a committed run folder on a fresh, offline GPU machine in one command:
 #   OUT=/some/dir bash scripts/gpu_resume.sh SCENARIO RUN_DIR [--only K=V ...] [--set K=V ...] [--traffic]
+# RUN_DIR "new" starts a fresh run folder under $OUT/runs instead (scripts/gpu_kernels.sh).
 # e.g. the cases a time-limited call left out:
 #   bash scripts/gpu_resume.sh scenarios/recompute.yaml results/<run> --only layers=30
 #   bash scripts/gpu_resume.sh scenarios/traffic.yaml results/<run> --only backend=compile,liger
@@ -22,13 +23,16 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 stamp() { echo "== ${SECONDS}s: $*"; }
 collect() {
     stamp "collecting"
+    [ "$RUN_DIR" = new ] && RUN_DIR=$(ls -d "$OUT"/runs/*/ 2>/dev/null | head -1) && RUN_DIR=${RUN_DIR%/}
+    [ -n "$RUN_DIR" ] || { stamp "no run folder"; return; }
     timeout -k 5 60 "${PY:-python3}" harness.py report "$RUN_DIR" >/dev/null 2>&1
     for f in records.jsonl env.json report.md scenarios; do
         [ -e "$RUN_DIR/$f" ] && cp -r "$RUN_DIR/$f" "$OUT/"
     done
+    [ "$RUN_DIR" = "${RUN_DIR#"$OUT"/runs/}" ] || rm -rf "$OUT/runs"     # a new run: copied above
     stamp "done: $(ls "$OUT" | tr '\n' ' ')"
 }
-[ -d "$RUN_DIR" ] || { echo "gpu_resume: $RUN_DIR is not a run folder" >&2; exit 2; }
+[ "$RUN_DIR" = new ] || [ -d "$RUN_DIR" ] || { echo "gpu_resume: $RUN_DIR is not a run folder" >&2; exit 2; }
 [ -f "$SCENARIO" ] || { echo "gpu_resume: $SCENARIO: no such scenario file" >&2; exit 2; }
 trap collect EXIT
 
@@ -50,6 +54,12 @@ timeout -k 5 $((left / 3)) "$PY" -m suite.prewarm "$SCENARIO" "${prewarm_args[@]
     2>&1 | tail -20
 
 left=$((BUDGET_S - SECONDS))
-stamp "run --resume $RUN_DIR (limit ${left}s)"
-timeout -k 10 "$left" "$PY" harness.py run "$SCENARIO" --resume "$RUN_DIR" "$@" 2>&1 | tail -40
+if [ "$RUN_DIR" = new ]; then
+    mkdir -p "$OUT/runs"
+    stamp "run into $OUT/runs (limit ${left}s)"
+    timeout -k 10 "$left" "$PY" harness.py run "$SCENARIO" --out "$OUT/runs" "$@" 2>&1 | tail -40
+else
+    stamp "run --resume $RUN_DIR (limit ${left}s)"
+    timeout -k 10 "$left" "$PY" harness.py run "$SCENARIO" --resume "$RUN_DIR" "$@" 2>&1 | tail -40
+fi
 stamp "harness exit status ${PIPESTATUS[0]} (124 = cut at the time limit; finished cases are kept)"

@@ -368,14 +368,13 @@ def _fwd_kernel(x_ptr, phi_ptr, plo_ptr, b_ptr, alpha_ptr,
                 cmask = c < C
                 xt = tl.load(x_ptr + xrow[:, None] + (i * C + c)[None, :],
                              mask=tmask[:, None] & cmask[None, :], other=0.0)
+                xf = xt.to(tl.float32)
                 if HILO:
                     # phi hi / lo: [nC, KP] in x's dtype, zero padded past K
                     prow = (i * C + c).to(tl.int64) * KP
                     acc = _dot_hilo(xt, phi_ptr, plo_ptr, prow[:, None] + kk[None, :],
                                     cmask[:, None], acc, DOT_F32)
-                    xf = xt.to(tl.float32)
                 else:
-                    xf = xt.to(tl.float32)
                     prow = (i * C + c).to(tl.int64) * K
                     pt = tl.load(phi_ptr + prow[:, None] + kk[None, :],
                                  mask=cmask[:, None] & kmask[None, :], other=0.0)
