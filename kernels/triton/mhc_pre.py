@@ -35,6 +35,11 @@ Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
   misses. Smaller items keep x in L2 (cw 64: 73% L2 hits) but lose more to per-item overhead
   (1.3 ms); one CTA per SM (persist=1) starves the loads (0.69 ms). Still the fastest forward
   here, 8-10% ahead of the non-split kernel at every width.
+  Tried and dropped (results/tuning-20261124-h100/resident_fwd_probe.txt): programs that own one
+  column slice for many token blocks, phi's slice kept in shared memory (no per-item phi reads
+  from L2, which double the GEMM phase's L2 traffic), partials summed with fp32 atomics and the
+  Sinkhorn epilogue in a kernel of its own: 672 us at best (4 warps, 2 per SM; register pressure,
+  ~200 per thread, allows no more, and each program's load / GEMM / arrive / apply runs serially).
   config fused=False: phase 2 becomes a separate apply kernel (kernels/triton/apply_pre.py; x read
   twice from HBM).
 
