@@ -9,7 +9,8 @@
 # torch, the wheels under .whl/ such as liger-kernel). Then the scenario's remaining cases are
 # compiled in parallel (python -m suite.prewarm: Liger's autotuning, torch.compile, TileLang) and run
 # with --resume. Whatever finished is copied to $OUT (records.jsonl, env.json, report.md,
-# scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s) cuts the run short;
+# scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s; the prewarm gets
+# PREWARM_S of it, default a third) cuts the run short;
 # each device call starts from the committed folder, so merge the records afterwards
 # (scripts/merge_records.py).
 set -u
@@ -49,8 +50,9 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 left=$((BUDGET_S - SECONDS))
-stamp "prewarm (limit $((left / 3))s)"
-timeout -k 5 $((left / 3)) "$PY" -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
+PREWARM_S=${PREWARM_S:-$((left / 3))}
+stamp "prewarm (limit ${PREWARM_S}s)"
+timeout -k 5 "$PREWARM_S" "$PY" -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
     2>&1 | tail -20
 
 left=$((BUDGET_S - SECONDS))
