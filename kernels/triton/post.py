@@ -27,12 +27,13 @@ Backward, one pass (kernel `_post_bwd_kernel`), g = dL/dx_next:
   Bytes per token: read (2n+1)C, write (n+1)C elements (+ n + n^2 fp32), the floor. Gradients
   not asked for (ctx.needs_input_grad) are neither computed nor their inputs read.
 
-Defaults (measured with scripts/tune_post.py on an H100, see _default_block_c): BLOCK_C = the
-smallest of 256 / 512 / 1024 dividing C (256 at 2560, 4096 and 7168), VEC = 8 (16 bytes) and
-num_warps = BLOCK_C / (32 VEC), in both kernels (backward with n > 4: VEC = 4, BLOCK_C <= 512,
-for registers). Compiled for sm_90 with triton 3.9 (ptxas, no GPU): forward 48 registers at
-n = 4, all row accesses 128-bit; backward 161 registers (3 CTAs of 4 warps per SM), 128-bit
-accesses, no barrier inside the chunk loop.
+Defaults (measured with scripts/tune_post.py on an H100, see _default_block_c): forward BLOCK_C =
+the smallest of 256 / 512 / 1024 dividing C (256 at 2560, 4096 and 7168), VEC = 8 (16 bytes) and
+num_warps = BLOCK_C / (32 VEC). Backward (BWD_BLOCK_C): BLOCK_C = 128, VEC = 4, one warp at
+n <= 4 (H100, bf16, T = 16384: 6-7% faster than 256 / VEC 8 at C = 2560, 4096 and 7168,
+results/tuning-20261124-h100/post_bwd_vec_probe.txt); n > 4: VEC = 4, BLOCK_C <= 512, for
+registers. Compiled for sm_90 with triton 3.9 (ptxas, no GPU): forward 48 registers at n = 4, all
+row accesses 128-bit; backward no barrier inside the chunk loop.
 
 Offsets: per-token bases are int64 (T*n*C may exceed 2^31), in-token offsets int32.
 C is a compile-time constant (one compile per width; it lets every row load be a 16-byte vector
@@ -315,6 +316,7 @@ FWD_TOKENS = 1
 # SMs idle, and the chunked kernel (C split over programs) is kept.
 # Pipeline depth of its chunk loop: num_stages > 1 streams chunks through shared memory with
 # 16-byte cp.async (Triton's software pipeliner), num_stages = 1 keeps plain 16-byte loads.
+BWD_BLOCK_C = 128     # backward chunk at n <= 4 (with VEC = 4: one warp per token)
 LOOP_STAGES = 3
 LOOP_MIN_TOKENS = 2048
 
@@ -351,7 +353,7 @@ def _check_block_c(block_c: int) -> None:
 
 
 def _vec(d: dict, block_c: int) -> int:
-    # Elements of each row per thread: 8 (16 bytes); 4 for n > 4 in the backward (three
+    # Elements of each row per thread: 8 (16 bytes) unless given (the backward passes 4: three
     # [NP, VEC] tiles per thread); never more than the chunk.
     vec = min(block_c, int(d.get("vec") or 8))
     if vec < 1 or vec & (vec - 1):
@@ -415,9 +417,10 @@ def bwd_config(T: int, n: int, C: int, device: torch.device, cfg=None) -> dict:
     """Resolved backward launch parameters: block_c, vec, num_warps, num_stages, split (+ cps)."""
     d = {**_as_dict(os.environ.get("HCBENCH_POST_BWD")), **_as_dict(cfg)}
     # n > 4: 8 rows of g and x per thread; smaller chunks keep two CTAs per SM (243 registers).
-    block_c = int(d.get("block_c") or (_default_block_c(C) if n <= 4 else min(512, _default_block_c(C))))
+    block_c = int(d.get("block_c") or (min(BWD_BLOCK_C, _pow2(C)) if n <= 4
+                                        else min(512, _default_block_c(C))))
     _check_block_c(block_c)
-    vec = _vec({"vec": d.get("vec") or (8 if n <= 4 else 4)}, block_c)
+    vec = _vec({"vec": d.get("vec") or 4}, block_c)
     warps = int(d.get("num_warps") or max(1, min(8, block_c // (32 * vec))))
     ncb = triton.cdiv(C, block_c)
     split = d.get("split")
