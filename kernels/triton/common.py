@@ -74,3 +74,18 @@ def dot_xT_hilo(xt, u, acc, DOT_F32: tl.constexpr):
         acc = tl.dot(xT, uh, acc)
         acc = tl.dot(xT, ul, acc)
     return acc
+
+
+@triton.jit
+def store_grad(optr, d, mask, EVEN: tl.constexpr, ACC: tl.constexpr):
+    """Stores a gradient tile d (fp32) in optr's dtype; ACC: adds it to what optr already holds
+    (a site link's accumulator: read then write by the same thread, so no atomics). EVEN: no
+    mask needed."""
+    if EVEN:
+        if ACC:
+            d += tl.load(optr).to(tl.float32)
+        tl.store(optr, d.to(optr.dtype.element_ty))
+    else:
+        if ACC:
+            d += tl.load(optr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(optr, d.to(optr.dtype.element_ty), mask=mask)

@@ -105,7 +105,8 @@ import triton.language as tl
 from kernels import reference, site_link
 from kernels.hilo import split_hi_lo
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import check_state, check_tensor, dot_xT_hilo, interpreting, num_sms
+from kernels.triton.common import (check_state, check_tensor, dot_xT_hilo, interpreting, num_sms,
+                                    store_grad)
 
 EPS = reference.EPS_RMS
 
@@ -773,14 +774,7 @@ def _bwd_dx_mma_kernel(x_ptr, g_ptr, w_ptr, coef_ptr, dx_ptr, dwp_ptr,
                     gt = tl.load(gptr, mask=lm, other=0.0)
                 d += a[:, None] * gt.to(tl.float32)
             optr = dx_ptr + base + xo
-            if EVEN_R and EVEN_C:
-                if ACC:     # add into the x gradient already there (read then write, same thread)
-                    d += tl.load(optr).to(tl.float32)
-                tl.store(optr, d.to(dx_ptr.dtype.element_ty))
-            else:
-                if ACC:
-                    d += tl.load(optr, mask=lm, other=0.0).to(tl.float32)
-                tl.store(optr, d.to(dx_ptr.dtype.element_ty), mask=lm)
+            store_grad(optr, d, lm, EVEN_R and EVEN_C, ACC)
     if WRITE_DW:
         tl.store(dwp_ptr + pg.to(tl.int64) * C * NK + c[:, None] * NK + kk[None, :], dw,
                  mask=cm[:, None] & km[None, :])

@@ -102,7 +102,8 @@ import triton.language as tl
 from kernels import site_link
 from kernels.hilo import split_hi_lo, split_weight_hi_lo
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import check_state, check_tensor, dot_xT_hilo, interpreting, num_sms
+from kernels.triton.common import (check_state, check_tensor, dot_xT_hilo, interpreting, num_sms,
+                                    store_grad)
 
 EPS_RMS = 1e-6
 EPS_SK = 1e-6
@@ -777,14 +778,7 @@ def _bwd_dx_dphi_kernel(x_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, gli_ptr, dx_
                     gl = tl.load(gb + go, mask=lm, other=0.0)
                 dxt += hp[:, None] * gl.to(tl.float32)
             optr = dx_ptr + t064 * nC + xo
-            if EVEN_T and EVEN_C:
-                if ACC:     # add into the x gradient already there (read then write, same thread)
-                    dxt += tl.load(optr).to(tl.float32)
-                tl.store(optr, dxt.to(dx_ptr.dtype.element_ty))
-            else:
-                if ACC:
-                    dxt += tl.load(optr, mask=lm, other=0.0).to(tl.float32)
-                tl.store(optr, dxt.to(dx_ptr.dtype.element_ty), mask=lm)
+            store_grad(optr, dxt, lm, EVEN_T and EVEN_C, ACC)
     if DPHI:
         tl.store(dphi_ptr + ts.to(tl.int64) * nC * K + prow[:, None] * K + kk[None, :], acc,
                  mask=cmask[:, None] & kmask[None, :])

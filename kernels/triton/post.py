@@ -296,6 +296,7 @@ def _default_block_c(C: int) -> int:
 
     256 columns (one warp) beat 512 and 1024 forward and backward at C = 2560, 4096 and 7168 on an
     H100 (scripts/tune_post.py, 2026-11-23): many small programs keep more bytes in flight per SM.
+    The backward at n <= 4 goes smaller still (BWD_BLOCK_C: 128 columns with VEC = 4).
     """
     cap = min(1024, _pow2(C))
     for b in (256, 512, 1024):
