@@ -10,7 +10,7 @@
 # compiled in parallel (python -m suite.prewarm: Liger's autotuning, torch.compile, TileLang) and run
 # with --resume. Whatever finished is copied to $OUT (records.jsonl, env.json, report.md,
 # scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s; the prewarm gets
-# PREWARM_S of it, default a third) cuts the run short;
+# PREWARM_S of it, default a third; 0 skips it) cuts the run short;
 # each device call starts from the committed folder, so merge the records afterwards
 # (scripts/merge_records.py).
 set -u
@@ -51,9 +51,13 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 left=$((BUDGET_S - SECONDS))
 PREWARM_S=${PREWARM_S:-$((left / 3))}
-stamp "prewarm (limit ${PREWARM_S}s)"
-timeout -k 5 "$PREWARM_S" "$PY" -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
-    2>&1 | tail -20
+if [ "$PREWARM_S" -gt 0 ]; then     # timeout 0 would mean no limit at all
+    stamp "prewarm (limit ${PREWARM_S}s)"
+    timeout -k 5 "$PREWARM_S" "$PY" -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
+        2>&1 | tail -20
+else
+    stamp "no prewarm (PREWARM_S=0): each case compiles in the timed process"
+fi
 
 left=$((BUDGET_S - SECONDS))
 if [ "$RUN_DIR" = new ]; then
