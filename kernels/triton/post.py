@@ -33,7 +33,10 @@ num_warps = BLOCK_C / (32 VEC). Backward (BWD_BLOCK_C): BLOCK_C = 128, VEC = 4, 
 n <= 4 (H100, bf16, T = 16384: 6-7% faster than 256 / VEC 8 at C = 2560, 4096 and 7168,
 results/tuning-20261124-h100/post_bwd_vec_probe.txt); n > 4: VEC = 4, BLOCK_C <= 512, for
 registers. Compiled for sm_90 with triton 3.9 (ptxas, no GPU): forward 48 registers at n = 4, all
-row accesses 128-bit; backward no barrier inside the chunk loop.
+row accesses 128-bit; backward no barrier inside the chunk loop. TileLang's post forward (96-97%
+of copy) loads through 16-byte ld.global.nc without a pipeline; here the same loads via inline PTX,
+streaming cache hints and chunks loaded in groups all stayed below the cp.async loop below
+(H100: results/tuning-20261124-h100/post_fwd_nc_probe.txt), so none is kept.
 
 Offsets: per-token bases are int64 (T*n*C may exceed 2^31), in-token offsets int32.
 C is a compile-time constant (one compile per width; it lets every row load be a 16-byte vector
