@@ -135,10 +135,14 @@ class Config:
     fwd_dot: str = "hilo"
     apply_bt: int = 16    # separate apply kernel (fused=False)
     apply_bc: int = 256
-    # backward, kernel 1 (per-token coefficient backward)
-    b1_bt: int = 16
-    b1_bc: int = 64
+    # backward, kernel 1 (per-token coefficient backward). Few tokens per CTA and a pipelined
+    # dh_pre loop: more CTAs stream x while others run their Sinkhorn backward. H100, bf16, n = 4,
+    # T = 16384, C = 4096 (torch.profiler): 258 us at 4 / 128 / 4 stages, 324 us at 16 / 64 / none
+    # (results/tuning-20261124-h100/b1_probe_s8.txt)
+    b1_bt: int = 4
+    b1_bc: int = 128
     b1_warps: int = 4
+    b1_stages: int = 4    # software pipeline depth of the dh_pre loop (1: none)
     # backward, kernel 2 (dx and dphi): 64 tokens x 64 columns x 4 warps, 2 stages: 128 registers
     # and 41 KB of shared memory at n = 4 (sm_90, triton 3.6): 4 CTAs per SM (3 with dx_acc: 145
     # registers). H100, n = 4, T = 16384 (torch.profiler): 442 us at C = 4096, 618 us with
@@ -614,7 +618,7 @@ def _bwd_coef_kernel(x_ptr, gli_ptr, gpre_ptr, gpost_ptr, gres_ptr, m_ptr, r_ptr
                      du_ptr, coef_ptr, dbp_ptr, dap_ptr,
                      T, C, iters, Q,
                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
                      HAS_LI: tl.constexpr, HAS_GPRE: tl.constexpr, HAS_GPOST: tl.constexpr,
                      HAS_GRES: tl.constexpr):
     pid = tl.program_id(0)
@@ -636,7 +640,7 @@ def _bwd_coef_kernel(x_ptr, gli_ptr, gpre_ptr, gpost_ptr, gres_ptr, m_ptr, r_ptr
         # dh_pre[t, i] = sum_c g_li[t, c] x[t, i, c]: elementwise accumulation, one reduction at the end
         acc3 = tl.zeros([BT, NP, BC], dtype=tl.float32)
         c3 = tl.arange(0, BC)[None, None, :]
-        for c0 in range(0, C, BC):
+        for c0 in tl.range(0, C, BC, num_stages=STAGES):
             cm3 = (c0 + c3) < C
             gl = tl.load(gli_ptr + t64[:, None, None] * C + c0 + c3,
                          mask=tmask[:, None, None] & cm3, other=0.0).to(tl.float32)
@@ -1144,8 +1148,9 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
     _bwd_coef_kernel[(g1,)](
         x, gli, gpre, gpost, gres, m, r, b, alpha, du, coef, dbp, dap,
         T, C, iters, Q,
-        N=n, NP=NP, K=K, BT=bt1, BC=bc1, HAS_LI=has_li and not fused, HAS_GPRE=has_gpre,
-        HAS_GPOST=g_post is not None, HAS_GRES=g_res is not None, num_warps=cfg.b1_warps)
+        N=n, NP=NP, K=K, BT=bt1, BC=bc1, STAGES=cfg.b1_stages, HAS_LI=has_li and not fused,
+        HAS_GPRE=has_gpre, HAS_GPOST=g_post is not None, HAS_GRES=g_res is not None,
+        num_warps=cfg.b1_warps)
     if fused:
         dx, dphi, dbp_pre, dap_pre = _backward_fused(x, phi, du, coef, h_pre, m, r, alpha, gli,
                                                      need_x, need_phi, dx_acc, cfg)

@@ -40,7 +40,10 @@ streaming cache hints and chunks loaded in groups all stayed below the cp.async 
 C = 2560 (ncu_post_fwd_2560.csv there): both kernels move exactly the floor bytes, but this loop
 (72 registers with its 3 stages) keeps DRAM at 61% of peak against TileLang's 87%, and its warps
 seldom wait on memory (long-scoreboard stalls 3% of active cycles against 89%): the limit is
-inside the pipelined loop, not the traffic.
+inside the pipelined loop, not the traffic. Its stall breakdown (ncu_post_fwd_2560_stalls.csv):
+every x and f byte goes through shared memory (cp.async in, ld.shared out), which keeps the
+L1 / shared-memory pipes 94% busy; a warp issues once per 12.1 cycles, 3.9 of them short-scoreboard
+(shared-memory) waits, and a scheduler has an eligible warp only 56% of cycles.
 
 Offsets: per-token bases are int64 (T*n*C may exceed 2^31), in-token offsets int32.
 C is a compile-time constant (one compile per width; it lets every row load be a 16-byte vector
