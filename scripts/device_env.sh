@@ -14,6 +14,11 @@ if [ -f .tilelang-site.tar.xz ]; then
   fi
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# - .triton-cache.tar.xz (a Triton compile cache packed by an earlier call), when carried, is
+#   unpacked into .triton-cache/, scripts/gpu_resume.sh's TRITON_CACHE_DIR;
+if [ -f .triton-cache.tar.xz ] && [ ! -d .triton-cache ]; then
+  tar -xJf .triton-cache.tar.xz || echo "WARN: unpacking .triton-cache.tar.xz failed; kernels compile again"
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PIP_NO_INDEX=1
 MAKE_ENV_LOG=${MAKE_ENV_LOG:-/dev/null}
 if ! timeout -k 10 240 make env >>"$MAKE_ENV_LOG" 2>&1; then

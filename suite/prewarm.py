@@ -10,8 +10,11 @@ when `harness.py run` starts. Nothing is timed or recorded here; the runner stil
 times every case itself, and its first, untimed call still happens.
 
 Each worker builds the case's inputs with suite.workload and calls the op once (forward, and
-backward in fwd+bwd mode). A worker that fails prints its error; the others go on. Exit status:
-0 when every worker finished, 1 otherwise, 2 for bad input.
+backward in fwd+bwd mode). Where the runner's correctness check uses fewer tokens than the case
+(suite.check.check_tokens, on a GPU too small for the fp64 reference at full size), that token
+count is warmed too, as a job of its own: a backend that compiles per token count would otherwise
+compile it inside the timed process. A worker that fails prints its error; the others go on.
+Exit status: 0 when every worker finished, 1 otherwise, 2 for bad input.
 """
 from __future__ import annotations
 
@@ -21,27 +24,41 @@ import sys
 import time
 
 
-def _warm(case_dict: dict) -> tuple[str, float, str | None]:
+def _warm(job: tuple[dict, int | None]) -> tuple[str, float, str | None]:
     import torch
 
     import kernels
     from suite import workload
     from suite.availability import unavailable
     from suite.scenario import Case
+    case_dict, tokens = job
     case = Case(**case_dict)
+    label = case.label() + (f" (check shape, T={tokens})" if tokens else "")
     t0 = time.perf_counter()
     reason = unavailable(case)
     if reason:
-        return case.label(), 0.0, f"skipped: {reason}"
+        return label, 0.0, f"skipped: {reason}"
     try:
         ops = kernels.get(case.method, case.backend)
-        inputs = workload.make_inputs(case, case.device, case.seed)
+        inputs = workload.make_inputs(case, case.device, case.seed, T=tokens or case.T)
         workload.run(ops, case, inputs)
         if case.device == "cuda":
             torch.cuda.synchronize()
     except Exception as exc:  # reported, not fatal: the runner will record it properly
-        return case.label(), time.perf_counter() - t0, f"{type(exc).__name__}: {str(exc)[:200]}"
-    return case.label(), time.perf_counter() - t0, None
+        return label, time.perf_counter() - t0, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return label, time.perf_counter() - t0, None
+
+
+def _check_shapes(cases: list) -> list[int | None]:
+    """Per case, the check's token count where it is smaller than the case's, else None. Taken
+    here, in the parent, before any worker holds GPU memory: the free memory the runner sees."""
+    import torch
+
+    from suite.check import check_tokens
+    if not any(c.device == "cuda" for c in cases) or not torch.cuda.is_available():
+        return [None] * len(cases)
+    shapes = [check_tokens(c, "cuda") if c.device == "cuda" else c.T for c in cases]
+    return [t if t != c.T else None for t, c in zip(shapes, cases)]
 
 
 def _shape_key(case) -> tuple:
@@ -68,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     for sc in scenarios:
         for case in sc.cases:
             unique.setdefault(_shape_key(case), case)
-    cases = [c.to_dict() for c in unique.values()]
-    print(f"prewarm: {len(cases)} distinct cases, {args.jobs} processes", flush=True)
+    cases = list(unique.values())
+    jobs = [(c.to_dict(), None) for c in cases]
+    jobs += [(c.to_dict(), t) for c, t in zip(cases, _check_shapes(cases)) if t]
+    extra = f" (+{len(jobs) - len(cases)} check shapes)" if len(jobs) > len(cases) else ""
+    print(f"prewarm: {len(cases)} distinct cases{extra}, {args.jobs} processes", flush=True)
     t0 = time.perf_counter()
     bad = 0
     # spawn: CUDA cannot be used in forked children.
     with mp.get_context("spawn").Pool(max(1, args.jobs)) as pool:
-        for label, secs, err in pool.imap_unordered(_warm, cases):
+        for label, secs, err in pool.imap_unordered(_warm, jobs):
             bad += err is not None and not err.startswith("skipped")
             print(f"  {secs:7.1f} s  {label}" + (f"  ({err})" if err else ""), flush=True)
     print(f"prewarm: done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -20,3 +20,38 @@ def test_prewarm_runs_distinct_cases_once(tmp_path, capsys):
 def test_prewarm_bad_input_exits_2(tmp_path, capsys):
     assert prewarm.main([str(tmp_path / "missing.yaml")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def _case(**kw):
+    from suite.scenario import Case
+    return Case(**{"method": "mhc", "backend": "torch", "T": 16384, "n": 4, "C": 7168,
+                   "dtype": "bf16", "device": "cuda", **kw})
+
+
+def test_check_tokens_is_the_whole_case_or_a_power_of_two(monkeypatch):
+    import torch
+
+    from suite.check import BYTES_PER_ELEMENT, check_tokens
+    case = _case()
+    per_token = case.n * case.C * BYTES_PER_ELEMENT
+
+    def free(tokens):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int((tokens + 0.5) * per_token / 0.6), 0))
+
+    free(20000)
+    assert check_tokens(case, "cuda") == 16384                # all of it fits
+    for tokens, want in ((10000, 8192), (9000, 8192), (8192, 8192), (8191, 4096), (0, 1)):
+        free(tokens)
+        assert check_tokens(case, "cuda") == want, tokens
+    assert check_tokens(_case(device="cpu"), "cpu") == 16384
+
+
+def test_prewarm_warms_the_check_shape_too(monkeypatch):
+    import torch
+
+    from suite.check import BYTES_PER_ELEMENT
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    small, big = _case(C=2560), _case()
+    per_token = big.n * big.C * BYTES_PER_ELEMENT
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(10000 * per_token / 0.6), 0))
+    assert prewarm._check_shapes([small, big, _case(device="cpu")]) == [None, 8192, None]
