@@ -55,7 +55,8 @@ Backward, two kernels (u = r*dz, e = r^2 * mean_c(dxn*xn) = r^2/C * sum_k dz_k z
     dh_pre = g_li . x[i] (one pass over x and g_li; none for hc_coeffs) + upstream dh_pre,
     dp = s * dh, dz = (1 - p^2) dp, ds and db_pre partials per program (summed by torch);
     writes coef [T, n, NKC] = (u_0..u_{NK-1}, h_pre, e, pad; NKC = n+4 rounded up to 4: 16-byte
-    rows). db_post, db_res are torch sums of the upstream gradients. 281 us at C = 4096.
+    rows). db_post, db_res are torch sums of the upstream gradients. 245 us at C = 4096
+    (2 warps, b1_cp 1).
   _bwd_dx_mma_kernel (b2_impl="mma", the default), rows = (token, stream) pairs of x viewed as
     [T*n, C]; program = (b2_bc columns, a range of rows), column block fastest, row ranges
     last-first (the first reads hit what _bwd_coef_kernel left in L2); per b2_bm rows, loads
@@ -125,7 +126,10 @@ DEFAULT_CONFIG = {
     # dtype, then a separate apply kernel; "fma" is the one-kernel FMA forward (_fwd_kernel)
     "fwd_impl": "gemm", "gemm_bm": 64, "gemm_bk": 128, "gemm_warps": 4, "gemm_stages": 4,
     "apply_bt": 16, "apply_bc": 256,
-    "b1_bt": 0, "b1_rows": 8, "b1_warps": 4, "b1_programs": 8192, "b1_prefetch": 1, "b1_cp": 2,
+    # coefficient backward: 2 warps of one int32 pair per thread and chunk (H100, bf16, n = 4,
+    # T = 16384: 166 / 245 / 416 us at C = 2560 / 4096 / 7168 against 198 / 282 / 453 us with 4
+    # warps and 2 pairs; results/tuning-20261124-h100/hc_b1_probe_s8.txt)
+    "b1_bt": 0, "b1_rows": 8, "b1_warps": 2, "b1_programs": 8192, "b1_prefetch": 1, "b1_cp": 1,
     # dx / dw kernel: b2_impl "mma" (_bwd_dx_mma_kernel, tensor cores; keys b2_bm, b2_bc,
     # b2_warps, b2_stages, b2_ctas, b2_dw) or "fma" (_bwd_dx_kernel; b2_bt, b2_rows, b2_warps,
     # b2_programs, b2_prefetch, b2_cp)
