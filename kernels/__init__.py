@@ -47,16 +47,20 @@ class Backend:
     # "module:function" called with the device type after loading; returns why the backend
     # cannot run here (e.g. its compiler cannot build for this GPU), or None
     probe: str = ""
+    # compiles again for each token count (suite.prewarm also compiles the correctness check's)
+    compiles_per_T: bool = False
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b for b in (
         Backend("torch", "kernels.eager", description="the reference in eager PyTorch"),
-        Backend("compile", "kernels.compiled", description="torch.compile of the reference"),
+        Backend("compile", "kernels.compiled", description="torch.compile of the reference",
+                compiles_per_T=True),
         Backend("triton", "kernels.triton", devices=("cuda",), requires=("triton",),
                 pip_name="triton", description="this suite's fused Triton kernels"),
         Backend("liger", "kernels.liger", devices=("cuda",), requires=("liger_kernel", "triton"),
-                pip_name="liger-kernel", description="Liger-Kernel's Triton mHC (peer, mhc only)"),
+                pip_name="liger-kernel", description="Liger-Kernel's Triton mHC (peer, mhc only)",
+                compiles_per_T=True),
         Backend("tilelang", "kernels.tilelang", devices=("cuda",), requires=("tilelang",),
                 pip_name="tilelang==0.1.15", description="this suite's TileLang kernels",
                 probe="kernels.tilelang.probe:unavailable"),

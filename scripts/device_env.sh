@@ -14,10 +14,14 @@ if [ -f .tilelang-site.tar.xz ]; then
   fi
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# - .triton-cache.tar.xz (a Triton compile cache packed by an earlier call), when carried, is
-#   unpacked into .triton-cache/, scripts/gpu_resume.sh's TRITON_CACHE_DIR;
-if [ -f .triton-cache.tar.xz ] && [ ! -d .triton-cache ]; then
-  tar -xJf .triton-cache.tar.xz || echo "WARN: unpacking .triton-cache.tar.xz failed; kernels compile again"
+# - Triton's compile cache is .triton-cache/ in the checkout (TRITON_CACHE_DIR, unless set): one
+#   packed by an earlier call (tar -cf - .triton-cache | xz -T8 -2 > $OUT/triton-cache.tar.xz) and
+#   carried back as .triton-cache.tar.xz is merged into it, so those kernels are not compiled again
+#   (Liger's mHC compiles for minutes per width and token count);
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+if [ -f .triton-cache.tar.xz ]; then
+  mkdir -p "$TRITON_CACHE_DIR" && tar -xJf .triton-cache.tar.xz -C "$TRITON_CACHE_DIR" --strip-components=1 \
+    || echo "WARN: unpacking .triton-cache.tar.xz failed; its kernels compile again"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PIP_NO_INDEX=1
 MAKE_ENV_LOG=${MAKE_ENV_LOG:-/dev/null}

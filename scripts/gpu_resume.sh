@@ -7,18 +7,15 @@
 #   bash scripts/gpu_resume.sh scenarios/traffic.yaml results/<run> --only backend=compile,liger
 # Set-up: scripts/device_env.sh (TileLang from .tilelang-site.tar.xz, `make env` on the machine's
 # torch, the wheels under .whl/ such as liger-kernel). Then the scenario's remaining cases are
-# compiled in parallel (python -m suite.prewarm: Liger's autotuning, torch.compile, TileLang) and run
+# compiled in parallel (python -m suite.prewarm: Liger's compiles, torch.compile, TileLang) and run
 # with --resume. Whatever finished is copied to $OUT (records.jsonl, env.json, report.md,
 # scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s; the prewarm gets
 # PREWARM_S of it, default a third; 0 skips it) cuts the run short;
 # each device call starts from the committed folder, so merge the records afterwards
 # (scripts/merge_records.py).
-# Triton's compile cache is .triton-cache/ in the checkout (TRITON_CACHE_DIR). For shapes whose
-# compiles alone outlast one call (Liger's mHC at C = 7168): a prewarm-only call packs it,
-#   tar -cf - .triton-cache | xz -T8 -2 > $OUT/triton-cache.tar.xz
-# and the next call carries it back as .triton-cache.tar.xz (device_env.sh unpacks it).
+# Shapes whose compiles alone outlast one call (Liger's mHC at C = 7168): a prewarm-only call packs
+# Triton's cache into $OUT and the next call carries it back (scripts/device_env.sh says how).
 set -u
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 [ $# -ge 2 ] || { echo "usage: bash scripts/gpu_resume.sh SCENARIO RUN_DIR [harness args...]" >&2; exit 2; }
 SCENARIO=$1 RUN_DIR=${2%/}
 shift 2

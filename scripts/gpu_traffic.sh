@@ -6,8 +6,8 @@
 #
 # Writes to $OUT (4 files): gpu_traffic.log, records.jsonl, report.md, env.json.
 # The scenario runs trimmed to backends torch and triton (12 of its 16 cases): compiling the mHC
-# reference with torch.compile (~160 s per shape) and Liger's autotuning (~100 s per case) happen
-# twice per case here (timed run, then the profiled child), which does not fit. Run the rest with
+# reference with torch.compile (~160 s per shape) and Liger's compiles (minutes per width and
+# token count) happen twice per case here (timed run, then the profiled child), which does not fit. Run the rest with
 #   TRAFFIC_ONLY=backend=compile,liger bash scripts/gpu_traffic.sh
 # Reads GPU state only; never changes clocks, power or MIG (ncu runs with --clock-control none).
 set -u

@@ -29,9 +29,9 @@ BYTES_PER_ELEMENT = 160
 
 def check_tokens(case: Case, device: str) -> int:
     """Tokens of the correctness check: all of the case's when they fit, else the largest power of
-    two that does. A power of two makes the shape the same in every process on a card (free memory
-    differs a little between them), so a backend that compiles per token count (Liger-Kernel's mHC
-    makes T a compile-time constant) meets it once, and suite.prewarm can compile it ahead."""
+    two that does. Free memory differs a little between processes on a card; a power of two nearly
+    always absorbs that, so a backend that compiles per token count (Liger-Kernel's mHC makes T a
+    compile-time constant) meets one shape, which suite.prewarm can compile ahead."""
     if device != "cuda":
         return case.T
     free, _ = torch.cuda.mem_get_info()

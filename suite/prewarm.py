@@ -3,22 +3,23 @@
 Usage: python -m suite.prewarm SCENARIO.yaml [--only KEY=V1,V2 ...] [--set KEY=V ...] [--jobs 6]
 
 Why: some backends compile for minutes per shape the first time they meet it (Liger-Kernel's mHC
-unrolls its K loop with tl.static_range: about 100 s per width on an H100's host; torch.compile
-a few seconds per graph). The runner meets the shapes one after another; this script meets them
+unrolls its K loop with tl.static_range and makes T a compile-time constant: minutes per width and
+token count on an H100's host, 322 s for C = 7168 fwd+bwd; torch.compile a few seconds per graph). The runner meets the shapes one after another; this script meets them
 all at once, one process per distinct shape, so the Triton and Inductor on-disk caches are full
 when `harness.py run` starts. Nothing is timed or recorded here; the runner still checks and
 times every case itself, and its first, untimed call still happens.
 
 Each worker builds the case's inputs with suite.workload and calls the op once (forward, and
-backward in fwd+bwd mode). Where the runner's correctness check uses fewer tokens than the case
-(suite.check.check_tokens, on a GPU too small for the fp64 reference at full size), that token
-count is warmed too, as a job of its own: a backend that compiles per token count would otherwise
-compile it inside the timed process. A worker that fails prints its error; the others go on.
+backward in fwd+bwd mode). Where a site case's correctness check uses fewer tokens than the case
+(suite.check.check_tokens: the fp64 reference does not fit at full size) and its backend compiles
+per token count (kernels.Backend.compiles_per_T), that token count is warmed too, as a job of its
+own; otherwise that compile would happen inside the timed process. A worker that fails prints its error; the others go on.
 Exit status: 0 when every worker finished, 1 otherwise, 2 for bad input.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import sys
 import time
@@ -40,7 +41,7 @@ def _warm(job: tuple[dict, int | None]) -> tuple[str, float, str | None]:
         return label, 0.0, f"skipped: {reason}"
     try:
         ops = kernels.get(case.method, case.backend)
-        inputs = workload.make_inputs(case, case.device, case.seed, T=tokens or case.T)
+        inputs = workload.make_inputs(case, case.device, case.seed, T=tokens)
         workload.run(ops, case, inputs)
         if case.device == "cuda":
             torch.cuda.synchronize()
@@ -49,16 +50,32 @@ def _warm(job: tuple[dict, int | None]) -> tuple[str, float, str | None]:
     return label, time.perf_counter() - t0, None
 
 
-def _check_shapes(cases: list) -> list[int | None]:
-    """Per case, the check's token count where it is smaller than the case's, else None. Taken
-    here, in the parent, before any worker holds GPU memory: the free memory the runner sees."""
+def _check_jobs(cases: list) -> list[tuple[dict, int]]:
+    """(case, tokens) for each distinct check shape that differs from its case's T, of site cases
+    on a GPU whose backend compiles per token count. Taken here, in the parent, before any worker
+    holds GPU memory: nearly the free memory the runner sees (check_tokens rounds down to a power
+    of two, so a small difference seldom changes it). No GPU, or none usable: no extra jobs."""
     import torch
 
+    import kernels
     from suite.check import check_tokens
-    if not any(c.device == "cuda" for c in cases) or not torch.cuda.is_available():
-        return [None] * len(cases)
-    shapes = [check_tokens(c, "cuda") if c.device == "cuda" else c.T for c in cases]
-    return [t if t != c.T else None for t, c in zip(shapes, cases)]
+    wanted = [c for c in cases if c.device == "cuda" and c.scope == "site" and not c.parallel
+              and kernels.BACKENDS[c.backend].compiles_per_T]
+    if not wanted or not torch.cuda.is_available():
+        return []
+    try:
+        shapes = [check_tokens(c, "cuda") for c in wanted]
+    except Exception as exc:  # a GPU that cannot open a context: the run will say so itself
+        print(f"prewarm: check shapes not warmed ({type(exc).__name__}: {str(exc)[:120]})")
+        return []
+    seen = {_shape_key(c) for c in cases}        # a check shape that is some case's own: warmed
+    jobs = []
+    for case, tokens in zip(wanted, shapes):
+        key = _shape_key(dataclasses.replace(case, T=tokens))
+        if key not in seen:
+            seen.add(key)
+            jobs.append((case.to_dict(), tokens))
+    return jobs
 
 
 def _shape_key(case) -> tuple:
@@ -86,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in sc.cases:
             unique.setdefault(_shape_key(case), case)
     cases = list(unique.values())
-    jobs = [(c.to_dict(), None) for c in cases]
-    jobs += [(c.to_dict(), t) for c, t in zip(cases, _check_shapes(cases)) if t]
+    jobs = [(c.to_dict(), None) for c in cases] + _check_jobs(cases)
     extra = f" (+{len(jobs) - len(cases)} check shapes)" if len(jobs) > len(cases) else ""
     print(f"prewarm: {len(cases)} distinct cases{extra}, {args.jobs} processes", flush=True)
     t0 = time.perf_counter()

@@ -46,12 +46,35 @@ def test_check_tokens_is_the_whole_case_or_a_power_of_two(monkeypatch):
     assert check_tokens(_case(device="cpu"), "cpu") == 16384
 
 
-def test_prewarm_warms_the_check_shape_too(monkeypatch):
+def test_prewarm_warms_check_shapes_of_backends_that_compile_per_token_count(monkeypatch):
     import torch
 
     from suite.check import BYTES_PER_ELEMENT
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    small, big = _case(C=2560), _case()
+    big = _case(backend="liger")
     per_token = big.n * big.C * BYTES_PER_ELEMENT
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(10000 * per_token / 0.6), 0))
-    assert prewarm._check_shapes([small, big, _case(device="cpu")]) == [None, 8192, None]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(10000.5 * per_token / 0.6), 0))
+    cases = [_case(C=2560, backend="liger"),           # fits whole: no extra job
+             big, _case(backend="liger", mode="fwd+bwd"),
+             _case(backend="liger", seed=7),            # run control only: same check shape
+             _case(backend="triton"),                   # T is a runtime argument there
+             _case(backend="liger", scope="model", layers=2),   # gated by suite.steps instead
+             _case(backend="liger", T=8192),            # its own T is the check shape: warmed anyway
+             _case(backend="liger", device="cpu")]
+    jobs = prewarm._check_jobs(cases)
+    assert [(d["mode"], t) for d, t in jobs] == [("fwd+bwd", 8192)]   # fwd: the T=8192 case
+    assert jobs[0][0]["T"] == 16384                     # the case as given; the worker swaps T
+
+
+def test_prewarm_without_a_usable_gpu_adds_no_check_jobs(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert prewarm._check_jobs([_case(backend="liger")]) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def broken():
+        raise RuntimeError("CUDA error: busy or unavailable")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    assert prewarm._check_jobs([_case(backend="liger")]) == []
+    assert "check shapes not warmed" in capsys.readouterr().out

@@ -303,7 +303,8 @@ def test_gpu_mhc_pre(n, C, T, dtype):
                                     {"bwd_fused": True, "bf_ctas": 1, "bf_pre": 0, "bf_gb": 1},
                                     {"split": True}, {"split": False},
                                     {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_warps": 8},
-                                    {"split": False, "ns_bt": 32, "ns_bk": 128, "ns_stages": 4}])
+                                    {"split": False, "ns_bt": 32, "ns_bk": 128, "ns_stages": 4},
+                                    {"b1_bt": 16, "b1_bc": 64, "b1_stages": 1}])
 @pytest.mark.parametrize("C", [2560, 7168])
 def test_gpu_configs(C, config):
     for fn, ref_fn in ((mhc_pre, ref.mhc_pre), (mhc_coeffs, ref.mhc_coeffs)):
