@@ -65,7 +65,7 @@ def _check_jobs(cases: list) -> list[tuple[dict, int]]:
         return []
     try:
         shapes = [check_tokens(c, "cuda") for c in wanted]
-    except Exception as exc:  # a GPU that cannot open a context: the run will say so itself
+    except Exception as exc:  # noqa: BLE001 (a GPU that cannot open a context: the run says so)
         print(f"prewarm: check shapes not warmed ({type(exc).__name__}: {str(exc)[:120]})")
         return []
     seen = {_shape_key(c) for c in cases}        # a check shape that is some case's own: warmed

@@ -28,7 +28,7 @@ def test_cluster_kernel_parses():
 def test_cluster_kernel_lowers_to_remote_shared_stores(tmp_path):
     out = tmp_path / "k.cu"
     run = subprocess.run([sys.executable, str(SCRIPT), "--source", str(out)], capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     src = out.read_text()
     assert "map_shared_rank" in src and "cluster_sync" in src
@@ -38,6 +38,7 @@ def test_cluster_kernel_lowers_to_remote_shared_stores(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90 GPU (thread-block clusters)")
 def test_cluster_probe_on_the_gpu():
-    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600,
+                         check=False)
     assert run.returncode == 0, run.stdout[-1000:] + run.stderr[-2000:]
     assert ": ok" in run.stdout
