@@ -17,10 +17,12 @@ stream (cs = C / S) in shared memory, so x is read from DRAM once:
 Not in the suite: a design probe for issue 4 (see its session-8 note). Status (2026-11-24): it
 compiles for sm_90a with TileLang 0.1.15 (nvcc, no GPU): TileLang warp-specialises the GEMM loop
 (TMA loads of phi, wgmma on the resident x slice), 144 KB of shared memory per CTA. NOT yet run on a
-GPU: the session's device time ran out. Limits of this first version: n = 4 and S = 16 only (the
-DSMEM copy of OWN x W partials must be 128 elements, one per thread: TileLang 0.1.15 failed to
-lower a 160-element copy_cluster, "[ThreadSync] ... not warp-uniform"), x copied in whole before
-the GEMM (no overlap), one CTA per SM.
+GPU: the session's device time ran out. Limits of this first version: S divides 64 and C / S is a
+multiple of 32; the x slice (64 x n x C/S bf16) and the buffers must fit in 227 KB (n = 4: C <= 4096
+at S = 16; it also compiles for n = 4, C = 2560, S = 16 and n = 2, C = 4096, S = 8); the DSMEM copy
+of the partials is padded to a multiple of the 128 threads (TileLang 0.1.15 failed to lower a
+160-element copy_cluster: "[ThreadSync] ... not warp-uniform"); x is copied in whole before the
+GEMM (no overlap); one CTA per SM.
 """
 import argparse
 import os
@@ -35,17 +37,16 @@ def build(n: int, C: int, S: int, iters: int = 20, dtype: str = "bfloat16"):
     from kernels.tilelang.mhc_pre import EPS_RMS, EPS_SK, _kp
 
     BT = 64
-    assert C % S == 0 and (C // S) % 64 == 0 and BT % S == 0
+    assert C % S == 0 and (C // S) % 32 == 0 and BT % S == 0, "C / S a multiple of 32, S | 64"
     cs = C // S
     KC = n * cs                  # this CTA's share of the GEMM's K
-    BK = 64
+    BK = 64 if cs % 64 == 0 else 32
     K = n * n + 2 * n
     KP = _kp(n)
-    # partial row: K products, then the sum of squares in column K (phi's padding columns make
-    # acc zero there); OWN x W = 128 elements, one per thread, for the DSMEM copy
-    W = KP
-    assert K < KP and (BT // S) * W == 128, "prototype: n = 4, S = 16"
     OWN = BT // S                # tokens each rank finishes
+    # partial row: K products, the sum of squares in column K, zero padding; OWN x W a multiple of
+    # the 128 threads (a DSMEM copy with a partial last warp does not lower in TileLang 0.1.15)
+    W = -(-(K + 1) // (128 // OWN)) * (128 // OWN) if OWN < 128 else K + 1
     nn = n * n
     NC = n * C
     Tn = T.dynamic("T")
@@ -103,7 +104,8 @@ def build(n: int, C: int, S: int, iters: int = 20, dtype: str = "bfloat16"):
                 for i, j in T.Parallel(BT, BK):
                     xf[i, j] = xf[i, j] * xf[i, j]
                 T.reduce_sum(xf, ss, dim=1, clear=False)
-            T.copy(acc, part)
+            T.clear(part)
+            T.copy(acc, part[:, 0:KP])
             for i in T.Parallel(BT):
                 part[i, K] = ss[i]
             T.cluster_sync()             # every rank's parts buffer is free, part is complete
