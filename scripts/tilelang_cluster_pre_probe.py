@@ -11,7 +11,8 @@ stream (cs = C / S) in shared memory, so x is read from DRAM once:
   2. reduce-scatter of the partials through distributed shared memory: rank q owns BT / S tokens
      and receives their partials from every rank (T.copy_cluster), then cluster barrier;
   3. each owner thread (one per owned token) sums them, writes m and r (what the backward needs),
-     runs the sigmoid / Sinkhorn epilogue and writes h_pre, h_post, h_res; cluster barrier (its
+     then runs mhc_pre's per-token epilogue on that m (sinkhorn_macros: sigmoid, Sinkhorn) and
+     writes h_pre, h_post, h_res; cluster barrier (its
      release / acquire orders those global writes for the cluster);
   4. every rank computes layer_input for its columns from the x slice still in shared memory.
 Not in the suite: a design probe for issue 4 (see its session-8 note). Status (2026-11-24): it
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def build(n: int, C: int, S: int, iters: int = 20, dtype: str = "bfloat16"):
     import tilelang.language as T
 
-    from kernels.tilelang.mhc_pre import EPS_RMS, EPS_SK, _kp
+    from kernels.tilelang.mhc_pre import EPS_RMS, _kp, sinkhorn_macros
 
     BT = 64
     assert C % S == 0 and (C // S) % 32 == 0 and BT % S == 0, "C / S a multiple of 32, S | 64"
@@ -52,20 +53,7 @@ def build(n: int, C: int, S: int, iters: int = 20, dtype: str = "bfloat16"):
     Tn = T.dynamic("T")
     f32 = "float32"
 
-    @T.macro
-    def sk_step(M, v):
-        for j in T.unroll(n):
-            v[0] = 0.0
-            for i in T.unroll(n):
-                v[0] += M[i * n + j]
-            for i in T.unroll(n):
-                M[i * n + j] = M[i * n + j] / (v[0] + EPS_SK)
-        for i in T.unroll(n):
-            v[0] = 0.0
-            for j in T.unroll(n):
-                v[0] += M[i * n + j]
-            for j in T.unroll(n):
-                M[i * n + j] = M[i * n + j] / (v[0] + EPS_SK)
+    _, coefficients = sinkhorn_macros(n, iters)
 
     @T.prim_func
     def mhc_pre_cluster(x: T.Tensor((Tn, n, C), dtype), phi_hi: T.Tensor((NC, KP), dtype),
@@ -87,9 +75,8 @@ def build(n: int, C: int, S: int, iters: int = 20, dtype: str = "bfloat16"):
             parts = T.alloc_shared((S, OWN, W), f32)
             lif = T.alloc_fragment((BT, cs), f32)
             red = T.alloc_shared((OWN, W), f32)
-            mk = T.alloc_local((K,), f32)
             M = T.alloc_local((nn,), f32)
-            v = T.alloc_local((4,), f32)
+            v = T.alloc_local((2,), f32)
             for i in T.serial(n):
                 T.copy(x[t0:t0 + BT, i, rk * cs:(rk + 1) * cs], xs[:, i * cs:(i + 1) * cs])
             T.clear(acc)
@@ -121,25 +108,11 @@ def build(n: int, C: int, S: int, iters: int = 20, dtype: str = "bfloat16"):
                 if tx < OWN:
                     t = t0 + rk * OWN + tx
                     if t < Tn:
-                        v[1] = T.sqrt(red[tx, K] / NC + EPS_RMS)
-                        r[t] = v[1]
+                        v[0] = T.sqrt(red[tx, K] / NC + EPS_RMS)
+                        r[t] = v[0]
                         for k in T.unroll(K):
-                            mk[k] = red[tx, k] / v[1]
-                            m[t, k] = mk[k]
-                        for i in T.unroll(n):
-                            h_pre[t, i] = T.sigmoid(alpha[0] * mk[i] + b[i])
-                            h_post[t, i] = 2.0 * T.sigmoid(alpha[1] * mk[n + i] + b[n + i])
-                        for k in T.unroll(nn):
-                            M[k] = alpha[2] * mk[2 * n + k] + b[2 * n + k]
-                        v[3] = M[0]
-                        for k in T.unroll(nn):
-                            v[3] = T.max(v[3], M[k])
-                        for k in T.unroll(nn):
-                            M[k] = T.exp(M[k] - v[3])
-                        for _ in T.serial(iters):
-                            sk_step(M, v)
-                        for k in T.unroll(nn):
-                            h_res[t, k // n, k % n] = M[k]
+                            m[t, k] = red[tx, k] / v[0]
+                        coefficients(t, m, b, alpha, h_pre, h_post, h_res, M, v)
             T.cluster_sync()             # h_pre of the whole block is written
             T.clear(lif)
             for i in T.serial(n):

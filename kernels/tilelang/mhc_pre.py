@@ -103,16 +103,14 @@ def _seg(iters: int) -> int:
 
 
 # ====================================================================== per-token kernels
-@functools.cache
-def _build_coef(n: int, iters: int, cpu: bool):
-    """m [T, K] -> h_pre, h_post, h_res; one thread per token."""
+def sinkhorn_macros(n: int, iters: int):
+    """(sk_step, coefficients): T.macro pieces of one token's forward epilogue, per thread.
+    sk_step(M, cs): one Sinkhorn iteration (columns, then rows) on the [n*n] local M.
+    coefficients(t, m, b, alpha, h_pre, h_post, h_res, M, cs): token t's h_pre, h_post, h_res from
+    its logits m[t, :] (sigmoid, 2*sigmoid, max-shifted exp and `iters` Sinkhorn iterations)."""
     import tilelang.language as T
 
-    K = n * n + 2 * n
     nn = n * n
-    nt = TOK_PER_CTA
-    Tn = T.dynamic("T")
-    f32 = "float32"
 
     @T.macro
     def sk_step(M, cs):
@@ -130,22 +128,42 @@ def _build_coef(n: int, iters: int, cpu: bool):
                 M[i * n + j] = M[i * n + j] / (cs[0] + EPS_SK)
 
     @T.macro
+    def coefficients(t, m, b, alpha, h_pre, h_post, h_res, M, cs):
+        for i in T.unroll(n):
+            h_pre[t, i] = T.sigmoid(alpha[0] * m[t, i] + b[i])
+            h_post[t, i] = 2.0 * T.sigmoid(alpha[1] * m[t, n + i] + b[n + i])
+        for k in T.unroll(nn):
+            M[k] = alpha[2] * m[t, 2 * n + k] + b[2 * n + k]
+        cs[1] = M[0]
+        for k in T.unroll(nn):
+            cs[1] = T.max(cs[1], M[k])
+        for k in T.unroll(nn):
+            M[k] = T.exp(M[k] - cs[1])
+        for _ in T.serial(iters):
+            sk_step(M, cs)
+        for k in T.unroll(nn):
+            h_res[t, k // n, k % n] = M[k]
+
+    return sk_step, coefficients
+
+
+@functools.cache
+def _build_coef(n: int, iters: int, cpu: bool):
+    """m [T, K] -> h_pre, h_post, h_res; one thread per token."""
+    import tilelang.language as T
+
+    K = n * n + 2 * n
+    nn = n * n
+    nt = TOK_PER_CTA
+    Tn = T.dynamic("T")
+    f32 = "float32"
+
+    _, coefficients = sinkhorn_macros(n, iters)
+
+    @T.macro
     def token(t, m, b, alpha, h_pre, h_post, h_res, M, cs):
         if t < Tn:
-            for i in T.unroll(n):
-                h_pre[t, i] = T.sigmoid(alpha[0] * m[t, i] + b[i])
-                h_post[t, i] = 2.0 * T.sigmoid(alpha[1] * m[t, n + i] + b[n + i])
-            for k in T.unroll(nn):
-                M[k] = alpha[2] * m[t, 2 * n + k] + b[2 * n + k]
-            cs[1] = M[0]
-            for k in T.unroll(nn):
-                cs[1] = T.max(cs[1], M[k])
-            for k in T.unroll(nn):
-                M[k] = T.exp(M[k] - cs[1])
-            for _ in T.serial(iters):
-                sk_step(M, cs)
-            for k in T.unroll(nn):
-                h_res[t, k // n, k % n] = M[k]
+            coefficients(t, m, b, alpha, h_pre, h_post, h_res, M, cs)
 
     @T.prim_func
     def mhc_coef(m: T.Tensor((Tn, K), f32), b: T.Tensor((K,), f32), alpha: T.Tensor((3,), f32),
@@ -177,20 +195,7 @@ def _build_coef_bwd(n: int, C: int, iters: int, cpu: bool):
     Tn = T.dynamic("T")
     f32 = "float32"
 
-    @T.macro
-    def sk_step(M, cs):
-        for j in T.unroll(n):
-            cs[0] = 0.0
-            for i in T.unroll(n):
-                cs[0] += M[i * n + j]
-            for i in T.unroll(n):
-                M[i * n + j] = M[i * n + j] / (cs[0] + EPS_SK)
-        for i in T.unroll(n):
-            cs[0] = 0.0
-            for j in T.unroll(n):
-                cs[0] += M[i * n + j]
-            for j in T.unroll(n):
-                M[i * n + j] = M[i * n + j] / (cs[0] + EPS_SK)
+    sk_step, _ = sinkhorn_macros(n, iters)
 
     @T.macro
     def sk_step_bwd(P, G, cs, rs, s):
