@@ -369,7 +369,7 @@ def main():
             break
         x, phi, b, alpha = make_inputs(C)
         cfg0 = M._config(None)
-        print(f"  C={C}: default forward path: {'split' if M.use_split(T, x.device, cfg0) else 'non-split'}")
+        print(f"  C={C}: default forward path: {'split' if M.use_split(cfg0) else 'non-split'}")
         ref_out = check(C, x, phi, b, alpha)
         sweep = [None] + SPLIT_CFGS + NS_CFGS + (NS_MAIN_ONLY if C == CMAIN else [])
         times = {}

@@ -980,7 +980,7 @@ def _ns_bt(cfg: Config, T: int) -> int:
     return max(16, min(_np2(cfg.ns_bt), _np2(T)))
 
 
-def use_split(T: int, device, cfg: Config) -> bool:
+def use_split(cfg: Config) -> bool:
     """Which forward runs: the split kernel (the default at every T) or the non-split one."""
     if cfg.split >= 0:
         return bool(cfg.split)
@@ -1060,7 +1060,7 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     li = torch.empty(T, C, device=dev, dtype=x.dtype) if apply else x
     if T == 0:
         return li, h_pre, h_post, h_res, m, r
-    if not use_split(T, dev, cfg):
+    if not use_split(cfg):
         return _forward_ns(x, phi, b, alpha, iters, apply, save, cfg, (li, h_pre, h_post, h_res, m, r))
     bt = max(16, min(_np2(cfg.bt), _np2(T)))
     bk = max(16, _np2(cfg.bk))

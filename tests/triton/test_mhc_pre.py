@@ -223,12 +223,10 @@ def test_nonsplit_configs(kernel_device, config):
 
 
 def test_split_choice(kernel_device):
-    dev = torch.device(kernel_device)
-    assert use_split(1, dev, _config(None))                          # the default at any T
-    assert use_split(1 << 20, dev, _config(None))
-    assert not use_split(1, dev, _config({"split": False}))
-    assert not use_split(1 << 20, dev, _config({"ns_bt": 32}))       # non-split fields: non-split
-    assert use_split(1 << 20, dev, _config({"ns_bt": 32, "split": True}))
+    assert use_split(_config(None))                          # the default, at any T
+    assert not use_split(_config({"split": False}))
+    assert not use_split(_config({"ns_bt": 32}))             # non-split fields: non-split
+    assert use_split(_config({"ns_bt": 32, "split": True}))
     # a non-split field picks that path end to end (forward only)
     (x, phi, b, alpha), _ = _inputs(2, 40, 130, BF16, kernel_device, seed=13)
     out = mhc_pre(x, phi, b, alpha, sinkhorn_iters=20, config={"ns_bt": 16})
