@@ -25,6 +25,7 @@ import functools
 import torch
 
 from kernels import site_link
+from kernels.colsum import column_sums
 from kernels.tilelang import mhc_pre as _m
 from kernels.tilelang.common import check_state, check_tensor, compile_kernel, on_device
 
@@ -184,10 +185,10 @@ def _backward(x, w, s, z, r, h_pre, g_first, g_post, g_res, with_li, needs, acc=
         else:
             dx = acc if acc is not None else torch.zeros_like(x)
             dw = torch.zeros_like(w)
-    if need_b:
-        db = torch.cat([dh.sum(0), gq.sum(0), gr.sum(0).flatten()])
-    if need_s:
-        dsum = ds.sum(0)
+    if need_b or need_s:
+        sums = column_sums(ds, dh, gq, gr)         # [dsum (2) | db: pre, post, res]
+        db = sums[2:] if need_b else None
+        dsum = sums[:2] if need_s else None
     return (dx if need_x else None), (dw if need_w else None), db, dsum
 
 

@@ -77,6 +77,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kernels import site_link
+from kernels.colsum import column_sums, segment_sums
 from kernels.hilo import split_hi_lo, split_weight_hi_lo
 from kernels.tilelang.common import (
     TL_DTYPES,
@@ -992,11 +993,11 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
         else:
             dx = acc if acc is not None else torch.zeros_like(x)
             dphi = torch.zeros_like(phi)
-    if need_b:
-        db = dlogit.sum(0)
-    if need_alpha:
-        prod = dlogit * m
-        dalpha = torch.stack([prod[:, :n].sum(), prod[:, n:2 * n].sum(), prod[:, 2 * n:].sum()])
+    if need_b or need_alpha:
+        K = dlogit.shape[1]
+        sums = column_sums(dlogit, dlogit * m) if need_alpha else column_sums(dlogit)
+        db = sums[:K] if need_b else None
+        dalpha = segment_sums(sums[K:], (n, n, n * n)) if need_alpha else None
     return (dx if need_x else None), (dphi if need_phi else None), db, dalpha
 
 

@@ -104,6 +104,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference, site_link
+from kernels.colsum import column_sums
 from kernels.hilo import split_hi_lo
 from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import (check_state, check_tensor, dot_xT_hilo, interpreting, num_sms,
@@ -1057,10 +1058,11 @@ class _HCPreFn(torch.autograd.Function):
                 dw = dwp.sum(0).t().contiguous()
             if acc is not None:         # (the FMA kernel has no in-place accumulation)
                 dx = acc.add_(dx)
-        if need_b:
-            db = torch.cat([part[:, 2:].sum(0), gpost.sum(0), gres.sum(0).flatten()])
-        if need_s:
-            ds = part[:, :2].sum(0)
+        if need_b or need_s:
+            # [ds (2) | db: pre, post, res]; part has a row per program, the others one per token
+            sums = torch.cat([column_sums(part), column_sums(gpost, gres)])
+            db = sums[2:] if need_b else None
+            ds = sums[:2] if need_s else None
         return dx, dw, db, ds, None, None, None
 
 

@@ -100,6 +100,7 @@ import triton
 import triton.language as tl
 
 from kernels import site_link
+from kernels.colsum import column_sums
 from kernels.hilo import split_hi_lo, split_weight_hi_lo
 from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import (check_state, check_tensor, dot_xT_hilo, interpreting, num_sms,
@@ -1161,10 +1162,10 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
             dalpha = dap.sum(0)
             dalpha[0] += dap_pre.sum()
         return dx, dphi, db, dalpha
-    if need_b:
-        db = dbp.sum(0)
-    if need_alpha:
-        dalpha = dap.sum(0)
+    if need_b or need_alpha:
+        sums = column_sums(dbp, dap)
+        db = sums[:K] if need_b else None
+        dalpha = sums[K:] if need_alpha else None
     if need_x or need_phi:
         bt2 = max(16, min(_np2(cfg.b2_bt), _np2(T)))
         br = max(16, _np2(cfg.b2_br))
