@@ -71,6 +71,78 @@ SWEEP_PERSISTENT = [
 ]
 
 
+def _layout(n: int, C: int, S: int, BT: int, threads: int = 128) -> dict:
+    """Sizes both versions share: cs (columns of a stream per CTA), BK (columns per chunk), CPS
+    (chunks per stream), NCH (chunks per slice), K, OWN (tokens a rank finishes) and W (a partial
+    row: K products, the sum of squares in column K, zero padding so that OWN x W is a multiple
+    of the threads; a DSMEM copy with a partial last warp does not lower in TileLang 0.1.15)."""
+    cs = C // S
+    BK = 64 if cs % 64 == 0 else 32
+    assert C % S == 0 and cs % BK == 0 and BT % S == 0, "C / S a multiple of 32, S | BT"
+    K = n * n + 2 * n
+    OWN = BT // S
+    W = -(-(K + 1) // (threads // OWN)) * (threads // OWN) if OWN < threads else K + 1
+    return {"cs": cs, "BK": BK, "CPS": cs // BK, "NCH": n * (cs // BK), "K": K, "OWN": OWN, "W": W}
+
+
+def _epilogue(n: int, C: int, S: int, BT: int, d: dict, Tn):
+    """(pack, exchange, owners, apply): T.macro steps 2-4 of both versions, after the GEMM.
+    pack: the GEMM fragment and the sums of squares into this rank's [BT, W] partial rows;
+    exchange: rank q's OWN rows to rank q (DSMEM), cluster barrier, the S partials summed;
+    owners: thread tx < OWN writes r, m and h_pre of token t (t0 + rank * OWN + tx);
+    apply: layer_input of the block's columns from its x slice, whose chunk kk is xs's rows
+    (x0 + kk) * BT.. Tn: the kernel's dynamic token count (the same variable, not a new one)."""
+    import tilelang.language as T
+
+    from kernels.tilelang.mhc_pre import EPS_RMS
+
+    K, OWN, W, CPS, BK = d["K"], d["OWN"], d["W"], d["CPS"], d["BK"]
+    NC = n * C
+    f32 = "float32"
+
+    @T.macro
+    def pack(acc, ss, part):
+        T.clear(part)
+        T.copy(acc, part[:, 0:acc.shape[1]])
+        for i in T.Parallel(BT):
+            part[i, K] = ss[i]
+
+    @T.macro
+    def exchange(part, parts, red, rk):
+        for q in T.serial(S):
+            T.copy_cluster(part[q * OWN:(q + 1) * OWN, :], parts[rk, :, :], dst_block=q)
+        T.cluster_sync()
+        for j, k in T.Parallel(OWN, W):
+            red[j, k] = 0.0
+            for s in T.serial(S):
+                red[j, k] += parts[s, j, k]
+
+    @T.macro
+    def owners(red, tx, t, r, m, h_pre, b, alpha, v):
+        if tx < 32:                      # noqa: SIM102 (warp-uniform outer branch)
+            if tx < OWN:                 # noqa: SIM102
+                if t < Tn:
+                    v[0] = T.sqrt(red[tx, K] / NC + EPS_RMS)
+                    r[t] = v[0]
+                    for k in T.unroll(K):
+                        m[t, k] = red[tx, k] / v[0]
+                    for i in T.unroll(n):
+                        h_pre[t, i] = T.sigmoid(alpha[0] * (red[tx, i] / v[0]) + b[i])
+
+    @T.macro
+    def apply(h_pre, hps, xs, x0, lif, li, t0, c0):
+        for tt, i in T.Parallel(BT, n):
+            hps[tt, i] = T.if_then_else(t0 + tt < Tn, h_pre[t0 + tt, i], 0.0)
+        for j in T.serial(CPS):
+            T.clear(lif)
+            for i in T.serial(n):
+                for tt, c in T.Parallel(BT, BK):
+                    lif[tt, c] += hps[tt, i] * T.cast(xs[(x0 + i * CPS + j) * BT + tt, c], f32)
+            T.copy(lif, li[t0:t0 + BT, c0 + j * BK:c0 + (j + 1) * BK])
+
+    return pack, exchange, owners, apply
+
+
 def build(n: int, C: int, S: int, BT: int = 32, KP: int | None = None, ST: int = 2,
              minb: int = 2, sk_in_kernel: bool = False, phases: int = 3, iters: int = 20,
              dtype: str = "bfloat16"):
@@ -83,22 +155,17 @@ def build(n: int, C: int, S: int, BT: int = 32, KP: int | None = None, ST: int =
     1 = loads, GEMM and sums of squares only, 2 = also the reduce-scatter and the owners' writes."""
     import tilelang.language as T
 
-    from kernels.tilelang.mhc_pre import EPS_RMS, _kp, sinkhorn_macros
+    from kernels.tilelang.mhc_pre import _kp, sinkhorn_macros
 
-    cs = C // S
-    BK = 64 if cs % 64 == 0 else 32
-    assert C % S == 0 and cs % BK == 0 and BT % S == 0, "C / S a multiple of 32, S | BT"
-    CPS = cs // BK               # chunks per stream
-    NCH = n * CPS
-    K = n * n + 2 * n
+    d = _layout(n, C, S, BT)
+    cs, BK, CPS, NCH, K, OWN, W = (d[k] for k in ("cs", "BK", "CPS", "NCH", "K", "OWN", "W"))
     KP = KP or _kp(n)
-    OWN = BT // S
-    W = -(-(K + 1) // (128 // OWN)) * (128 // OWN) if OWN < 128 else K + 1
     NC = n * C
     Tn = T.dynamic("T")
     f32 = "float32"
 
     _, coefficients = sinkhorn_macros(n, iters)
+    pack, exchange, owners, apply = _epilogue(n, C, S, BT, d, Tn)
 
     @T.prim_func
     def mhc_pre_cluster2(x: T.Tensor((Tn, NC), dtype), phi_hi: T.Tensor((NC, KP), dtype),
@@ -163,43 +230,18 @@ def build(n: int, C: int, S: int, BT: int = 32, KP: int | None = None, ST: int =
                                       0:KP],
                                pls[(kk % ST) * BK:(kk % ST + 1) * BK, :], barrier=bp[kk % ST],
                                annotations={"emit_arrive": 1})
-            T.clear(part)
-            T.copy(acc, part[:, 0:KP])
-            for i in T.Parallel(BT):
-                part[i, K] = ss[i]
+            pack(acc, ss, part)
             if phases == 1:
                 for i in T.Parallel(BT):
                     if rk == 0:
                         r[t0 + i] = part[i, 0] + part[i, K]
             if phases >= 2:
-                T.cluster_sync()
-                for q in T.serial(S):
-                    T.copy_cluster(part[q * OWN:(q + 1) * OWN, :], parts[rk, :, :], dst_block=q)
-                T.cluster_sync()
-                for j, k in T.Parallel(OWN, W):
-                    red[j, k] = 0.0
-                    for s in T.serial(S):
-                        red[j, k] += parts[s, j, k]
-                if tx < 32:                  # noqa: SIM102 (warp-uniform outer branch)
-                    if tx < OWN:  # noqa: SIM102
-                        if t0 + rk * OWN + tx < Tn:
-                            v[0] = T.sqrt(red[tx, K] / NC + EPS_RMS)
-                            r[t0 + rk * OWN + tx] = v[0]
-                            for k in T.unroll(K):
-                                m[t0 + rk * OWN + tx, k] = red[tx, k] / v[0]
-                            for i in T.unroll(n):
-                                h_pre[t0 + rk * OWN + tx, i] = T.sigmoid(
-                                    alpha[0] * (red[tx, i] / v[0]) + b[i])
+                T.cluster_sync()         # every rank's parts buffer is free
+                exchange(part, parts, red, rk)
+                owners(red, tx, t0 + rk * OWN + tx, r, m, h_pre, b, alpha, v)
             if phases >= 3:
                 T.cluster_sync()             # h_pre of the whole block is written
-                for tt, i in T.Parallel(BT, n):
-                    hps[tt, i] = T.if_then_else(t0 + tt < Tn, h_pre[t0 + tt, i], 0.0)
-                for j in T.serial(CPS):
-                    T.clear(lif)
-                    for i in T.serial(n):
-                        for tt, c in T.Parallel(BT, BK):
-                            lif[tt, c] += hps[tt, i] * T.cast(xs[(i * CPS + j) * BT + tt, c], f32)
-                    T.copy(lif, li[t0:t0 + BT, rk * cs + j * BK:rk * cs + (j + 1) * BK])
+                apply(h_pre, hps, xs, 0, lif, li, t0, rk * cs)
             if sk_in_kernel:  # noqa: SIM102 (a Python-level switch around TIR branches)
                 if tx < 32:              # noqa: SIM102
                     if tx < OWN:  # noqa: SIM102
@@ -220,20 +262,15 @@ def build_persistent(n: int, C: int, S: int, BT: int = 32, G: int = 8, ST: int =
     Two cluster barriers per block (after the partials' exchange, after the owners' h_pre)."""
     import tilelang.language as T
 
-    from kernels.tilelang.mhc_pre import EPS_RMS, _kp
+    from kernels.tilelang.mhc_pre import _kp
 
-    cs = C // S
-    BK = 64 if cs % 64 == 0 else 32
-    assert C % S == 0 and cs % BK == 0 and BT % S == 0, "C / S a multiple of 32, S | BT"
-    CPS = cs // BK
-    NCH = n * CPS
-    K = n * n + 2 * n
+    d = _layout(n, C, S, BT, threads)
+    cs, BK, CPS, NCH, K, OWN, W = (d[k] for k in ("cs", "BK", "CPS", "NCH", "K", "OWN", "W"))
     KP = _kp(n)
-    OWN = BT // S
-    W = -(-(K + 1) // (threads // OWN)) * (threads // OWN) if OWN < threads else K + 1
     NC = n * C
     Tn = T.dynamic("T")
     f32 = "float32"
+    pack, exchange, owners, apply = _epilogue(n, C, S, BT, d, Tn)
 
     def xcol(kk):
         return (kk // CPS) * C + (kk % CPS) * BK
@@ -317,37 +354,11 @@ def build_persistent(n: int, C: int, S: int, BT: int = 32, G: int = 8, ST: int =
                                    barrier=bp[(it * NCH + kk) % ST],
                                    annotations={"emit_arrive": 1})
                 T.reduce_sum(sq, ss, dim=1)
-                T.clear(part)
-                T.copy(acc, part[:, 0:KP])
-                for i in T.Parallel(BT):
-                    part[i, K] = ss[i]
-                for q in T.serial(S):
-                    T.copy_cluster(part[q * OWN:(q + 1) * OWN, :], parts[rk, :, :], dst_block=q)
-                T.cluster_sync()
-                for j, k in T.Parallel(OWN, W):
-                    red[j, k] = 0.0
-                    for s in T.serial(S):
-                        red[j, k] += parts[s, j, k]
-                if tx < 32:              # noqa: SIM102 (warp-uniform outer branch)
-                    if tx < OWN:         # noqa: SIM102
-                        if t0 + rk * OWN + tx < Tn:
-                            v[0] = T.sqrt(red[tx, K] / NC + EPS_RMS)
-                            r[t0 + rk * OWN + tx] = v[0]
-                            for k in T.unroll(K):
-                                m[t0 + rk * OWN + tx, k] = red[tx, k] / v[0]
-                            for i in T.unroll(n):
-                                h_pre[t0 + rk * OWN + tx, i] = T.sigmoid(
-                                    alpha[0] * (red[tx, i] / v[0]) + b[i])
+                pack(acc, ss, part)
+                exchange(part, parts, red, rk)
+                owners(red, tx, t0 + rk * OWN + tx, r, m, h_pre, b, alpha, v)
                 T.cluster_sync()         # h_pre of the block is written; parts are read
-                for tt, i in T.Parallel(BT, n):
-                    hps[tt, i] = T.if_then_else(t0 + tt < Tn, h_pre[t0 + tt, i], 0.0)
-                for j in T.serial(CPS):
-                    T.clear(lif)
-                    for i in T.serial(n):
-                        for tt, c in T.Parallel(BT, BK):
-                            lif[tt, c] += hps[tt, i] * T.cast(
-                                xs[((it % 2) * NCH + i * CPS + j) * BT + tt, c], f32)
-                    T.copy(lif, li[t0:t0 + BT, c0 + j * BK:c0 + (j + 1) * BK])
+                apply(h_pre, hps, xs, (it % 2) * NCH, lif, li, t0, c0)
 
     return mhc_pre_persistent
 

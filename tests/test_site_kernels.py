@@ -1,31 +1,21 @@
 """scripts/site_kernels.py: a clear refusal without a GPU; on one, a per-kernel table per backend."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "site_kernels.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("site_kernels", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.script_module import load
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_without_a_gpu_it_says_so_and_exits_2(capsys):
-    assert _script().main(["--C", "64"]) == 2
+    assert load("site_kernels").main(["--C", "64"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lists_kernels_and_totals_per_backend(capsys):
-    assert _script().main(["--method", "residual", "--C", "256", "--T", "64", "--backends",
-                           "torch,nosuch", "--min-us", "0"]) == 0
+    assert load("site_kernels").main(["--method", "residual", "--C", "256", "--T", "64",
+                                      "--backends", "torch,nosuch", "--min-us", "0"]) == 0
     out = capsys.readouterr().out
     assert "residual C=256 totals: torch" in out
     assert "nosuch: FAILED" in out

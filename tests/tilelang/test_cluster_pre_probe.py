@@ -1,27 +1,20 @@
 """scripts/tilelang_cluster_pre_probe.py: both x-once pre-forward kernels (version 2, one token
 block per cluster, and version 3, persistent clusters) parse everywhere, and on an sm_90 GPU they
 agree with the three-kernel forward, including a partial last token block."""
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "tilelang_cluster_pre_probe.py"
+from tests.script_module import SCRIPTS, load
 
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("tilelang_cluster_pre_probe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = SCRIPTS / "tilelang_cluster_pre_probe.py"
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["v2", "persistent"])
 def test_pre_probe_kernels_parse(persistent):
-    probe = _probe()
+    probe = load("tilelang_cluster_pre_probe")
     func = (probe.build_persistent(2, 256, 4, 32, G=2) if persistent
             else probe.build(2, 256, 4, 32))
     assert "mhc_pre" in str(func.attrs["global_symbol"])
@@ -29,7 +22,7 @@ def test_pre_probe_kernels_parse(persistent):
 
 def test_pre_probe_rejects_a_slice_that_does_not_tile():
     with pytest.raises(AssertionError, match="multiple of 32"):
-        _probe().build(4, 264, 4, 32)
+        load("tilelang_cluster_pre_probe").build(4, 264, 4, 32)
 
 
 @pytest.mark.gpu

@@ -1,26 +1,19 @@
 """scripts/tilelang_cluster_probe.py: the cluster kernel parses everywhere; it compiles for sm_90a
 where nvcc is installed (no GPU needed), and runs and checks its answer on an sm_90 GPU."""
-import importlib.util
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "tilelang_cluster_probe.py"
+from tests.script_module import SCRIPTS, load
 
-
-def _probe():
-    spec = importlib.util.spec_from_file_location("tilelang_cluster_probe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = SCRIPTS / "tilelang_cluster_probe.py"
 
 
 def test_cluster_kernel_parses():
-    func = _probe().build(S=2, BT=16, CS=64)
+    func = load("tilelang_cluster_probe").build(S=2, BT=16, CS=64)
     assert "cluster_probe" in str(func.attrs["global_symbol"])
 
 
