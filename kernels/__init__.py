@@ -8,6 +8,10 @@ mhc takes opts sinkhorn_iters; hc and residual take none. All are differentiable
 
 Backends are loaded lazily so that a missing library (triton, tilelang, a peer) only skips its
 own cases: `unavailable_reason` says why a backend cannot run on a device, or None.
+
+Backend name `auto` (whole-model scopes only) is not a backend of its own: it stands for the
+fastest of `candidates(...)` per op at a case's shapes, chosen by measurement in the suite
+(suite.fastest) and put together with `compose`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 METHODS = ("residual", "hc", "mhc")
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -111,3 +116,27 @@ def _load(backend: str) -> dict:
     if backend not in _LOADED:
         _LOADED[backend] = importlib.import_module(BACKENDS[backend].module).OPS
     return _LOADED[backend]
+
+
+def candidates(method: str, device: str) -> list[str]:
+    """Backends `auto` chooses among: those that compute MATH.md itself (no documented
+    deviation), compile once per shape rather than per token count, and can run here."""
+    out = []
+    for name, spec in BACKENDS.items():
+        if spec.compiles_per_T or unavailable_reason(method, name, device):
+            continue
+        ops = get(method, name)
+        if ops.deviation or ops.pre is None:
+            continue
+        out.append(name)
+    return out
+
+
+def compose(method: str, pre_backend: str, post_backend: str) -> Ops:
+    """One Ops whose pre comes from one backend and post from another (same tensor contract)."""
+    pre, post = get(method, pre_backend), get(method, post_backend)
+    if pre_backend == post_backend:
+        return pre
+    return Ops(method, f"{pre_backend}+{post_backend}", pre=pre.pre, post=post.post,
+               coeffs=pre.coeffs,
+               supports=lambda n, C, dtype: pre.supports(n, C, dtype) or post.supports(n, C, dtype))

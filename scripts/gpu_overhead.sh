@@ -1,67 +1,79 @@
 #!/usr/bin/env bash
-# All GPU work of the whole-step overhead issue in one command, within about 8 minutes:
-#   1. scenarios/overhead.yaml at C = 2560 and 7168 first, then the other widths in what is left
-#      (each width's residual, hc and mhc cases timed interleaved; gate against the fp64 model);
-#   2. scenarios/recompute.yaml trimmed to L = 12 (the L_r sweep, none and full);
-#   3. scripts/stability.py: Amax Gain Magnitude fresh and after 200 synthetic training steps.
-# Every step has its own time limit; whatever finished is reported and copied to $OUT, even
-# after a failure. Files in $OUT (6): log.txt, overhead.md, recompute.md, stability.md,
-# stability.png (when matplotlib is there), runs.tar.gz (the run folders and stability.json).
-#
-#   OUT=/some/dir bash scripts/gpu_overhead.sh
+# The GPU work of the overhead verdict in one command, on an offline GPU machine:
+#   OUT=/some/dir [BUDGET_S=560] [WIDTHS="1280 2560 1920"] [SMOKE=1] bash scripts/gpu_overhead.sh
+# 1. set-up (scripts/device_env.sh: make env on the machine's torch, TileLang from a carried
+#    .tilelang-site.tar.xz, wheels from .whl/);
+# 2. the GPU tests of the timer, the deepseek layers and the recompute;
+# 3. TileLang's kernels at the scenario's widths and its gate's width (backend auto times them);
+# 4. scenarios/overhead.yaml, one width at a time into one run folder (--resume), in WIDTHS
+#    order, while BUDGET_S lasts; SMOKE=1 runs the 3B width with accum 2 instead (a check that
+#    everything runs, not a result);
+# 5. the deepseek block cross-check against torchtitan's, when its wheel was carried.
+# Whatever finished is copied to $OUT, also after a failure or the time limit: log.txt,
+# gpu_tests.log, precompile.log, crosscheck.txt, records.jsonl, env.json, report.md.
 set -u
 OUT=${OUT:-$PWD/out}
+BUDGET_S=${BUDGET_S:-560}
+WIDTHS=${WIDTHS:-"1280 2560 1920"}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 RUNS=$(mktemp -d /tmp/hcbench-runs.XXXX)
-PY=.venv/bin/python
-T0=$(date +%s)
-stamp() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
-
+stamp() { echo "== ${SECONDS}s: $*"; }
+left() { echo $((BUDGET_S - SECONDS)); }
 collect() {
     stamp "collecting"
-    for name in overhead recompute; do
-        run=$(ls -d "$RUNS/$name"/2*/ 2>/dev/null | head -1)
-        if [ -n "$run" ]; then
-            timeout -k 5 60 $PY harness.py report "$run" >/dev/null 2>&1
-            cp "$run/report.md" "$OUT/$name.md" 2>/dev/null || echo "no report for $name"
-        fi
-    done
-    cp "$RUNS/stability/stability.md" "$OUT/stability.md" 2>/dev/null
-    cp "$RUNS/stability/stability.png" "$OUT/stability.png" 2>/dev/null
-    find "$RUNS" -name history.sqlite -delete 2>/dev/null
-    tar czf "$OUT/runs.tar.gz" -C "$RUNS" . 2>/dev/null
-    stamp "done"
+    run=$(ls -d "$RUNS"/2*/ 2>/dev/null | head -1)
+    if [ -n "$run" ]; then
+        timeout -k 5 60 "${PY:-python3}" harness.py report "$run" >/dev/null 2>&1
+        for f in records.jsonl env.json report.md; do cp "$run/$f" "$OUT/" 2>/dev/null; done
+    fi
+    stamp "done: $(ls "$OUT" | tr '\n' ' ')"
 }
 trap collect EXIT
 
-stamp "make env"
-source scripts/device_env.sh
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw --format=csv
+stamp "set-up"
+MAKE_ENV_LOG=$OUT/make_env.log source scripts/device_env.sh
+nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
+$PY -c "import torch, kernels; print('torch', torch.__version__, 'grouped_mm', hasattr(torch, '_grouped_mm')); print('auto candidates:', kernels.candidates('mhc', 'cuda'))"
 
-stamp "overhead C=2560,7168"
-timeout -k 10 160 $PY harness.py run scenarios/overhead.yaml --out "$RUNS/overhead" \
-    --only C=2560,7168
-echo "exit $?"
-RUN=$(ls -d "$RUNS/overhead"/2*/ 2>/dev/null | head -1)
-if [ -n "$RUN" ]; then
-    stamp "overhead C=1280,1920,4096 (same run folder, resumed)"
-    timeout -k 10 100 $PY harness.py run scenarios/overhead.yaml --resume "$RUN" \
-        --only C=1280,1920,4096
-    echo "exit $?"
+stamp "GPU tests"
+timeout -k 5 120 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_timing_wall.py \
+    tests/test_deepseek.py tests/test_recompute.py >"$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
+
+if $PY -c "import tilelang" 2>/dev/null; then
+    stamp "TileLang kernels at the model widths and the gate's"
+    shapes=(--shape 4:480:64)
+    for C in $WIDTHS; do shapes+=(--shape "4:$C:4096"); done
+    timeout -k 5 180 $PY scripts/tilelang_precompile.py --procs 15 "${shapes[@]}" \
+        >"$OUT/precompile.log" 2>&1
+    echo "precompile rc=$?"; tail -1 "$OUT/precompile.log"
 fi
 
-stamp "recompute L=12"
-timeout -k 10 100 $PY harness.py run scenarios/recompute.yaml --out "$RUNS/recompute" \
-    --only layers=12
-echo "exit $?"
-
-stamp "stability"
-timeout -k 10 70 $PY scripts/stability.py --out "$RUNS/stability" --steps 200
-echo "exit $?"
-
-for name in overhead recompute; do
-    run=$(ls -d "$RUNS/$name"/2*/ 2>/dev/null | head -1)
-    [ -n "$run" ] && timeout -k 5 60 $PY harness.py report "$run" >/dev/null 2>&1
-    [ -n "$run" ] && sed -n '/## Overhead verdict/,/## Skipped/p; /## Recompute/,$p' "$run/report.md" 2>/dev/null | head -80
+first=1
+for C in $WIDTHS; do
+    budget=$(left)
+    [ "$budget" -gt 60 ] || { stamp "no time left for C=$C"; break; }
+    extra=()
+    [ "${SMOKE:-0}" = 1 ] && extra=(--set accum=2)
+    if [ $first = 1 ]; then
+        stamp "overhead C=$C (limit ${budget}s)"
+        timeout -k 10 "$budget" $PY harness.py run scenarios/overhead.yaml --out "$RUNS" \
+            --only C=$C "${extra[@]}"
+        first=0
+    else
+        run=$(ls -d "$RUNS"/2*/ | head -1)
+        stamp "overhead C=$C, resumed (limit ${budget}s)"
+        timeout -k 10 "$budget" $PY harness.py run scenarios/overhead.yaml --resume "$run" \
+            --only C=$C
+    fi
+    echo "exit $?"
+    [ "${SMOKE:-0}" = 1 ] && break
 done
+
+if [ -f scripts/crosscheck_deepseek_block.py ] && [ "$(left)" -gt 40 ]; then
+    stamp "cross-check against torchtitan's block"
+    timeout -k 5 $(( $(left) - 10 )) $PY scripts/crosscheck_deepseek_block.py \
+        >"$OUT/crosscheck.txt" 2>&1
+    echo "crosscheck rc=$?"; tail -5 "$OUT/crosscheck.txt"
+fi

@@ -14,9 +14,18 @@ mkdir -p "$wheels"
 if ls .wheels-a/*.whl >/dev/null 2>&1; then
   cp .wheels-a/*.whl .wheels-b/*.whl "$wheels"/ 2>/dev/null || cp .wheels-a/*.whl "$wheels"/
 else
-  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-    -d "$wheels" "tilelang==0.1.15" "apache-tvm-ffi<0.1.13" z3-solver cython cloudpickle ml_dtypes \
-    psutil tqdm torch-c-dlpack-ext
+  # --no-deps: tilelang depends on torch, which the GPU machine has and which must not be
+  # downloaded (gigabytes of CUDA wheels); its other dependencies are named here. pip matches
+  # platform tags exactly (z3-solver ships manylinux_2_27/2_34 wheels, others 2_28 or 2_17), so
+  # every tag the GPU machine's glibc accepts is named. tilelang 0.1.15 needs z3-solver < 4.15.5.
+  plats=()
+  for t in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_24_x86_64 manylinux_2_27_x86_64 \
+           manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64; do
+    plats+=(--platform "$t")
+  done
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 "${plats[@]}" \
+    -d "$wheels" "tilelang==0.1.15" "apache-tvm-ffi<0.1.13,>=0.1.11" "z3-solver<4.15.5,>=4.13.0" \
+    cython cloudpickle "ml_dtypes>=0.5.1" psutil "tqdm>=4.62.3" torch-c-dlpack-ext
 fi
 site="$work/site"
 mkdir -p "$site"

@@ -1,7 +1,10 @@
 """Compiles the TileLang kernels the GPU tests and kernels.yaml use, in parallel processes, into
 TileLang's disk cache, so the tests and the timed run only load them.
 
-Usage: python scripts/tilelang_precompile.py [--procs 12]
+Usage: python scripts/tilelang_precompile.py [--procs 12] [--shape N:C:T ...]
+With --shape, only the kernels one site of mHC, HC and the post need at n = N, width C and T
+tokens (bf16, 20 Sinkhorn iterations) are compiled: what backend auto times and runs inside a
+model (scripts/gpu_overhead.sh passes the overhead scenario's widths and its gate's).
 One compilation takes 3-8 s (mostly nvcc) and the tests need about 70; serially that would be
 most of a device session. Each worker process imports tilelang and compiles its share; a kernel
 that fails to compile is printed with its error (the tests then report it too). Exit 1 if any did.
@@ -58,6 +61,16 @@ def jobs():
     return out
 
 
+def shape_jobs(n: int, C: int, T: int) -> list:
+    dt = "bfloat16"
+    return [("post", n, C, dt),
+            ("mhc_gemm", n, C, dt), ("mhc_coef", n, 20, ""), ("mhc_coef_bwd", n, C, 20),
+            ("mhc_apply", n, C, dt), ("mhc_dhpre", n, C, dt), ("mhc_dx", n, C, dt, T, True),
+            ("mhc_dx", n, C, dt, T, False),
+            ("hc_gemm", n, C, dt), ("hc_coef", n, 0, ""), ("hc_coef_bwd", n, C, ""),
+            ("hc_dx", n, C, dt, T, True), ("hc_dx", n, C, dt, T, False)]
+
+
 def compile_one(job):
     sys.path.insert(0, str(ROOT))
     kind, n, C, dtype = job[:4]
@@ -111,17 +124,29 @@ def compile_one(job):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--procs", type=int, default=12)
+    ap.add_argument("--shape", action="append", default=[], metavar="N:C:T",
+                    help="compile one site's kernels at this shape only (repeatable)")
     args = ap.parse_args()
+    todo = jobs()
+    if args.shape:
+        try:
+            shapes = [tuple(int(v) for v in s.split(":")) for s in args.shape]
+            assert all(len(s) == 3 for s in shapes)
+        except (ValueError, AssertionError):
+            print(f"tilelang_precompile: --shape takes N:C:T integers, got {args.shape}",
+                  file=sys.stderr)
+            return 2
+        todo = list(dict.fromkeys(j for s in shapes for j in shape_jobs(*s)))
     t0 = time.time()
     bad = 0
     with ProcessPoolExecutor(args.procs, mp_context=get_context("spawn")) as pool:
-        for fut in as_completed([pool.submit(compile_one, j) for j in jobs()]):
+        for fut in as_completed([pool.submit(compile_one, j) for j in todo]):
             job, secs, err = fut.result()
             print(f"{'FAILED' if err else 'ok'} {job} {secs:.1f}s", flush=True)
             if err:
                 bad += 1
                 print(err, flush=True)
-    print(f"precompile: {len(jobs())} jobs, {bad} failed, {time.time() - t0:.0f}s wall", flush=True)
+    print(f"precompile: {len(todo)} jobs, {bad} failed, {time.time() - t0:.0f}s wall", flush=True)
     return 1 if bad else 0
 
 

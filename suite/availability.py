@@ -22,6 +22,10 @@ def unavailable(case: Case) -> str | None:
         return "gpus > 1 needs device cuda"
     if case.gpus > 1:
         return "scope site runs on one GPU; multi-GPU scopes come with the distributed scenarios"
+    if case.backend == kernels.AUTO:
+        if not kernels.candidates(case.method, case.device):
+            return f"backend auto: no registered backend can run {case.method} on {case.device}"
+        return None
     reason = kernels.unavailable_reason(case.method, case.backend, case.device)
     if reason:
         return reason

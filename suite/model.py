@@ -1,4 +1,9 @@
-"""A small decoder-only transformer whose every sublayer is wrapped by the case's connection.
+"""A decoder-only transformer whose every sublayer is wrapped by the case's connection.
+
+Two families of sublayers (ModelConfig.family):
+- `dense`: attention (one QKV projection, SDPA) and a GELU MLP; the suite's first model.
+- `deepseek`: the mHC paper's DeepSeek-V3-style layers, MLA attention and MoE FFNs with the first
+  layer dense (suite.deepseek), RMSNorm, at the paper's 3B/9B/27B widths.
 
 Each transformer layer has two sites (attention, MLP). A site is MATH.md's block boundary:
     layer_input, h_post, h_res = ops.pre(x, *params)      # residual: layer_input is x itself
@@ -14,9 +19,12 @@ residual state are in the model dtype (bf16 when timed); the connection paramete
 as MATH.md requires of coefficients. `f_dtype` lets the correctness gate run F in fp32 around a
 bf16 state, so the gate measures the connection and its wiring, not bf16 matmul rounding.
 
-Recompute (suite.recompute): `none`; `mhc` keeps x at the start of each block of L_r layers and
+Recompute (suite.recompute): `none`; `mhc` keeps x at the start of each block of L_r sites and
 every sublayer output, and reruns the connection ops in backward; `full` checkpoints whole
-blocks of L_r layers.
+blocks of L_r sites.
+
+Backend `auto` (ModelConfig.op_backends = (pre backend, post backend)) composes the ops that
+suite.fastest measured fastest at the case's shapes.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from torch import nn
 
 import kernels
 from kernels import reference
+from suite import deepseek, recompute
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}
@@ -52,6 +61,8 @@ class ModelConfig:
     recompute: str = "none"       # none | mhc | full
     L_r: int = 1
     identity_init: bool = False
+    family: str = "dense"
+    op_backends: tuple | None = None  # backend auto: (pre's backend, post's backend)
 
     @property
     def streams(self) -> int:
@@ -94,7 +105,7 @@ class Site(nn.Module):
 
     def __init__(self, cfg: ModelConfig, sublayer: nn.Module, index: int, generator):
         super().__init__()
-        self.ops = kernels.get(cfg.method, cfg.backend)
+        self.ops = connection_ops(cfg)
         self.sublayer = sublayer
         self.seq = cfg.seq
         self.opts = {"sinkhorn_iters": cfg.sinkhorn_iters} if cfg.method == "mhc" else {}
@@ -119,12 +130,26 @@ class Site(nn.Module):
         return self.post(x, self.F(layer_input), h_post, h_res)
 
 
+def connection_ops(cfg: ModelConfig) -> kernels.Ops:
+    if cfg.backend == kernels.AUTO:
+        if cfg.op_backends is None:
+            raise ValueError("backend auto needs op_backends (suite.fastest.choose)")
+        return kernels.compose(cfg.method, *cfg.op_backends)
+    return kernels.get(cfg.method, cfg.backend)
+
+
+def sublayers(cfg: ModelConfig, index: int, dtype) -> tuple[nn.Module, nn.Module]:
+    if cfg.family == "deepseek":
+        return deepseek.build_sublayers(deepseek.shape_for(cfg.C, cfg.heads), index, dtype)
+    return Attention(cfg.C, cfg.heads, dtype), MLP(cfg.C, cfg.mlp_ratio, dtype)
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, generator):
         super().__init__()
-        fd = DTYPES[cfg.f_dtype or cfg.dtype]
-        self.attn = Site(cfg, Attention(cfg.C, cfg.heads, fd), 2 * index, generator)
-        self.mlp = Site(cfg, MLP(cfg.C, cfg.mlp_ratio, fd), 2 * index + 1, generator)
+        attn, ffn = sublayers(cfg, index, DTYPES[cfg.f_dtype or cfg.dtype])
+        self.attn = Site(cfg, attn, 2 * index, generator)
+        self.mlp = Site(cfg, ffn, 2 * index + 1, generator)
 
     @property
     def sites(self):
@@ -168,8 +193,16 @@ class Transformer(nn.Module):
         return e.unsqueeze(1).expand(-1, self.cfg.streams, -1).contiguous()
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        from suite import recompute
-        return recompute.run_layers(list(self.layers), x, self.cfg.recompute, self.cfg.L_r)
+        return recompute.run_sites(self.sites(), x, self.cfg.recompute, self.cfg.L_r)
+
+    def head_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The step without any layer: embedding, streams in and out, head and loss (what a
+        partial-depth model's extrapolation subtracts; suite.overhead)."""
+        logits = self.logits(self.streams_in(tokens))
+        return F.cross_entropy(logits.float(), targets.reshape(-1))
+
+    def moe_layers(self) -> list:
+        return [m for m in self.modules() if isinstance(m, deepseek.MoE)]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(x.sum(dim=1), (self.cfg.C,), self.final_norm, NORM_EPS)
@@ -188,9 +221,25 @@ def init_weights(module: nn.Module, layers: int, seed: int, device="cpu") -> Non
     for name, p in module.named_parameters():
         if ".conn." in name or name.startswith("conn.") or name.endswith("norm"):
             continue
-        std = out_std if name.endswith((".out", ".down")) else 0.02
+        std = out_std if name.endswith((".out", ".down", "_down")) else 0.02
         with torch.no_grad():
             p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
+
+
+def share_weights(model: nn.Module, donor: nn.Module) -> None:
+    """Makes every parameter of `model` outside its connections the same tensor as `donor`'s
+    (models of one comparison group differ only in their connections, so they can share the
+    rest and fit on one GPU together)."""
+    for mod_name, mod in model.named_modules():
+        for pname in list(mod._parameters):
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if ".conn." in f".{full}":
+                continue
+            mod._parameters[pname] = donor.get_parameter(full)
+
+
+def connection_params(model: nn.Module) -> list:
+    return [p for name, p in model.named_parameters() if ".conn." in f".{name}"]
 
 
 def param_count(module: nn.Module) -> int:
@@ -201,7 +250,7 @@ def model_config(case, **over) -> ModelConfig:
     """The model a scope layer/model case (suite.scenario.Case) describes; `over` replaces fields."""
     cfg = ModelConfig(method=case.method, C=case.C, layers=case.layers, heads=case.heads,
                       seq=case.seq, vocab=case.vocab or 1, n=case.n, backend=case.backend,
-                      mlp_ratio=case.mlp_ratio, dtype=case.dtype,
+                      mlp_ratio=case.mlp_ratio or 4, dtype=case.dtype,
                       sinkhorn_iters=case.sinkhorn_iters or 20, recompute=case.recompute,
-                      L_r=case.L_r or 1)
+                      L_r=case.L_r or 1, family=case.family or "dense")
     return replace(cfg, **over)

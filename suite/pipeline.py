@@ -110,8 +110,9 @@ class Stage:
         else:
             st.blocks = []
             x = st.x_leaf.detach()
-            for start in range(0, len(self.layers), self.L_r):
-                sites = [s for layer in self.layers[start:start + self.L_r] for s in layer.sites]
+            every = [s for layer in self.layers for s in layer.sites]
+            for start in range(0, len(every), self.L_r):      # L_r counts sites
+                sites = every[start:start + self.L_r]
                 x0 = x
                 x, f_graphs, li_leaves = rc.keep_forward(sites, x0)
                 st.blocks.append((sites, x0, f_graphs, li_leaves))

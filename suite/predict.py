@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from suite import cost as site_cost
+from suite import deepseek
 from suite.scenario import Case
 
 # Published figures (dense bf16 tensor-core rate; memory bandwidth), for GPUs not in the run.
@@ -66,33 +67,82 @@ class StepCost:
         return self.matmul_flops + self.other_flops
 
 
+def layer_matmul_flops(case: Case) -> int:
+    """Forward matmul FLOPs per token of the case's layers (attention causal: half the square)."""
+    if case.family == "deepseek":
+        shape = deepseek.shape_for(case.C, case.heads)
+        flops = deepseek.matmul_flops_per_token(shape, case.seq, case.layers)
+        return int(flops["total"] - flops["head"])
+    C, r, S = case.C, case.mlp_ratio, case.seq
+    return (8 * C * C + 2 * S * C + 4 * r * C * C) * case.layers
+
+
+def layer_other_bytes(case: Case) -> int:
+    """Forward bytes per token of the layers' element-wise work outside matmuls (a rough count:
+    norms, activations, layouts; MoE token gather and scatter)."""
+    s = ELEMENT_BYTES[case.dtype]
+    C = case.C
+    if case.family == "deepseek":
+        sh = deepseek.shape_for(C, case.heads)
+        per = 6 * C + sh.active * (4 * C + 3 * sh.expert_dim) + 3 * sh.shared * sh.expert_dim
+        return per * s * case.layers
+    return (4 * C + 2 * case.mlp_ratio * C + 2 * C) * s * case.layers
+
+
+def weight_count(case: Case) -> int:
+    """Parameters of the case's model outside its connections (embedding and head included in
+    scope model)."""
+    vocab = 2 * (case.vocab or 0) * case.C if case.scope == "model" else 0
+    if case.family == "deepseek":
+        counts = deepseek.param_counts(deepseek.shape_for(case.C, case.heads), case.layers)
+        return counts["body"] + vocab
+    C, r = case.C, case.mlp_ratio
+    return case.layers * (4 + 2 * r) * C * C + vocab
+
+
+def model_flops(case: Case) -> int:
+    """Model FLOPs of one step (the MFU numerator): 3x the forward matmul FLOPs of layers and
+    head per token, times the step's tokens; recompute's extra work is not counted."""
+    head = 2 * case.C * (case.vocab or 0) if case.scope == "model" else 0
+    return 3 * (layer_matmul_flops(case) + head) * case.T * (case.accum or 1)
+
+
+def datasheet_tflops(env: dict) -> dict | None:
+    """The dense bf16 datasheet rate of the run's GPU (PUBLISHED), or None."""
+    name = ((env.get("gpus") or [{}])[0].get("name") or "")
+    for key, row in NAME_MATCH.items():
+        if key in name:
+            return {"tflops": PUBLISHED[row]["bf16_tflops"], "datasheet": row}
+    return None
+
+
 def step_cost(case: Case) -> StepCost:
     s = ELEMENT_BYTES[case.dtype]
-    C, T, L, r, S = case.C, case.T, case.layers, case.mlp_ratio, case.seq
+    C, T, L = case.C, case.T, case.layers
+    K = case.accum or 1
     bwd = case.mode == "fwd+bwd"
-    fwd_mm = 8 * C * C + 2 * S * C + 4 * r * C * C
     passes = 1 + (2 if bwd else 0) + (1 if bwd and case.recompute == "full" else 0)
-    matmul = fwd_mm * passes * T * L
-    other = (4 * C + 2 * r * C + 2 * C) * s * T * L * (3 if bwd else 1)
+    matmul = layer_matmul_flops(case) * passes * T * K
+    layer_bytes = layer_other_bytes(case)
+    other = layer_bytes * T * K * (3 if bwd else 1)
     if bwd and case.recompute == "full":
-        other += (4 * C + 2 * r * C + 2 * C) * s * T * L
+        other += layer_bytes * T * K
     mode = "fwd+bwd" if bwd else "fwd"
     n = 1 if case.method == "residual" else case.n
     site = site_cost.case_cost(case.method, "site", mode, n, C, T, case.dtype, case.sinkhorn_iters)
-    conn = SITES_PER_LAYER * L * site.total
-    conn_flops = SITES_PER_LAYER * L * site.flops
+    conn = SITES_PER_LAYER * L * site.total * K
+    conn_flops = SITES_PER_LAYER * L * site.flops * K
     if bwd and case.recompute in ("mhc", "full"):
         again = site_cost.forward_cost(case.method, "site", n, C, T, case.dtype,
                                        case.sinkhorn_iters or 0)
-        conn += SITES_PER_LAYER * L * again.total
-        conn_flops += SITES_PER_LAYER * L * again.flops
+        conn += SITES_PER_LAYER * L * again.total * K
+        conn_flops += SITES_PER_LAYER * L * again.flops * K
     if case.scope == "model":
         V = case.vocab
-        matmul += 2 * C * V * T * (3 if bwd else 1)
-        other += (C * s + n * C * s + 4 * V) * T          # gather, stream copy, fp32 logits
-        weights = L * (4 + 2 * r) * C * C + 2 * V * C
+        matmul += 2 * C * V * T * K * (3 if bwd else 1)
+        other += (C * s + n * C * s + 4 * V) * T * K        # gather, stream copy, fp32 logits
         conn_params = L * SITES_PER_LAYER * site_cost._param_bytes(case.method, n, C) // 4
-        other += 7 * (weights * s + conn_params * 4)
+        other += 7 * (weight_count(case) * s + conn_params * 4)    # AdamW, once per step
     half = other // 2
     return StepCost(read=half + conn // 2, write=other - half + conn - conn // 2,
                     matmul_flops=matmul, other_flops=conn_flops, conn_bytes=conn)

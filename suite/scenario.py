@@ -23,11 +23,13 @@ from typing import Any, Iterable
 import yaml
 
 import kernels
+from suite import recompute
 
 DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("fwd", "fwd+bwd")
 SCOPES = ("site", "layer", "model")
 RECOMPUTE = ("none", "mhc", "full")
+FAMILIES = ("dense", "deepseek")
 OPS = ("site", "coeffs", "pre", "post")
 DEVICES = ("cuda", "cpu")
 MAX_N = 16
@@ -68,7 +70,11 @@ class Case:
     seq: int | None = None
     vocab: int | None = None
     recompute: str | None = None
-    L_r: int | None = None
+    L_r: int | None = None              # consecutive *sites* per recompute block (Eq. 20)
+    family: str | None = None           # dense | deepseek (suite.model, suite.deepseek)
+    accum: int | None = None            # micro-batches of T tokens per optimizer step
+    depth: int | None = None            # the full model's layers when `layers` runs fewer
+    cuda_graph: bool | None = None      # scope model: the whole step replayed as a CUDA graph
     # Distributed fields (suite.dist_bench); None for single-process cases, so their ids stay.
     parallel: str | None = None         # p2p | pipeline | data
     microbatches: int | None = None     # pipeline: micro-batches per step
@@ -76,13 +82,21 @@ class Case:
 
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
     RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s", "traffic")
-    MODEL_FIELDS = ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
+    MODEL_FIELDS = ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r",
+                    "family", "accum", "depth", "cuda_graph")
+    # Values that stay out of the id, so cases written before these fields existed keep theirs.
+    ID_OMITTED = {"family": "dense", "accum": 1, "cuda_graph": False}
     PARALLEL_FIELDS = ("parallel", "microbatches", "overlap")
 
     @property
     def case_id(self) -> str:
         what = {k: v for k, v in asdict(self).items() if k not in self.RUN_CONTROL
-                and not (k in self.MODEL_FIELDS + self.PARALLEL_FIELDS and v is None)}
+                and not (k in self.MODEL_FIELDS + self.PARALLEL_FIELDS and v is None)
+                and not (k in self.ID_OMITTED and v == self.ID_OMITTED[k])}
+        if self.recompute in ("mhc", "full"):
+            # L_r counted transformer layers in records written before it counted sites: the
+            # unit is part of the id, so the two never join.
+            what["L_r_unit"] = "site"
         blob = json.dumps(what, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -95,7 +109,11 @@ class Case:
         model = ""
         if self.scope != "site":
             rc = "" if self.recompute == "none" else f" recompute={self.recompute} L_r={self.L_r}"
-            model = f" {self.scope} L={self.layers} seq={self.seq}{rc}"
+            fam = "" if self.family in (None, "dense") else f" {self.family}"
+            depth = f"/{self.depth}" if self.depth else ""
+            acc = f" accum={self.accum}" if self.accum and self.accum > 1 else ""
+            graph = " graph" if self.cuda_graph else ""
+            model = f"{fam} {self.scope} L={self.layers}{depth} seq={self.seq}{acc}{rc}{graph}"
         return (f"{self.method}/{self.backend}{op}{n}{model} C={self.C} T={self.T} {self.dtype} "
                 f"{self.mode} on {self.device}{parallel_label(self)}")
 
@@ -125,7 +143,9 @@ def _check_value(key: str, v: Any) -> str | None:
     if key == "method":
         return choice(kernels.METHODS)
     if key == "backend":
-        return choice(tuple(kernels.BACKENDS))
+        return choice(tuple(kernels.BACKENDS) + (kernels.AUTO,))
+    if key == "family":
+        return choice(FAMILIES)
     if key == "dtype":
         return choice(DTYPES)
     if key == "mode":
@@ -138,7 +158,9 @@ def _check_value(key: str, v: Any) -> str | None:
         return choice(DEVICES)
     if key == "n":
         return int_range(1, MAX_N)
-    if key in ("layers", "heads", "mlp_ratio", "seq", "vocab", "L_r"):
+    if key == "cuda_graph":
+        return None if isinstance(v, bool) else f"{v!r} is not allowed; allowed: true | false"
+    if key in ("layers", "heads", "mlp_ratio", "seq", "vocab", "L_r", "accum", "depth"):
         return int_range(1)
     if key == "recompute":
         return choice(RECOMPUTE)
@@ -322,7 +344,8 @@ def normalise(case: Case) -> Case:
 
 
 # Defaults of the whole-model fields; they enter the id only for scope layer and model.
-MODEL_DEFAULTS = {"mlp_ratio": 4, "vocab": 8192, "recompute": "none"}
+MODEL_DEFAULTS = {"mlp_ratio": 4, "vocab": 8192, "recompute": "none", "family": "dense",
+                  "accum": 1, "cuda_graph": False}
 HEAD_DIM = 128
 
 
@@ -331,6 +354,13 @@ def normalise_model(case: Case) -> Case:
         return replace(case, **{k: None for k in Case.MODEL_FIELDS})
     fill = {k: v for k, v in MODEL_DEFAULTS.items() if getattr(case, k) is None}
     case = replace(case, **fill)
+    if case.family == "deepseek":
+        # MoE and MLA have no MLP ratio; the vocabulary is the paper's unless a case says
+        case = replace(case, mlp_ratio=None)
+    if case.depth is not None and case.depth == case.layers:
+        case = replace(case, depth=None)
+    if case.scope != "model":
+        case = replace(case, accum=1, cuda_graph=False, depth=None)
     if case.scope == "layer":
         case = replace(case, layers=1, vocab=None)      # one layer: no embedding or head
     elif case.layers is None:
@@ -344,7 +374,9 @@ def normalise_model(case: Case) -> Case:
     if case.recompute == "none":
         case = replace(case, L_r=None)
     elif case.L_r is None:
-        case = replace(case, L_r=1)
+        # Eq. 20's integer optimum, counted in sites of the full depth
+        case = replace(case, L_r=min(2 * case.layers,
+                                     recompute.best_lr(case.n, 2 * (case.depth or case.layers))))
     return case
 
 
@@ -360,8 +392,16 @@ def model_problems(case: Case) -> str | None:
         return f"T: {case.T} is not a multiple of seq {case.seq}; allowed: T = batch * seq"
     if case.C % case.heads:
         return f"heads: {case.heads} does not divide C {case.C}; allowed: divisors of C"
-    if case.L_r is not None and case.L_r > case.layers:
-        return f"L_r: {case.L_r} is more than layers {case.layers}; allowed: integers 1..{case.layers}"
+    sites = 2 * case.layers
+    if case.L_r is not None and case.L_r > sites:
+        return (f"L_r: {case.L_r} is more than the {sites} sites of {case.layers} layers (L_r "
+                f"counts sites, two per layer); allowed: integers 1..{sites}")
+    if case.depth is not None and case.depth < case.layers:
+        return f"depth: {case.depth} is less than layers {case.layers}; allowed: >= layers"
+    if case.backend == kernels.AUTO and case.scope == "site":
+        return "backend: 'auto' picks per op inside a model; allowed with scope layer or model"
+    if case.family == "deepseek" and case.scope == "model" and case.depth and case.layers < 2:
+        return "layers: a partial deepseek model needs at least 2 layers (the dense one and an MoE one)"
     return None
 
 

@@ -23,22 +23,29 @@ import gc
 import hashlib
 import json
 import math
+import statistics
 import time
 import traceback
 from dataclasses import replace
 
 import torch
 
-from suite import predict
+import kernels
+from kernels import reference
+from suite import deepseek, fastest, predict, recompute
 from suite.availability import unavailable
 from suite.guard import deadline, first_line
-from suite.model import Layer, ModelConfig, Transformer, init_weights, model_config
+from suite.model import (Layer, ModelConfig, Transformer, connection_params, init_weights,
+                         model_config, share_weights)
 from suite.scenario import Case
 from suite.timing import Timer, Timing
 from suite.tolerance import rel_err
 
-ROUNDS = 8
+ROUNDS = 8                 # scope layer
+MODEL_ROUNDS = 20          # scope model: whole steps, the overhead's bootstrap resamples rounds
 MIN_PER_ROUND = 3
+DEVICE_SAMPLES = 5         # padded samples of a micro-batch and of the optimizer step
+STEP_PAD_CAP_MS = 1000.0   # a micro-batch enqueues for tens of ms: the pad must outlast it
 GATE_LAYERS, GATE_SEQ, GATE_C, GATE_VOCAB = 2, 64, 512, 512
 GATE_SEED_OFFSET = 1_000_003
 # Norm-wise relative error allowed against fp64. A bf16 state is rounded at every site and its
@@ -52,7 +59,7 @@ GATE_TOL = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-4}
 # the scalar gates. They get their own bound; a wrong kernel still misses it by far.
 GATE_TOL_CONN = {"bf16": 0.2, "fp16": 0.05, "fp32": 1e-4}
 GROUP_FIELDS = ("device", "scope", "C", "T", "seq", "layers", "heads", "mlp_ratio", "vocab",
-                "dtype", "mode", "gpus")
+                "dtype", "mode", "gpus", "family", "accum", "depth")
 
 
 def group_key(case: Case) -> str:
@@ -62,53 +69,140 @@ def group_key(case: Case) -> str:
 
 # ---------------------------------------------------------------- the timed step
 class Step:
-    """One case's model, optimizer and inputs on its device; `call` is one timed step."""
+    """One case's model, optimizer and inputs on its device.
 
-    def __init__(self, case: Case, device: str, seed: int):
+    Scope `model` is what a trainer runs: `accum` micro-batches of T tokens each (forward, loss
+    / accum, backward, gradients accumulating), then one AdamW step, then the gradients are
+    dropped; `call` is one such step. `microbatch` and `optimizer` are its two parts, timed apart
+    for the device-only figures. A model built with a `donor` shares every weight outside its
+    connections with the donor's (and the donor's optimizer for them), so the cases of one
+    comparison group fit on one GPU together; each step still updates all of its weights.
+    Scope `layer`: one layer (two sites), forward and backward with random upstream gradients."""
+
+    def __init__(self, case: Case, device: str, seed: int, donor: "Step | None" = None,
+                 op_backends: tuple | None = None):
         self.case = case
-        cfg = model_config(case)
+        cfg = model_config(case, op_backends=op_backends)
         gen = torch.Generator(device=device).manual_seed(seed)
+        self.graph = None
         if case.scope == "model":
             self.module = Transformer(cfg, seed=seed, device=device)
-            self.opt = torch.optim.AdamW(self.module.parameters(), lr=1e-4, weight_decay=0.1)
-            B = case.T // case.seq
-            self.tokens = torch.randint(0, case.vocab, (B, case.seq), generator=gen, device=device)
-            self.targets = torch.roll(self.tokens, -1, dims=1)
+            fused = {"fused": True} if device == "cuda" else {}
+            if case.cuda_graph:
+                fused["capturable"] = True
+            if donor is not None:
+                share_weights(self.module, donor.module)
+                self.shared_opt = donor.shared_opt
+            else:
+                rest = [p for n, p in self.module.named_parameters() if ".conn." not in f".{n}"]
+                self.shared_opt = torch.optim.AdamW(rest, lr=1e-4, weight_decay=0.1, **fused)
+            own = connection_params(self.module)
+            self.own_opt = (torch.optim.AdamW(own, lr=1e-4, weight_decay=0.1, **fused)
+                            if own else None)
+            B, K = case.T // case.seq, case.accum or 1
+            self.tokens = torch.randint(0, case.vocab, (K, B, case.seq), generator=gen,
+                                        device=device)
+            self.targets = torch.roll(self.tokens, -1, dims=2)
+            self.moe = self.module.moe_layers()
+            self.head_opt = None
         else:
             self.module = Layer(cfg, 0, torch.Generator().manual_seed(seed)).to(device)
             init_weights(self.module, 1, seed, device)
             self.x, self.g = _random_state(case, cfg.streams, gen, device)
         self.params = list(self.module.parameters())
 
+    # -- scope model
+    def microbatch(self, k: int = 0):
+        loss = self.module(self.tokens[k], self.targets[k])
+        (loss / (self.case.accum or 1)).backward()
+        return loss
+
+    def optimizer(self):
+        self.shared_opt.step()
+        if self.own_opt is not None:
+            self.own_opt.step()
+        with torch.no_grad():
+            for moe in self.moe:             # aux-loss-free balancing (suite.deepseek)
+                moe.update_router_bias()
+
+    def zero_grad(self):
+        keep = self.graph is not None      # a captured graph owns its gradient buffers
+        self.shared_opt.zero_grad(set_to_none=not keep)
+        if self.own_opt is not None:
+            self.own_opt.zero_grad(set_to_none=not keep)
+
+    def eager_call(self):
+        if self.case.scope != "model":
+            return self._layer_call()
+        for k in range(self.case.accum or 1):
+            loss = self.microbatch(k)
+        self.optimizer()
+        self.zero_grad()
+        return loss
+
     def call(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return None
+        return self.eager_call()
+
+    def capture(self) -> None:
+        """Captures the whole step (every micro-batch, AdamW, zeroing) as one CUDA graph; raises
+        with the reason when capture is not possible."""
+        self.graph = torch.cuda.CUDAGraph()     # zero_grad keeps buffers from here on
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.eager_call()
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.eager_call()
+        except Exception:
+            self.graph = None
+            raise
+
+    def head_call(self):
+        """Embedding, streams, head, loss, backward and their AdamW: the part of a step that
+        does not grow with depth (suite.overhead extrapolates partial-depth models with it)."""
+        if self.head_opt is None:
+            m = self.module
+            self.head_opt = torch.optim.AdamW([m.embed, m.final_norm, m.head], lr=1e-4,
+                                              fused=self.tokens.is_cuda)
+        for k in range(self.case.accum or 1):
+            loss = self.module.head_loss(self.tokens[k], self.targets[k])
+            (loss / (self.case.accum or 1)).backward()
+        self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+        self.zero_grad()
+        return loss
+
+    def _layer_call(self):
         case = self.case
-        if case.scope == "model":
-            self.opt.zero_grad(set_to_none=True)
-            loss = self.module(self.tokens, self.targets)
-            loss.backward()
-            self.opt.step()
-            return loss
-        from suite import recompute
         for p in self.params:
             p.grad = None
         self.x.grad = None
         with torch.set_grad_enabled(case.mode == "fwd+bwd"):
-            out = recompute.run_layers([self.module], self.x, case.recompute, case.L_r or 1)
+            out = recompute.run_sites(list(self.module.sites), self.x, case.recompute,
+                                      case.L_r or 1)
             if case.mode == "fwd+bwd":
                 out.backward(self.g)
         return out
 
-    def persistent_bytes(self) -> int:
-        """Weights, optimizer state and inputs this case holds between steps."""
-        total = sum(p.numel() * p.element_size() for p in self.params)
+    def state_bytes(self) -> dict:
+        """Bytes of this model's parameters, their gradients (one per parameter) and its optimizer
+        states (shared ones included)."""
+        params = sum(p.numel() * p.element_size() for p in self.params)
+        opt = 0
         if self.case.scope == "model":
-            for state in self.opt.state.values():
-                total += sum(v.numel() * v.element_size() for v in state.values()
-                             if torch.is_tensor(v))
-            total += 2 * self.tokens.numel() * self.tokens.element_size()
-        else:
-            total += 2 * self.x.numel() * self.x.element_size()
-        return total
+            for o in (self.shared_opt, self.own_opt):
+                if o is None:
+                    continue
+                for state in o.state.values():
+                    opt += sum(v.numel() * v.element_size() for v in state.values()
+                               if torch.is_tensor(v) and v.dim() > 0)
+        return {"params": params, "grads": params, "optimizer": opt}
 
 
 def _random_state(case: Case, streams: int, gen, device):
@@ -128,7 +222,7 @@ def gate_case(case: Case) -> Case:
     heads = max(1, min(case.heads, GATE_C // head))
     seq = min(case.seq, GATE_SEQ)
     layers = min(case.layers, GATE_LAYERS)
-    L_r = None if case.L_r is None else min(case.L_r, layers)
+    L_r = None if case.L_r is None else min(case.L_r, 2 * layers)
     return replace(case, C=heads * head, heads=heads, seq=seq, T=seq, layers=layers, L_r=L_r,
                    vocab=None if case.vocab is None else min(case.vocab, GATE_VOCAB))
 
@@ -142,12 +236,11 @@ def _outputs(module, case: Case, cfg: ModelConfig, seed: int, device: str) -> di
         loss.backward()
         outs = {"loss": loss.detach()}
     else:
-        from suite import recompute
         gcase = replace(case, dtype=cfg.dtype) if cfg.dtype != "fp64" else case
         x, g = _random_state(gcase, cfg.streams, gen, device)
         x = x.to(torch.float64 if cfg.dtype == "fp64" else x.dtype).detach()
         x.requires_grad_(case.mode == "fwd+bwd")
-        out = recompute.run_layers([module], x, cfg.recompute, cfg.L_r)
+        out = recompute.run_sites(list(module.sites), x, cfg.recompute, cfg.L_r)
         outs = {"x_next": out.detach()}
         if case.mode == "fwd+bwd":
             out.backward(g.to(out.dtype))
@@ -164,24 +257,30 @@ def _build(case: Case, cfg: ModelConfig, seed: int, device: str):
     if case.scope == "model":
         m = Transformer(cfg, seed=seed, device=device)
         m.randomise_connections(seed)
-        return m
-    m = Layer(cfg, 0, torch.Generator().manual_seed(seed)).to(device)
-    init_weights(m, 1, seed, device)
-    from kernels import reference
-    gen = torch.Generator().manual_seed(seed)
-    for site in m.sites:
+    else:
+        m = Layer(cfg, 0, torch.Generator().manual_seed(seed)).to(device)
+        init_weights(m, 1, seed, device)
+        gen = torch.Generator().manual_seed(seed)
+        for site in m.sites:
+            with torch.no_grad():
+                for p, v in zip(site.conn, reference.random_params(cfg.method, cfg.n, cfg.C,
+                                                                   gen)):
+                    p.copy_(v)
+    for moe in (mod for mod in m.modules() if isinstance(mod, deepseek.MoE)):
+        # Fixed routing: a bf16 state and its fp64 copy could otherwise pick different experts
+        # for a token near a tie, an error of F's, not of the connection under test.
         with torch.no_grad():
-            for p, v in zip(site.conn, reference.random_params(cfg.method, cfg.n, cfg.C, gen)):
-                p.copy_(v)
+            moe.router.zero_()
+            moe.router_bias.copy_(torch.arange(moe.router_bias.numel(), dtype=torch.float32))
     return m
 
 
-def check(case: Case, device: str) -> dict:
+def check(case: Case, device: str, op_backends: tuple | None = None) -> dict:
     """The case's model against the fp64 reference model; a dict like suite.check's."""
     g = gate_case(case)
     seed = case.seed + GATE_SEED_OFFSET
     half = case.dtype in ("bf16", "fp16")
-    cfg = model_config(g, f_dtype="fp32" if half else None)
+    cfg = model_config(g, f_dtype="fp32" if half else None, op_backends=op_backends)
     ref_cfg = model_config(g, backend="torch", dtype="fp64", recompute="none")
     got_model = _build(g, cfg, seed, device)
     ref_model = _build(g, ref_cfg, seed, device)
@@ -200,17 +299,20 @@ def check(case: Case, device: str) -> dict:
             "worst": worst, "T": g.T, "errors": errors, "tols": tols,
             "gate_shape": {"C": g.C, "heads": g.heads, "layers": g.layers, "seq": g.seq,
                            "vocab": g.vocab, "f_dtype": cfg.f_dtype or case.dtype},
-            "reference": "fp64 model, backend torch, recompute none"}
+            "reference": "fp64 model, backend torch, recompute none"
+                         + ("; MoE routing fixed (router zero, distinct biases)"
+                            if case.family == "deepseek" else "")}
 
 
 # ---------------------------------------------------------------- interleaved timing
 def time_interleaved(timer: Timer, calls: list, warmup_ms: float, rep_ms: float,
                      rounds: int = ROUNDS) -> list[tuple[Timing, list[int]]]:
-    """Times each call in `rounds` rounds, the order rotated every round; per call, its Timing
-    and the round of each sample. Each round discards its first call of each case (the switch
-    between models), through Timer.time."""
+    """Padded device time (Timer.time) of each call in `rounds` rounds, the order rotated every
+    round; per call, its Timing and the round of each sample. Each round discards its first
+    call of each case (the switch between models), through Timer.time. Scope layer."""
     for fn in calls:
-        timer.time(fn, warmup_ms=warmup_ms, rep_ms=0.0, min_samples=1, max_samples=1)
+        timer.time(fn, warmup_ms=warmup_ms, rep_ms=0.0, min_samples=1, max_samples=1,
+                   b2b_calls=0)
     samples = [[] for _ in calls]
     round_of = [[] for _ in calls]
     per_round = rep_ms / rounds
@@ -219,15 +321,94 @@ def time_interleaved(timer: Timer, calls: list, warmup_ms: float, rep_ms: float,
         for j in range(k):
             i = (r + j) % k
             t = timer.time(calls[i], warmup_ms=0.0, rep_ms=per_round,
-                           min_samples=MIN_PER_ROUND, max_samples=1000)
+                           min_samples=MIN_PER_ROUND, max_samples=1000, b2b_calls=0)
             samples[i] += t.samples
             round_of[i] += [r] * len(t.samples)
     return [(Timing(s), ro) for s, ro in zip(samples, round_of)]
 
 
+def time_interleaved_wall(timer: Timer, calls: list, warmup_steps: int, rep_ms: float,
+                          rounds: int | None = None) -> list[tuple[Timing, list[int]]]:
+    """Whole steps by wall clock (Timer.wall), interleaved: `warmup_steps` unrecorded steps of
+    each call, then `rounds` rounds; round r runs the calls in rotated order starting at
+    r mod k, each for as many back-to-back steps as fill its share of rep_ms (at least one).
+    No call is discarded at a switch: steps of hundreds of milliseconds evict every cache."""
+    rounds = rounds or MODEL_ROUNDS
+    est = []
+    for fn in calls:
+        for _ in range(max(1, warmup_steps)):
+            fn()
+        est.append(timer.wall(fn, 1).median)
+    per_round = rep_ms / rounds
+    walls = [[] for _ in calls]
+    spans = [[] for _ in calls]
+    enq = [[] for _ in calls]
+    round_of = [[] for _ in calls]
+    k = len(calls)
+    for r in range(rounds):
+        for j in range(k):
+            i = (r + j) % k
+            t = timer.wall(calls[i], max(1, round(per_round / max(est[i], 1e-3))))
+            walls[i] += t.samples
+            spans[i] += t.device_ms
+            enq[i] += t.enqueue_ms
+            round_of[i] += [r] * len(t.samples)
+    return [(Timing(w, host_ms=statistics.median(e), device_ms=d, enqueue_ms=e), ro)
+            for w, d, e, ro in zip(walls, spans, enq, round_of)]
+
+
+def device_parts(step: Step, timer: Timer) -> dict:
+    """Padded device time and host enqueue time of one micro-batch and of the optimizer step
+    (suite.timing: the pad removes the host's time while it stays ahead); a step's device time
+    is accum * micro-batch + optimizer."""
+    K = step.case.accum or 1
+    mb = timer.time(step.microbatch, warmup_ms=0.0, rep_ms=0.0, min_samples=DEVICE_SAMPLES,
+                    pad_cap_ms=STEP_PAD_CAP_MS, b2b_calls=0)
+    opt = timer.time(step.optimizer, warmup_ms=0.0, rep_ms=0.0, min_samples=DEVICE_SAMPLES,
+                     pad_cap_ms=STEP_PAD_CAP_MS, b2b_calls=0)
+    step.zero_grad()
+    out = {"microbatch_ms": mb.median, "optimizer_ms": opt.median,
+           "step_ms": K * mb.median + opt.median, "pad_ms": max(mb.pad_ms, opt.pad_ms),
+           "microbatch_samples": [round(x, 4) for x in mb.samples],
+           "optimizer_samples": [round(x, 4) for x in opt.samples]}
+    if mb.host_ms is not None:
+        out.update(host_microbatch_ms=mb.host_ms, host_optimizer_ms=opt.host_ms,
+                   host_step_ms=K * mb.host_ms + opt.host_ms)
+        out["pad_covered"] = bool(mb.pad_ms >= mb.host_ms and opt.pad_ms >= opt.host_ms)
+    return out
+
+
+def measure_memory(step: Step, timer: Timer) -> dict:
+    """Device memory of one eager step of scope model (None values on a CPU):
+    - retained_bytes: allocated after one micro-batch's forward (loss computed) less before it:
+      what the forward keeps for the backward;
+    - activation_peak_bytes: the step's peak less what was allocated before it and less the
+      gradients it ends with: the step's peak less parameters, gradients and optimizer state;
+    - step_peak_bytes: the step's peak, everything included."""
+    if not timer.cuda:
+        return {"retained_bytes": None, "activation_peak_bytes": None, "step_peak_bytes": None}
+    torch.cuda.synchronize()
+    step.zero_grad()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = step.module(step.tokens[0], step.targets[0])
+    torch.cuda.synchronize()
+    retained = torch.cuda.memory_allocated() - before
+    (loss / (step.case.accum or 1)).backward()
+    del loss
+    for k in range(1, step.case.accum or 1):
+        step.microbatch(k)
+    step.optimizer()
+    torch.cuda.synchronize()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in step.params if p.grad is not None)
+    peak = torch.cuda.max_memory_allocated()
+    step.zero_grad()
+    return {"retained_bytes": retained, "activation_peak_bytes": peak - before - grads,
+            "step_peak_bytes": peak, "state_bytes": step.state_bytes()}
+
+
 def _activation_peak(step: Step, timer: Timer) -> int | None:
-    """Device memory a step needs above what was allocated before it (activations, gradients,
-    temporaries); None on a CPU."""
+    """Scope layer: device memory a call needs above what was allocated before it."""
     if not timer.cuda:
         return None
     torch.cuda.synchronize()
@@ -242,9 +423,16 @@ def persistent_estimate(case: Case) -> int:
     """Bytes a built case holds between steps: weights, gradients and AdamW's two moments in the
     state dtype (connection parameters ignored: they are small)."""
     s = predict.ELEMENT_BYTES[case.dtype]
-    C, r = case.C, case.mlp_ratio
-    params = case.layers * (4 + 2 * r) * C * C + 2 * (case.vocab or 0) * C
-    return params * s * (4 if case.scope == "model" else 2)
+    return predict.weight_count(case) * s * (4 if case.scope == "model" else 2)
+
+
+def set_estimate(cases: list[Case]) -> int:
+    """Bytes a set of cases holds together: models of scope model share their weights (Step's
+    donor), except those replayed as CUDA graphs, which own theirs."""
+    shared = [c for c in cases if c.scope == "model" and not c.cuda_graph]
+    own = [c for c in cases if c not in shared]
+    return (max(map(persistent_estimate, shared)) if shared else 0) + sum(
+        map(persistent_estimate, own))
 
 
 def memory_budget(device: str) -> float:
@@ -261,9 +449,10 @@ def _baselines_of(case: Case, cases: list[Case]) -> list[Case]:
     for c in cases:
         if c is case:
             continue
-        residual = c.method == "residual" and c.recompute == "none"
+        same_kind = bool(c.cuda_graph) == bool(case.cuda_graph)
+        residual = c.method == "residual" and c.recompute == "none" and same_kind
         own_plain = (case.recompute != "none" and c.recompute == "none" and c.method == case.method
-                     and c.backend == case.backend and c.n == case.n)
+                     and c.backend == case.backend and c.n == case.n and same_kind)
         if residual or own_plain:
             out.append(c)
     return out
@@ -280,7 +469,7 @@ def subgroups(cases: list[Case], budget: float) -> list[list[Case]]:
         for c in [case] + _baselines_of(case, cases):
             if all(c is not t for t in trial):
                 trial.append(c)
-        if current and sum(map(persistent_estimate, trial)) > budget:
+        if current and set_estimate(trial) > budget:
             sets.append(current)
             trial = [case]
             for c in _baselines_of(case, cases):
@@ -310,7 +499,12 @@ def run_group(session, items: list, view=None) -> None:
         else:
             try:
                 with deadline(case.timeout_s):
-                    result = check(case, case.device)
+                    backends = None
+                    if case.backend == kernels.AUTO:
+                        choice = fastest.choose(case, session.timer(case.device))
+                        record["op_backends"] = choice
+                        backends = (choice["pre"], choice["post"])
+                    result = check(case, case.device, backends)
                 record["check"] = result
                 if result["passed"]:
                     passing.append(case)
@@ -343,6 +537,22 @@ def _fail(record: dict, exc: BaseException) -> None:
                       traceback=traceback.format_exc(limit=8))
 
 
+def _build_steps(members: list[Case], records: dict) -> tuple[list, dict]:
+    """The members' Steps (weights shared with the first eager model) and, per graph case that
+    could not be captured, the reason."""
+    built, donor, not_captured = [], None, {}
+    for case in members:
+        choice = records[id(case)][1].get("op_backends")
+        backends = (choice["pre"], choice["post"]) if choice else None
+        share = case.scope == "model" and not case.cuda_graph
+        step = Step(case, case.device, case.seed, donor=donor if share else None,
+                    op_backends=backends)
+        if share and donor is None:
+            donor = step
+        built.append(step)
+    return built, not_captured
+
+
 def _time_subgroup(session, members: list[Case], records: dict, index: int) -> None:
     """Builds the members, times them interleaved, fills the records not yet timed and gives
     every record the samples of what it was timed with (`interleaved_with`)."""
@@ -350,20 +560,57 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
     t0 = time.perf_counter()
     try:
         with deadline(sum(c.timeout_s for c in members)):
-            for case in members:
-                built.append(Step(case, case.device, case.seed))
+            built, _ = _build_steps(members, records)
             timer = session.timer(members[0].device)
             rate = matmul_rate(session, members[0].device)
-            timings = time_interleaved(timer, [s.call for s in built], members[0].warmup_ms,
-                                       members[0].rep_ms)
+            model = members[0].scope == "model"
+            extra = {}
+            if model:
+                parts = {}
+                for step in built:       # memory and device-only parts before any capture
+                    case, record = records[id(step.case)]
+                    step.eager_call()
+                    parts[id(step)] = (measure_memory(step, timer), device_parts(step, timer))
+                live = []
+                for step in built:
+                    if step.case.cuda_graph:
+                        try:
+                            step.capture()
+                        except Exception as exc:  # noqa: BLE001  (recorded as the case's reason)
+                            _, record = records[id(step.case)]
+                            record.update(status="failed", reason="CUDA graph capture failed: "
+                                          + f"{type(exc).__name__}: {first_line(exc)}")
+                            continue
+                    live.append(step)
+                calls = [s.call for s in live]
+                head_of = next((s for s in live if s.case.depth and not s.case.cuda_graph
+                                and s.case.method == "residual"), None)
+                if head_of is not None:
+                    calls.append(head_of.head_call)
+                timings = time_interleaved_wall(timer, calls, 2, members[0].rep_ms)
+                if head_of is not None:
+                    head_t, head_rounds = timings.pop()
+                    extra["head:" + head_of.case.case_id] = {
+                        "method": "head", "of": head_of.case.case_id,
+                        "samples": [round(x, 6) for x in head_t.samples], "rounds": head_rounds}
+            else:
+                live = built
+                timings = time_interleaved(timer, [s.call for s in live], members[0].warmup_ms,
+                                           members[0].rep_ms)
             peers = {c.case_id: {"method": c.method, "backend": c.backend, "n": c.n,
                                  "recompute": c.recompute, "L_r": c.L_r,
+                                 "cuda_graph": bool(c.cuda_graph),
                                  "samples": [round(x, 6) for x in t.samples], "rounds": rounds}
-                     for c, (t, rounds) in zip(members, timings)}
-            for step, (timing, rounds) in zip(built, timings):
+                     for c, (t, rounds) in zip([s.case for s in live], timings)}
+            peers.update(extra)
+            for step, (timing, rounds) in zip(live, timings):
                 case, record = records[id(step.case)]
-                if record["time_ms"] is None:
-                    _fill(session, step, record, timing, rounds, timer, rate)
+                if record["time_ms"] is None and record["status"] == "ok":
+                    if model:
+                        _fill_model(session, step, record, timing, rounds, rate,
+                                    *parts[id(step)])
+                    else:
+                        _fill(session, step, record, timing, rounds, timer, rate)
                     record["subgroup"] = index
                     record["interleaved_with"] = {k: v for k, v in peers.items()
                                                   if k != case.case_id}
@@ -390,15 +637,16 @@ def _new_record(session, case: Case, name: str) -> dict:
 
 
 def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer, rate) -> None:
+    """Scope layer: padded device time per call."""
     case = step.case
     act = _activation_peak(step, timer)
     cost = predict.step_cost(case)
     seconds = timing.median * 1e-3
     record["time_ms"] = timing.summary()
+    record["time_kind"] = "device (padded)"
     record["rounds"] = rounds
     record["tokens_per_s"] = case.T / seconds
     record["activation_peak_bytes"] = act
-    record["peak_mem_bytes"] = None if act is None else act + step.persistent_bytes()
     record["bytes"] = {"read": cost.read, "write": cost.write}
     record["flops"] = cost.flops
     record["matmul_flops"] = cost.matmul_flops
@@ -409,6 +657,46 @@ def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer
         record["copy_gbps"] = copy["gbps"]
     if rate:
         record["matmul_tflops_measured"] = rate["tflops"]
+
+
+def _fill_model(session, step: Step, record: dict, timing: Timing, rounds: list, rate,
+                memory: dict, device: dict) -> None:
+    """Scope model: wall clock per whole step (the headline), with the device-only parts, the
+    host's enqueue time, the optimizer's share, memory and model-FLOPs utilisation."""
+    case = step.case
+    K = case.accum or 1
+    wall = timing.median
+    record["time_ms"] = timing.summary()
+    record["time_kind"] = "wall clock per step" + (" (CUDA graph replay)" if case.cuda_graph
+                                                   else "")
+    record["rounds"] = rounds
+    record["device"] = device
+    record["optimizer_share"] = device["optimizer_ms"] / wall
+    host = device.get("host_step_ms")
+    record["bound"] = None if host is None else ("host" if host > device["step_ms"] else "device")
+    record["wall_over_device"] = wall / device["step_ms"]
+    tokens = case.T * K
+    record["tokens_per_s"] = tokens / (wall * 1e-3)
+    record.update(memory)
+    record["peak_mem_bytes"] = memory.get("step_peak_bytes")
+    cost = predict.step_cost(case)
+    record["bytes"] = {"read": cost.read, "write": cost.write}
+    record["flops"] = cost.flops
+    record["matmul_flops"] = cost.matmul_flops
+    record["gbps"] = cost.total / (wall * 1e-3) / 1e9
+    record["model_flops"] = predict.model_flops(case)
+    record["tflops"] = record["model_flops"] / (wall * 1e-3) / 1e12
+    peak = predict.datasheet_tflops(session.env)
+    if peak:
+        record["mfu"] = record["tflops"] / peak["tflops"]
+        record["mfu_peak"] = peak
+    copy = session.copy.get(case.device)
+    if copy:
+        record["copy_gbps"] = copy["gbps"]
+    if rate:
+        record["matmul_tflops_measured"] = rate["tflops"]
+    if step.moe:
+        record["expert_path"] = step.moe[0].path
 
 
 def matmul_rate(session, device: str) -> dict | None:

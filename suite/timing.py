@@ -1,23 +1,38 @@
-"""The one timing path of the suite.
+"""The one timing path of the suite: one sample primitive (`Timer._one`) and three schedules
+over it (`Timer.time`: warm-up then samples, one callable; `Timer.wall`: whole steps by wall
+clock; suite.steps interleaves several callables through `Timer.time` and `Timer.wall`).
 
-GPU: CUDA events around each call, L2 flushed (a buffer of twice the L2 size overwritten) before
-every call and outside the events, warm-up excluded, at least MIN_SAMPLES samples.
-CPU: time.perf_counter around each call.
+What each time includes:
 
-What a GPU sample is: device time from the call's first kernel to its last. Between the flush and
-the start event the GPU spins in a sleep kernel sized from the host time one call takes to enqueue
-(measured in the warm-up), so the host's Python and launch overhead before the first kernel is not
-in the sample. In a training step that overhead overlaps the previous layer's kernels, and kernel
-timings elsewhere (nvbench, tritonbench's CUDA-graph mode) exclude it too. It is not hidden from the
-record: `host_ms` is the median enqueue time, and a call whose host_ms exceeds its device time
-cannot keep the GPU busy on its own. Host gaps between a call's kernels (eager PyTorch) stay in.
+- **Padded device time** (`Timer.time`, `time_ms` of kernel-level cases). CUDA events around
+  each call, L2 flushed (a buffer of twice the L2 size overwritten) before every call and
+  outside the events, warm-up excluded, at least MIN_SAMPLES samples. Between the flush and the
+  start event the GPU spins in a sleep kernel (the *launch pad*) sized from the slowest host
+  enqueue seen in the warm-up (1.5x, capped at `pad_cap_ms`). While it sleeps, the host queues
+  the whole call, so the sample is the device's time from the call's first kernel to its last
+  with no wait for the host: the pad removes the host's Python and launch time, both before the
+  first kernel and between kernels, for as long as the host stays ahead of the GPU. It does not
+  remove host gaps when the host enqueues more slowly than the GPU runs and the pad runs out
+  (a call longer than the pad cap, or a launch queue that fills while the GPU sleeps); then
+  some host time stays in. `host_ms` is the median enqueue time of one call in the warm-up.
+- **Back-to-back wall clock per call** (`b2b_ms`, recorded beside every padded time):
+  perf_counter around B2B_CALLS calls run back to back with no flush and no pad, after a
+  synchronisation and ending with one, divided by the number of calls. It includes host time
+  wherever the host is slower than the device; inputs may stay in L2 between calls.
+- **Whole-step wall clock** (`Timer.wall`, the headline of scope `model`): each sample is one
+  call from a synchronised GPU to the next synchronisation, perf_counter on the host: what a
+  training loop that synchronises once per step (to read its loss) sees. No flush, no pad:
+  a step's own kernels evict L2 many times over. Beside it, per sample, the CUDA-event span
+  of the same call (the device timeline from first to last kernel, host gaps included) and
+  the host time to enqueue it (until the call returned).
 
 Why the flush writes (zero_) rather than reads: L2 is write-back. A timed kernel leaves up to an
 L2's worth of its own output dirty at the end event; after a writing flush it instead pays for
 evicting the flush's dirty lines, which is the steady state of back-to-back kernels in a
 training step. A reading flush would leave the write-back of the kernel's last outputs out of
 the time, an optimistic bias of up to 50 MB of writes on an H100.
-Either way the result is every raw sample plus median, p10, p90 and CV (std / mean).
+On a CPU every time is perf_counter around the call.
+Every result keeps its raw samples plus median, p10, p90 and CV (std / mean).
 """
 from __future__ import annotations
 
@@ -31,13 +46,14 @@ import torch
 MIN_SAMPLES = 30
 MAX_SAMPLES = 2000
 PAD_CAP_MS = 50.0       # a call that enqueues for longer than this probably synchronises inside
+B2B_CALLS = 10          # calls in the back-to-back wall-clock measurement beside a padded time
 
 
-def launch_pad_ms(host_ms: list[float]) -> float:
+def launch_pad_ms(host_ms: list[float], cap_ms: float = PAD_CAP_MS) -> float:
     """Sleep before the start event: the slowest warm-up enqueue, with margin for jitter."""
     if not host_ms:
         return 0.0
-    return min(PAD_CAP_MS, 1.5 * max(host_ms) + 0.05)
+    return min(cap_ms, 1.5 * max(host_ms) + 0.05)
 
 
 @dataclass
@@ -45,6 +61,9 @@ class Timing:
     samples: list[float] = field(default_factory=list)   # milliseconds
     host_ms: float | None = None     # median host time to enqueue one call (GPU only)
     pad_ms: float = 0.0              # sleep queued before each sample's start event
+    b2b_ms: float | None = None      # back-to-back wall clock per call, host included
+    device_ms: list[float] | None = None   # Timer.wall: CUDA-event span of each sample
+    enqueue_ms: list[float] | None = None  # Timer.wall: host time until each call returned
 
     @property
     def median(self) -> float:
@@ -64,9 +83,14 @@ class Timing:
         return statistics.stdev(self.samples) / mean if mean > 0 else 0.0
 
     def summary(self) -> dict:
-        return {"median": self.median, "p10": self.quantile(0.1), "p90": self.quantile(0.9),
-                "cv": self.cv, "n": len(self.samples), "host_ms": self.host_ms,
-                "launch_pad_ms": self.pad_ms, "samples": [round(s, 6) for s in self.samples]}
+        out = {"median": self.median, "p10": self.quantile(0.1), "p90": self.quantile(0.9),
+               "cv": self.cv, "n": len(self.samples), "host_ms": self.host_ms,
+               "launch_pad_ms": self.pad_ms, "b2b_ms": self.b2b_ms,
+               "samples": [round(s, 6) for s in self.samples]}
+        if self.device_ms is not None:
+            out["device_span_ms"] = [round(s, 6) for s in self.device_ms]
+            out["enqueue_ms"] = [round(s, 6) for s in self.enqueue_ms or []]
+        return out
 
 
 class Timer:
@@ -102,8 +126,12 @@ class Timer:
     def flush_bytes(self) -> int:
         return self._flush.numel() if self._flush is not None else 0
 
+    @property
+    def can_pad(self) -> bool:
+        return self.cuda and self._cycles_per_ms > 0
+
     def _one(self, fn: Callable, pad_ms: float = 0.0) -> tuple[float, float]:
-        """(time of the call in ms, host ms to enqueue it)."""
+        """The sample primitive: (time of the call in ms, host ms to enqueue it), L2 flushed."""
         if not self.cuda:
             t0 = time.perf_counter()
             fn()
@@ -126,9 +154,22 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def back_to_back_ms(self, fn: Callable, calls: int = B2B_CALLS) -> float:
+        """Wall clock per call of `calls` calls run back to back (no flush, no pad), from a
+        synchronised device to the synchronisation after the last."""
+        with torch.cuda.device(self.device) if self.cuda else _nullcontext():
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            self.sync()
+            return (time.perf_counter() - t0) * 1e3 / calls
+
     def time(self, fn: Callable, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-             min_samples: int = MIN_SAMPLES, max_samples: int = MAX_SAMPLES) -> Timing:
-        """Warms up for warmup_ms (at least one call), then takes enough samples to fill rep_ms."""
+             min_samples: int = MIN_SAMPLES, max_samples: int = MAX_SAMPLES,
+             pad_cap_ms: float = PAD_CAP_MS, b2b_calls: int = B2B_CALLS) -> Timing:
+        """Warms up for warmup_ms (at least one call), then takes enough padded samples to fill
+        rep_ms; then, unless b2b_calls is 0, the back-to-back wall clock per call."""
         with torch.cuda.device(self.device) if self.cuda else _nullcontext():
             self.sync()
             first, _ = self._one(fn)              # compiles, autotunes, allocates: never kept
@@ -137,11 +178,37 @@ class Timer:
                 est, host = self._one(fn)
                 spent += est
                 hosts.append(host)
-            pad = launch_pad_ms(hosts) if self.cuda and self._cycles_per_ms > 0 else 0.0
+            pad = launch_pad_ms(hosts, pad_cap_ms) if self.can_pad else 0.0
             count = int(min(max_samples, max(min_samples, rep_ms / max(est, 1e-4))))
             samples = [self._one(fn, pad)[0] for _ in range(count)]
             host_ms = statistics.median(hosts) if self.cuda else None
-            return Timing(samples, host_ms=host_ms, pad_ms=pad)
+            b2b = self.back_to_back_ms(fn, b2b_calls) if b2b_calls else None
+            return Timing(samples, host_ms=host_ms, pad_ms=pad, b2b_ms=b2b)
+
+    def wall(self, fn: Callable, samples: int) -> Timing:
+        """Whole calls by wall clock: each sample from a synchronised device to the next
+        synchronisation (no flush, no pad), with the CUDA-event span and the host enqueue time
+        of the same call. No warm-up: the caller warms."""
+        walls, spans, enq = [], [], []
+        with torch.cuda.device(self.device) if self.cuda else _nullcontext():
+            for _ in range(samples):
+                self.sync()
+                if self.cuda:
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
+                if self.cuda:
+                    start.record()
+                fn()
+                if self.cuda:
+                    end.record()
+                t1 = time.perf_counter()
+                self.sync()
+                t2 = time.perf_counter()
+                walls.append((t2 - t0) * 1e3)
+                enq.append((t1 - t0) * 1e3)
+                spans.append(start.elapsed_time(end) if self.cuda else (t1 - t0) * 1e3)
+        return Timing(walls, host_ms=statistics.median(enq), device_ms=spans, enqueue_ms=enq)
 
 
 class _nullcontext:

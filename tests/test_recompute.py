@@ -1,0 +1,396 @@
+"""suite.recompute on the CPU: per-site blocks, every connection op's backward exactly once under
+`mhc` recompute, gradients equal to no recompute in fp64, Eq. 20 counted in sites, and the bytes
+the recompute blocks keep (RetainedBytes) against the model's resident term."""
+import dataclasses
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from kernels import site_link
+from suite import recompute as rc
+from suite.model import ModelConfig, Transformer
+
+TINY = {"C": 32, "heads": 2, "seq": 8, "vocab": 64, "n": 4, "dtype": "fp64", "backend": "torch"}
+T = 16          # 2 sequences of 8 tokens
+
+
+def tiny_sites(method, layers=3, seed=1):
+    model = Transformer(ModelConfig(method=method, layers=layers, **TINY), seed=seed)
+    model.randomise_connections(seed + 4)    # HC's init has zero projections: make them count
+    return model, model.sites()
+
+
+def state(model, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(T, model.cfg.streams, model.cfg.C, generator=gen, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- counting each op's calls
+class _Tap(torch.autograd.Function):
+    """Identity on its tensors; its backward counts one call under `key`. A tap on an op's
+    outputs runs once each time a backward enters the op, a tap on its inputs once each time a
+    backward leaves it."""
+
+    @staticmethod
+    def forward(ctx, counts, key, *ts):
+        ctx.counts, ctx.key = counts, key
+        return tuple(t.view_as(t) for t in ts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.counts[ctx.key] += 1
+        return (None, None, *grads)
+
+
+def _tapped(counts, key, values):
+    """Taps the tensors among values (None stays None)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return tuple(values)
+    it = iter(_Tap.apply(counts, key, *present))
+    return tuple(next(it) if v is not None else None for v in values)
+
+
+def count_calls(sites):
+    """Wraps every site's pre, post (through a copy of site.ops) and F; returns the Counter,
+    keyed (site index, what)."""
+    counts = Counter()
+    for i, site in enumerate(sites):
+        pre0, post0, F0 = site.ops.pre, site.ops.post, site.F
+
+        def pre(x, *params, i=i, pre0=pre0, **opts):
+            counts[i, "pre fwd"] += 1
+            x, *params = _tapped(counts, (i, "pre bwd leaves"), (x, *params))
+            return _tapped(counts, (i, "pre bwd enters"), pre0(x, *params, **opts))
+
+        def post(x, f, h_post, h_res, i=i, post0=post0):
+            counts[i, "post fwd"] += 1
+            args = _tapped(counts, (i, "post bwd leaves"), (x, f, h_post, h_res))
+            (out,) = _tapped(counts, (i, "post bwd enters"), (post0(*args),))
+            return out
+
+        def F(li, i=i, F0=F0):
+            counts[i, "F fwd"] += 1
+            (li,) = _tapped(counts, (i, "F bwd leaves"), (li,))
+            (out,) = _tapped(counts, (i, "F bwd enters"), (F0(li),))
+            return out
+
+        site.ops = dataclasses.replace(site.ops, pre=pre, post=post)
+        site.F = F
+    return counts
+
+
+def per_site(counts, i):
+    return {what: c for (j, what), c in counts.items() if j == i}
+
+
+ONCE = {"pre bwd leaves": 1, "pre bwd enters": 1, "post bwd leaves": 1, "post bwd enters": 1,
+        "F bwd leaves": 1, "F bwd enters": 1, "F fwd": 1}
+
+
+@pytest.mark.parametrize("method", ["mhc", "hc", "residual"])
+def test_each_op_backward_runs_once_per_site_under_mhc_recompute(method):
+    model, sites = tiny_sites(method, layers=2)          # 4 sites
+    counts = count_calls(sites)
+    for L_r in (1, 2, 3, len(sites)):
+        counts.clear()
+        x = state(model).requires_grad_(True)
+        out = rc.run_sites(sites, x, "mhc", L_r)
+        assert sum(c for (_, w), c in counts.items() if "bwd" in w) == 0
+        out.backward(torch.ones_like(out))
+        for i in range(len(sites)):
+            # pre and post run forward twice (forward, then the replay); F once; every
+            # backward once.
+            assert per_site(counts, i) == {**ONCE, "pre fwd": 2, "post fwd": 2}, (L_r, i)
+        assert sum(c for (_, w), c in counts.items() if w == "post bwd enters") == len(sites)
+
+
+@pytest.mark.parametrize("method", ["mhc", "hc"])
+def test_each_op_runs_once_without_recompute(method):
+    model, sites = tiny_sites(method, layers=2)
+    counts = count_calls(sites)
+    x = state(model).requires_grad_(True)
+    out = rc.run_sites(sites, x, "none", 2)
+    out.backward(torch.ones_like(out))
+    for i in range(len(sites)):
+        assert per_site(counts, i) == {**ONCE, "pre fwd": 1, "post fwd": 1}
+
+
+def test_each_op_backward_runs_once_through_the_pipeline_phases():
+    """keep_forward / replay / backprop as suite.pipeline calls them, replay before the gradient
+    is known (early recompute)."""
+    model, sites = tiny_sites("mhc", layers=2)
+    counts = count_calls(sites)
+    x0 = state(model)
+    blocks = []
+    x = x0
+    for block in rc.site_blocks(sites, 3):
+        out, fg, li = rc.keep_forward(block, x)
+        blocks.append((block, x, fg, li))
+        x = out
+    rec = [rc.replay(b, x0_, fg) for b, x0_, fg, _ in blocks]
+    g = torch.ones_like(x)
+    for (block, _, fg, li), r in zip(reversed(blocks), reversed(rec)):
+        g, pg = rc.backprop(block, fg, li, r, g)
+        assert len(pg) == sum(len(s.conn) for s in block) and all(p is not None for p in pg)
+    for i in range(len(sites)):
+        assert per_site(counts, i) == {**ONCE, "pre fwd": 2, "post fwd": 2}
+
+
+# ---------------------------------------------------------------- gradients
+def grads(sites, x, mode, L_r, w):
+    for s in sites:
+        for p in s.parameters():
+            p.grad = None
+    x = x.clone().requires_grad_(True)
+    out = rc.run_sites(sites, x, mode, L_r)
+    (out * w).sum().backward()
+    named = {f"{i}.{k}": p.grad for i, s in enumerate(sites) for k, p in s.named_parameters()}
+    return out.detach(), x.grad, named
+
+
+@pytest.mark.parametrize("method", ["mhc", "hc", "residual"])
+def test_recompute_gradients_equal_no_recompute_in_fp64(method):
+    model, sites = tiny_sites(method, layers=3)
+    sites = sites[:5]                                    # blocks that do not divide evenly
+    x = state(model)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(11), dtype=x.dtype)
+    out0, gx0, gp0 = grads(sites, x, "none", 1, w)
+    assert all(g is not None and g.abs().sum() > 0 for g in gp0.values())
+    for mode, L_r in (("mhc", 1), ("mhc", 2), ("mhc", 3), ("mhc", 5), ("mhc", 7),
+                      ("full", 2), ("full", 5)):
+        out, gx, gp = grads(sites, x, mode, L_r, w)
+        assert torch.equal(out, out0), (mode, L_r)
+        assert ((gx - gx0).norm() / gx0.norm()).item() < 1e-12, (mode, L_r)
+        assert gp.keys() == gp0.keys()
+        for name in gp0:
+            err = ((gp[name] - gp0[name]).norm() / gp0[name].norm()).item()
+            assert err < 1e-12, (mode, L_r, name, err)
+
+
+def test_run_layers_is_run_sites_over_the_layers_sites():
+    model, sites = tiny_sites("mhc", layers=3)
+    x = state(model)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    out_s, gx_s, gp_s = grads(sites, x, "mhc", 4, w)
+    for p in model.parameters():
+        p.grad = None
+    xl = x.clone().requires_grad_(True)
+    with rc.RetainedBytes() as kept:
+        out_l = rc.run_layers(list(model.layers), xl, "mhc", 4)   # L_r = 4 SITES: 2 blocks
+    (out_l * w).sum().backward()
+    assert kept.blocks == 2 and kept.sites == 6
+    assert torch.equal(out_l, out_s) and torch.equal(xl.grad, gx_s)
+    assert torch.no_grad()(rc.run_sites)(sites, x, "mhc", 4).equal(out_s)
+    with pytest.raises(ValueError):
+        rc.run_sites(sites, x, "some", 1)
+    with pytest.raises(ValueError):
+        rc.run_sites(sites, x, "mhc", 0)
+
+
+# ---------------------------------------------------------------- Eq. 20 in sites
+def test_memory_model_counts_sites():
+    assert rc.memory_model(4, 10, 24, 4) == 4 * 10 * 6 + 6 * 10 * 4
+    assert rc.memory_model(4, 10, 60, 6) == 4 * 10 * 10 + 6 * 10 * 6
+    assert rc.memory_model(4, 10, 5, 2) == 4 * 10 * 3 + 6 * 10 * 2
+    assert rc.retained_model(4, 10, 5, 2) == 4 * 10 * 3
+    assert rc.retained_model(4, 10, 5, 2, f_outputs=True) == 4 * 10 * 3 + 10 * 5
+    assert rc.transient_model(4, 10, 5, 2) == 6 * 10 * 2
+    assert rc.transient_model(4, 10, 5, 9) == 6 * 10 * 5     # a block holds at most L sites
+    for L, L_r in ((24, 4), (60, 6), (7, 3)):
+        assert rc.memory_model(4, 8, L, L_r) == (rc.retained_model(4, 8, L, L_r)
+                                                 + rc.transient_model(4, 8, L, L_r))
+    assert rc.lr_star(4, 24) == 4.0
+    assert rc.lr_star(4, 60) == pytest.approx(math.sqrt(40))
+    assert rc.best_lr(4, 24) == 4            # 12 layers: 2 layers a block, as measured
+    assert rc.best_lr(4, 60) == 6            # 30 layers: 3 layers a block, as measured
+    assert rc.default_lr(4, 12) == 4 and rc.default_lr(4, 30) == 6
+    # The integer argmin lies within 1 of sqrt(nL/(n+2)) except where two block lengths tie,
+    # one on each side (the ceil makes the cost lumpy); ties go to the smaller, and the larger
+    # one is then within 1. For n = 4 and L in 2..120 that happens at L = 55, 78, 97, 98, 105.
+    tied = []
+    for L in range(2, 121):
+        best, star = rc.best_lr(4, L), rc.lr_star(4, L)
+        costs = [rc.memory_model(4, 1, L, r) for r in range(1, L + 1)]
+        argmin = [r for r in range(1, L + 1) if costs[r - 1] == min(costs)]
+        assert best == argmin[0]
+        assert min(abs(r - star) for r in argmin) < 1.0, L
+        assert abs(best - star) < 1.5, L
+        if abs(best - star) >= 1.0:
+            assert len(argmin) == 2 and argmin[1] - star < 1.0
+            tied.append(L)
+    assert tied == [55, 78, 97, 98, 105]
+
+
+# ---------------------------------------------------------------- what the blocks keep
+@pytest.mark.parametrize("method", ["mhc", "residual"])
+def test_retained_bytes_equal_the_resident_model(method):
+    model, sites = tiny_sites(method, layers=3)          # 6 sites
+    n, C, L, s = model.cfg.streams, model.cfg.C, len(sites), 8
+    for L_r in (1, 2, 4, 6):
+        x = state(model).requires_grad_(True)
+        with rc.RetainedBytes() as kept:
+            out = rc.run_sites(sites, x, "mhc", L_r)
+        blocks = math.ceil(L / L_r)
+        assert (kept.blocks, kept.sites) == (blocks, L)
+        assert kept.x0_bytes == n * C * T * s * blocks == rc.retained_model(n, C, L, L_r) * T * s
+        assert kept.f_bytes == C * T * s * L
+        assert kept.total == rc.retained_model(n, C, L, L_r, f_outputs=True) * T * s
+        out.sum().backward()
+    x = state(model).requires_grad_(True)
+    with rc.RetainedBytes() as kept:
+        rc.run_sites(sites, x, "full", 4)
+    assert (kept.x0_bytes, kept.f_bytes) == (n * C * T * s * 2, 0)
+    with rc.RetainedBytes() as kept:
+        rc.run_sites(sites, x, "none", 4)
+        with torch.no_grad():
+            rc.run_sites(sites, x, "mhc", 4)
+    assert kept.total == 0 and kept.blocks == 0
+    rc.run_sites(sites, x, "mhc", 4)                     # nothing counted outside the context
+    assert kept.total == 0
+
+
+def test_saved_bytes_still_counts_the_block_inputs():
+    """SavedBytes (autograd's saved tensors) sees one x0 [T, n, C] per block more for shorter
+    blocks, as the resident term says."""
+    model, sites = tiny_sites("mhc", layers=3)
+    x = state(model).requires_grad_(True)
+    totals = {}
+    for L_r in (1, 6):
+        with rc.SavedBytes() as saved:
+            rc.run_sites(sites, x, "mhc", L_r)
+        totals[L_r] = saved.total
+    n, C = model.cfg.n, model.cfg.C
+    assert totals[1] - totals[6] == (rc.retained_model(n, C, 6, 1)
+                                     - rc.retained_model(n, C, 6, 6)) * T * 8
+
+
+# ---------------------------------------------------------------- site link (fused backends)
+class _LinkedPre(torch.autograd.Function):
+    """A toy fused pre that takes post's dx from its site link (kernels/site_link.py) and adds
+    its own into it in place, as the Triton and TileLang pres do: layer_input = sum_i w_i x_i,
+    h_res = mean over C of x, broadcast to [T, n, n]."""
+
+    @staticmethod
+    def forward(ctx, x, w, holder):
+        ctx.save_for_backward(x, w)
+        ctx.holder = holder
+        h_res = x.mean(-1, keepdim=True).expand(-1, -1, x.shape[1]).contiguous()
+        return (x * w[:, None]).sum(1), h_res
+
+    @staticmethod
+    def backward(ctx, g_li, g_res):
+        x, w = ctx.saved_tensors
+        acc = site_link.accumulator(ctx.holder[0], x)
+        dx = torch.zeros_like(x) if acc is None else acc
+        dw = None
+        if g_li is not None:
+            dx.add_(g_li[:, None, :] * w[:, None])
+            dw = (g_li[:, None, :] * x).sum((0, 2))
+        if g_res is not None:
+            dx.add_(g_res.sum(-1, keepdim=True) / x.shape[-1])
+        return dx, dw, None
+
+
+class _LinkedPost(torch.autograd.Function):
+    """x_next = h_res @ x + f, handing dx to a linked pre (site_link.hand_over)."""
+
+    @staticmethod
+    def forward(ctx, x, f, h_res, link):
+        ctx.save_for_backward(x, h_res)
+        ctx.link = link
+        return h_res @ x + f[:, None, :]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h_res = ctx.saved_tensors
+        dx = site_link.hand_over(ctx, ctx.link, h_res.transpose(-1, -2) @ g, 2)
+        return dx, g.sum(1), g @ x.transpose(-1, -2), None
+
+
+class ToySite(torch.nn.Module):
+    """A Site-shaped module (pre, F, post, conn) on the toy ops, linked or plain."""
+
+    def __init__(self, n, C, linked, gen):
+        super().__init__()
+        self.linked = linked
+        self.conn = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64))])
+        self.lin = torch.nn.Parameter(torch.randn(C, C, generator=gen, dtype=torch.float64) / C ** 0.5)
+
+    def pre(self, x):
+        (w,) = self.conn
+        if not self.linked:
+            return (x * w[:, None]).sum(1), None, x.mean(-1, keepdim=True).expand(-1, -1, x.shape[1])
+        holder = [None]
+        li, h_res = _LinkedPre.apply(x, w, holder)
+        if torch.is_grad_enabled() and x.requires_grad:
+            holder[0] = site_link.attach(h_res, x)
+        return li, None, h_res
+
+    def F(self, li):
+        return torch.tanh(li @ self.lin)
+
+    def post(self, x, f, h_post, h_res):
+        if not self.linked:
+            return h_res @ x + f[:, None, :]
+        return _LinkedPost.apply(x, f, h_res, site_link.claim(h_res, x))
+
+    def forward(self, x):
+        li, h_post, h_res = self.pre(x)
+        return self.post(x, self.F(li), h_post, h_res)
+
+
+def test_post_dx_goes_through_the_site_link_under_mhc_recompute(monkeypatch):
+    """With a fused backend, pre's backward adds post's dx in its own kernel (site link); under
+    mhc recompute backprop hands it over itself (post sees a detached h_res and cannot claim the
+    link), once per site, and the gradients stay those of no recompute."""
+    n, C, S = 3, 8, 5
+    puts, takes = [], []
+    real_put, real_take = site_link.SiteLink.put, site_link.SiteLink.take
+    monkeypatch.setattr(site_link.SiteLink, "put", lambda self, dx: (puts.append(1), real_put(self, dx))[1])
+
+    def take(self):
+        dx = real_take(self)
+        takes.append(dx is not None)
+        return dx
+    monkeypatch.setattr(site_link.SiteLink, "take", take)
+
+    def run(linked, mode, L_r):
+        sites = [ToySite(n, C, linked, torch.Generator().manual_seed(i)) for i in range(S)]
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(6, n, C, generator=gen, dtype=torch.float64).requires_grad_(True)
+        out = rc.run_sites(sites, x, mode, L_r)
+        (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum().backward()
+        return [x.grad] + [p.grad for s in sites for p in s.parameters()]
+
+    ref = run(False, "none", 1)
+    for linked, mode, L_r in ((True, "none", 1), (True, "mhc", 2), (True, "mhc", 5),
+                              (False, "mhc", 2)):
+        puts.clear()
+        takes.clear()
+        got = run(linked, mode, L_r)
+        for a, b in zip(got, ref):
+            assert ((a - b).norm() / b.norm()).item() < 1e-12, (linked, mode, L_r)
+        assert len(puts) == sum(takes) == (S if linked else 0), (linked, mode, L_r)
+
+
+def test_mhc_recompute_reaches_F_when_only_F_needs_gradients():
+    """A residual block (no connection parameters) on an x without grad: F's weights still get
+    their gradients."""
+    model, sites = tiny_sites("residual", layers=1)
+    x = state(model)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    ref = {}
+    for mode in ("none", "mhc"):
+        for p in model.parameters():
+            p.grad = None
+        (rc.run_sites(sites, x, mode, 2) * w).sum().backward()
+        got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        ref = ref or got
+        assert got.keys() == ref.keys() and len(got) == sum(
+            1 for s in sites for _ in s.sublayer.parameters())
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], rtol=1e-12, atol=0)
