@@ -11,6 +11,7 @@ import torch
 from kernels import site_link
 from suite import recompute as rc
 from suite.model import ModelConfig, Transformer
+from tests import test_site_link as linked_toy
 
 TINY = {"C": 32, "heads": 2, "seq": 8, "vocab": 64, "n": 4, "dtype": "fp64", "backend": "torch"}
 T = 16          # 2 sequences of 8 tokens
@@ -268,48 +269,6 @@ def test_saved_bytes_still_counts_the_block_inputs():
 
 
 # ---------------------------------------------------------------- site link (fused backends)
-class _LinkedPre(torch.autograd.Function):
-    """A toy fused pre that takes post's dx from its site link (kernels/site_link.py) and adds
-    its own into it in place, as the Triton and TileLang pres do: layer_input = sum_i w_i x_i,
-    h_res = mean over C of x, broadcast to [T, n, n]."""
-
-    @staticmethod
-    def forward(ctx, x, w, holder):
-        ctx.save_for_backward(x, w)
-        ctx.holder = holder
-        h_res = x.mean(-1, keepdim=True).expand(-1, -1, x.shape[1]).contiguous()
-        return (x * w[:, None]).sum(1), h_res
-
-    @staticmethod
-    def backward(ctx, g_li, g_res):
-        x, w = ctx.saved_tensors
-        acc = site_link.accumulator(ctx.holder[0], x)
-        dx = torch.zeros_like(x) if acc is None else acc
-        dw = None
-        if g_li is not None:
-            dx.add_(g_li[:, None, :] * w[:, None])
-            dw = (g_li[:, None, :] * x).sum((0, 2))
-        if g_res is not None:
-            dx.add_(g_res.sum(-1, keepdim=True) / x.shape[-1])
-        return dx, dw, None
-
-
-class _LinkedPost(torch.autograd.Function):
-    """x_next = h_res @ x + f, handing dx to a linked pre (site_link.hand_over)."""
-
-    @staticmethod
-    def forward(ctx, x, f, h_res, link):
-        ctx.save_for_backward(x, h_res)
-        ctx.link = link
-        return h_res @ x + f[:, None, :]
-
-    @staticmethod
-    def backward(ctx, g):
-        x, h_res = ctx.saved_tensors
-        dx = site_link.hand_over(ctx, ctx.link, h_res.transpose(-1, -2) @ g, 2)
-        return dx, g.sum(1), g @ x.transpose(-1, -2), None
-
-
 class ToySite(torch.nn.Module):
     """A Site-shaped module (pre, F, post, conn) on the toy ops, linked or plain."""
 
@@ -324,10 +283,7 @@ class ToySite(torch.nn.Module):
         (w,) = self.conn
         if not self.linked:
             return (x * w[:, None]).sum(1), None, x.mean(-1, keepdim=True).expand(-1, -1, x.shape[1])
-        holder = [None]
-        li, h_res = _LinkedPre.apply(x, w, holder)
-        if torch.is_grad_enabled() and x.requires_grad:
-            holder[0] = site_link.attach(h_res, x)
+        li, h_res = linked_toy.pre(x, w)      # the fused backends' link protocol, in torch
         return li, None, h_res
 
     def F(self, li):
@@ -336,7 +292,7 @@ class ToySite(torch.nn.Module):
     def post(self, x, f, h_post, h_res):
         if not self.linked:
             return h_res @ x + f[:, None, :]
-        return _LinkedPost.apply(x, f, h_res, site_link.claim(h_res, x))
+        return linked_toy.post(x, f, h_res)
 
     def forward(self, x):
         li, h_post, h_res = self.pre(x)
