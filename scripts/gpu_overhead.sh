@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU work of the overhead verdict in one command, on an offline GPU machine:
-#   OUT=/some/dir [BUDGET_S=560] [WIDTHS="1280 2560 1920"] [SMOKE=1] bash scripts/gpu_overhead.sh
+#   OUT=/some/dir [BUDGET_S=560] [WIDTHS="1280 2560 1920"] [GRAPHS=1] [SMOKE=1] bash scripts/gpu_overhead.sh
 # 1. set-up (scripts/device_env.sh: make env on the machine's torch, TileLang from a carried
 #    .tilelang-site.tar.xz, wheels from .whl/);
 # 2. the GPU tests of the timer, the deepseek layers and the recompute;
 # 3. TileLang's kernels at the scenario's widths and its gate's width (backend auto times them);
 # 4. scenarios/overhead.yaml, one width at a time into one run folder (--resume), in WIDTHS
-#    order, while BUDGET_S lasts; SMOKE=1 runs the 3B width with accum 2 instead (a check that
-#    everything runs, not a result);
+#    order, while BUDGET_S lasts (GRAPHS=1 then adds the 3B CUDA-graph cases when they were not in
+#    WIDTHS); SMOKE=1 runs the 3B width with accum 2 instead (a check that everything runs, not a
+#    result);
 # 5. the deepseek block cross-check against torchtitan's, when its wheel was carried.
 # Whatever finished is copied to $OUT, also after a failure or the time limit: log.txt,
 # gpu_tests.log, precompile.log, crosscheck.txt, records.jsonl, env.json, report.md.
@@ -70,6 +71,20 @@ for C in $WIDTHS; do
     echo "exit $?"
     [ "${SMOKE:-0}" = 1 ] && break
 done
+
+if [ "${GRAPHS:-0}" = 1 ] && [ "$(left)" -gt 120 ]; then
+    run=$(ls -d "$RUNS"/2*/ 2>/dev/null | head -1)
+    budget=$(left)
+    stamp "overhead, 3B CUDA-graph cases (limit ${budget}s)"
+    if [ -n "$run" ]; then
+        timeout -k 10 "$budget" $PY harness.py run scenarios/overhead.yaml --resume "$run" \
+            --only C=1280 --only cuda_graph=True
+    else
+        timeout -k 10 "$budget" $PY harness.py run scenarios/overhead.yaml --out "$RUNS" \
+            --only C=1280 --only cuda_graph=True
+    fi
+    echo "exit $?"
+fi
 
 if [ -f scripts/crosscheck_deepseek_block.py ] && [ "$(left)" -gt 40 ]; then
     stamp "cross-check against torchtitan's block"

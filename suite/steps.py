@@ -336,9 +336,9 @@ def time_interleaved_wall(timer: Timer, calls: list, warmup_steps: int, rep_ms: 
     rounds = rounds or MODEL_ROUNDS
     est = []
     for fn in calls:
-        for _ in range(max(1, warmup_steps)):
+        for _ in range(max(0, warmup_steps - 1)):
             fn()
-        est.append(timer.wall(fn, 1).median)
+        est.append(timer.wall(fn, 1).median)      # the last warm-up step, timed for the plan
     per_round = rep_ms / rounds
     walls = [[] for _ in calls]
     spans = [[] for _ in calls]
@@ -428,11 +428,12 @@ def persistent_estimate(case: Case) -> int:
 
 def set_estimate(cases: list[Case]) -> int:
     """Bytes a set of cases holds together: models of scope model share their weights (Step's
-    donor), except those replayed as CUDA graphs, which own theirs."""
-    shared = [c for c in cases if c.scope == "model" and not c.cuda_graph]
-    own = [c for c in cases if c not in shared]
-    return (max(map(persistent_estimate, shared)) if shared else 0) + sum(
-        map(persistent_estimate, own))
+    donor), eager ones with each other and CUDA-graph ones with each other."""
+    total = sum(persistent_estimate(c) for c in cases if c.scope != "model")
+    for kind in (False, True):
+        shared = [c for c in cases if c.scope == "model" and bool(c.cuda_graph) == kind]
+        total += max(map(persistent_estimate, shared)) if shared else 0
+    return total
 
 
 def memory_budget(device: str) -> float:
@@ -459,6 +460,14 @@ def _baselines_of(case: Case, cases: list[Case]) -> list[Case]:
 
 
 def subgroups(cases: list[Case], budget: float) -> list[list[Case]]:
+    """Eager cases and CUDA-graph cases apart (a graph holds its own memory pool besides the
+    weights), each packed by `pack`."""
+    eager = [c for c in cases if not c.cuda_graph]
+    graphs = [c for c in cases if c.cuda_graph]
+    return [s for part in (eager, graphs) if part for s in pack(part, budget)]
+
+
+def pack(cases: list[Case], budget: float) -> list[list[Case]]:
     """Packs a comparison group into sets that fit the memory budget together; each set holds
     every member's baselines, so a comparison is always between cases timed together. A
     baseline may be timed in several sets; its record comes from the first."""
@@ -537,20 +546,21 @@ def _fail(record: dict, exc: BaseException) -> None:
                       traceback=traceback.format_exc(limit=8))
 
 
-def _build_steps(members: list[Case], records: dict) -> tuple[list, dict]:
-    """The members' Steps (weights shared with the first eager model) and, per graph case that
-    could not be captured, the reason."""
-    built, donor, not_captured = [], None, {}
+def _build_steps(members: list[Case], records: dict) -> list:
+    """The members' Steps, each sharing its weights with the first model of its kind."""
+    built, donors = [], {}
     for case in members:
         choice = records[id(case)][1].get("op_backends")
         backends = (choice["pre"], choice["post"]) if choice else None
-        share = case.scope == "model" and not case.cuda_graph
-        step = Step(case, case.device, case.seed, donor=donor if share else None,
-                    op_backends=backends)
-        if share and donor is None:
-            donor = step
+        # Eager steps drop their gradients after each step, graphs keep theirs: each kind
+        # shares weights, gradients and optimizer state only with its own kind.
+        kind = bool(case.cuda_graph)
+        donor = donors.get(kind) if case.scope == "model" else None
+        step = Step(case, case.device, case.seed, donor=donor, op_backends=backends)
+        if case.scope == "model":
+            donors.setdefault(kind, step)
         built.append(step)
-    return built, not_captured
+    return built
 
 
 def _time_subgroup(session, members: list[Case], records: dict, index: int) -> None:
@@ -560,7 +570,7 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
     t0 = time.perf_counter()
     try:
         with deadline(sum(c.timeout_s for c in members)):
-            built, _ = _build_steps(members, records)
+            built = _build_steps(members, records)
             timer = session.timer(members[0].device)
             rate = matmul_rate(session, members[0].device)
             model = members[0].scope == "model"
@@ -587,7 +597,7 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
                                 and s.case.method == "residual"), None)
                 if head_of is not None:
                     calls.append(head_of.head_call)
-                timings = time_interleaved_wall(timer, calls, 2, members[0].rep_ms)
+                timings = time_interleaved_wall(timer, calls, 1, members[0].rep_ms)
                 if head_of is not None:
                     head_t, head_rounds = timings.pop()
                     extra["head:" + head_of.case.case_id] = {
