@@ -144,3 +144,22 @@ def test_deepseek_overhead_run_end_to_end(tmp_path, monkeypatch):
     report = (run / "report.md").read_text()
     assert "## Overhead verdict" in report and "paper's configuration" in report
     assert "## Recompute" in report and "Not on one GPU" in report
+
+
+def test_deepseek_gate_passes_the_reference_in_bf16_and_fails_a_wrong_kernel(monkeypatch):
+    import kernels
+    from kernels import Ops
+    from kernels import reference as ref
+    gate_like = {"C": 256, "T": 64, "seq": 64, "n": 4, "backend": "torch"}
+    # bf16 near the gate's own shape on a GPU (C = 480); HC in fp32: its unbounded mixing
+    # amplifies bf16 rounding at this size past the bf16 bound (0.045 against 0.03 here; 0.025
+    # at the GPU gate's shape)
+    for method, dtype in (("residual", "bf16"), ("mhc", "bf16"), ("hc", "fp32")):
+        result = steps.check(case(method, dtype=dtype, **gate_like), "cpu")
+        assert result["passed"], (method, result["worst"], result["max_rel_err"])
+    transposed = lambda x, f, hp, hr: ref.post(x, f, hp, hr.transpose(-1, -2))
+    monkeypatch.setitem(kernels.BACKENDS, "fake", kernels.Backend("fake", "unused"))
+    monkeypatch.setitem(kernels._LOADED, "fake", {"mhc": Ops("mhc", "fake", pre=ref.mhc_pre,
+                                                             post=transposed)})
+    bad = steps.check(case("mhc", backend="fake"), "cpu")
+    assert not bad["passed"] and bad["max_rel_err"] > 10 * bad["tol"]
