@@ -315,6 +315,8 @@ def time_interleaved(timer: Timer, calls: list, warmup_ms: float, rep_ms: float,
                    b2b_calls=0)
     samples = [[] for _ in calls]
     round_of = [[] for _ in calls]
+    hosts = [[] for _ in calls]
+    pads = [[] for _ in calls]
     per_round = rep_ms / rounds
     for r in range(rounds):
         k = len(calls)
@@ -324,7 +326,11 @@ def time_interleaved(timer: Timer, calls: list, warmup_ms: float, rep_ms: float,
                            min_samples=MIN_PER_ROUND, max_samples=1000, b2b_calls=0)
             samples[i] += t.samples
             round_of[i] += [r] * len(t.samples)
-    return [(Timing(s), ro) for s, ro in zip(samples, round_of)]
+            if t.host_ms is not None:
+                hosts[i].append(t.host_ms)
+            pads[i].append(t.pad_ms)
+    return [(Timing(s, host_ms=statistics.median(h) if h else None, pad_ms=max(p)), ro)
+            for s, ro, h, p in zip(samples, round_of, hosts, pads)]
 
 
 def time_interleaved_wall(timer: Timer, calls: list, warmup_steps: int, rep_ms: float,
