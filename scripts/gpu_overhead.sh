@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of the overhead verdict in one command, on an offline GPU machine:
 #   OUT=/some/dir [BUDGET_S=560] [WIDTHS="1280 2560 1920"] [GRAPHS=1] [GPU_TESTS=0] [SMOKE=1] \
+#       [PRECOMPILE="1280"] (TileLang widths, default WIDTHS) \
 #       bash scripts/gpu_overhead.sh
 # 1. set-up (scripts/device_env.sh: make env on the machine's torch, TileLang from a carried
 #    .tilelang-site.tar.xz, wheels from .whl/);
@@ -48,7 +49,7 @@ fi
 if $PY -c "import tilelang" 2>/dev/null; then
     stamp "TileLang kernels at the model widths and the gate's"
     shapes=(--shape 4:480:64)
-    for C in $WIDTHS; do shapes+=(--shape "4:$C:4096"); done
+    for C in ${PRECOMPILE:-$WIDTHS}; do shapes+=(--shape "4:$C:4096"); done
     timeout -k 5 180 $PY scripts/tilelang_precompile.py --procs 15 "${shapes[@]}" \
         >"$OUT/precompile.log" 2>&1
     echo "precompile rc=$?"; tail -1 "$OUT/precompile.log"
