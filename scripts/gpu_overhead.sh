@@ -17,7 +17,7 @@
 set -u
 OUT=${OUT:-$PWD/out}
 BUDGET_S=${BUDGET_S:-560}
-WIDTHS=${WIDTHS:-"1280 2560 1920"}
+WIDTHS=${WIDTHS-"1280 2560 1920"}     # set but empty: no width (GRAPHS=1 alone)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 RUNS=$(mktemp -d /tmp/hcbench-runs.XXXX)
