@@ -10,7 +10,9 @@ and prints both medians and their ratio.
 
 Set-up: torchtitan 0.3.0 and the small pure-Python wheels it needs at import (tyro,
 docstring_parser, typeguard, spmd_types) as wheels under .whl/, which scripts/device_env.sh
-installs with --no-deps. torchtitan 0.3.0 imports torch.distributed.fsdp.DataParallelMeshDims,
+installs with --no-deps:
+    python3 -m pip download --no-deps --only-binary=:all: -d .whl torchtitan==0.3.0 \
+        tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 spmd_types==0.2.3 torchtitan 0.3.0 imports torch.distributed.fsdp.DataParallelMeshDims,
 which only torch >= 2.12 has; on an older torch a placeholder class is set before the import
 (it is only instantiated by torchtitan's FSDP/SPMD set-up, never on this single-GPU path).
 
