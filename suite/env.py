@@ -11,8 +11,37 @@ import os
 import platform
 import re
 import socket
+import subprocess
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# Environment variables that change what a kernel does (its tiling, its path, its target): a run
+# records their values, and runs with different values never join (suite.report.compare, resume).
+KERNEL_KNOB_PREFIXES = ("MHC_PRE_", "HC_PRE_CONFIG", "HCBENCH_POST_", "HCBENCH_TL_",
+                        "HCBENCH_TILELANG_")
+
+
+def kernel_settings(environ=None) -> dict:
+    """The kernel knobs set in the environment, by name (empty: every kernel at its default)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(KERNEL_KNOB_PREFIXES)}
+
+
+def code_provenance() -> dict:
+    """The code commit the suite runs from and whether its tracked files differ from it; None
+    where git or the repository is not there."""
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def versions() -> dict:
@@ -132,6 +161,8 @@ def capture() -> dict:
         "platform": platform.platform(),
         "cpu": {"model": cpu_model(), "cores": os.cpu_count()},
         "versions": versions(),
+        "code": code_provenance(),
+        "kernel_settings": kernel_settings(),
         "gpus": [],
     }
     if torch.cuda.is_available():

@@ -217,7 +217,10 @@ def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
     console = console or Console()
     a = {r["case_id"]: r for r in read_records(run_a) if r["status"] == "ok"}
     b = {r["case_id"]: r for r in read_records(run_b) if r["status"] == "ok"}
-    both = [k for k in b if k in a]
+    # A case timed with other kernel settings is another measurement: never joined.
+    tuned = [k for k in b if k in a
+             and (a[k].get("kernel_settings") or {}) != (b[k].get("kernel_settings") or {})]
+    both = [k for k in b if k in a and k not in tuned]
     table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(_env(run_a))})   "
                         f"B = {Path(run_b).name} ({_device_line(_env(run_b))})")
     for h in [HEADER.get(c, c) for c in COLUMNS] + ["A ms", "B ms", "B/A", "A % copy", "B % copy"]:
@@ -237,5 +240,9 @@ def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
         console.print(f"warning: run {old} was timed before the launch pad (suite/timing.py): its "
                       "samples include host launch overhead, so short ops read slower there")
     only = len(set(a) ^ set(b))
+    if tuned:
+        ka, kb = a[tuned[0]].get("kernel_settings"), b[tuned[0]].get("kernel_settings")
+        console.print(f"{len(tuned)} cases not joined: their kernel settings differ "
+                      f"(A: {ka or 'default'}; B: {kb or 'default'})", markup=False)
     console.print(f"{len(both)} cases in both runs; {only} ok in only one of them")
     return len(both)

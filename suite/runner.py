@@ -57,7 +57,7 @@ class Session:
         write_json(self.store.dir / "env.json", self.env)
 
     def run_case(self, case: Case, scenario: str) -> dict:
-        record = new_record(case, scenario, self.gpu_uuid)
+        record = new_record(case, scenario, self.gpu_uuid, self.env)
         t0 = time.perf_counter()
         reason = unavailable(case)
         if reason:
@@ -192,6 +192,11 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
             if was and was != now:
                 raise ResumeMismatch(f"{resume}: measured on {was}, this machine has "
                                      f"{now or 'no GPU'}; start a new run here instead")
+            knobs_was, knobs_now = previous.get("kernel_settings"), env["kernel_settings"]
+            if knobs_was is not None and knobs_was != knobs_now:
+                raise ResumeMismatch(f"{resume}: ran with kernel settings {knobs_was or 'default'}"
+                                     f", this process has {knobs_now or 'default'}; set the same "
+                                     "or start a new run")
             if _gpu_uuids(previous) == _gpu_uuids(env):
                 env["copy_rate"] = previous.get("copy_rate", {})
             else:   # same model, another card: its own copy rate; each record names its GPU

@@ -649,7 +649,7 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
 
 def _new_record(session, case: Case, name: str) -> dict:
     from suite.store import new_record
-    return {**new_record(case, name, session.gpu_uuid), "group": group_key(case)}
+    return {**new_record(case, name, session.gpu_uuid, session.env), "group": group_key(case)}
 
 
 def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer, rate) -> None:

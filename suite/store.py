@@ -20,14 +20,17 @@ from suite.guard import now_utc
 RECORD_SCHEMA = "hcbench.record/1"
 
 
-def new_record(case, scenario: str, gpu_uuid: str | None) -> dict:
+def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = None) -> dict:
     """A case's record before it runs (status ok until something says otherwise): every field
-    of the format present, so skipped and failed records read like measured ones."""
+    of the format present, so skipped and failed records read like measured ones. `env` (the
+    run's suite.env.capture) gives the code commit and the kernel settings it ran with."""
+    env = env or {}
     return {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
             "scenario": scenario, "status": "ok", "reason": None, "time_ms": None,
             "bytes": None, "flops": None, "gbps": None, "tflops": None,
             "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
-            "gpu_uuid": gpu_uuid if case.device == "cuda" else None, "started_utc": now_utc()}
+            "gpu_uuid": gpu_uuid if case.device == "cuda" else None, "started_utc": now_utc(),
+            "code": env.get("code"), "kernel_settings": env.get("kernel_settings")}
 HISTORY_NAME = "history.sqlite"
 
 
