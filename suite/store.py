@@ -15,9 +15,10 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+from suite.core import record as record_schema
 from suite.guard import now_utc
 
-RECORD_SCHEMA = "hcbench.record/1"
+RECORD_SCHEMA = record_schema.SCHEMA
 
 
 def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = None) -> dict:
@@ -107,28 +108,55 @@ class RunStore:
         self.history.add_record(self.run_id, record)
 
 
-class History:
-    """results/history.sqlite: runs and records across every run on this machine or share."""
+_SQLITE_TYPES = {"text": "TEXT", "int": "INTEGER", "real": "REAL", "bool": "INTEGER",
+                 "time": "TEXT"}
 
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS runs (
-        run_id TEXT PRIMARY KEY, started_utc TEXT, host TEXT, gpu TEXT, scenarios TEXT,
-        path TEXT, env TEXT);
-    CREATE TABLE IF NOT EXISTS records (
-        run_id TEXT NOT NULL, case_id TEXT NOT NULL, status TEXT, reason TEXT,
-        method TEXT, backend TEXT, op TEXT, n INTEGER, C INTEGER, T INTEGER, dtype TEXT,
-        mode TEXT, device TEXT, median_ms REAL, p10_ms REAL, p90_ms REAL, cv REAL,
-        gbps REAL, pct_of_copy REAL, peak_mem_bytes INTEGER, record TEXT,
-        PRIMARY KEY (run_id, case_id));
-    """
+
+class History:
+    """results/history.sqlite: runs and records across every run on this machine or share. The
+    records table holds suite.core.record's flat columns and the whole record as JSON; a table
+    made by an older version is rebuilt from that JSON the first time it is opened."""
+
+    RECORD_COLUMNS = ("run_id",) + record_schema.NAMES + ("record",)
+    RUNS_SQL = ("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, started_utc TEXT, "
+                "host TEXT, gpu TEXT, scenarios TEXT, path TEXT, env TEXT)")
+
+    @staticmethod
+    def records_sql(table: str) -> str:
+        return (f"CREATE TABLE IF NOT EXISTS {table} (run_id TEXT NOT NULL, "
+                + ", ".join(f'"{n}" {_SQLITE_TYPES[k]}' for n, k in record_schema.COLUMNS)
+                + ", record TEXT, PRIMARY KEY (run_id, case_id))")
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def _connect(self):
         con = sqlite3.connect(self.path, timeout=30)
-        con.executescript(self.SCHEMA)
+        have = [row[1] for row in con.execute("PRAGMA table_info(records)")]
+        if have and tuple(have) != self.RECORD_COLUMNS:
+            self._rebuild(con)
+        con.execute(self.RUNS_SQL)
+        con.execute(self.records_sql("records"))
         return con
+
+    def _rebuild(self, con) -> None:
+        """Re-projects every stored record into the current columns: a new table is filled,
+        then swapped for the old one in the same transaction, so a crash leaves the old one."""
+        rows = con.execute("SELECT run_id, record FROM records").fetchall()
+        con.execute("DROP TABLE IF EXISTS records_new")
+        con.execute(self.records_sql("records_new"))
+        with con:
+            for run_id, text in rows:
+                self._insert(con, run_id, json.loads(text), "records_new")
+            con.execute("DROP TABLE records")
+            con.execute("ALTER TABLE records_new RENAME TO records")
+
+    def _insert(self, con, run_id: str, r: dict, table: str = "records") -> None:
+        row = record_schema.flat(r)
+        marks = ",".join("?" * len(self.RECORD_COLUMNS))
+        con.execute(f"INSERT OR REPLACE INTO {table} VALUES ({marks})",
+                    (run_id, *(row[n] for n in record_schema.NAMES),
+                     json.dumps(r, sort_keys=True, default=str)))
 
     def add_run(self, run_id: str, env: dict, scenarios: list[str], path: Path) -> None:
         gpu = env["gpus"][0]["name"] if env.get("gpus") else "cpu"
@@ -139,15 +167,8 @@ class History:
         con.close()
 
     def add_record(self, run_id: str, r: dict) -> None:
-        c, t = r["case"], r.get("time_ms") or {}
         with self._connect() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, r["case_id"], r["status"], r.get("reason"), c["method"], c["backend"],
-                 c["op"], c["n"], c["C"], c["T"], c["dtype"], c["mode"], c["device"],
-                 t.get("median"), t.get("p10"), t.get("p90"), t.get("cv"), r.get("gbps"),
-                 r.get("pct_of_copy"), r.get("peak_mem_bytes"),
-                 json.dumps(r, sort_keys=True, default=str)))
+            self._insert(con, run_id, r)
         con.close()
 
 

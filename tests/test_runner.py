@@ -61,7 +61,7 @@ def test_default_scenario_full_cpu_run(tmp_path):
         assert r["time_ms"]["n"] >= 30 and len(r["time_ms"]["samples"]) == r["time_ms"]["n"]
         assert r["time_ms"]["p10"] <= r["time_ms"]["median"] <= r["time_ms"]["p90"]
         assert r["bytes"]["read"] > 0 and r["gbps"] > 0 and r["pct_of_copy"] > 0
-        assert r["schema"] == "hcbench.record/1" and len(r["case_id"]) == 12
+        assert r["schema"] == "hcbench.record/2" and len(r["case_id"]) == 12
     env = json.loads((run / "env.json").read_text())
     assert env["copy_rate"]["cpu"]["gbps"] > 0 and env["versions"]["torch"]
     report = (run / "report.md").read_text()
