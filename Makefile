@@ -13,7 +13,7 @@ env: $(VENV)/.hcbench-ready
 $(VENV)/.hcbench-ready: pyproject.toml scripts/make_env.py
 	python3 scripts/make_env.py $(VENV)
 
-# GPUS=N (N > 1) starts N ranks on this node with torchrun (README: many GPUs and SLURM).
+# GPUS=N (N > 1) starts N ranks on this node with torchrun (docs/distributed.md).
 GPUS ?= 1
 LAUNCH = $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS),$(PY))
 

@@ -13,7 +13,7 @@ Conventions, translated or checked:
 - phi [n*C, n*n+2n] with columns [pre(n) | post(n) | res(n*n) row-major (dst, src)], b likewise:
   the same layout as ours, passed as is. Our phi is fp32: Liger then takes its fp32 path (x cast
   to fp32, tl.dot on fp32 operands, i.e. tf32 on tensor cores), which is what MATH.md asks for.
-  Liger's own module defaults phi to fp16/bf16 (ANCHORS.md's "phi in bf16/fp16"); this wrapper
+  Liger's own module defaults phi to fp16/bf16 (the peer's published setting, "phi in bf16/fp16"); this wrapper
   does not do that.
 - alpha [3] = (a_pre, a_post, a_res) is passed as three 0-d views, so gradients reach alpha.
 - h_res is [token, dst, src] in both; x_next[o] = sum_i h_res[o, i] x[i] + h_post[o] f.

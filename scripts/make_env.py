@@ -67,7 +67,7 @@ def main() -> int:
     core = [d for d in deps if _dist_name(d) not in OPTIONAL_BACKEND_DEPS]
     if res.returncode != 0 and len(core) < len(deps):
         # An offline node without a backend's own libraries (tilelang's wheels travel separately,
-        # see docs/GPU notes in README.md) still gets a working venv; that backend's cases skip.
+        # see docs/offline-gpu.md) still gets a working venv; that backend's cases skip.
         print("make_env: retrying without the optional backend libraries "
               f"({', '.join(OPTIONAL_BACKEND_DEPS)}); their backend's cases will be skipped", flush=True)
         res = subprocess.run(pip + core)
