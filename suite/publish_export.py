@@ -11,29 +11,18 @@ import csv
 import io
 import json
 
+from suite.core import record as record_schema
 from suite.publish_model import Run, history, latest_per_gpu
 
-CSV_COLUMNS = ("run_id", "gpu", "run_started_utc", "scenario", "case_id", "status", "reason",
-               "method", "backend", "op", "scope", "n", "C", "T", "dtype", "mode", "device",
-               "sinkhorn_iters", "layers", "recompute", "L_r", "median_ms", "p10_ms", "p90_ms",
-               "cv", "samples", "gbps", "pct_of_copy", "copy_gbps", "peak_mem_bytes",
-               "tokens_per_s", "amplification", "flags", "started_utc", "gpu_uuid")
+CSV_COLUMNS = ("run_id", "gpu", "run_started_utc") + record_schema.NAMES
 
 
 def _row(run: Run, r: dict, status: str | None = None) -> dict:
-    c, t = r["case"], r.get("time_ms") or {}
-    return {
-        "run_id": run.run_id, "gpu": run.gpu, "run_started_utc": run.started,
-        "scenario": r.get("scenario"), "case_id": r["case_id"], "status": status or r.get("status"),
-        "reason": r.get("reason"), **{k: c.get(k) for k in (
-            "method", "backend", "op", "scope", "n", "C", "T", "dtype", "mode", "device",
-            "sinkhorn_iters", "layers", "recompute", "L_r")},
-        "median_ms": t.get("median"), "p10_ms": t.get("p10"), "p90_ms": t.get("p90"),
-        "cv": t.get("cv"), "samples": t.get("n"), "gbps": r.get("gbps"),
-        "pct_of_copy": r.get("pct_of_copy"), "copy_gbps": r.get("copy_gbps") or run.copy_gbps,
-        "peak_mem_bytes": r.get("peak_mem_bytes"), "tokens_per_s": r.get("tokens_per_s"),
-        "amplification": r.get("amplification"), "flags": ";".join(r.get("flags") or []),
-        "started_utc": r.get("started_utc"), "gpu_uuid": r.get("gpu_uuid")}
+    row = record_schema.flat(r)
+    if status:
+        row["status"] = status
+    row["copy_gbps"] = row["copy_gbps"] or run.copy_gbps
+    return {"run_id": run.run_id, "gpu": run.gpu, "run_started_utc": run.started, **row}
 
 
 def tidy_rows(runs: list[Run]) -> list[dict]:

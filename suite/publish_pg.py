@@ -5,10 +5,11 @@ Schema (created idempotently with CREATE ... IF NOT EXISTS; dashboards/hcbench-g
 - hcbench_schema(version): the schema version, SCHEMA_VERSION.
 - hcbench_runs: one row per run folder. run_id (primary key), gpu (model name), started_utc,
   host, scenarios (text[]), copy_gbps, env (env.json as jsonb), published_utc.
-- hcbench_records: one row per record, primary key (run_id, case_id). The columns the dashboards
-  filter and plot on (scenario, status, reason, method, backend, op, scope, n, c, t, dtype, mode,
-  device, layers, recompute, l_r, started_utc, median_ms, p10_ms, p90_ms, cv, gbps, pct_of_copy,
-  peak_mem_bytes), and the whole record as jsonb (raw samples included) in `record`.
+- hcbench_records: one row per record, primary key (run_id, case_id): the record's flat columns
+  (suite.core.record.COLUMNS, names lower-cased as PostgreSQL folds them: c, t, l_r), which the
+  dashboards filter and plot on, and the whole record as jsonb (raw samples included) in
+  `record`. A table made by an older version gains the missing columns (ADD COLUMN IF NOT
+  EXISTS), and every re-published record fills them.
 
 A re-publish upserts on the primary keys, so it never duplicates; the whole publish is one
 transaction, so a failure leaves the database as it was. Nothing local is written or removed.
@@ -19,9 +20,12 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit, urlunsplit
 
+from suite.core import record as record_schema
 from suite.publish_model import PublishError, Run
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_PG_TYPES = {"text": "TEXT", "int": "BIGINT", "real": "DOUBLE PRECISION", "bool": "BOOLEAN",
+             "time": "TIMESTAMPTZ"}
 INSTALL_HINT = "pip install 'psycopg[binary]'  (or: pip install -e '.[postgres]')"
 
 SCHEMA = """
@@ -38,15 +42,10 @@ CREATE TABLE IF NOT EXISTS hcbench_runs (
 CREATE TABLE IF NOT EXISTS hcbench_records (
     run_id TEXT NOT NULL REFERENCES hcbench_runs (run_id) ON DELETE CASCADE,
     case_id TEXT NOT NULL,
-    scenario TEXT, status TEXT NOT NULL, reason TEXT,
-    method TEXT, backend TEXT, op TEXT, scope TEXT, n INTEGER, c INTEGER, t INTEGER,
-    dtype TEXT, mode TEXT, device TEXT, layers INTEGER, recompute TEXT, l_r INTEGER,
-    started_utc TIMESTAMPTZ,
-    median_ms DOUBLE PRECISION, p10_ms DOUBLE PRECISION, p90_ms DOUBLE PRECISION,
-    cv DOUBLE PRECISION, gbps DOUBLE PRECISION, pct_of_copy DOUBLE PRECISION,
-    peak_mem_bytes BIGINT,
     record JSONB NOT NULL,
     PRIMARY KEY (run_id, case_id));
+""" + "".join(f"ALTER TABLE hcbench_records ADD COLUMN IF NOT EXISTS {n.lower()} {_PG_TYPES[k]};\n"
+              for n, k in record_schema.COLUMNS if n != "case_id") + """
 CREATE INDEX IF NOT EXISTS hcbench_records_case ON hcbench_records (case_id, started_utc);
 CREATE INDEX IF NOT EXISTS hcbench_records_scenario ON hcbench_records (scenario, method, backend);
 """
@@ -59,10 +58,7 @@ ON CONFLICT (run_id) DO UPDATE SET gpu = EXCLUDED.gpu, started_utc = EXCLUDED.st
     env = EXCLUDED.env, published_utc = now()
 """
 
-RECORD_COLUMNS = ("run_id", "case_id", "scenario", "status", "reason", "method", "backend", "op",
-                  "scope", "n", "c", "t", "dtype", "mode", "device", "layers", "recompute", "l_r",
-                  "started_utc", "median_ms", "p10_ms", "p90_ms", "cv", "gbps", "pct_of_copy",
-                  "peak_mem_bytes", "record")
+RECORD_COLUMNS = ("run_id",) + tuple(n.lower() for n in record_schema.NAMES) + ("record",)
 RECORD_SQL = (f"INSERT INTO hcbench_records ({', '.join(RECORD_COLUMNS)}) VALUES "
               f"({', '.join(['%s'] * len(RECORD_COLUMNS))}) ON CONFLICT (run_id, case_id) DO UPDATE SET "
               + ", ".join(f"{c} = EXCLUDED.{c}" for c in RECORD_COLUMNS[2:])
@@ -91,13 +87,11 @@ def check_url(url: str) -> None:
 
 
 def _record_row(run: Run, r: dict) -> tuple:
-    c, t = r.get("case") or {}, r.get("time_ms") or {}
-    return (run.run_id, r["case_id"], r.get("scenario"), r.get("status"), r.get("reason"),
-            c.get("method"), c.get("backend"), c.get("op"), c.get("scope", "site"), c.get("n"),
-            c.get("C"), c.get("T"), c.get("dtype"), c.get("mode"), c.get("device"), c.get("layers"),
-            c.get("recompute"), c.get("L_r"), r.get("started_utc") or run.started or None,
-            t.get("median"), t.get("p10"), t.get("p90"), t.get("cv"), r.get("gbps"),
-            r.get("pct_of_copy"), r.get("peak_mem_bytes"), json.dumps(r, sort_keys=True, default=str))
+    row = record_schema.flat(r)
+    if not row["started_utc"]:
+        row["started_utc"] = run.started or None
+    return (run.run_id, *(row[n] for n in record_schema.NAMES),
+            json.dumps(r, sort_keys=True, default=str))
 
 
 def publish(url: str, runs: list[Run]) -> dict:
