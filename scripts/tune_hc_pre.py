@@ -6,7 +6,7 @@ Usage: python scripts/tune_hc_pre.py [--C 2560,4096,7168] [--fwd "cfg;cfg"] [--b
        interpreter, to test the script itself; its timings mean nothing)
 
 A configuration is a "key=value,..." string given to hc_pre(config=...) (keys: DEFAULT_CONFIG in
-kernels/triton/hc_pre.py; "" is the default). HC_PRE_CONFIG in the environment changes the default.
+kernels/triton/hc_pre.py; "" is the default). HCBENCH_HC_PRE in the environment changes the default.
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written / median time (the ceiling).
 2. For bf16, n = 4, T = 16384 and each C: hc_pre against the fp64 reference (forward outputs at full
    size; every gradient on the first 1024 tokens), for every configuration timed.

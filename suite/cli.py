@@ -164,6 +164,10 @@ def _saved_scenarios(run_dir: Path, sets: list[str], only: list[str]):
 
 
 def _run(args, console: Console) -> int:
+    from suite import env as environment
+    retired = environment.retired_knobs()
+    if retired:
+        raise BadInput(retired)
     from suite import runner
     if args.resume:
         _require_run_dir(args.resume)

@@ -90,16 +90,16 @@ def time_variants(ctx: Ctx, calls: dict, warmup_ms: float, rep_ms: float) -> dic
     est = {}
     for name, fn in calls.items():
         ctx.barrier()
-        timer._one(fn)                   # first call: allocation, compilation
+        timer.sample(fn)                   # first call: allocation, compilation
         ctx.barrier()
-        first = _max_over_ranks(ctx, timer._one(fn)[0])
+        first = _max_over_ranks(ctx, timer.sample(fn)[0])
         # Every rank calls fn the same number of times (its messages must be matched), so the
         # warm-up count comes from the slowest rank's time, the same number everywhere.
         more = int(min(48, max(1, warmup_ms / max(first, 1e-3) - 1)))
         times = [first]
         for _ in range(more):
             ctx.barrier()
-            times.append(timer._one(fn)[0])
+            times.append(timer.sample(fn)[0])
         est[name] = statistics.median(times)
     per_round_ms = _max_over_ranks(ctx, sum(est.values()))
     k = int(max(1, min(MAX_PER_ROUND, rep_ms / ROUNDS / max(per_round_ms, 1e-3))))
@@ -110,7 +110,7 @@ def time_variants(ctx: Ctx, calls: dict, warmup_ms: float, rep_ms: float) -> dic
             name = names[(r + j) % len(names)]
             for _ in range(k):
                 ctx.barrier()
-                samples[name].append(timer._one(calls[name])[0])
+                samples[name].append(timer.sample(calls[name])[0])
     return samples
 
 

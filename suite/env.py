@@ -19,14 +19,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 # Environment variables that change what a kernel does (its tiling, its path, its target): a run
 # records their values, and runs with different values never join (suite.report.compare, resume).
-KERNEL_KNOB_PREFIXES = ("MHC_PRE_", "HC_PRE_CONFIG", "HCBENCH_POST_", "HCBENCH_TL_",
+KERNEL_KNOB_PREFIXES = ("HCBENCH_MHC_PRE_", "HCBENCH_HC_PRE", "HCBENCH_POST_", "HCBENCH_TL_",
                         "HCBENCH_TILELANG_")
+# Knob names used before every knob took the HCBENCH_ prefix: a run refuses to start with them
+# set, rather than silently ignore them.
+RETIRED_KNOBS = {"MHC_PRE_": "HCBENCH_MHC_PRE_", "HC_PRE_CONFIG": "HCBENCH_HC_PRE"}
 
 
 def kernel_settings(environ=None) -> dict:
     """The kernel knobs set in the environment, by name (empty: every kernel at its default)."""
     environ = os.environ if environ is None else environ
     return {k: v for k, v in sorted(environ.items()) if k.startswith(KERNEL_KNOB_PREFIXES)}
+
+
+def retired_knobs(environ=None) -> list[str]:
+    """One line per retired kernel knob set in the environment, naming its new name."""
+    environ = os.environ if environ is None else environ
+    return [f"{k}: kernel knobs are named {new}* now; rename it (it would be ignored)"
+            for k in sorted(environ) for old, new in RETIRED_KNOBS.items() if k.startswith(old)]
 
 
 def code_provenance() -> dict:

@@ -1,4 +1,4 @@
-"""The one timing path of the suite: one sample primitive (`Timer._one`) and three schedules
+"""The one timing path of the suite: one sample primitive (`Timer.sample`) and three schedules
 over it (`Timer.time`: warm-up then samples, one callable; `Timer.wall`: whole steps by wall
 clock; suite.steps interleaves several callables through `Timer.time` and `Timer.wall`).
 
@@ -130,7 +130,7 @@ class Timer:
     def can_pad(self) -> bool:
         return self.cuda and self._cycles_per_ms > 0
 
-    def _one(self, fn: Callable, pad_ms: float = 0.0) -> tuple[float, float]:
+    def sample(self, fn: Callable, pad_ms: float = 0.0) -> tuple[float, float]:
         """The sample primitive: (time of the call in ms, host ms to enqueue it), L2 flushed."""
         if not self.cuda:
             t0 = time.perf_counter()
@@ -172,15 +172,15 @@ class Timer:
         rep_ms; then, unless b2b_calls is 0, the back-to-back wall clock per call."""
         with torch.cuda.device(self.device) if self.cuda else _nullcontext():
             self.sync()
-            first, _ = self._one(fn)              # compiles, autotunes, allocates: never kept
+            first, _ = self.sample(fn)              # compiles, autotunes, allocates: never kept
             spent, est, hosts = first, first, []
             while (spent < warmup_ms or not hosts) and len(hosts) < max_samples:
-                est, host = self._one(fn)
+                est, host = self.sample(fn)
                 spent += est
                 hosts.append(host)
             pad = launch_pad_ms(hosts, pad_cap_ms) if self.can_pad else 0.0
             count = int(min(max_samples, max(min_samples, rep_ms / max(est, 1e-4))))
-            samples = [self._one(fn, pad)[0] for _ in range(count)]
+            samples = [self.sample(fn, pad)[0] for _ in range(count)]
             host_ms = statistics.median(hosts) if self.cuda else None
             b2b = self.back_to_back_ms(fn, b2b_calls) if b2b_calls else None
             return Timing(samples, host_ms=host_ms, pad_ms=pad, b2b_ms=b2b)

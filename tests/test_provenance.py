@@ -11,10 +11,10 @@ from suite.store import read_records
 
 
 def test_kernel_settings_are_the_knobs_set_and_nothing_else():
-    got = env.kernel_settings({"MHC_PRE_BLOCK_T": "8", "HC_PRE_CONFIG": "a=1", "HCBENCH_TL_DX": "x",
+    got = env.kernel_settings({"HCBENCH_MHC_PRE_BT": "8", "HCBENCH_HC_PRE": "a=1", "HCBENCH_TL_DX": "x",
                                "HCBENCH_POST_FWD": "b=2", "HCBENCH_NCU": "/bin/ncu", "PATH": "/x"})
-    assert got == {"HCBENCH_POST_FWD": "b=2", "HCBENCH_TL_DX": "x", "HC_PRE_CONFIG": "a=1",
-                   "MHC_PRE_BLOCK_T": "8"}
+    assert got == {"HCBENCH_HC_PRE": "a=1", "HCBENCH_MHC_PRE_BT": "8", "HCBENCH_POST_FWD": "b=2",
+                   "HCBENCH_TL_DX": "x"}
     assert env.kernel_settings({}) == {}
 
 
@@ -45,11 +45,11 @@ def test_records_carry_code_and_kernel_settings_and_tuned_runs_never_join(tmp_pa
     for k in env.kernel_settings():
         monkeypatch.delenv(k)
     assert _run(tmp_path, tmp_path / "a", monkeypatch) == 0
-    assert _run(tmp_path, tmp_path / "b", monkeypatch, {"MHC_PRE_BLOCK_T": "8"}) == 0
+    assert _run(tmp_path, tmp_path / "b", monkeypatch, {"HCBENCH_MHC_PRE_BT": "8"}) == 0
     (run_a,) = [d for d in (tmp_path / "a").iterdir() if d.is_dir()]
     (run_b,) = [d for d in (tmp_path / "b").iterdir() if d.is_dir()]
     ra, rb = read_records(run_a)[0], read_records(run_b)[0]
-    assert ra["kernel_settings"] == {} and rb["kernel_settings"] == {"MHC_PRE_BLOCK_T": "8"}
+    assert ra["kernel_settings"] == {} and rb["kernel_settings"] == {"HCBENCH_MHC_PRE_BT": "8"}
     assert "commit" in ra["code"] and "dirty" in ra["code"]
     assert json.loads((run_b / "env.json").read_text())["kernel_settings"] == rb["kernel_settings"]
     console = Console(width=200, record=True)
@@ -58,6 +58,14 @@ def test_records_carry_code_and_kernel_settings_and_tuned_runs_never_join(tmp_pa
     assert "not joined: their kernel settings differ" in console.export_text()
     # resuming the default run under a tuned setting is refused with one line, exit 2
     capsys.readouterr()
-    assert _run(tmp_path, None, monkeypatch, {"MHC_PRE_BLOCK_T": "8"}, resume=run_a) == 2
+    assert _run(tmp_path, None, monkeypatch, {"HCBENCH_MHC_PRE_BT": "8"}, resume=run_a) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "kernel settings" in err[0]
+
+
+def test_a_retired_knob_name_stops_a_run_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MHC_PRE_BT", "32")
+    assert _run(tmp_path, tmp_path / "c", monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HCBENCH_MHC_PRE_" in err[0]
+    assert not (tmp_path / "c").exists()

@@ -19,7 +19,7 @@ def _record(**kw):
             "time_ms": {"median": 1.5, "p10": 1.4, "p90": 1.6, "cv": 0.01, "n": 20, "b2b_ms": 1.7},
             "device": {"step_ms": 1.2}, "bound": "host", "code": {"commit": "f" * 40,
                                                                    "dirty": False},
-            "kernel_settings": {"MHC_PRE_BLOCK_T": "8"}, "flags": ["high_cv"]}
+            "kernel_settings": {"HCBENCH_MHC_PRE_BT": "8"}, "flags": ["high_cv"]}
     base.update(kw)
     return base
 
@@ -29,7 +29,7 @@ def test_flat_has_every_column_and_reads_nested_fields():
     assert tuple(row) == rs.NAMES
     assert row["family"] == "deepseek" and row["accum"] == 2 and row["b2b_ms"] == 1.7
     assert row["device_step_ms"] == 1.2 and row["code_commit"] == "f" * 40
-    assert json.loads(row["kernel_settings"]) == {"MHC_PRE_BLOCK_T": "8"}
+    assert json.loads(row["kernel_settings"]) == {"HCBENCH_MHC_PRE_BT": "8"}
     assert row["flags"] == "high_cv"
     bare = rs.flat({"case_id": "x", "status": "skipped", "case": {}})
     assert bare["scope"] == "site" and bare["median_ms"] is None and bare["kernel_settings"] is None

@@ -93,7 +93,7 @@ get C as C/8 so that the compiler knows every row starts 16-byte aligned (the ot
 triton's divisibility-by-16 specialisation of C).
 
 Tuning: keyword `config` (dict or "key=value,..." string) or the environment variable
-HC_PRE_CONFIG (same string form); keys in DEFAULT_CONFIG. scripts/tune_hc_pre.py times variants.
+HCBENCH_HC_PRE (same string form); keys in DEFAULT_CONFIG. scripts/tune_hc_pre.py times variants.
 """
 from __future__ import annotations
 
@@ -791,12 +791,12 @@ def _pow2(v: int) -> int:
 
 
 def parse_config(config=None) -> dict:
-    """DEFAULT_CONFIG (+ INTERPRETER_CONFIG under TRITON_INTERPRET), then HC_PRE_CONFIG from the
+    """DEFAULT_CONFIG (+ INTERPRETER_CONFIG under TRITON_INTERPRET), then HCBENCH_HC_PRE from the
     environment, then `config` (dict or "key=value,..." string)."""
     cfg = dict(DEFAULT_CONFIG)
     if interpreting():
         cfg.update(INTERPRETER_CONFIG)
-    for src in (os.environ.get("HC_PRE_CONFIG", ""), config):
+    for src in (os.environ.get("HCBENCH_HC_PRE", ""), config):
         if not src:
             continue
         if isinstance(src, str):

@@ -4,7 +4,7 @@ Public functions (same results as kernels.reference, autograd-enabled):
     mhc_coeffs(x, phi, b, alpha, sinkhorn_iters=20) -> (h_pre [T,n], h_post [T,n], h_res [T,n,n])  fp32
     mhc_pre(x, phi, b, alpha, sinkhorn_iters=20)    -> (layer_input [T,C] x.dtype, h_post, h_res)
 Both take a keyword-only `config=` (dict or Config) to override the launch configuration; every
-field can also be set through an environment variable MHC_PRE_<FIELD> (e.g. MHC_PRE_BT=32).
+field can also be set through an environment variable HCBENCH_MHC_PRE_<FIELD> (e.g. HCBENCH_MHC_PRE_BT=32).
 Without autograd (for a site-level autograd.Function): mhc_pre_forward / mhc_pre_backward.
 sync_errors(): timed-out waits in the last launches (0 unless the cross-CTA synchronisation broke).
 
@@ -186,7 +186,7 @@ class Config:
         for f in fields(self):
             if f.name == "explicit":
                 continue
-            v = os.environ.get("MHC_PRE_" + f.name.upper())
+            v = os.environ.get("HCBENCH_MHC_PRE_" + f.name.upper())
             if v is None:
                 continue
             if f.type in ("bool", bool):
