@@ -23,7 +23,6 @@ import gc
 import hashlib
 import json
 import math
-import statistics
 import time
 import traceback
 from dataclasses import replace
@@ -304,65 +303,7 @@ def check(case: Case, device: str, op_backends: tuple | None = None) -> dict:
                             if case.family == "deepseek" else "")}
 
 
-# ---------------------------------------------------------------- interleaved timing
-def time_interleaved(timer: Timer, calls: list, warmup_ms: float, rep_ms: float,
-                     rounds: int = ROUNDS) -> list[tuple[Timing, list[int]]]:
-    """Padded device time (Timer.time) of each call in `rounds` rounds, the order rotated every
-    round; per call, its Timing and the round of each sample. Each round discards its first
-    call of each case (the switch between models), through Timer.time. Scope layer."""
-    for fn in calls:
-        timer.time(fn, warmup_ms=warmup_ms, rep_ms=0.0, min_samples=1, max_samples=1,
-                   b2b_calls=0)
-    samples = [[] for _ in calls]
-    round_of = [[] for _ in calls]
-    hosts = [[] for _ in calls]
-    pads = [[] for _ in calls]
-    per_round = rep_ms / rounds
-    for r in range(rounds):
-        k = len(calls)
-        for j in range(k):
-            i = (r + j) % k
-            t = timer.time(calls[i], warmup_ms=0.0, rep_ms=per_round,
-                           min_samples=MIN_PER_ROUND, max_samples=1000, b2b_calls=0)
-            samples[i] += t.samples
-            round_of[i] += [r] * len(t.samples)
-            if t.host_ms is not None:
-                hosts[i].append(t.host_ms)
-            pads[i].append(t.pad_ms)
-    return [(Timing(s, host_ms=statistics.median(h) if h else None, pad_ms=max(p)), ro)
-            for s, ro, h, p in zip(samples, round_of, hosts, pads)]
-
-
-def time_interleaved_wall(timer: Timer, calls: list, warmup_steps: int, rep_ms: float,
-                          rounds: int | None = None) -> list[tuple[Timing, list[int]]]:
-    """Whole steps by wall clock (Timer.wall), interleaved: `warmup_steps` unrecorded steps of
-    each call, then `rounds` rounds; round r runs the calls in rotated order starting at
-    r mod k, each for as many back-to-back steps as fill its share of rep_ms (at least one).
-    No call is discarded at a switch: steps of hundreds of milliseconds evict every cache."""
-    rounds = rounds or MODEL_ROUNDS
-    est = []
-    for fn in calls:
-        for _ in range(max(0, warmup_steps - 1)):
-            fn()
-        est.append(timer.wall(fn, 1).median)      # the last warm-up step, timed for the plan
-    per_round = rep_ms / rounds
-    walls = [[] for _ in calls]
-    spans = [[] for _ in calls]
-    enq = [[] for _ in calls]
-    round_of = [[] for _ in calls]
-    k = len(calls)
-    for r in range(rounds):
-        for j in range(k):
-            i = (r + j) % k
-            t = timer.wall(calls[i], max(1, round(per_round / max(est[i], 1e-3))))
-            walls[i] += t.samples
-            spans[i] += t.device_ms
-            enq[i] += t.enqueue_ms
-            round_of[i] += [r] * len(t.samples)
-    return [(Timing(w, host_ms=statistics.median(e), device_ms=d, enqueue_ms=e), ro)
-            for w, d, e, ro in zip(walls, spans, enq, round_of)]
-
-
+# ---------------------------------------------------------------- device parts and memory
 def device_parts(step: Step, timer: Timer) -> dict:
     """Padded device time and host enqueue time of one micro-batch and of the optimizer step
     (suite.timing: the pad removes the host's time while it stays ahead); a step's device time
@@ -603,7 +544,7 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
                                 and s.case.method == "residual"), None)
                 if head_of is not None:
                     calls.append(head_of.head_call)
-                timings = time_interleaved_wall(timer, calls, 1, members[0].rep_ms)
+                timings = timer.interleaved_wall(calls, 1, members[0].rep_ms, MODEL_ROUNDS)
                 if head_of is not None:
                     head_t, head_rounds = timings.pop()
                     extra["head:" + head_of.case.case_id] = {
@@ -611,8 +552,8 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
                         "samples": [round(x, 6) for x in head_t.samples], "rounds": head_rounds}
             else:
                 live = built
-                timings = time_interleaved(timer, [s.call for s in live], members[0].warmup_ms,
-                                           members[0].rep_ms)
+                timings = timer.interleaved([s.call for s in live], members[0].warmup_ms,
+                                            members[0].rep_ms, ROUNDS, MIN_PER_ROUND)
             peers = {c.case_id: {"method": c.method, "backend": c.backend, "n": c.n,
                                  "recompute": c.recompute, "L_r": c.L_r,
                                  "cuda_graph": bool(c.cuda_graph),

@@ -1,6 +1,8 @@
-"""The one timing path of the suite: one sample primitive (`Timer.sample`) and three schedules
-over it (`Timer.time`: warm-up then samples, one callable; `Timer.wall`: whole steps by wall
-clock; suite.steps interleaves several callables through `Timer.time` and `Timer.wall`).
+"""The one timing path of the suite: one sample primitive (`Timer.sample`) and the schedules
+over it: `Timer.time` (warm-up then padded samples of one callable), `Timer.wall` (whole steps by
+wall clock), `Timer.interleaved` and `Timer.interleaved_wall` (several callables in rotated
+rounds, for comparisons), and the lockstep schedule across ranks of suite.dist_bench, which
+takes `Timer.sample` on every rank.
 
 What each time includes:
 
@@ -209,6 +211,63 @@ class Timer:
                 enq.append((t1 - t0) * 1e3)
                 spans.append(start.elapsed_time(end) if self.cuda else (t1 - t0) * 1e3)
         return Timing(walls, host_ms=statistics.median(enq), device_ms=spans, enqueue_ms=enq)
+
+    # -- schedules over several callables: interleaved rounds, order rotated every round, each
+    # sample keeping its round (the overhead's bootstrap resamples whole rounds)
+    def interleaved(self, calls: list, warmup_ms: float, rep_ms: float, rounds: int,
+                    min_per_round: int) -> list[tuple["Timing", list[int]]]:
+        """Padded device time (`time`) of each call in `rounds` rounds; per call, its Timing and
+        the round of each sample. Each round discards its first call of each case (the switch
+        between models), through `time`."""
+        for fn in calls:
+            self.time(fn, warmup_ms=warmup_ms, rep_ms=0.0, min_samples=1, max_samples=1,
+                      b2b_calls=0)
+        samples = [[] for _ in calls]
+        round_of = [[] for _ in calls]
+        hosts = [[] for _ in calls]
+        pads = [[] for _ in calls]
+        per_round = rep_ms / rounds
+        k = len(calls)
+        for r in range(rounds):
+            for j in range(k):
+                i = (r + j) % k
+                t = self.time(calls[i], warmup_ms=0.0, rep_ms=per_round,
+                              min_samples=min_per_round, max_samples=1000, b2b_calls=0)
+                samples[i] += t.samples
+                round_of[i] += [r] * len(t.samples)
+                if t.host_ms is not None:
+                    hosts[i].append(t.host_ms)
+                pads[i].append(t.pad_ms)
+        return [(Timing(s, host_ms=statistics.median(h) if h else None, pad_ms=max(p)), ro)
+                for s, ro, h, p in zip(samples, round_of, hosts, pads)]
+
+    def interleaved_wall(self, calls: list, warmup_steps: int, rep_ms: float,
+                         rounds: int) -> list[tuple["Timing", list[int]]]:
+        """Whole steps by wall clock (`wall`) in `rounds` rounds, each call for as many
+        back-to-back steps as fill its share of rep_ms (at least one), after `warmup_steps`
+        steps of each (the last one timed to plan the rounds). No call is discarded at a switch:
+        steps of hundreds of milliseconds evict every cache."""
+        est = []
+        for fn in calls:
+            for _ in range(max(0, warmup_steps - 1)):
+                fn()
+            est.append(self.wall(fn, 1).median)
+        per_round = rep_ms / rounds
+        walls = [[] for _ in calls]
+        spans = [[] for _ in calls]
+        enq = [[] for _ in calls]
+        round_of = [[] for _ in calls]
+        k = len(calls)
+        for r in range(rounds):
+            for j in range(k):
+                i = (r + j) % k
+                t = self.wall(calls[i], max(1, round(per_round / max(est[i], 1e-3))))
+                walls[i] += t.samples
+                spans[i] += t.device_ms
+                enq[i] += t.enqueue_ms
+                round_of[i] += [r] * len(t.samples)
+        return [(Timing(w, host_ms=statistics.median(e), device_ms=d, enqueue_ms=e), ro)
+                for w, d, e, ro in zip(walls, spans, enq, round_of)]
 
 
 class _nullcontext:

@@ -3,7 +3,6 @@ settings are never joined with default ones (compare) nor resumed into them."""
 import json
 import textwrap
 
-import pytest
 from rich.console import Console
 
 from suite import cli, env, report
