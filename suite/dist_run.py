@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from suite import dist_bench, launch
 from suite.availability import distributed_unavailable
-from suite.guard import deadline
+from suite.guard import deadline, failure, first_line
 from suite.scenario import Case
 from suite.timing import Timer
 
@@ -43,11 +43,6 @@ class WorldBroken(Exception):
 def _on_sigterm(signum, frame):
     # Keep running: the next collective fails at once (its peer is gone) and the case is recorded.
     _terminated["flag"] = True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class _Groups:
@@ -112,7 +107,7 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
             elif gate is not None and not gate["passed"]:
                 status = ("failed", "check failed: the message did not arrive bit for bit")
         except Exception as exc:  # noqa: BLE001  (reported by rank 0 for every rank)
-            status = ("failed", f"{type(exc).__name__}: {_first_line(exc)}",
+            status = ("failed", f"{type(exc).__name__}: {first_line(exc)}",
                       traceback.format_exc(limit=8))
     statuses = _exchange(world, (status, gate if world.rank == 0 else None))
     bad = [(r, s[0]) for r, s in enumerate(statuses) if s[0][0] != "ok"]
@@ -132,14 +127,14 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
         try:
             part = dist_bench.run_part(bench)
         except Exception as exc:  # noqa: BLE001
-            status = ("failed", f"{type(exc).__name__}: {_first_line(exc)}",
+            status = ("failed", f"{type(exc).__name__}: {first_line(exc)}",
                       traceback.format_exc(limit=8))
     dist_bench.release(bench)
     try:
         parts = _exchange(world, (status, part))
     except Exception as exc:
         raise WorldBroken(f"a rank died or timed out during the timed part (rank "
-                          f"{world.rank} saw: {_first_line(exc)[:200]})") from exc
+                          f"{world.rank} saw: {first_line(exc)[:200]})") from exc
     bad = [(r, p[0]) for r, p in enumerate(parts) if p[0][0] != "ok"]
     if bad:
         r, st = bad[0]
@@ -184,14 +179,12 @@ def _loop(items: list, world: launch.World, emit) -> bool:
                 fields = {"status": "failed", "reason": str(exc)}
             except Exception as exc:  # noqa: BLE001  (a collective that failed or timed out)
                 if world.size == 1:     # nothing shared broke: the next case can run
-                    fields = {"status": "failed",
-                              "reason": f"{type(exc).__name__}: {_first_line(exc)}",
-                              "traceback": traceback.format_exc(limit=8)}
+                    fields = failure(exc)
                 else:
                     broken = f"the process group broke in case {case.case_id}"
                     fields = {"status": "failed",
                               "reason": f"collective failed (a rank died or timed out): "
-                                        f"{type(exc).__name__}: {_first_line(exc)}"}
+                                        f"{type(exc).__name__}: {first_line(exc)}"}
         if world.rank == 0 and fields is not None:
             fields["wall_s"] = round(time.perf_counter() - t0, 3)
             emit(name, case, fields)
@@ -228,7 +221,7 @@ def run_cases(session, items: list, view=None) -> None:
     except Exception as exc:  # noqa: BLE001  (every distributed case fails with the reason)
         for name, case in items:
             emit(name, case, {"status": "failed", "reason": "could not join the process group: "
-                              f"{type(exc).__name__}: {_first_line(exc)}"})
+                              f"{type(exc).__name__}: {first_line(exc)}"})
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         return

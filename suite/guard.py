@@ -1,4 +1,5 @@
-"""What bounds a case: its deadline, and the one-line form of what stopped it.
+"""What bounds a case: its deadline, and the one-line form of what stopped it (`failure`, the
+one mapping from an exception to a failed record's fields).
 
 Below the runner, the whole-step runner (steps.py) and the distributed one (dist_run.py), which
 all use it.
@@ -9,6 +10,7 @@ import contextlib
 import datetime as dt
 import signal
 import threading
+import traceback
 
 
 class CaseTimeout(Exception):
@@ -42,6 +44,17 @@ def deadline(seconds: float):
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def failure(exc: BaseException) -> dict:
+    """The record fields of a case that raised: status failed and a one-line reason (a time-out
+    and an out-of-memory say so; anything else names its type and keeps a short traceback)."""
+    if isinstance(exc, CaseTimeout):
+        return {"status": "failed", "reason": str(exc)}
+    if type(exc).__name__ == "OutOfMemoryError":      # torch.cuda's, without importing torch
+        return {"status": "failed", "reason": f"out of memory: {first_line(exc)}"}
+    return {"status": "failed", "reason": f"{type(exc).__name__}: {first_line(exc)}",
+            "traceback": traceback.format_exc(limit=8)}
 
 
 def now_utc() -> str:

@@ -10,7 +10,6 @@ import gc
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from suite import cost as costing
 from suite import env as environment
 from suite import telemetry, traffic, workload
 from suite.availability import unavailable
-from suite.guard import CaseTimeout, deadline, first_line
+from suite.guard import deadline, failure
 from suite.scenario import Case, Scenario
 from suite.store import RunStore, new_record, new_run_dir, write_json
 from suite.timing import Timer, copy_rate_gbps
@@ -66,13 +65,8 @@ class Session:
             try:
                 with deadline(case.timeout_s):
                     self._measure(case, record)
-            except CaseTimeout as exc:
-                record.update(status="failed", reason=str(exc))
-            except torch.cuda.OutOfMemoryError as exc:
-                record.update(status="failed", reason=f"out of memory: {first_line(exc)}")
-            except Exception as exc:
-                record.update(status="failed", reason=f"{type(exc).__name__}: {first_line(exc)}",
-                              traceback=traceback.format_exc(limit=8))
+            except Exception as exc:  # noqa: BLE001  (one failing case never stops the sweep)
+                record.update(failure(exc))
             finally:
                 gc.collect()
                 if case.device == "cuda":

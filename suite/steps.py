@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import time
-import traceback
 from dataclasses import replace
 
 import torch
@@ -33,7 +32,7 @@ import kernels
 from kernels import reference
 from suite import deepseek, fastest, predict, recompute
 from suite.availability import unavailable
-from suite.guard import deadline, first_line
+from suite.guard import deadline, failure, first_line
 from suite.model import (Layer, ModelConfig, Transformer, connection_params, init_weights,
                          model_config, share_weights)
 from suite.scenario import Case
@@ -469,7 +468,7 @@ def run_group(session, items: list, view=None) -> None:
                                   reason=f"check failed: {result['worst']} rel err "
                                          f"{result['max_rel_err']:.3g} > tol {result['tol']:.1g}")
             except Exception as exc:  # noqa: BLE001  (one failing case never stops the sweep)
-                _fail(record, exc)
+                record.update(failure(exc))
         record["wall_s"] = round(time.perf_counter() - t0, 3)
         gc.collect()
     if passing:
@@ -483,14 +482,6 @@ def run_group(session, items: list, view=None) -> None:
         session.store.add(record)
         if view:
             view.finished(case, record)
-
-
-def _fail(record: dict, exc: BaseException) -> None:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        record.update(status="failed", reason=f"out of memory: {first_line(exc)}")
-    else:
-        record.update(status="failed", reason=f"{type(exc).__name__}: {first_line(exc)}",
-                      traceback=traceback.format_exc(limit=8))
 
 
 def _build_steps(members: list[Case], records: dict) -> list:
@@ -575,7 +566,7 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
         for case in members:
             _, record = records[id(case)]
             if record["time_ms"] is None and record["status"] == "ok":
-                _fail(record, exc)
+                record.update(failure(exc))
                 record["reason"] = "interleaved timing: " + record["reason"]
     finally:
         spent = time.perf_counter() - t0
