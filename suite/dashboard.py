@@ -597,7 +597,7 @@ def hardware_page(runs: list[Run]) -> str:
              f"model, newest ok record each; ratio = time on that GPU over time on {escape(ref)} "
              "(below 1: faster). The red line is the copy-rate ratio: a memory-bound case scales "
              "with it.</p>")]
-    recs_by_id = {row["case_id"]: next(iter(row["per_gpu"].values()))[1] for row in rows}
+    recs_by_id = {row["join_key"]: next(iter(row["per_gpu"].values()))[1] for row in rows}
     plots = []
     for g in gpus[1:]:
         pts = []
@@ -672,7 +672,7 @@ def history_page(runs: list[Run], hist) -> str:
             st = svgplot.style(c["method"], c["backend"])
             series.append({"name": _label(pts[-1].record), **st, "points": [
                 {"x": when[id(p)] - t0, "y": p.median / first,
-                 "href": _rec_href(p.run_id, cid), "fill": "#C00" if p.verdict == "regression" else None,
+                 "href": _rec_href(p.run_id, p.record["case_id"]), "fill": "#C00" if p.verdict == "regression" else None,
                  "title": f"{_label(p.record)} in {p.run_id}: {p.median:.4g} ms ({p.verdict}"
                           + (f", {p.change_pct:+.1f}%" if p.change_pct is not None else "") + ")"}
                 for p in pts]})
@@ -690,8 +690,9 @@ def history_page(runs: list[Run], hist) -> str:
         for cid, pts in sorted(cases.items(), key=lambda kv: (kv[1][-1].verdict != "regression",
                                                                _sort_key(kv[1][-1].record))):
             p = pts[-1]
-            href = _rec_href(p.run_id, cid)
-            trail = " → ".join(_link(_f(q.median), _rec_href(q.run_id, cid)) for q in pts)
+            href = _rec_href(p.run_id, p.record["case_id"])
+            trail = " → ".join(_link(_f(q.median), _rec_href(q.run_id, q.record["case_id"]))
+                               for q in pts)
             body.append((p.verdict if p.verdict in ("regression", "improvement") else "",
                          [escape(_label(p.record)), trail, _link(escape(p.run_id), href),
                           _link(_f(p.median), href), _f(p.baseline), _f(p.change_pct, "{:+.1f}"),

@@ -21,6 +21,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from suite.core import record as record_schema
+
 REGRESSION_PCT = 5.0
 
 
@@ -220,7 +222,7 @@ def history(runs: list[Run]) -> dict[str, dict[str, list[Point]]]:
         t = r["time_ms"]
         med = t["median"]
         p10, p90 = t.get("p10", med), t.get("p90", med)
-        pts = per_case.setdefault(r["case_id"], [])
+        pts = per_case.setdefault(record_schema.join_key(r), [])
         base, band, verdict = judge(med, [(p.median, p.p10, p.p90) for p in pts])
         pts.append(Point(run.run_id, run.started, r, med, p10, p90, base, band, verdict))
     return out
@@ -238,7 +240,7 @@ def latest_per_gpu(runs: list[Run]) -> dict[str, dict[str, tuple[Run, dict]]]:
     for run in sorted(runs, key=lambda r: (r.started, r.run_id)):
         for r in run.records:
             if _ok(r):
-                out.setdefault(run.gpu, {})[r["case_id"]] = (run, r)
+                out.setdefault(run.gpu, {})[record_schema.join_key(r)] = (run, r)
     return out
 
 
@@ -261,5 +263,6 @@ def hardware(runs: list[Run], reference: str | None = None):
         ratios = {}
         for g, (_, r) in present.items():
             ratios[g] = None if ref is None else r["time_ms"]["median"] / ref[1]["time_ms"]["median"]
-        rows.append({"case_id": cid, "per_gpu": present, "ratio": ratios})
+        rows.append({"case_id": next(iter(present.values()))[1]["case_id"], "join_key": cid,
+                     "per_gpu": present, "ratio": ratios})
     return gpus, rows

@@ -65,3 +65,16 @@ def test_docs_records_lists_exactly_the_flat_columns():
     section = text.split("## Flat columns", 1)[1].split("\n## ", 1)[0]
     listed = tuple(re.findall(r"^\| `([^`]+)` \|", section, flags=re.M))
     assert listed == rs.NAMES
+
+
+def test_records_with_kernel_knobs_never_join_default_ones_across_runs():
+    from suite.publish_model import Run, history, latest_per_gpu
+    plain = _record(kernel_settings={})
+    tuned = _record(kernel_settings={"HCBENCH_MHC_PRE_BT": "8"})
+    assert rs.join_key(plain) == "abc" and rs.join_key(tuned).startswith("abc+k")
+    env = {"gpus": [{"name": "NVIDIA H100"}], "captured_utc": "2026-12-07T00:00:00+00:00"}
+    runs = [Run("r1", env, [plain], "r1"), Run("r2", env, [tuned], "r2")]
+    (cases,) = history(runs).values()
+    assert sorted(map(len, cases.values())) == [1, 1]     # two series, no regression between
+    (latest,) = latest_per_gpu(runs).values()
+    assert set(latest) == {"abc", rs.join_key(tuned)}

@@ -7,6 +7,7 @@ them, so nothing is lost to the projection.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 # /2: L_r counts sites, scope model is timed by wall clock, records carry code and
@@ -32,6 +33,17 @@ COLUMNS = (
     ("device_step_ms", "real"), ("overlap_efficiency", "real"), ("amplification", "real"), ("flags", "text"), ("started_utc", "time"), ("gpu_uuid", "text"),
     ("code_commit", "text"), ("code_dirty", "bool"), ("kernel_settings", "text"))
 NAMES = tuple(name for name, _ in COLUMNS)
+
+
+def join_key(record: dict) -> str:
+    """What records join on across runs (history, regressions, GPUs side by side): the case id,
+    and for a record timed with kernel knobs set, a hash of their values too, so a tuned run is
+    never compared with a default one."""
+    knobs = record.get("kernel_settings")
+    if not knobs:
+        return record["case_id"]
+    digest = hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{record['case_id']}+k{digest}"
 
 
 def flat(record: dict) -> dict:
