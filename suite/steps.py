@@ -471,17 +471,31 @@ def run_group(session, items: list, view=None) -> None:
                 record.update(failure(exc))
         record["wall_s"] = round(time.perf_counter() - t0, 3)
         gc.collect()
+    stored: set = set()
+
+    def store(final: bool) -> None:
+        """Writes every record that is final (timed, failed or skipped), so an interrupted group
+        keeps its finished sets; a record is filled by the first set that times it only."""
+        for key, (case, record) in records.items():
+            if key in stored:
+                continue
+            if record["status"] == "ok" and record["time_ms"] is None:
+                if not final:
+                    continue
+                record.update(status="failed", reason="not timed (its subgroup failed)")
+            stored.add(key)
+            session.store.add(record)
+            if view:
+                view.finished(case, record)
+
+    store(final=False)
     if passing:
         device = passing[0].device
         budget = memory_budget(device)
         for index, members in enumerate(subgroups(passing, budget)):
             _time_subgroup(session, members, records, index)
-    for case, record in records.values():
-        if record["status"] == "ok" and record["time_ms"] is None:
-            record.update(status="failed", reason="not timed (its subgroup failed)")
-        session.store.add(record)
-        if view:
-            view.finished(case, record)
+            store(final=False)
+    store(final=True)
 
 
 def _build_steps(members: list[Case], records: dict) -> list:
