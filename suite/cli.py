@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--benchmark-json", type=Path, metavar="FILE",
                      help="also write github-action-benchmark JSON (customSmallerIsBetter) here")
     pub.add_argument("--markdown", type=Path, metavar="FILE", help="also write the Markdown tables here")
+    idx = sub.add_parser("results-doc", help="rewrite docs/results.md's index of committed run "
+                                             "folders from the folders (--check: only compare)")
+    idx.add_argument("--results", type=Path, default=ROOT / "results")
+    idx.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    idx.add_argument("--check", action="store_true",
+                     help="exit 1 with one line when the page is not what the folders give")
     return p
 
 
@@ -78,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args.run_dir, console)
         if args.command == "publish":
             return _publish(args, console)
+        if args.command == "results-doc":
+            return _results_doc(args)
         if args.command == "compare" and (args.run_b is None or args.gpu or args.since
                                           or args.scenario):
             return _compare_history(args, console)
@@ -94,6 +102,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:        # outside the case loop (set-up, copy rate): nothing to keep
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _results_doc(args) -> int:
+    from suite import results_index
+    from suite.store import atomic_write
+    if not args.doc.is_file():
+        raise BadInput([f"{args.doc}: no such page; --doc names the results page to rewrite"])
+    if not args.results.is_dir():
+        raise BadInput([f"{args.results}: not a folder; --results names the folder of run folders"])
+    text = args.doc.read_text()
+    want = results_index.render(text, args.results)
+    if args.check:
+        if want != text:
+            print(f"{args.doc}: its runs index differs from {args.results}; run "
+                  "`python harness.py results-doc`", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    if want != text:
+        atomic_write(args.doc, want)
+    print(f"{args.doc}: runs index of {len(results_index.committed_runs(args.results))} folders")
     return EXIT_OK
 
 
