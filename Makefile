@@ -10,8 +10,8 @@ ARGS ?=
 
 env: $(VENV)/.hcbench-ready
 
-$(VENV)/.hcbench-ready: pyproject.toml scripts/make_env.py
-	python3 scripts/make_env.py $(VENV)
+$(VENV)/.hcbench-ready: pyproject.toml tools/make_env.py
+	python3 tools/make_env.py $(VENV)
 
 # GPUS=N (N > 1) starts N ranks on this node with torchrun (docs/distributed.md).
 GPUS ?= 1

@@ -1,4 +1,4 @@
-"""scripts/site_kernels.py: a clear refusal without a GPU; on one, a per-kernel table per backend."""
+"""dev/site_kernels.py: a clear refusal without a GPU; on one, a per-kernel table per backend."""
 import pytest
 import torch
 

@@ -35,6 +35,6 @@ def test_merge_adds_new_cases_and_upgrades_failures_only(tmp_path):
 def test_merge_script_names_a_folder_without_records(tmp_path):
     base = _folder(tmp_path / "run", [{"case_id": "a", "status": "ok"}], [])
     (tmp_path / "empty").mkdir()
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_records.py"), str(base),
+    out = subprocess.run([sys.executable, str(ROOT / "dev" / "merge_records.py"), str(base),
                           str(tmp_path / "empty")], capture_output=True, text=True)
     assert out.returncode == 2 and "empty: no records.jsonl" in out.stderr

@@ -56,7 +56,7 @@ def compile_kernel(func, cpu: bool):
             return tilelang.compile(func, target="c", execution_backend="cython",
                                     pass_configs={"tirx.disable_vectorize": True})
     # HCBENCH_TILELANG_TARGET (a JSON target, e.g. {"kind": "cuda", "arch": "sm_90a"}) compiles
-    # for a GPU that is not here: scripts/tilelang_compile_check.py uses it on a machine with nvcc.
+    # for a GPU that is not here: dev/tilelang_compile_check.py uses it on a machine with nvcc.
     spec = os.environ.get("HCBENCH_TILELANG_TARGET")
     return tilelang.compile(func, target=json.loads(spec) if spec else "auto")
 

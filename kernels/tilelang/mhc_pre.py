@@ -530,7 +530,7 @@ def dx_prep(du, coef, h_pre, dtype, hc: bool):
 
 @dataclass(frozen=True)
 class DxConfig:
-    """Launch of the dx / dphi kernel; scripts/tune_tilelang_bwd.py times the alternatives.
+    """Launch of the dx / dphi kernel; dev/tune_tilelang_bwd.py times the alternatives.
 
     impl "tile": _build_dx_dphi_tile where it applies (mHC: C % br == 0, so a CTA's columns lie
     in one stream; HC: bt % n == 0, so a row block holds whole tokens), else the first version
@@ -857,7 +857,7 @@ def _num_sms(device) -> int:
 
 def _ranges(rows: int, n: int, D: int, device) -> int:
     """Row blocks (of GEMM_BT) per token range of the row kernel: about 4 CTAs per SM in all, a
-    power of two (few compiled variants). (scripts/tilelang_precompile.py passes it to
+    power of two (few compiled variants). (dev/tilelang_precompile.py passes it to
     _build_dx_dphi for every shape: the warp-specialised tile kernel ignores it.)"""
     blocks = -(-rows // GEMM_BT)
     cb = -(-D // 64)

@@ -13,7 +13,7 @@ Both functions are differentiable w.r.t. x, w, b, s (torch.autograd.Function; on
 asked for in ctx.needs_input_grad are computed).
 
 Design (NK = n+2 projections, NP = n rounded up to a power of two). Times: H100 SXM, bf16,
-n = 4, T = 16384 (scripts/tune_hc_pre.py; kernel times from torch.profiler, L2 flushed).
+n = 4, T = 16384 (dev/tune_hc_pre.py; kernel times from torch.profiler, L2 flushed).
 
 Forward, fwd_impl="gemm" (the default; C = 4096: 0.45 ms against 1.02 ms for the FMA forward
 below, C = 7168: 0.75 against 1.46 ms; gemm_bk = 128 and gemm_stages = 4 beat 64 / 3, 0.52 and
@@ -93,7 +93,7 @@ get C as C/8 so that the compiler knows every row starts 16-byte aligned (the ot
 triton's divisibility-by-16 specialisation of C).
 
 Tuning: keyword `config` (dict or "key=value,..." string) or the environment variable
-HCBENCH_HC_PRE (same string form); keys in DEFAULT_CONFIG. scripts/tune_hc_pre.py times variants.
+HCBENCH_HC_PRE (same string form); keys in DEFAULT_CONFIG. dev/tune_hc_pre.py times variants.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
              when that many slices (BT * n * cw * 2 bytes each) fit in L2 (50 MB on H100).
   HBM bytes per token: read n*C*e once (e = 2; plus phi from L2), write C*e (layer_input) +
   (n*n + 2n)*4 (coefficients) + (n*n + 2n + 1)*4 (m, r, only when a gradient is needed). x is read
-  twice only as far as the phase-2 re-read misses L2 (scripts/tune_mhc_pre.py measures it).
+  twice only as far as the phase-2 re-read misses L2 (dev/tune_mhc_pre.py measures it).
   Measured (ncu, H100, bf16, n = 4, T = 16384, C = 4096, bt 64, cw 256): 462 us, DRAM read 1.06 GB,
   i.e. x twice: the ~400 items in flight (3 CTAs per SM x 128 KB) already fill L2, so the re-read
   misses. Smaller items keep x in L2 (cw 64: 73% L2 hits) but lose more to per-item overhead

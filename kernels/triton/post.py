@@ -27,7 +27,7 @@ Backward, one pass (kernel `_post_bwd_kernel`), g = dL/dx_next:
   Bytes per token: read (2n+1)C, write (n+1)C elements (+ n + n^2 fp32), the floor. Gradients
   not asked for (ctx.needs_input_grad) are neither computed nor their inputs read.
 
-Defaults (measured with scripts/tune_post.py on an H100, see _default_block_c): forward BLOCK_C =
+Defaults (measured with dev/tune_post.py on an H100, see _default_block_c): forward BLOCK_C =
 the smallest of 256 / 512 / 1024 dividing C (256 at 2560, 4096 and 7168), VEC = 8 (16 bytes) and
 num_warps = BLOCK_C / (32 VEC). Backward (BWD_BLOCK_C): BLOCK_C = 128, VEC = 4, one warp at
 n <= 4 (H100, bf16, T = 16384: 6-7% faster than 256 / VEC 8 at C = 2560, 4096 and 7168,
@@ -53,7 +53,7 @@ Tuning: `post(..., fwd=..., bwd=...)` takes a dict (or "key=value,..." string) w
 block_c, num_warps, vec (both), bt, loop, persistent (forward only), split (backward only) and
 num_stages (backward; forward with loop=1); the environment variables HCBENCH_POST_FWD /
 HCBENCH_POST_BWD give defaults in the same string form. Unset keys use `fwd_config` /
-`bwd_config`'s heuristics. scripts/tune_post.py times the alternatives.
+`bwd_config`'s heuristics. dev/tune_post.py times the alternatives.
 
 Forward loop variant (`_post_fwd_loop_kernel`, fwd "loop=1"; the default from LOOP_MIN_TOKENS =
 2048 tokens, measured on an H100 at T = 16384, see LOOP_STAGES): one program per token looping
@@ -305,7 +305,7 @@ def _default_block_c(C: int) -> int:
     """Smallest of 256/512/1024 that divides C (no masked tail), else C rounded up, capped at 1024.
 
     256 columns (one warp) beat 512 and 1024 forward and backward at C = 2560, 4096 and 7168 on an
-    H100 (scripts/tune_post.py, 2026-11-23): many small programs keep more bytes in flight per SM.
+    H100 (dev/tune_post.py, 2026-11-23): many small programs keep more bytes in flight per SM.
     The backward at n <= 4 goes smaller still (BWD_BLOCK_C: 128 columns with VEC = 4).
     """
     cap = min(1024, _pow2(C))
@@ -321,7 +321,7 @@ FWD_TOKENS = 1
 
 
 # Forward variant loop=1: one token per program looping over C, the default from LOOP_MIN_TOKENS
-# tokens (H100, n = 4, T = 16384, scripts/tune_post.py, results/tuning-20261123-h100/session4:
+# tokens (H100, n = 4, T = 16384, dev/tune_post.py, results/tuning-20261123-h100/session4:
 # block_c 512 with 3 stages reached 85.6 / 89.2 / 91.8% of the copy rate at C = 2560 / 4096 /
 # 7168 against 85.3 / 87.7 / 88.0% for the chunked kernel). Below that a program per token leaves
 # SMs idle, and the chunked kernel (C split over programs) is kept.

@@ -1,4 +1,4 @@
-"""scripts/tilelang_cluster_pre_probe.py: both x-once pre-forward kernels (version 2, one token
+"""dev/tilelang_cluster_pre_probe.py: both x-once pre-forward kernels (version 2, one token
 block per cluster, and version 3, persistent clusters) parse everywhere, and on an sm_90 GPU they
 agree with the three-kernel forward, including a partial last token block."""
 import subprocess
@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from tests.script_module import SCRIPTS, load
+from tests.script_module import DEV, load
 
-SCRIPT = SCRIPTS / "tilelang_cluster_pre_probe.py"
+SCRIPT = DEV / "tilelang_cluster_pre_probe.py"
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["v2", "persistent"])

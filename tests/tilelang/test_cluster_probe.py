@@ -1,4 +1,4 @@
-"""scripts/tilelang_cluster_probe.py: the cluster kernel parses everywhere; it compiles for sm_90a
+"""dev/tilelang_cluster_probe.py: the cluster kernel parses everywhere; it compiles for sm_90a
 where nvcc is installed (no GPU needed), and runs and checks its answer on an sm_90 GPU."""
 import shutil
 import subprocess
@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from tests.script_module import SCRIPTS, load
+from tests.script_module import DEV, load
 
-SCRIPT = SCRIPTS / "tilelang_cluster_probe.py"
+SCRIPT = DEV / "tilelang_cluster_probe.py"
 
 
 def test_cluster_kernel_parses():

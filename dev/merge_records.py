@@ -1,8 +1,8 @@
 """Folds copies of a run folder, resumed in separate device calls, back into the committed one:
 
-    python scripts/merge_records.py results/<run> /work/.device/12 /work/.device/13 ...
+    python dev/merge_records.py results/<run> /work/.device/12 /work/.device/13 ...
 
-Each copy is a folder with records.jsonl (and optionally scenarios/), as scripts/gpu_resume.sh
+Each copy is a folder with records.jsonl (and optionally scenarios/), as dev/gpu_resume.sh
 leaves in $OUT. Then `python harness.py report results/<run>` rebuilds report.md."""
 import argparse
 import sys

@@ -1,6 +1,6 @@
-# Sourced by the scripts/gpu_*.sh device commands: the set-up an offline GPU machine needs, once.
-#   MAKE_ENV_LOG=FILE source scripts/device_env.sh       (default: make env's output is dropped)
-# - .tilelang-site.tar.xz (scripts/pack_tilelang_site.sh), when carried, is unpacked into /tmp/site
+# Sourced by the dev/gpu_*.sh device commands: the set-up an offline GPU machine needs, once.
+#   MAKE_ENV_LOG=FILE source dev/device_env.sh       (default: make env's output is dropped)
+# - .tilelang-site.tar.xz (tools/pack_tilelang_site.sh), when carried, is unpacked into /tmp/site
 #   and put on PYTHONPATH; without it an installed tilelang is used, or none (its cases skip);
 # - the repository root goes on PYTHONPATH, pip is kept offline (PIP_NO_INDEX=1), and `make env`
 #   builds .venv on the machine's torch;

@@ -1,12 +1,12 @@
 """Checks and times the TileLang dx / dphi kernel (kernels/tilelang/mhc_pre.py) and the whole mHC and HC
 sites with backend tilelang, on a CUDA GPU.
 
-Usage: python scripts/tune_tilelang_bwd.py [--C 2560,4096,7168] [--variants "name:cfg;..."]
+Usage: python dev/tune_tilelang_bwd.py [--C 2560,4096,7168] [--variants "name:cfg;..."]
            [--all-variants-at 4096] [--site-modes before,tile,after] [--triton 4096]
            [--procs 15] [--no-warm] [--no-tests-warm] [--warm-all-tests] [--budget 210]
 
 0. Compiles every kernel needed below (and by tests/tilelang/test_tilelang_site.py; with
-   --warm-all-tests every shape of scripts/tilelang_precompile.py too) in parallel processes into
+   --warm-all-tests every shape of dev/tilelang_precompile.py too) in parallel processes into
    TileLang's disk cache (a compile takes 5-15 s; serially they would take most of a device
    session). Each warp-specialised dx kernel is also checked there on a small T (its token ranges
    are sized at launch, so that is the same kernel): one that fails is left out below instead of
@@ -81,10 +81,10 @@ def site_jobs(method, n, C, T_, dt="bfloat16", has_li=True, cfg=""):
 
 
 def precompile_jobs(skip_C=()):
-    """scripts/tilelang_precompile.py's mHC / HC jobs (the GPU tests' shapes and kernels.yaml's)
+    """dev/tilelang_precompile.py's mHC / HC jobs (the GPU tests' shapes and kernels.yaml's)
     as jobs here, but those at widths in skip_C: its dx jobs become "dx" jobs (the default
     kernel, no acc) plus the prep kernel."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "dev"))
     import tilelang_precompile as pc
     out = []
     for job in pc.jobs():
@@ -111,7 +111,7 @@ def compile_job(job):
         from kernels.tilelang import post as p
         kind, *a = job
         if kind == "pc":
-            sys.path.insert(0, str(ROOT / "scripts"))
+            sys.path.insert(0, str(ROOT / "dev"))
             import tilelang_precompile as pc
             _, _, err = pc.compile_one(tuple(a))
             return job, time.time() - t0, err
@@ -231,7 +231,7 @@ def main() -> int:
     ap.add_argument("--no-warm", action="store_true")
     ap.add_argument("--no-tests-warm", action="store_true")
     ap.add_argument("--warm-all-tests", action="store_true",
-                    help="also compile the mHC / HC shapes of scripts/tilelang_precompile.py "
+                    help="also compile the mHC / HC shapes of dev/tilelang_precompile.py "
                          "(tests/tilelang's mhc_pre / hc_pre tests on the GPU)")
     ap.add_argument("--warm-skip-C", default="", help="widths --warm-all-tests leaves out")
     ap.add_argument("--site-modes", default="before,tile,after")

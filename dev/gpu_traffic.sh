@@ -2,13 +2,13 @@
 # Issue 9 on a GPU machine: the GPU tests of measured traffic and telemetry, then
 # `harness.py run scenarios/traffic.yaml --traffic`, within about 8 minutes.
 #
-#   OUT=/some/dir bash scripts/gpu_traffic.sh
+#   OUT=/some/dir bash dev/gpu_traffic.sh
 #
 # Writes to $OUT (4 files): gpu_traffic.log, records.jsonl, report.md, env.json.
 # The scenario runs trimmed to backends torch and triton (12 of its 16 cases): compiling the mHC
 # reference with torch.compile (~160 s per shape) and Liger's compiles (minutes per width and
 # token count) happen twice per case here (timed run, then the profiled child), which does not fit. Run the rest with
-#   TRAFFIC_ONLY=backend=compile,liger bash scripts/gpu_traffic.sh
+#   TRAFFIC_ONLY=backend=compile,liger bash dev/gpu_traffic.sh
 # Reads GPU state only; never changes clocks, power or MIG (ncu runs with --clock-control none).
 set -u
 export COLUMNS=${COLUMNS:-220}          # rich renders the tables this wide in the log
@@ -38,7 +38,7 @@ PY=python3
 trap finish EXIT
 
 say "set-up"
-MAKE_ENV_LOG=$LOG source scripts/device_env.sh
+MAKE_ENV_LOG=$LOG source dev/device_env.sh
 export HCBENCH_NCU=${HCBENCH_NCU:-/usr/local/cuda/bin/ncu}
 "$HCBENCH_NCU" --version >>"$LOG" 2>&1 || say "ncu not runnable at $HCBENCH_NCU"
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active,mig.mode.current \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All GPU work of the TileLang backend in one command (<= 8 minutes) on an offline GPU machine:
-#   bash scripts/gpu_tilelang.sh      (carrying .tilelang-site.tar.xz from scripts/pack_tilelang_site.sh)
+#   bash dev/gpu_tilelang.sh      (carrying .tilelang-site.tar.xz from tools/pack_tilelang_site.sh)
 # The archive holds tilelang, apache-tvm-ffi, z3-solver, torch-c-dlpack-ext and tilelang's small
 # pure deps, unpacked into /tmp/site and put on PYTHONPATH. Where tilelang is already importable
 # the archive is not needed.
@@ -25,14 +25,14 @@ finish() {
 }
 trap finish EXIT
 
-step "set-up (scripts/device_env.sh: tilelang site, make env)"
-MAKE_ENV_LOG=$OUT/make_env.log source scripts/device_env.sh
+step "set-up (dev/device_env.sh: tilelang site, make env)"
+MAKE_ENV_LOG=$OUT/make_env.log source dev/device_env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks_throttle_reasons.active,temperature.gpu,power.draw --format=csv || true
 $PY -c "import torch, tilelang, triton; print('torch', torch.__version__, 'tilelang', tilelang.__version__, 'triton', triton.__version__)"
 $PY -c "import kernels; print('tilelang unavailable_reason:', kernels.unavailable_reason('mhc', 'tilelang', 'cuda'))"
 
 step "precompile (parallel, into TileLang's disk cache)"
-timeout -k 10 150 $PY scripts/tilelang_precompile.py --procs 15 >"$OUT/precompile.log" 2>&1
+timeout -k 10 150 $PY dev/tilelang_precompile.py --procs 15 >"$OUT/precompile.log" 2>&1
 echo "precompile rc=$? ($(grep -c '^ok' "$OUT/precompile.log") ok, $(grep -c '^FAILED' "$OUT/precompile.log") failed)"
 grep -A4 '^FAILED' "$OUT/precompile.log" | head -30
 tail -1 "$OUT/precompile.log"

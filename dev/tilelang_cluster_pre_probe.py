@@ -2,10 +2,10 @@
 """Prototype: the mHC pre forward reading x once, in TileLang with thread-block clusters. Checks it
 against kernels.tilelang.mhc_pre's three-kernel forward and times both (bf16, T = 16384).
 
-    python scripts/tilelang_cluster_pre_probe.py [--n 4] [--C 4096] [--S 16] [--BT 32] ...   # sm_90
-    python scripts/tilelang_cluster_pre_probe.py ... --persistent-G 7      # version 3, 7 clusters
-    python scripts/tilelang_cluster_pre_probe.py --sweep v2|persistent [--index I]
-    python scripts/tilelang_cluster_pre_probe.py --source FILE      # nvcc, no GPU
+    python dev/tilelang_cluster_pre_probe.py [--n 4] [--C 4096] [--S 16] [--BT 32] ...   # sm_90
+    python dev/tilelang_cluster_pre_probe.py ... --persistent-G 7      # version 3, 7 clusters
+    python dev/tilelang_cluster_pre_probe.py --sweep v2|persistent [--index I]
+    python dev/tilelang_cluster_pre_probe.py --source FILE      # nvcc, no GPU
 
 Version 2 (`build`): one cluster of S CTAs per block of BT tokens; CTA r keeps columns
 [r*cs, (r+1)*cs) of every stream (cs = C / S) in shared memory, so x is read from DRAM once:

@@ -1,6 +1,6 @@
 """Creates the project's virtual environment, reusing a torch that is already installed.
 
-Usage: python3 scripts/make_env.py VENV_DIR
+Usage: python3 tools/make_env.py VENV_DIR
 - If the interpreter running this script can import torch (a GPU node, often offline), the venv
   is made with --system-site-packages so that torch, triton and friends are reused, not downloaded.
 - Otherwise TORCH_SPEC (default torch==2.13.0) is installed first, then the rest of pyproject's

@@ -3,7 +3,7 @@
 # travel with one command to an offline GPU machine (the wheels themselves are 83 MB: xz packs the
 # shared libraries far tighter than a wheel's deflate, and z3's duplicate library becomes a link).
 # On the GPU machine: mkdir -p /tmp/site && tar -xJf .tilelang-site.tar.xz -C /tmp/site, then
-# PYTHONPATH=/tmp/site (scripts/gpu_tilelang.sh does this).
+# PYTHONPATH=/tmp/site (dev/gpu_tilelang.sh does this).
 # Wheels come from .wheels-a/ and .wheels-b/ if present, else from PyPI (needs the internet).
 set -euo pipefail
 cd "$(dirname "$0")/.."

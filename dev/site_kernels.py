@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where one site call's time goes, kernel by kernel, for several backends side by side (CUDA GPU).
 
-    python scripts/site_kernels.py [--method mhc] [--C 2560,4096] [--backends triton,tilelang]
+    python dev/site_kernels.py [--method mhc] [--C 2560,4096] [--backends triton,tilelang]
                                    [--mode fwd+bwd] [--T 16384] [--n 4]
 
 For each width and backend: one site call (suite.workload, as the runner times it, bf16) under

@@ -2,8 +2,8 @@
 # The GPU work of the overhead verdict in one command, on an offline GPU machine:
 #   OUT=/some/dir [BUDGET_S=560] [WIDTHS="1280 2560 1920"] [GRAPHS=1] [GPU_TESTS=0] [SMOKE=1] \
 #       [PRECOMPILE="1280"] (TileLang widths, default WIDTHS) \
-#       bash scripts/gpu_overhead.sh
-# 1. set-up (scripts/device_env.sh: make env on the machine's torch, TileLang from a carried
+#       bash dev/gpu_overhead.sh
+# 1. set-up (dev/device_env.sh: make env on the machine's torch, TileLang from a carried
 #    .tilelang-site.tar.xz, wheels from .whl/);
 # 2. the GPU tests of the timer, the deepseek layers and the recompute;
 # 3. TileLang's kernels at the scenario's widths and its gate's width (backend auto times them);
@@ -35,7 +35,7 @@ collect() {
 trap collect EXIT
 
 stamp "set-up"
-MAKE_ENV_LOG=$OUT/make_env.log source scripts/device_env.sh
+MAKE_ENV_LOG=$OUT/make_env.log source dev/device_env.sh
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
 $PY -c "import torch, kernels; print('torch', torch.__version__, 'grouped_mm', hasattr(torch, '_grouped_mm')); print('auto candidates:', kernels.candidates('mhc', 'cuda'))"
 
@@ -50,7 +50,7 @@ if $PY -c "import tilelang" 2>/dev/null; then
     stamp "TileLang kernels at the model widths and the gate's"
     shapes=(--shape 4:480:64)
     for C in ${PRECOMPILE:-$WIDTHS}; do shapes+=(--shape "4:$C:4096"); done
-    timeout -k 5 180 $PY scripts/tilelang_precompile.py --procs 15 "${shapes[@]}" \
+    timeout -k 5 180 $PY dev/tilelang_precompile.py --procs 15 "${shapes[@]}" \
         >"$OUT/precompile.log" 2>&1
     echo "precompile rc=$?"; tail -1 "$OUT/precompile.log"
 fi
@@ -90,9 +90,9 @@ if [ "${GRAPHS:-0}" = 1 ] && [ "$(left)" -gt 120 ]; then
     echo "exit $?"
 fi
 
-if [ -f scripts/crosscheck_deepseek_block.py ] && [ "$(left)" -gt 40 ]; then
+if [ -f dev/crosscheck_deepseek_block.py ] && [ "$(left)" -gt 40 ]; then
     stamp "cross-check against torchtitan's block"
-    timeout -k 5 $(( $(left) - 10 )) $PY scripts/crosscheck_deepseek_block.py \
+    timeout -k 5 $(( $(left) - 10 )) $PY dev/crosscheck_deepseek_block.py \
         >"$OUT/crosscheck.txt" 2>&1
     echo "crosscheck rc=$?"; tail -5 "$OUT/crosscheck.txt"
 fi

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The kernel questions of the Triton and TileLang issues in one device command (<= 9.5 minutes):
-#   OUT=/some/dir bash scripts/gpu_kernel_diagnostics.sh     (carry .tilelang-site.tar.xz)
-# 1. scripts/tune_post.py: the post forward variants (loop=1, persistent, num_stages) against the
+#   OUT=/some/dir bash dev/gpu_kernel_diagnostics.sh     (carry .tilelang-site.tar.xz)
+# 1. dev/tune_post.py: the post forward variants (loop=1, persistent, num_stages) against the
 #    default, checked against the reference first (target: 90% of the copy rate);
-# 2. scripts/tune_hc_pre.py: the HC forward, FMA against fwd_impl=gemm (tensor cores);
+# 2. dev/tune_hc_pre.py: the HC forward, FMA against fwd_impl=gemm (tensor cores);
 # 3. kernels.yaml --traffic, mHC and HC site fwd+bwd at C = 4096, triton and tilelang: per-kernel
 #    DRAM bytes and times of the backward (bytes_measured.per_kernel), what limits fwd+bwd;
 # 4. tests/test_dist_standin.py on the GPU (the residual variant's fix).
@@ -23,15 +23,15 @@ collect() {
 trap collect EXIT
 
 stamp "set-up"
-source scripts/device_env.sh
+source dev/device_env.sh
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
 
 stamp "tune_post.py"
-timeout -k 5 200 $PY scripts/tune_post.py >"$OUT/tune_post.log" 2>&1
+timeout -k 5 200 $PY dev/tune_post.py >"$OUT/tune_post.log" 2>&1
 echo "exit $?"; tail -45 "$OUT/tune_post.log"
 
 stamp "tune_hc_pre.py (forward configurations)"
-timeout -k 5 100 $PY scripts/tune_hc_pre.py --bwd "" >"$OUT/tune_hc_pre.log" 2>&1
+timeout -k 5 100 $PY dev/tune_hc_pre.py --bwd "" >"$OUT/tune_hc_pre.log" 2>&1
 echo "exit $?"; tail -30 "$OUT/tune_hc_pre.log"
 
 stamp "site fwd+bwd under ncu (C = 4096)"

@@ -1,8 +1,8 @@
 """Checks and times kernels/triton/hc_pre.py (HC pre: norm + tanh projections + F_pre) on a CUDA GPU.
 
-Usage: python scripts/tune_hc_pre.py [--C 2560,4096,7168] [--fwd "cfg;cfg"] [--bwd "cfg;cfg"] [--json F]
+Usage: python dev/tune_hc_pre.py [--C 2560,4096,7168] [--fwd "cfg;cfg"] [--bwd "cfg;cfg"] [--json F]
                                     [--kernels]  (per-kernel device times, torch.profiler)
-       TRITON_INTERPRET=1 python scripts/tune_hc_pre.py --smoke   (no GPU: tiny shapes in the
+       TRITON_INTERPRET=1 python dev/tune_hc_pre.py --smoke   (no GPU: tiny shapes in the
        interpreter, to test the script itself; its timings mean nothing)
 
 A configuration is a "key=value,..." string given to hc_pre(config=...) (keys: DEFAULT_CONFIG in
@@ -110,7 +110,7 @@ def floors(T, n, C):
     fwd = (n + 1) * C * e * T + coef
     return {"fwd": fwd, "fwd+bwd": (3 * n + 2) * C * e * T + 2 * coef,
             "site fwd": (3 * n + 2) * C * e * T + 2 * coef,
-            # site fwd + pre bwd (2n+1)C + post bwd (3n+2)C, as scripts/tune_mhc_pre.py (F's own
+            # site fwd + pre bwd (2n+1)C + post bwd (3n+2)C, as dev/tune_mhc_pre.py (F's own
             # elementwise product not counted)
             "site f+b": (8 * n + 5) * C * e * T + 4 * coef}
 

@@ -1,10 +1,10 @@
 """Compiles the TileLang kernels the GPU tests and kernels.yaml use, in parallel processes, into
 TileLang's disk cache, so the tests and the timed run only load them.
 
-Usage: python scripts/tilelang_precompile.py [--procs 12] [--shape N:C:T ...]
+Usage: python dev/tilelang_precompile.py [--procs 12] [--shape N:C:T ...]
 With --shape, only the kernels one site of mHC, HC and the post need at n = N, width C and T
 tokens (bf16, 20 Sinkhorn iterations) are compiled: what backend auto times and runs inside a
-model (scripts/gpu_overhead.sh passes the overhead scenario's widths and its gate's).
+model (dev/gpu_overhead.sh passes the overhead scenario's widths and its gate's).
 One compilation takes 3-8 s (mostly nvcc) and the tests need about 70; serially that would be
 most of a device session. Each worker process imports tilelang and compiles its share; a kernel
 that fails to compile is printed with its error (the tests then report it too). Exit 1 if any did.

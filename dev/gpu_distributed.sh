@@ -13,7 +13,7 @@
 # Every step has its own time limit; whatever finished is reported and copied to $OUT, even
 # after a failure. Files in $OUT (4): log.txt, pipeline.md, records.jsonl, run.tar.gz.
 #
-#   OUT=/some/dir bash scripts/gpu_distributed.sh
+#   OUT=/some/dir bash dev/gpu_distributed.sh
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -40,7 +40,7 @@ collect() {
 trap collect EXIT
 
 stamp "make env"
-source scripts/device_env.sh
+source dev/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw,pcie.link.gen.current,pcie.link.width.current --format=csv
 
 stamp "stand-in stream-safety test"

@@ -1,7 +1,7 @@
 """Amax Gain Magnitude of composite h_res over depth, on fresh parameters and after a short
 synthetic training run, for hc and mhc (residual trains beside them for the loss curve).
 
-    python scripts/stability.py --out DIR [--device cuda] [--C 512 --layers 8 --steps 300]
+    python dev/stability.py --out DIR [--device cuda] [--C 512 --layers 8 --steps 300]
 
 Writes DIR/stability.json (gains per depth, loss curves) and DIR/stability.md (tables); with
 matplotlib, also DIR/stability.png (gains over depth and loss curves).

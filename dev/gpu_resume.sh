@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Finishes a committed run folder on a fresh, offline GPU machine in one command:
-#   OUT=/some/dir bash scripts/gpu_resume.sh SCENARIO RUN_DIR [--only K=V ...] [--set K=V ...] [--traffic]
-# RUN_DIR "new" starts a fresh run folder under $OUT/runs instead (scripts/gpu_kernels.sh).
+#   OUT=/some/dir bash dev/gpu_resume.sh SCENARIO RUN_DIR [--only K=V ...] [--set K=V ...] [--traffic]
+# RUN_DIR "new" starts a fresh run folder under $OUT/runs instead (dev/gpu_kernels.sh).
 # e.g. the cases a time-limited call left out:
-#   bash scripts/gpu_resume.sh scenarios/recompute.yaml results/<run> --only layers=30
-#   bash scripts/gpu_resume.sh scenarios/traffic.yaml results/<run> --only backend=compile,liger
-# Set-up: scripts/device_env.sh (TileLang from .tilelang-site.tar.xz, `make env` on the machine's
+#   bash dev/gpu_resume.sh scenarios/recompute.yaml results/<run> --only layers=30
+#   bash dev/gpu_resume.sh scenarios/traffic.yaml results/<run> --only backend=compile,liger
+# Set-up: dev/device_env.sh (TileLang from .tilelang-site.tar.xz, `make env` on the machine's
 # torch, the wheels under .whl/ such as liger-kernel). Then the scenario's remaining cases are
 # compiled in parallel (python -m suite.prewarm: Liger's compiles, torch.compile, TileLang) and run
 # with --resume. Whatever finished is copied to $OUT (records.jsonl, env.json, report.md,
 # scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s; the prewarm gets
 # PREWARM_S of it, default a third; 0 skips it) cuts the run short;
 # each device call starts from the committed folder, so merge the records afterwards
-# (scripts/merge_records.py).
+# (dev/merge_records.py).
 # Shapes whose compiles alone outlast one call (Liger's mHC at C = 7168): a prewarm-only call packs
-# Triton's cache into $OUT and the next call carries it back (scripts/device_env.sh says how).
+# Triton's cache into $OUT and the next call carries it back (dev/device_env.sh says how).
 set -u
-[ $# -ge 2 ] || { echo "usage: bash scripts/gpu_resume.sh SCENARIO RUN_DIR [harness args...]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash dev/gpu_resume.sh SCENARIO RUN_DIR [harness args...]" >&2; exit 2; }
 SCENARIO=$1 RUN_DIR=${2%/}
 shift 2
 OUT=${OUT:-$PWD/out}
@@ -40,7 +40,7 @@ collect() {
 trap collect EXIT
 
 stamp "set-up"
-source scripts/device_env.sh
+source dev/device_env.sh
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
 
 # prewarm takes --only and --set; the harness flags it does not know stay for the run

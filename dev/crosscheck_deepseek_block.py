@@ -9,7 +9,7 @@ parameter), each timed with suite.timing.Timer:
 and prints both medians and their ratio.
 
 Set-up: torchtitan 0.3.0 and the small pure-Python wheels it needs at import (tyro,
-docstring_parser, typeguard, spmd_types) as wheels under .whl/, which scripts/device_env.sh
+docstring_parser, typeguard, spmd_types) as wheels under .whl/, which dev/device_env.sh
 installs with --no-deps:
     python3 -m pip download --no-deps --only-binary=:all: -d .whl torchtitan==0.3.0 \
         tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 spmd_types==0.2.3 torchtitan 0.3.0 imports torch.distributed.fsdp.DataParallelMeshDims,
@@ -25,7 +25,7 @@ Where the two blocks differ, by construction rather than by oversight:
 - torchtitan's router runs under fp32 autocast and its expert-bias buffer (load_balance_coeff
   1e-3, DeepSeek-V3's aux-loss-free balancing) steers selection, as ours does;
 - torchtitan's experts run three grouped GEMMs (w1, w3, w2); ours fuse gate and up into one.
-Usage: python scripts/crosscheck_deepseek_block.py [--tokens 4096] [--preset 3B]
+Usage: python dev/crosscheck_deepseek_block.py [--tokens 4096] [--preset 3B]
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Times kernels/triton/mhc_pre.py on a CUDA GPU and prints one table (last).
 
-    .venv/bin/python scripts/tune_mhc_pre.py            # bf16, n=4, T=16384, 20 Sinkhorn iterations
-    TUNE_BUDGET_S=60 .venv/bin/python scripts/tune_mhc_pre.py
-    .venv/bin/python scripts/tune_mhc_pre.py --fwd "cfg;cfg" [--C 4096,7168] [--kernels]
+    .venv/bin/python dev/tune_mhc_pre.py            # bf16, n=4, T=16384, 20 Sinkhorn iterations
+    TUNE_BUDGET_S=60 .venv/bin/python dev/tune_mhc_pre.py
+    .venv/bin/python dev/tune_mhc_pre.py --fwd "cfg;cfg" [--C 4096,7168] [--kernels]
         forward sweep only: mhc_pre forward per configuration, each checked against the fp64
         reference before it is timed, then the site forward (mhc_pre + post) with each
-    .venv/bin/python scripts/tune_mhc_pre.py --bwd "cfg;cfg" [--C 4096,7168] [--kernels]
+    .venv/bin/python dev/tune_mhc_pre.py --bwd "cfg;cfg" [--C 4096,7168] [--kernels]
         backward sweep only: mhc_pre fwd+bwd per configuration ("k=v,..."; "" is the default),
         gradients checked first, then the site fwd+bwd with the default; --kernels adds each one's
         kernels (mean device time per call, torch.profiler, L2 flushed between calls)

@@ -1,7 +1,7 @@
 """Checks and times kernels/triton/post.py (F_post,res) and residual.py on a CUDA GPU.
 
-Usage: python scripts/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..."] [--C 2560,4096,7168]
-       TRITON_INTERPRET=1 python scripts/tune_post.py --smoke   (no GPU: tiny shapes on the CPU, to
+Usage: python dev/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..."] [--C 2560,4096,7168]
+       TRITON_INTERPRET=1 python dev/tune_post.py --smoke   (no GPU: tiny shapes on the CPU, to
        test the script itself; its timings mean nothing)
 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written / median time (the ceiling).

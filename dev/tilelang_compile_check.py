@@ -1,7 +1,7 @@
 """Compiles every TileLang mHC and HC coefficient kernel for sm_90a on a machine without a GPU (needs nvcc),
 so lowering and nvcc errors show before a device session.
 
-Usage: PYTHONPATH=<tilelang site> python scripts/tilelang_compile_check.py [n C] ...   (default 4 264 8 4096)
+Usage: PYTHONPATH=<tilelang site> python dev/tilelang_compile_check.py [n C] ...   (default 4 264 8 4096)
 Prints ok / FAILED with the last error line per kernel; exit 1 if any failed.
 """
 import os

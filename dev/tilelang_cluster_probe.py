@@ -3,8 +3,8 @@
 pre forward that reads x once (a token block's x slices stay in the shared memory of a cluster's
 CTAs while the cluster sums their partial products and runs the Sinkhorn epilogue).
 
-    python scripts/tilelang_cluster_probe.py              # on an sm_90 GPU: compile, run, check
-    python scripts/tilelang_cluster_probe.py --source F   # no GPU needed (nvcc): write the CUDA source
+    python dev/tilelang_cluster_probe.py              # on an sm_90 GPU: compile, run, check
+    python dev/tilelang_cluster_probe.py --source F   # no GPU needed (nvcc): write the CUDA source
 
 The kernel: clusters of S CTAs over [T, S*CS] bf16; CTA r of a cluster keeps x[block, r*CS:(r+1)*CS]
 in shared memory, pushes its per-token partial sums into rank 0's shared memory (T.copy_cluster with
