@@ -1,7 +1,6 @@
 """Whole-model scopes on the CPU: training, recompute gradients and memory, the model gate,
 scenario rules, and a run of scope model end to end through the runner."""
 import json
-import textwrap
 from dataclasses import replace
 
 import pytest
@@ -10,10 +9,10 @@ import torch
 import kernels
 from kernels import Ops
 from kernels import reference as ref
-from suite import cli, recompute, stability, steps
+from suite import recompute, stability, steps
 from suite.model import ModelConfig, Transformer
 from suite.scenario import Case, ScenarioError, normalise, parse
-from suite.store import read_records
+from tests.run_helpers import run_model_scenario
 
 TINY = {"C": 32, "layers": 3, "heads": 4, "seq": 16, "vocab": 64, "n": 4, "dtype": "fp32"}
 
@@ -164,19 +163,14 @@ def test_subgroups_fit_the_budget_and_keep_baselines():
 
 def test_model_scope_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "MODEL_ROUNDS", 6)       # the rounds' logic, at CI's speed
-    p = tmp_path / "s.yaml"
-    p.write_text(textwrap.dedent("""
+    run, records = run_model_scenario(tmp_path, """
         name: t
         defaults: {T: 32, C: 32, n: 2, dtype: fp32, device: cpu, warmup_ms: 1, rep_ms: 1,
                    seq: 16, heads: 2, vocab: 32, layers: 2, mode: fwd+bwd, scope: model}
         sweep:
           method: [residual, mhc]
           recompute: [none, mhc]
-    """))
-    out = tmp_path / "out"
-    assert cli.main(["run", str(p), "--out", str(out)]) == 0
-    (run,) = [d for d in out.iterdir() if d.is_dir()]
-    records = {(r["case"]["method"], r["case"]["recompute"]): r for r in read_records(run)}
+    """)
     assert set(records) == {("residual", "none"), ("mhc", "none"), ("mhc", "mhc")}
     for r in records.values():
         assert r["status"] == "ok" and r["check"]["passed"] and r["tokens_per_s"] > 0

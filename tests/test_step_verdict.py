@@ -2,14 +2,13 @@
 wording, extrapolation and calibration gate, and a deepseek overhead run end to end on the CPU."""
 import json
 import statistics
-import textwrap
 
 import pytest
 import torch
 
-from suite import cli, overhead, recompute, steps
+from suite import overhead, recompute, steps
 from suite.scenario import Case, ScenarioError, normalise, parse
-from suite.store import read_records
+from tests.run_helpers import run_model_scenario
 
 TINY = {"C": 64, "T": 32, "seq": 16, "heads": 4, "vocab": 64, "layers": 2, "n": 2,
         "dtype": "fp32", "device": "cpu", "scope": "model", "mode": "fwd+bwd",
@@ -109,8 +108,7 @@ def test_calibration_gate_hides_predictions_of_an_uncalibrated_model():
 
 def test_deepseek_overhead_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "MODEL_ROUNDS", 5)       # the rounds' logic, at CI's speed
-    p = tmp_path / "s.yaml"
-    p.write_text(textwrap.dedent("""
+    run, records = run_model_scenario(tmp_path, """
         name: t
         defaults: {T: 32, C: 64, n: 2, dtype: fp32, device: cpu, rep_ms: 1, seq: 16, heads: 4,
                    vocab: 64, layers: 2, depth: 6, accum: 2, mode: fwd+bwd, scope: model,
@@ -118,11 +116,7 @@ def test_deepseek_overhead_run_end_to_end(tmp_path, monkeypatch):
         include:
           - {method: residual}
           - {method: mhc, recompute: [none, mhc]}
-    """))
-    out = tmp_path / "out"
-    assert cli.main(["run", str(p), "--out", str(out)]) == 0
-    (run,) = [d for d in out.iterdir() if d.is_dir()]
-    records = {(r["case"]["method"], r["case"]["recompute"]): r for r in read_records(run)}
+    """)
     assert set(records) == {("residual", "none"), ("mhc", "none"), ("mhc", "mhc")}
     for r in records.values():
         assert r["status"] == "ok" and r["check"]["passed"], r.get("reason")
