@@ -7,12 +7,12 @@
 #   bash dev/gpu_resume.sh scenarios/traffic.yaml results/<run> --only backend=compile,liger
 # Set-up: dev/device_env.sh (TileLang from .tilelang-site.tar.xz, `make env` on the machine's
 # torch, the wheels under .whl/ such as liger-kernel). Then the scenario's remaining cases are
-# compiled in parallel (python -m suite.prewarm: Liger's compiles, torch.compile, TileLang) and run
+# compiled in parallel (harness.py prewarm: Liger's compiles, torch.compile, TileLang) and run
 # with --resume. Whatever finished is copied to $OUT (records.jsonl, env.json, report.md,
 # scenarios/, log.txt), also when the time limit (BUDGET_S, default 560 s; the prewarm gets
 # PREWARM_S of it, default a third; 0 skips it) cuts the run short;
 # each device call starts from the committed folder, so merge the records afterwards
-# (dev/merge_records.py).
+# (`python harness.py merge`).
 # Shapes whose compiles alone outlast one call (Liger's mHC at C = 7168): a prewarm-only call packs
 # Triton's cache into $OUT and the next call carries it back (dev/device_env.sh says how).
 set -u
@@ -55,7 +55,7 @@ left=$((BUDGET_S - SECONDS))
 PREWARM_S=${PREWARM_S:-$((left / 3))}
 if [ "$PREWARM_S" -gt 0 ]; then     # timeout 0 would mean no limit at all
     stamp "prewarm (limit ${PREWARM_S}s)"
-    timeout -k 5 "$PREWARM_S" "$PY" -m suite.prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
+    timeout -k 5 "$PREWARM_S" "$PY" harness.py prewarm "$SCENARIO" "${prewarm_args[@]}" --jobs 12 \
         2>&1 | tail -20
 else
     stamp "no prewarm (PREWARM_S=0): each case compiles in the timed process"

@@ -1,4 +1,5 @@
-"""The command line: run, list, report, compare. Exit 0 ok/skipped, 1 a case failed, 2 bad input."""
+"""The command line: run, list, report, compare, publish, merge, prewarm, results-doc.
+Exit 0 ok/skipped, 1 a case failed, 2 bad input, 130 interrupted."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--benchmark-json", type=Path, metavar="FILE",
                      help="also write github-action-benchmark JSON (customSmallerIsBetter) here")
     pub.add_argument("--markdown", type=Path, metavar="FILE", help="also write the Markdown tables here")
+    mrg = sub.add_parser("merge", help="fold copies of a run folder, resumed in separate calls "
+                                        "(e.g. on machines without a shared disk), back into it")
+    mrg.add_argument("run_dir", type=Path)
+    mrg.add_argument("copies", type=Path, nargs="+", help="folders with records.jsonl")
+    pre = sub.add_parser("prewarm", help="compile every distinct shape of a scenario once, in "
+                                         "parallel processes, before a run (nothing is timed)",
+                         add_help=False)
+    pre.add_argument("args", nargs=argparse.REMAINDER,
+                     help="SCENARIO [--only K=V,...] [--set K=V] [--jobs N]")
     idx = sub.add_parser("results-doc", help="rewrite docs/results.md's index of committed run "
                                              "folders from the folders (--check: only compare)")
     idx.add_argument("--results", type=Path, default=ROOT / "results")
@@ -70,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prewarm"]:          # its own parser (suite.prewarm), options and --help
+        from suite import prewarm
+        return prewarm.main(argv[1:])
     args = _parser().parse_args(argv)
     console = Console()
     if not console.is_terminal:
@@ -86,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return _publish(args, console)
         if args.command == "results-doc":
             return _results_doc(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "compare" and (args.run_b is None or args.gpu or args.since
                                           or args.scenario):
             return _compare_history(args, console)
@@ -102,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:        # outside the case loop (set-up, copy rate): nothing to keep
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _merge(args) -> int:
+    from suite.store import merge_run_copies
+    for p in [args.run_dir, *args.copies]:
+        if not (p / "records.jsonl").exists():
+            raise BadInput([f"{p}: no records.jsonl; merge takes a run folder and copies of it"])
+    added, replaced = merge_run_copies(args.run_dir, args.copies)
+    print(f"{args.run_dir}: {added} records added, {replaced} replaced; "
+          f"`python harness.py report {args.run_dir}` rebuilds its report.md")
     return EXIT_OK
 
 

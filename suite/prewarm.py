@@ -1,6 +1,6 @@
 """Fills the compile caches for a scenario's cases in parallel, before a timed run.
 
-Usage: python -m suite.prewarm SCENARIO.yaml [--only KEY=V1,V2 ...] [--set KEY=V ...] [--jobs 6]
+Usage: python harness.py prewarm SCENARIO.yaml [--only KEY=V1,V2 ...] [--set KEY=V ...] [--jobs 6]
 
 Why: some backends compile for minutes per shape the first time they meet it (Liger-Kernel's mHC
 unrolls its K loop with tl.static_range and makes T a compile-time constant: minutes per width and

@@ -32,9 +32,14 @@ def test_merge_adds_new_cases_and_upgrades_failures_only(tmp_path):
     assert cases == [{"C": 1}, {"C": 2}, {"C": 3}, {"C": 4}]
 
 
-def test_merge_script_names_a_folder_without_records(tmp_path):
+def test_merge_command_names_a_folder_without_records(tmp_path):
     base = _folder(tmp_path / "run", [{"case_id": "a", "status": "ok"}], [])
     (tmp_path / "empty").mkdir()
-    out = subprocess.run([sys.executable, str(ROOT / "dev" / "merge_records.py"), str(base),
+    out = subprocess.run([sys.executable, str(ROOT / "harness.py"), "merge", str(base),
                           str(tmp_path / "empty")], capture_output=True, text=True)
     assert out.returncode == 2 and "empty: no records.jsonl" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    copy = _folder(tmp_path / "copy", [{"case_id": "b", "status": "ok"}], [])
+    out = subprocess.run([sys.executable, str(ROOT / "harness.py"), "merge", str(base), str(copy)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "1 records added" in out.stdout
