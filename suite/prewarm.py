@@ -85,7 +85,7 @@ def _shape_key(case) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="harness.py prewarm", description=__doc__.splitlines()[0])
     p.add_argument("scenario")
     p.add_argument("--only", action="append", default=[])
     p.add_argument("--set", action="append", default=[])
