@@ -1,4 +1,5 @@
-"""The command line: run, list, report, compare, publish, merge, prewarm, results-doc.
+"""The command line: run, list, report, compare, publish, merge, prewarm, site-kernels,
+results-doc.
 Exit 0 ok/skipped, 1 a case failed, 2 bad input, 130 interrupted."""
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                          add_help=False)
     pre.add_argument("args", nargs=argparse.REMAINDER,
                      help="SCENARIO [--only K=V,...] [--set K=V] [--jobs N]")
+    sub.add_parser("site-kernels", help="one site call's kernels per backend, side by side "
+                                        "(torch.profiler; CUDA GPU)", add_help=False)
     idx = sub.add_parser("results-doc", help="rewrite docs/results.md's index of committed run "
                                              "folders from the folders (--check: only compare)")
     idx.add_argument("--results", type=Path, default=ROOT / "results")
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["prewarm"]:          # its own parser (suite.prewarm), options and --help
         from suite import prewarm
         return prewarm.main(argv[1:])
+    if argv[:1] == ["site-kernels"]:     # its own parser (suite.site_kernels)
+        from suite import site_kernels
+        return site_kernels.main(argv[1:])
     args = _parser().parse_args(argv)
     console = Console()
     if not console.is_terminal:

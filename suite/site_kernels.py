@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Where one site call's time goes, kernel by kernel, for several backends side by side (CUDA GPU).
 
-    python dev/site_kernels.py [--method mhc] [--C 2560,4096] [--backends triton,tilelang]
+    python harness.py site-kernels [--method mhc] [--C 2560,4096] [--backends triton,tilelang]
                                    [--mode fwd+bwd] [--T 16384] [--n 4]
 
 For each width and backend: one site call (suite.workload, as the runner times it, bf16) under
@@ -10,18 +9,20 @@ torch.profiler, mean device time per kernel over 5 calls with L2 flushed between
 total; the last line of each width is the backends' totals. A diagnostic: it explains a
 kernels.yaml row, it never writes a record. Kernels under --min-us are summed into one line.
 """
+from __future__ import annotations
+
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+
+import kernels
+from suite import workload
+from suite.kernel_profile import kernel_times
+from suite.scenario import Case
 
 
 def site_profile(method: str, C: int, backend: str, mode: str, T: int, n: int) -> dict:
-    import kernels
-    from suite import workload
-    from suite.kernel_profile import kernel_times
-    from suite.scenario import Case
     n = 1 if method == "residual" else n        # the residual stream is one stream
     case = Case(method=method, C=C, T=T, n=n, dtype="bf16", mode=mode, backend=backend,
                 device="cuda", sinkhorn_iters=20 if method == "mhc" else None)
@@ -31,7 +32,8 @@ def site_profile(method: str, C: int, backend: str, mode: str, T: int, n: int) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="harness.py site-kernels",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--method", default="mhc", choices=("mhc", "hc", "residual"))
     p.add_argument("--C", default="2560,4096")
     p.add_argument("--backends", default="triton,tilelang")
@@ -40,9 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--min-us", type=float, default=5.0)
     a = p.parse_args(argv)
-    import torch
     if not torch.cuda.is_available():
-        print("site_kernels.py: needs a CUDA GPU (torch.profiler device times)", file=sys.stderr)
+        print("harness.py site-kernels: needs a CUDA GPU (torch.profiler device times)", file=sys.stderr)
         return 2
     for C in (int(c) for c in a.C.split(",")):
         totals = {}
@@ -67,7 +68,3 @@ def main(argv=None) -> int:
         print(f"\n{a.method} C={C} totals: " + ", ".join(f"{b} {t:.1f} us" for b, t in totals.items()),
               flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
