@@ -79,14 +79,9 @@ Backward: two kernels plus torch sums of small per-CTA partials.
   autograd Function can fold F_post,res's dx in: nC extra read instead of autograd's 3nC add).
   mhc_pre / mhc_coeffs do the same through autograd: h_res carries a kernels/site_link.py link to
   x, a fused post given that h_res and x hands its dx over, and the dx kernel adds into it (ACC).
-  config bwd_fused=True (mhc_pre, opt-in until measured): x read once. `_bwd_coef_kernel` first
-  does the post / res part without x; then `_bwd_fused_kernel`: slices s = (stream, BR columns);
-  phase-1 items (group of GB*BT tokens, slice), taken by any CTA from one ticket in order, store
-  partial dh_pre, and the group's last item finishes du / coef (pre part) for the group; phase 2
-  (dx, dphi) of slice s belongs to the CTAs of slice s, which keep its phi rows and dphi partial
-  on chip and take the groups in order; a CTA waiting for a group does phase-1 items meanwhile, so
-  no wait can deadlock whatever CTAs are resident. HBM bytes per token: read nC*e (x) + C*e
-  (g_li; re-read n times from L2) + small, write nC*e.
+  An x-once fused backward (phase-1 partial dh_pre by ticket, phase-2 dx/dphi by slice owners,
+  config bwd_fused) was measured at 1.28 ms against 0.70 ms for the two kernels above at
+  C = 4096 on an H100 and removed; commit 5acf0f3 is the last to have it (docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -157,15 +152,6 @@ class Config:
     b2_stages: int = 2
     b2_dphi: str = "bf16"   # dphi product: "bf16" (x as loaded, du = hi + lo in bf16; bf16 x only)
                             # or "prec" (x in fp32, `precision`)
-    # backward, fused alternative for mhc_pre (x read once): _bwd_fused_kernel
-    bwd_fused: bool = False
-    bf_bt: int = 32       # tokens per sub-block (tl.dot M)
-    bf_gb: int = 4        # sub-blocks per group
-    bf_br: int = 128      # columns per slice (one stream)
-    bf_ctas: int = 2      # CTAs per SM (grid = S * W, W workers per slice)
-    bf_pre: int = 1       # phase-1 items each CTA takes before its first phase-2 item
-    bf_warps: int = 4
-    bf_stages: int = 3
     # forward path choice: -1 auto (the split kernel above unless a non-split field is set
     # explicitly), 1 (True) the split kernel, 0 (False) the non-split kernel below. H100, bf16,
     # n = 4, T = 16384, fwd_dot hilo: split (bt 64, cw 256) 299 / 456 / 804 us at C = 2560 / 4096 /
@@ -789,174 +775,6 @@ def _bwd_dx_dphi_kernel(x_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, gli_ptr, dx_
                  mask=cmask[:, None] & kmask[None, :])
 
 
-# ---------------------------------------------------------------- fused backward (config bwd_fused)
-@triton.jit
-def _bwdf_epilogue(g, part_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr,
-                   T, C, S, NCB, rows, jn, jv,
-                   N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                   GB: tl.constexpr):
-    """Group g's dh_pre is complete: its part of du (pre columns), coef, db and dalpha."""
-    GBT = GB * BT
-    nC = N * C
-    a0 = tl.load(alpha_ptr)
-    dbs = tl.zeros([NP], dtype=tl.float32)
-    das = 0.0
-    for sb in range(GB):
-        tok = g * GBT + sb * BT + rows
-        tmask = tok < T
-        t64 = tok.to(tl.int64)
-        m2 = tmask[:, None] & jv[None, :]
-        dh = tl.zeros([BT, NP], dtype=tl.float32)
-        for cb in range(NCB):
-            dh += tl.load(part_ptr + (g * S + cb * N + jn[None, :]).to(tl.int64) * GBT + sb * BT
-                          + rows[:, None], mask=jv[None, :], other=0.0, cache_modifier=".cg")
-        hp = tl.load(hpre_ptr + t64[:, None] * N + jn[None, :], mask=m2, other=0.0)
-        mp = tl.load(m_ptr + t64[:, None] * K + jn[None, :], mask=m2, other=0.0)
-        r = tl.load(r_ptr + t64, mask=tmask, other=1.0)
-        dpre = tl.where(m2, dh * hp * (1.0 - hp), 0.0)
-        dmp = a0 * dpre
-        tl.store(du_ptr + t64[:, None] * K + jn[None, :], dmp / r[:, None], mask=m2)
-        cf = tl.load(coef_ptr + t64, mask=tmask, other=0.0)
-        cf -= tl.sum(dmp * mp, axis=1) / (r * nC * r)
-        tl.store(coef_ptr + t64, cf, mask=tmask)
-        dbs += tl.sum(dpre, axis=0)
-        das += tl.sum(tl.sum(dpre * mp, axis=1), axis=0)
-    tl.store(dbp_ptr + g * N + jn, dbs, mask=jv)
-    tl.store(dap_ptr + g, das)
-
-
-@triton.jit
-def _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr, du_ptr,
-                 coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows, cols, jn, jv,
-                 N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                 GB: tl.constexpr, BR: tl.constexpr):
-    """Phase-1 item v = (group g, slice s): partial dh_pre of stream i over the slice's columns."""
-    g = v // S
-    s = v - g * S
-    i = s % N
-    c = (s // N) * BR + cols
-    cmask = c < C
-    GBT = GB * BT
-    for sb in range(GB):
-        tok = g * GBT + sb * BT + rows
-        tmask = tok < T
-        t64 = tok.to(tl.int64)
-        lm = tmask[:, None] & cmask[None, :]
-        xt = tl.load(x_ptr + t64[:, None] * (N * C) + (i * C + c)[None, :], mask=lm, other=0.0)
-        gl = tl.load(gli_ptr + t64[:, None] * C + c[None, :], mask=lm, other=0.0)
-        d = tl.sum(xt.to(tl.float32) * gl.to(tl.float32), axis=1)
-        tl.store(part_ptr + (g * S + s).to(tl.int64) * GBT + sb * BT + rows, d)
-    tl.debug_barrier()
-    old = tl.atomic_add(sync_ptr + 2 + S + g, 1)
-    if old == S - 1:
-        _bwdf_epilogue(g, part_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr, du_ptr, coef_ptr, dbp_ptr,
-                       dap_ptr, T, C, S, NCB, rows, jn, jv, N, NP, K, BT, GB)
-        tl.debug_barrier()
-        tl.atomic_add(sync_ptr + 2 + S + g, 1)      # == S + 1: du, coef of group g are final
-
-
-@triton.jit
-def _bwd_fused_kernel(x_ptr, gli_ptr, phi_ptr, du_ptr, coef_ptr, hpre_ptr, m_ptr, r_ptr, alpha_ptr,
-                      dx_ptr, dphi_ptr, part_ptr, sync_ptr, dbp_ptr, dap_ptr,
-                      T, C, G, NCB, PRE,
-                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                      BT: tl.constexpr, GB: tl.constexpr, BR: tl.constexpr,
-                      DX: tl.constexpr, DPHI: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                      MAXSPIN: tl.constexpr):
-    """mhc_pre backward reading x once from HBM (du's post / res columns and coef's post / res part
-    come from _bwd_coef_kernel without x).
-
-    Slices s = (stream i, BR columns), S = n * NCB. Phase-1 items (group g of GB*BT tokens, slice s)
-    are taken by any CTA from one ticket, in order: partial dh_pre, and the last one of a group
-    finishes the group's du / coef. Phase 2 (dx, dphi) of slice s belongs to the CTAs of slice s
-    (pid % S == s), which keep the slice's phi rows and their dphi partial on chip and take the
-    groups in order from the slice's own ticket. A CTA waiting for a group does phase-1 items
-    meanwhile, so every wait is for work in progress: no deadlock, whatever CTAs are resident.
-    """
-    pid = tl.program_id(0)
-    S = N * NCB
-    s = pid % S
-    w = pid // S
-    i = s % N
-    rows = tl.arange(0, BT)
-    cols = tl.arange(0, BR)
-    kk = tl.arange(0, KP)
-    kmask = kk < K
-    jn = tl.arange(0, NP)
-    jv = jn < N
-    c = (s // N) * BR + cols
-    cmask = c < C
-    prow = (i * C + c).to(tl.int64)
-    nC = N * C
-    GBT = GB * BT
-    GS = G * S
-    if DX:
-        phi_t = tl.load(phi_ptr + prow[:, None] * K + kk[None, :],
-                        mask=cmask[:, None] & kmask[None, :], other=0.0)
-    acc = tl.zeros([BR, KP], dtype=tl.float32)
-    more = G > 0
-    for _p in range(PRE):       # phase 1 runs ahead of phase 2 by about PRE rounds
-        if more:
-            v = tl.atomic_add(sync_ptr, 1)
-            more = v < GS
-            if more:
-                _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr,
-                             alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows,
-                             cols, jn, jv, N, NP, K, BT, GB, BR)
-    q = tl.atomic_add(sync_ptr + 2 + s, 1)
-    while q < G:
-        if more:
-            v = tl.atomic_add(sync_ptr, 1)
-            more = v < GS
-            if more:
-                _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr,
-                             alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows,
-                             cols, jn, jv, N, NP, K, BT, GB, BR)
-        cnt = tl.atomic_add(sync_ptr + 2 + S + q, 0)
-        spins = 0
-        while (cnt < S + 1) & (spins < MAXSPIN):
-            if more:
-                v = tl.atomic_add(sync_ptr, 1)
-                more = v < GS
-                if more:
-                    _bwdf_phase1(v, x_ptr, gli_ptr, part_ptr, sync_ptr, hpre_ptr, m_ptr, r_ptr,
-                                 alpha_ptr, du_ptr, coef_ptr, dbp_ptr, dap_ptr, T, C, S, NCB, rows,
-                                 cols, jn, jv, N, NP, K, BT, GB, BR)
-            else:
-                spins += 1
-            cnt = tl.atomic_add(sync_ptr + 2 + S + q, 0)
-        if cnt < S + 1:
-            tl.atomic_add(sync_ptr + 1, 1)
-        # ---- phase 2 of (group q, slice s): re-reads what phase 1 read about a round ago
-        for sb in range(GB):
-            tok = q * GBT + sb * BT + rows
-            tmask = tok < T
-            t64 = tok.to(tl.int64)
-            lm = tmask[:, None] & cmask[None, :]
-            du = tl.load(du_ptr + t64[:, None] * K + kk[None, :], mask=tmask[:, None] & kmask[None, :],
-                         other=0.0, cache_modifier=".cg")
-            xf = tl.load(x_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm,
-                         other=0.0).to(tl.float32)
-            if DPHI:
-                acc = tl.dot(tl.trans(xf), du, acc, input_precision=PREC)
-            if DX:
-                dxt = tl.dot(du, tl.trans(phi_t), input_precision=PREC)
-                cf = tl.load(coef_ptr + t64, mask=tmask, other=0.0, cache_modifier=".cg")
-                hp = tl.load(hpre_ptr + t64 * N + i, mask=tmask, other=0.0)
-                gl = tl.load(gli_ptr + t64[:, None] * C + c[None, :], mask=lm, other=0.0)
-                dxt += cf[:, None] * xf + hp[:, None] * gl.to(tl.float32)
-                if ACC:
-                    dxt += tl.load(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :], mask=lm,
-                                   other=0.0).to(tl.float32)
-                tl.store(dx_ptr + t64[:, None] * nC + (i * C + c)[None, :],
-                         dxt.to(dx_ptr.dtype.element_ty), mask=lm)
-        q = tl.atomic_add(sync_ptr + 2 + s, 1)
-    if DPHI:
-        tl.store(dphi_ptr + w.to(tl.int64) * nC * K + prow[:, None] * K + kk[None, :], acc,
-                 mask=cmask[:, None] & kmask[None, :])
-
-
-# ====================================================================== host side
 def _check(op, x, phi, b, alpha, sinkhorn_iters):
     T, n, C = check_state(op, x)
     K = n * n + 2 * n
@@ -1135,7 +953,6 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
         dx0 = dx_acc if dx_acc is not None else torch.zeros_like(x)
         return (dx0 if need_x else None, torch.zeros_like(phi) if need_phi else None,
                 torch.zeros_like(b) if need_b else None, torch.zeros_like(alpha) if need_alpha else None)
-    fused = has_li and cfg.bwd_fused and (need_x or need_phi)
     bt1 = max(1, min(_np2(cfg.b1_bt), _np2(T)))
     bc1 = max(16, _np2(cfg.b1_bc))
     while bc1 > 16 and bt1 * NP * bc1 > 4096:     # bound the [BT, NP, BC] fp32 accumulator
@@ -1149,19 +966,9 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
     _bwd_coef_kernel[(g1,)](
         x, gli, gpre, gpost, gres, m, r, b, alpha, du, coef, dbp, dap,
         T, C, iters, Q,
-        N=n, NP=NP, K=K, BT=bt1, BC=bc1, STAGES=cfg.b1_stages, HAS_LI=has_li and not fused,
+        N=n, NP=NP, K=K, BT=bt1, BC=bc1, STAGES=cfg.b1_stages, HAS_LI=has_li,
         HAS_GPRE=has_gpre, HAS_GPOST=g_post is not None, HAS_GRES=g_res is not None,
         num_warps=cfg.b1_warps)
-    if fused:
-        dx, dphi, dbp_pre, dap_pre = _backward_fused(x, phi, du, coef, h_pre, m, r, alpha, gli,
-                                                     need_x, need_phi, dx_acc, cfg)
-        if need_b:
-            db = dbp.sum(0)
-            db[:n] += dbp_pre.sum(0)
-        if need_alpha:
-            dalpha = dap.sum(0)
-            dalpha[0] += dap_pre.sum()
-        return dx, dphi, db, dalpha
     if need_b or need_alpha:
         sums = column_sums(dbp, dap)
         db = sums[:K] if need_b else None
@@ -1208,40 +1015,6 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
         if need_phi:
             dphi = dphi_ws[0] if ts == 1 else dphi_ws.sum(0)
     return dx, dphi, db, dalpha
-
-
-def _backward_fused(x, phi, du, coef, h_pre, m, r, alpha, gli, need_x, need_phi, dx_acc, cfg):
-    T, n, C = x.shape
-    K, NP, KP = _shapes(n)
-    dev = x.device
-    bt = max(16, min(_np2(cfg.bf_bt), _np2(T)))
-    gb = max(1, cfg.bf_gb)
-    br = _np2(cfg.bf_br)
-    warps = cfg.bf_warps
-    if KP >= 64 and "bf_br" not in cfg.explicit:      # n >= 5: keep [BR, KP] tiles in registers
-        br, bt, warps = min(br, 64), 16, max(warps, 8)
-    ncb = triton.cdiv(C, br)
-    S = n * ncb
-    G = triton.cdiv(T, gb * bt)
-    nsm = _num_sms(dev)
-    W = max(1, min(G, triton.cdiv(cfg.bf_ctas * nsm, S)))
-    acc = need_x and dx_acc is not None
-    dx = (dx_acc if acc else torch.empty_like(x)) if need_x else x
-    dphi_ws = torch.empty(W, n * C, K, device=dev, dtype=torch.float32) if need_phi else du
-    part = torch.empty(G * S * gb * bt, device=dev, dtype=torch.float32)
-    sync = torch.zeros(2 + S + G, device=dev, dtype=torch.int32)
-    dbp_pre = torch.empty(G, n, device=dev, dtype=torch.float32)
-    dap_pre = torch.empty(G, device=dev, dtype=torch.float32)
-    _bwd_fused_kernel[(S * W,)](
-        x, gli, phi, du, coef, h_pre, m, r, alpha, dx, dphi_ws, part, sync, dbp_pre, dap_pre,
-        T, C, G, ncb, cfg.bf_pre,
-        N=n, NP=NP, K=K, KP=KP, BT=bt, GB=gb, BR=br, DX=need_x, DPHI=need_phi, ACC=acc,
-        PREC=cfg.precision, MAXSPIN=MAX_SPIN, num_warps=warps, num_stages=cfg.bf_stages)
-    _LAST["bsync"] = sync
-    dphi = None
-    if need_phi:
-        dphi = dphi_ws[0] if W == 1 else dphi_ws.sum(0)
-    return (dx if need_x else None), dphi, dbp_pre, dap_pre
 
 
 def _on(device):

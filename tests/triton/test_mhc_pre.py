@@ -77,11 +77,6 @@ PRE_CASES = [
     (8, 264, 33, BF16, 1, None),
     (4, 264, 33, FP16, 20, {"fwd_dot": "f32"}),           # the fp32-x / tf32 forward GEMM
     (3, 264, 130, BF16, 20, {"fwd_dot": "f32", "split": False}),
-    # backward reading x once (phase-1 items + slice owners); several groups and slices
-    (4, 264, 33, FP16, 20, {"bwd_fused": True, "bf_bt": 16, "bf_gb": 1, "bf_br": 64}),
-    (3, 40, 33, BF16, 1, {"bwd_fused": True, "bf_bt": 16, "bf_gb": 2, "bf_br": 16, "bf_pre": 3}),
-    (1, 264, 33, FP16, 20, {"bwd_fused": True}),
-    (8, 40, 7, BF16, 20, {"bwd_fused": True, "bf_pre": 0}),
 ]
 
 
@@ -148,7 +143,7 @@ def test_no_grad_and_dtypes(kernel_device):
         assert rel_err(o, o_ref) <= tolerance(FP16)
 
 
-@pytest.mark.parametrize("config", [None, {"bwd_fused": True, "bf_bt": 16, "bf_br": 16}])
+@pytest.mark.parametrize("config", [None, {"b1_bt": 16, "b1_bc": 64, "b1_stages": 1}])
 def test_raw_entry_points_accumulate_dx(kernel_device, config):
     # mhc_pre_forward / mhc_pre_backward (no autograd) with the x gradient added in place.
     n, C, T = 4, 40, 7
@@ -296,9 +291,8 @@ def test_gpu_mhc_pre(n, C, T, dtype):
 @pytest.mark.parametrize("config", [None, {"fused": False}, {"persist": 2}, {"lag": 0},
                                     {"early": True, "ring": 3}, {"ring": 1, "lag": 2},
                                     {"bt": 32, "cw": 128, "warps": 8, "stages": 4},
-                                    {"precision": "tf32x3"}, {"bwd_fused": True},
+                                    {"precision": "tf32x3"},
                                     {"fwd_dot": "f32"}, {"fwd_dot": "f32", "split": False},
-                                    {"bwd_fused": True, "bf_ctas": 1, "bf_pre": 0, "bf_gb": 1},
                                     {"split": True}, {"split": False},
                                     {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_warps": 8},
                                     {"split": False, "ns_bt": 32, "ns_bk": 128, "ns_stages": 4},
@@ -308,14 +302,6 @@ def test_gpu_configs(C, config):
     for fn, ref_fn in ((mhc_pre, ref.mhc_pre), (mhc_coeffs, ref.mhc_coeffs)):
         errs, _ = _compare(fn, ref_fn, 4, C, 4097, BF16, 20, "cuda", seed=C, config=config)
         _assert_close(errs, BF16, f"{fn.__name__} C={C} config={config}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 3, 8])
-def test_gpu_fused_backward(n):
-    errs, _ = _compare(mhc_pre, ref.mhc_pre, n, 2560, 4097, BF16, 20, "cuda", seed=n,
-                       config={"bwd_fused": True})
-    _assert_close(errs, BF16, f"mhc_pre bwd_fused n={n}")
 
 
 @pytest.mark.gpu
