@@ -88,9 +88,9 @@ def compile_one(job):
             else:
                 nblk = m._ranges(job[4] * n, n, C, "cuda")
                 m._build_dx_prep(n, dtype, True, False)
-                m._build_dx_dphi(n, C, dtype, nblk, job[5], True)
+                m.build_dx_dphi(n, C, dtype, nblk, job[5], True)
                 if job[5]:       # a site: post's x gradient comes in through the link (acc)
-                    m._build_dx_dphi(n, C, dtype, nblk, True, True, True)
+                    m.build_dx_dphi(n, C, dtype, nblk, True, True, True)
         elif kind.startswith("mhc"):
             from kernels.tilelang import mhc_pre as m
             if kind == "mhc_gemm":
@@ -100,15 +100,15 @@ def compile_one(job):
             elif kind == "mhc_coef_bwd":
                 m._build_coef_bwd(n, C, dtype, False)   # (n, C, iters)
             elif kind == "mhc_apply":
-                m._build_apply(n, C, dtype, False)
+                m.build_apply(n, C, dtype, False)
             elif kind == "mhc_dhpre":
-                m._build_dhpre(n, C, dtype, False)
+                m.build_dhpre(n, C, dtype, False)
             else:
                 nblk = m._ranges(job[4], n, n * C, "cuda")
                 m._build_dx_prep(n, dtype, False, False)
-                m._build_dx_dphi(n, C, dtype, nblk, job[5])
+                m.build_dx_dphi(n, C, dtype, nblk, job[5])
                 if job[5]:       # a site: post's x gradient comes in through the link (acc)
-                    m._build_dx_dphi(n, C, dtype, nblk, True, False, True)
+                    m.build_dx_dphi(n, C, dtype, nblk, True, False, True)
         elif kind == "post":
             from kernels.tilelang import post
             post._build_fwd(n, C, dtype, False)

@@ -126,9 +126,9 @@ def compile_job(job):
         elif kind == "hc_coef_bwd":
             h._build_coef_bwd(a[0], a[1], False)
         elif kind == "apply":
-            m._build_apply(*a, False)
+            m.build_apply(*a, False)
         elif kind == "dhpre":
-            m._build_dhpre(*a, False)
+            m.build_dhpre(*a, False)
         elif kind == "post_fwd":
             p._build_fwd(*a, False)
         elif kind == "post_bwd":
@@ -140,7 +140,7 @@ def compile_job(job):
             cf = m.parse_dx_config(cfg, m.DxConfig())
             rows, D = (T_ * n, C) if hc else (T_, n * C)
             nblk, _ = m._split(rows, n, D, "cuda", cf, hc, C)
-            m._build_dx_dphi(n, C, dt, nblk, has_li, hc, acc, cf)
+            m.build_dx_dphi(n, C, dt, nblk, has_li, hc, acc, cf)
             if cf.impl == "tile" and cf.ws and m._tile_ok(n, C, hc, cf):
                 # ranges sized at launch: the same kernel runs at a small T; check it here, so a
                 # kernel that fails cannot take the measuring process's CUDA context down with it

@@ -52,6 +52,12 @@ def attach(h_res: torch.Tensor, x: torch.Tensor) -> SiteLink:
     return link
 
 
+def link_of(h_res: torch.Tensor) -> Optional[SiteLink]:
+    """The link a fused pre tagged its h_res with, claimed or not (None when there is none):
+    for a caller that hands post's dx over itself (suite.recompute's replay)."""
+    return getattr(h_res, _ATTR, None)
+
+
 def claim(h_res: torch.Tensor, x: torch.Tensor) -> Optional[SiteLink]:
     """The link of the pre that made h_res from this very x, if no post has claimed it yet."""
     link = getattr(h_res, _ATTR, None)

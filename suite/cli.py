@@ -165,7 +165,7 @@ class BadInput(Exception):
         self.lines = lines
 
 
-def _load(paths: list[str], sets: list[str], only: list[str] = ()):
+def load_scenarios(paths: list[str], sets: list[str], only: list[str] = ()):
     from suite.scenario import ScenarioError, filter_cases, load, parse_overrides
     scenarios, problems = [], []
     try:
@@ -183,7 +183,7 @@ def _load(paths: list[str], sets: list[str], only: list[str] = ()):
 
 
 def _list(args, console: Console) -> int:
-    for sc in _load(args.scenarios, args.set, args.only):
+    for sc in load_scenarios(args.scenarios, args.set, args.only):
         # soft_wrap: one case per line, whatever the width, so the list can be piped and grepped.
         console.print(f"[bold]{sc.name}[/] ({sc.path}): {len(sc.cases)} cases"
                       + (f" - {sc.description}" if sc.description else ""), soft_wrap=True)
@@ -237,7 +237,7 @@ def _run(args, console: Console) -> int:
         raise BadInput(["run: give at least one scenario file, or --resume RUN_DIR"])
     if args.traffic:
         args.set.append("traffic=true")
-    scenarios = (_load(args.scenarios, args.set, args.only) if args.scenarios
+    scenarios = (load_scenarios(args.scenarios, args.set, args.only) if args.scenarios
                  else _saved_scenarios(args.resume, args.set, args.only))
     from suite import launch
     world = launch.from_env()

@@ -59,7 +59,7 @@ def forward_cost(method, op, n, C, T, dtype, iters) -> Cost:
         return Cost(2 * C * s * T, C * s * T, C * T)
     k = n * n + 2 * n
     mix = (n + n * n) * COEF            # h_post and h_res per token
-    params = _param_bytes(method, n, C)
+    params = param_bytes(method, n, C)
     coeff_flops = _coeff_flops(method, n, C, iters)
     pre_flops = 2 * n * C
     post_flops = 2 * n * (n + 1) * C
@@ -84,7 +84,7 @@ def backward_cost(method, op, n, C, T, dtype, iters) -> Cost:
                     2 * C * s * T, C * T)
     k = n * n + 2 * n
     mix = (n + n * n) * COEF
-    params = _param_bytes(method, n, C)
+    params = param_bytes(method, n, C)
     # Backward of the coefficient pass: dx and dparam products, each the size of the forward GEMM.
     coeff_flops = 2 * _coeff_flops(method, n, C, iters)
     pre_flops = 4 * n * C
@@ -102,7 +102,7 @@ def backward_cost(method, op, n, C, T, dtype, iters) -> Cost:
     raise ValueError(f"unknown op {op!r}")
 
 
-def _param_bytes(method: str, n: int, C: int) -> int:
+def param_bytes(method: str, n: int, C: int) -> int:
     k = n * n + 2 * n
     if method == "mhc":
         return (n * C * k + k + 3) * COEF

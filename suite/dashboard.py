@@ -205,7 +205,7 @@ def _strip_samples(obj):
 
 # ---------------------------------------------------------------- the records table
 def _sort_key(r: dict):
-    from suite.report import _sort_key as key
+    from suite.report import sort_key as key
     return key(r)
 
 

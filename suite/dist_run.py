@@ -205,7 +205,7 @@ def run_cases(session, items: list, view=None) -> None:
     def emit(name, case, fields):
         if view:
             view.starting(case)
-        record = steps._new_record(session, case, name)
+        record = steps.new_group_record(session, case, name)
         record.update(dist_bench.labels(case))
         record["world_size"] = world.size
         record["launcher"] = world.source

@@ -111,7 +111,7 @@ def nvml_state(uuid: str) -> dict:
             "power_w": power / 1000 if power is not None else None,
             "power_limit_w": limit / 1000 if limit is not None else None,
             "temperature_c": g("nvmlDeviceGetTemperature", pynvml.NVML_TEMPERATURE_GPU),
-            "throttle_reasons": _decode_reasons(pynvml, reasons),
+            "throttle_reasons": decode_reasons(pynvml, reasons),
             "other_processes": [p.pid for p in procs if p.pid != os.getpid()] if procs else [],
             "mig_mode": mig[0] if isinstance(mig, (list, tuple)) else mig,
             "ecc_uncorrected": g("nvmlDeviceGetTotalEccErrors",
@@ -136,7 +136,7 @@ def _norm_uuid(u: str) -> str:
     return u.lower().removeprefix("gpu-").removeprefix("mig-")
 
 
-def _decode_reasons(pynvml, mask) -> list[str] | None:
+def decode_reasons(pynvml, mask) -> list[str] | None:
     if mask is None:
         return None
     names = []

@@ -141,7 +141,7 @@ def step_cost(case: Case) -> StepCost:
         V = case.vocab
         matmul += 2 * C * V * T * K * (3 if bwd else 1)
         other += (C * s + n * C * s + 4 * V) * T * K        # gather, stream copy, fp32 logits
-        conn_params = L * SITES_PER_LAYER * site_cost._param_bytes(case.method, n, C) // 4
+        conn_params = L * SITES_PER_LAYER * site_cost.param_bytes(case.method, n, C) // 4
         other += 7 * (weight_count(case) * s + conn_params * 4)    # AdamW, once per step
     half = other // 2
     return StepCost(read=half + conn // 2, write=other - half + conn - conn // 2,

@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--jobs", type=int, default=6, help="parallel processes (default 6)")
     args = p.parse_args(argv)
-    from suite.cli import BadInput, _load
+    from suite.cli import BadInput, load_scenarios
     try:
-        scenarios = _load([args.scenario], args.set, args.only)
+        scenarios = load_scenarios([args.scenario], args.set, args.only)
     except BadInput as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)

@@ -45,7 +45,7 @@ def tidy_csv(runs: list[Run]) -> str:
 
 
 def case_name(r: dict) -> str:
-    from suite.report import _label
+    from suite.report import case_label as _label
     return _label(r)
 
 

@@ -229,7 +229,7 @@ def _handed_over(h_res, g_x_post):
     itself. Returns the link, or None (no link: a backend without one, or nothing to hand)."""
     if h_res is None or g_x_post is None:
         return None
-    link = getattr(h_res, site_link._ATTR, None)
+    link = site_link.link_of(h_res)
     if link is not None:
         link.put(g_x_post)
     return link

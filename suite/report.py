@@ -22,7 +22,7 @@ ORDER = {"residual": 0, "hc": 1, "mhc": 2}
 BACKEND_ORDER = {"torch": 0, "compile": 1, "triton": 2, "tilelang": 3, "liger": 4}
 
 
-def _sort_key(r: dict):
+def sort_key(r: dict):
     c = r["case"]
     return (c["device"], c["mode"], c["op"], c["C"], c["T"], c["n"], ORDER.get(c["method"], 9),
             BACKEND_ORDER.get(c["backend"], 9), c["dtype"])
@@ -61,7 +61,7 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         header.append(f"x {base}")
     header.append("status")
     body = []
-    for r in sorted(records, key=_sort_key):
+    for r in sorted(records, key=sort_key):
         c, t = r["case"], r.get("time_ms")
         row = ["" if c.get(k) is None else str(c.get(k)) for k in COLUMNS]
         if c.get("scope", "site") != "site":   # a whole layer or step: say so where op would be
@@ -96,7 +96,7 @@ def reasons(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return grouped
 
 
-def _label(r: dict) -> str:
+def case_label(r: dict) -> str:
     c = r["case"]
     n = "" if c["method"] == "residual" else f" n={c['n']}"
     op = "" if c["op"] == "site" else f" {c['op']}"
@@ -126,7 +126,7 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
         console.print(f"[{'red' if status == 'failed' else 'yellow'}]{status} ({len(recs)}): "
                       f"{why}[/]", highlight=False)
         for r in recs[:50]:
-            console.print(f"    {_label(r)}", highlight=False, markup=False)
+            console.print(f"    {case_label(r)}", highlight=False, markup=False)
     report_sections.print_traffic(records, console)
     from suite import dist_report
     dist_report.print_tables(records, console)
@@ -202,7 +202,7 @@ def markdown(run_dir: Path) -> str:
         lines += ["", "## Skipped and failed cases", ""]
         for (status, why), recs in grouped.items():
             lines.append(f"- **{status}** ({len(recs)}): {why}")
-            lines += [f"  - {_label(r)}" for r in recs]
+            lines += [f"  - {case_label(r)}" for r in recs]
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +225,7 @@ def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
                         f"B = {Path(run_b).name} ({_device_line(_env(run_b))})")
     for h in [HEADER.get(c, c) for c in COLUMNS] + ["A ms", "B ms", "B/A", "A % copy", "B % copy"]:
         table.add_column(h)
-    for k in sorted(both, key=lambda k: _sort_key(b[k])):
+    for k in sorted(both, key=lambda k: sort_key(b[k])):
         ra, rb = a[k], b[k]
         ta, tb = ra["time_ms"]["median"], rb["time_ms"]["median"]
         table.add_row(*["" if rb["case"].get(c) is None else str(rb["case"][c]) for c in COLUMNS],

@@ -445,7 +445,7 @@ def run_group(session, items: list, view=None) -> None:
     for name, case in items:
         if view:
             view.starting(case)
-        record = _new_record(session, case, name)
+        record = new_group_record(session, case, name)
         records[id(case)] = (case, record)
         t0 = time.perf_counter()
         reason = unavailable(case)
@@ -593,7 +593,7 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
             torch.cuda.empty_cache()
 
 
-def _new_record(session, case: Case, name: str) -> dict:
+def new_group_record(session, case: Case, name: str) -> dict:
     from suite.store import new_record
     return {**new_record(case, name, session.gpu_uuid, session.env), "group": group_key(case)}
 

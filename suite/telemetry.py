@@ -69,7 +69,7 @@ class NvmlDevice:
             self.errors.pop("throttle_reasons", None)
             mask = self.query("throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
         if mask not in self._decoded:
-            self._decoded[mask] = environment._decode_reasons(self.nvml, mask)
+            self._decoded[mask] = environment.decode_reasons(self.nvml, mask)
         return self._decoded[mask]
 
     def process_pids(self) -> list[int] | None:

@@ -11,10 +11,10 @@ The norm and projections are mHC's row-norm GEMM with rows = (token, stream) pai
 split into hi + lo in x's dtype, 64 rows = 16 tokens (n = 4) per CTA). Forward, three kernels:
   row-norm GEMM -> z [T, n, n+2], r [T, n];
   _build_coef (one thread per token): tanh, scales and biases -> h_pre, h_post, h_res;
-  mhc_pre._build_apply: layer_input = sum_i h_pre[i] x[i].
-Backward: mhc_pre._build_dhpre (dh_pre = g_li . x[i]), _build_coef_bwd (one thread per token:
+  mhc_pre.build_apply: layer_input = sum_i h_pre[i] x[i].
+Backward: mhc_pre.build_dhpre (dh_pre = g_li . x[i]), _build_coef_bwd (one thread per token:
 dz = (1 - p^2) dp, du = dz / r, coef = -(dz . z) / (r^2 C), per-token ds), then the row GEMM
-kernel mhc_pre._build_dx_dphi(hc=True): dx = du @ w^T + coef * x + h_pre * g_li and dw = x^T @ du
+kernel mhc_pre.build_dx_dphi(hc=True): dx = du @ w^T + coef * x + h_pre * g_li and dw = x^T @ du
 (the tile kernel when n divides its 64-row block: 16 tokens of 4 streams, a [16, br] g_li tile).
 db is a torch sum of the upstream gradients. Site link as in mhc_pre: hc_pre / hc_coeffs tag h_res,
 a fused post of the same x hands its dx over, and the dx kernel adds into it in place.

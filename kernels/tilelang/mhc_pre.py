@@ -20,7 +20,7 @@ Forward, three kernels (K = n*n + 2n, KP = K rounded up to 16):
     writes m = (x @ phi) / r [T, K] and r [T] (also what the backward needs).
   _build_coef (per token, one thread each): bias, alpha, sigmoid, 2*sigmoid, the max-shifted exp
     and all Sinkhorn iterations in registers; writes h_pre, h_post, h_res.
-  _build_apply (mhc_pre only; one CTA per token): layer_input = sum_i h_pre[i] x[i].
+  build_apply (mhc_pre only; one CTA per token): layer_input = sum_i h_pre[i] x[i].
   HBM bytes per token: read 2nC*e (x twice: GEMM, then apply) + small, write C*e + (n*n+3n+1)*4.
   The floor (MATH.md) reads x once: the GEMM kernel would have to finish a token block's Sinkhorn
   and then re-read the block's x, which at 64 tokens x nC is 2 MB per CTA (n=4, C=4096), far past
@@ -28,14 +28,14 @@ Forward, three kernels (K = n*n + 2n, KP = K rounded up to 16):
   Triton non-split path does too unless the block fits in L2).
 
 Backward:
-  _build_dhpre (mhc_pre only; one CTA per token): dh_pre[i] = sum_c g_li[c] x[i, c].
+  build_dhpre (mhc_pre only; one CTA per token): dh_pre[i] = sum_c g_li[c] x[i, c].
   _build_coef_bwd (per token, one thread each): sigmoid derivatives, the Sinkhorn backward -
     recomputing the iterates on chip from the logits, nothing stored: checkpoints every
     Q = ceil(sqrt(iters)) iterations, each iterate of a segment recomputed from its checkpoint -,
     the max shift (its gradient to the arg-max entries, split on ties as torch.amax), the
     alpha / bias / 1/r chain. Writes dlogit [T, K] (torch sums it into db and dalpha),
     du = alpha * dlogit / r [T, K] and coef = dr / (nC r) [T].
-  _build_dx_dphi (GPU only; DxConfig / DX_CONFIG pick the kernel): grid (cdiv(nC, br) column
+  build_dx_dphi (GPU only; DxConfig / DX_CONFIG pick the kernel): grid (cdiv(nC, br) column
     blocks of the flattened x, R token ranges); a CTA keeps its phi rows (hi, lo) in shared
     memory and streams its token range in [bt, br] tiles:
       dphi rows += x_tile^T @ du   (two wgmmas: du hi, lo)
@@ -64,7 +64,7 @@ Site link (kernels/site_link.py): mhc_pre / mhc_coeffs tag h_res with a link to 
 a fused post (kernels/tilelang/post.py) of that x and h_res hands its dx over instead of
 returning it, and this backward takes it first (on every path that returns dx) and adds into it.
 
-CPU ("c" target, tests): _build_coef, _build_coef_bwd, _build_apply and _build_dhpre compile
+CPU ("c" target, tests): _build_coef, _build_coef_bwd, build_apply and build_dhpre compile
 there (the per-token threads become a serial loop); the two GEMM kernels are GPU only.
 """
 
@@ -308,7 +308,7 @@ def _build_coef_bwd(n: int, C: int, iters: int, cpu: bool):
 
 # ====================================================================== per-token streaming kernels
 @functools.cache
-def _build_apply(n: int, C: int, dtype: str, cpu: bool):
+def build_apply(n: int, C: int, dtype: str, cpu: bool):
     """layer_input[t] = sum_i h_pre[t, i] x[t, i]; one CTA per token, C in BLOCK chunks."""
     import tilelang.language as T
 
@@ -337,7 +337,7 @@ def _build_apply(n: int, C: int, dtype: str, cpu: bool):
 
 
 @functools.cache
-def _build_dhpre(n: int, C: int, dtype: str, cpu: bool):
+def build_dhpre(n: int, C: int, dtype: str, cpu: bool):
     """dh_pre[t, i] = sum_c g_li[t, c] x[t, i, c]; one CTA per token, one reducer per stream."""
     import tilelang.language as T
 
@@ -580,7 +580,7 @@ def _tile_ok(n: int, C: int, hc: bool, cfg: DxConfig) -> bool:
 
 
 @functools.cache
-def _build_dx_dphi(n: int, C: int, dtype: str, nblk: int, has_li: bool, hc: bool = False,
+def build_dx_dphi(n: int, C: int, dtype: str, nblk: int, has_li: bool, hc: bool = False,
                    acc: bool = False, cfg: DxConfig | None = None):
     """The dx / dphi kernel for cfg (None: the default): the tile kernel where it applies, else
     the row kernel. nblk: token blocks per range (ignored by the warp-specialised tile kernel,
@@ -820,7 +820,7 @@ def apply_pre(x, h_pre):
     T_, n, C = x.shape
     out = torch.empty(T_, C, device=x.device, dtype=x.dtype)
     if T_:
-        kern = _build_apply(n, C, TL_DTYPES[x.dtype], x.device.type == "cpu")
+        kern = build_apply(n, C, TL_DTYPES[x.dtype], x.device.type == "cpu")
         with on_device(x):
             kern(x, h_pre, out)
     return out
@@ -830,7 +830,7 @@ def dh_pre_of(x, g_li):
     T_, n, C = x.shape
     dh = torch.empty(T_, n, device=x.device, dtype=torch.float32)
     if T_:
-        kern = _build_dhpre(n, C, TL_DTYPES[x.dtype], x.device.type == "cpu")
+        kern = build_dhpre(n, C, TL_DTYPES[x.dtype], x.device.type == "cpu")
         with on_device(x):
             kern(x, g_li, dh)
     return dh
@@ -858,7 +858,7 @@ def _num_sms(device) -> int:
 def _ranges(rows: int, n: int, D: int, device) -> int:
     """Row blocks (of GEMM_BT) per token range of the row kernel: about 4 CTAs per SM in all, a
     power of two (few compiled variants). (dev/tilelang_precompile.py passes it to
-    _build_dx_dphi for every shape: the warp-specialised tile kernel ignores it.)"""
+    build_dx_dphi for every shape: the warp-specialised tile kernel ignores it.)"""
     blocks = -(-rows // GEMM_BT)
     cb = -(-D // 64)
     want = max(1, -(-4 * _num_sms(device) // cb))
@@ -940,7 +940,7 @@ def dx_dphi_launch(x, phi, du, coef, h_pre, g_li, hc: bool = False, acc=None, cf
     ws = torch.empty(R, D, KP, device=x.device, dtype=torch.float32)
     has_li = g_li is not None
     gl = _aligned(g_li) if has_li else x.new_empty(T_, C)
-    kern = _build_dx_dphi(n, C, TL_DTYPES[dt], nblk, has_li, hc, acc is not None, cfg)
+    kern = build_dx_dphi(n, C, TL_DTYPES[dt], nblk, has_li, hc, acc is not None, cfg)
     if tile:
         mid = (rowc, gl)
     else:

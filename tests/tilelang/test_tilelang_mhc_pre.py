@@ -108,10 +108,10 @@ def test_gemm_kernels_compile_for_sm90a(monkeypatch):
     # __wrapped__: not memoised, so nothing compiled for another target stays in the cache
     src = mod._build_gemm_norm.__wrapped__(4, 264, "bfloat16").get_kernel_source()
     assert "wgmma" in src
-    src = mod._build_dx_dphi.__wrapped__(3, 264, "bfloat16", 2, True).get_kernel_source()
+    src = mod.build_dx_dphi.__wrapped__(3, 264, "bfloat16", 2, True).get_kernel_source()
     assert "wgmma" in src       # C = 264: the row kernel
     # C = 256: the tile kernel, adding into a linked site's x gradient (acc), TMA store of dx
-    src = mod._build_dx_dphi.__wrapped__(4, 256, "bfloat16", 0, True, False, True).get_kernel_source()
+    src = mod.build_dx_dphi.__wrapped__(4, 256, "bfloat16", 0, True, False, True).get_kernel_source()
     assert "wgmma" in src and "tma_store" in src
 
 
