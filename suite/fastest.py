@@ -54,6 +54,3 @@ def choose(case: Case, timer: Timer) -> dict:
                     "not_timed": reasons, "candidates": names}
     return _CHOSEN[key]
 
-
-def ops_for(method: str, choice: dict) -> kernels.Ops:
-    return kernels.compose(method, choice["pre"], choice["post"])

@@ -179,8 +179,7 @@ def verdict(records: list[dict], env: dict) -> list[dict]:
             head_ms = 0.0
         full = (lambda t: head_ms + (t - head_ms) * scale)
         row = {"case": c, "record": r, "overhead": point, "low": lo, "high": hi,
-               "wording": wording(lo, hi), "scale": scale,
-               "head_ms": head_ms if head else None, "residual_ms": full(statistics.median(peer["samples"])),
+               "wording": wording(lo, hi), "residual_ms": full(statistics.median(peer["samples"])),
                "ms": full(r["time_ms"]["median"]), "residual_record": res_rec}
         dm, dr = _device_ms(r), _device_ms(res_rec)
         if dm and dr:
@@ -294,7 +293,7 @@ def _headline(row) -> bool:
     c = row["case"]
     return (c.scope == "model" and c.family == "deepseek" and c.method == "mhc"
             and c.recompute == "mhc" and not c.cuda_graph
-            and c.L_r == recompute.best_lr(c.n, 2 * (c.depth or c.layers)))
+            and c.L_r == min(2 * c.layers, recompute.default_lr(c.n, c.depth or c.layers)))
 
 
 def markdown_lines(records: list[dict], env: dict) -> list[str]:

@@ -120,8 +120,8 @@ def run_sites(sites: list, x: torch.Tensor, mode: str, L_r: int) -> torch.Tensor
 
 
 def run_layers(layers: list, x: torch.Tensor, mode: str, L_r: int) -> torch.Tensor:
-    """Old entry point, kept for callers not yet switched: the sites of `layers` in order, run by
-    run_sites with the same L_r, which now counts SITES (two per transformer layer), not layers."""
+    """For callers that hold layers (suite.pipeline's stages): their sites in order, run by
+    run_sites with the same L_r, which counts sites (two per transformer layer), not layers."""
     return run_sites([s for layer in layers for s in layer.sites], x, mode, L_r)
 
 
@@ -300,14 +300,12 @@ class SavedBytes:
     every tensor packed by a saved-tensor hook, each storage counted once."""
 
     def __init__(self):
-        self.storages: dict[int, int] = {}
+        self.storages: dict[tuple, int] = {}
 
     def _pack(self, t):
-        try:
-            st = t.untyped_storage()
-            self.storages[st.data_ptr()] = st.nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass    # no plain storage (sparse, nested, fake tensors): nothing this count can size
+        key, nbytes = _storage(t)
+        if key is not None:
+            self.storages[key] = nbytes
         return t
 
     def __enter__(self):
@@ -337,6 +335,8 @@ def _note_retained(x0, fs) -> None:
 
 
 def _storage(t):
+    """(a key of t's storage, its bytes), or (None, 0) where t has no plain storage (sparse,
+    nested, fake tensors): nothing a byte count can size."""
     try:
         st = t.untyped_storage()
         return (t.device.type, t.device.index, st.data_ptr()), st.nbytes()

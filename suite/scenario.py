@@ -355,8 +355,7 @@ def normalise_model(case: Case) -> Case:
     fill = {k: v for k, v in MODEL_DEFAULTS.items() if getattr(case, k) is None}
     case = replace(case, **fill)
     if case.family == "deepseek":
-        # MoE and MLA have no MLP ratio; the vocabulary is the paper's unless a case says
-        case = replace(case, mlp_ratio=None)
+        case = replace(case, mlp_ratio=None)      # MLA and MoE sublayers have no MLP ratio
     if case.depth is not None and case.depth == case.layers:
         case = replace(case, depth=None)
     if case.scope != "model":
@@ -376,7 +375,7 @@ def normalise_model(case: Case) -> Case:
     elif case.L_r is None:
         # Eq. 20's integer optimum, counted in sites of the full depth
         case = replace(case, L_r=min(2 * case.layers,
-                                     recompute.best_lr(case.n, 2 * (case.depth or case.layers))))
+                                     recompute.default_lr(case.n, case.depth or case.layers)))
     return case
 
 

@@ -530,7 +530,6 @@ def _time_subgroup(session, members: list[Case], records: dict, index: int) -> N
             if model:
                 parts = {}
                 for step in built:       # memory and device-only parts before any capture
-                    case, record = records[id(step.case)]
                     step.eager_call()
                     parts[id(step)] = (measure_memory(step, timer), device_parts(step, timer))
                 live = []
@@ -598,17 +597,16 @@ def new_group_record(session, case: Case, name: str) -> dict:
     return {**new_record(case, name, session.gpu_uuid, session.env), "group": group_key(case)}
 
 
-def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer, rate) -> None:
-    """Scope layer: padded device time per call."""
-    case = step.case
-    act = _activation_peak(step, timer)
+def _fill_common(session, case: Case, record: dict, timing: Timing, rounds: list, rate,
+                 kind: str, tokens: int) -> float:
+    """What every whole-step record has: its time, rounds, tokens/s, floor bytes and FLOPs, and
+    the run's copy and matmul rates. Returns the median in seconds."""
     cost = predict.step_cost(case)
     seconds = timing.median * 1e-3
     record["time_ms"] = timing.summary()
-    record["time_kind"] = "device (padded)"
+    record["time_kind"] = kind
     record["rounds"] = rounds
-    record["tokens_per_s"] = case.T / seconds
-    record["activation_peak_bytes"] = act
+    record["tokens_per_s"] = tokens / seconds
     record["bytes"] = {"read": cost.read, "write": cost.write}
     record["flops"] = cost.flops
     record["matmul_flops"] = cost.matmul_flops
@@ -619,6 +617,14 @@ def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer
         record["copy_gbps"] = copy["gbps"]
     if rate:
         record["matmul_tflops_measured"] = rate["tflops"]
+    return seconds
+
+
+def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer, rate) -> None:
+    """Scope layer: padded device time per call."""
+    _fill_common(session, step.case, record, timing, rounds, rate, "device (padded)",
+                 step.case.T)
+    record["activation_peak_bytes"] = _activation_peak(step, timer)
 
 
 def _fill_model(session, step: Step, record: dict, timing: Timing, rounds: list, rate,
@@ -626,37 +632,23 @@ def _fill_model(session, step: Step, record: dict, timing: Timing, rounds: list,
     """Scope model: wall clock per whole step (the headline), with the device-only parts, the
     host's enqueue time, the optimizer's share, memory and model-FLOPs utilisation."""
     case = step.case
-    K = case.accum or 1
+    kind = "wall clock per step" + (" (CUDA graph replay)" if case.cuda_graph else "")
+    seconds = _fill_common(session, case, record, timing, rounds, rate, kind,
+                           case.T * (case.accum or 1))
     wall = timing.median
-    record["time_ms"] = timing.summary()
-    record["time_kind"] = "wall clock per step" + (" (CUDA graph replay)" if case.cuda_graph
-                                                   else "")
-    record["rounds"] = rounds
     record["device"] = device
     record["optimizer_share"] = device["optimizer_ms"] / wall
     host = device.get("host_step_ms")
     record["bound"] = None if host is None else ("host" if host > device["step_ms"] else "device")
     record["wall_over_device"] = wall / device["step_ms"]
-    tokens = case.T * K
-    record["tokens_per_s"] = tokens / (wall * 1e-3)
     record.update(memory)
     record["peak_mem_bytes"] = memory.get("step_peak_bytes")
-    cost = predict.step_cost(case)
-    record["bytes"] = {"read": cost.read, "write": cost.write}
-    record["flops"] = cost.flops
-    record["matmul_flops"] = cost.matmul_flops
-    record["gbps"] = cost.total / (wall * 1e-3) / 1e9
     record["model_flops"] = predict.model_flops(case)
-    record["tflops"] = record["model_flops"] / (wall * 1e-3) / 1e12
+    record["tflops"] = record["model_flops"] / seconds / 1e12
     peak = predict.datasheet_tflops(session.env)
     if peak:
         record["mfu"] = record["tflops"] / peak["tflops"]
         record["mfu_peak"] = peak
-    copy = session.copy.get(case.device)
-    if copy:
-        record["copy_gbps"] = copy["gbps"]
-    if rate:
-        record["matmul_tflops_measured"] = rate["tflops"]
     if step.moe:
         record["expert_path"] = step.moe[0].path
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from suite.core import record as record_schema
 from suite.guard import now_utc
 
-RECORD_SCHEMA = record_schema.SCHEMA
 
 
 def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = None) -> dict:
@@ -26,7 +25,7 @@ def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = Non
     of the format present, so skipped and failed records read like measured ones. `env` (the
     run's suite.env.capture) gives the code commit and the kernel settings it ran with."""
     env = env or {}
-    return {"schema": RECORD_SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
+    return {"schema": record_schema.SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
             "scenario": scenario, "status": "ok", "reason": None, "time_ms": None,
             "bytes": None, "flops": None, "gbps": None, "tflops": None,
             "pct_of_copy": None, "peak_mem_bytes": None, "check": None,

@@ -11,9 +11,8 @@ import hashlib
 import json
 
 # /2: L_r counts sites, scope model is timed by wall clock, records carry code and
-# kernel_settings. Readers accept /1 records (their scope-model times are padded device time).
+# kernel_settings. /1 records read the same way (their scope-model times are padded device time).
 SCHEMA = "hcbench.record/2"
-KNOWN_SCHEMAS = ("hcbench.record/1", SCHEMA)
 
 CASE_COLUMNS = (
     ("method", "text"), ("backend", "text"), ("op", "text"), ("scope", "text"), ("n", "int"),
