@@ -624,7 +624,10 @@ def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer
     """Scope layer: padded device time per call."""
     _fill_common(session, step.case, record, timing, rounds, rate, "device (padded)",
                  step.case.T)
-    record["activation_peak_bytes"] = _activation_peak(step, timer)
+    act = _activation_peak(step, timer)
+    held = step.state_bytes()["params"] + 2 * step.x.numel() * step.x.element_size()
+    record["activation_peak_bytes"] = act
+    record["peak_mem_bytes"] = None if act is None else act + held     # weights, x and its grad
 
 
 def _fill_model(session, step: Step, record: dict, timing: Timing, rounds: list, rate,
