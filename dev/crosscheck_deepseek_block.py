@@ -1,6 +1,6 @@
 """Cross-check the speed of our DeepSeek-V3 block against torchtitan's, on one CUDA GPU.
 
-One residual block at the mHC paper's 3B shapes (suite.deepseek.PRESETS["3B"]: C 1280, 16 heads,
+One residual block at the mHC paper's 3B shapes (suite.core.model_shape.PRESETS["3B"]: C 1280, 16 heads,
 MLA with KV rank 512 and q/k 128 + 64 / v 128 head dims, 64 routed experts, top-6, 2 shared,
 expert dim 896), 1 x 4096 tokens, bf16, forward + backward (gradients of the input and every
 parameter), each timed with suite.timing.Timer:
@@ -110,9 +110,10 @@ def main() -> int:
         return 2
 
     from suite import deepseek as ds
+    from suite.core import model_shape
     from suite.timing import Timer
 
-    shape = ds.PRESETS[args.preset]
+    shape = model_shape.PRESETS[args.preset]
     dev, dtype, seq = torch.device("cuda"), torch.bfloat16, args.tokens
     torch.manual_seed(0)
     ours = OurBlock(shape, dtype).to(dev)

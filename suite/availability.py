@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from suite import workload
+from suite.core.dtypes import TORCH_DTYPES
 from suite.scenario import Case
 
 
@@ -34,7 +34,7 @@ def unavailable(case: Case) -> str | None:
         return f"backend {case.backend} has no coeffs op for {case.method}"
     if case.op in ("pre", "site") and ops.pre is None:
         return f"backend {case.backend} has no pre op for {case.method} yet"
-    return ops.supports(case.n, case.C, workload.TORCH_DTYPES[case.dtype])
+    return ops.supports(case.n, case.C, TORCH_DTYPES[case.dtype])
 
 
 def distributed_unavailable(case: Case, world_size: int) -> str | None:
@@ -61,5 +61,5 @@ def distributed_unavailable(case: Case, world_size: int) -> str | None:
         ops = kernels.get(case.method, case.backend)
         if ops.pre is None:
             return f"backend {case.backend} has no pre op for {case.method} yet"
-        return ops.supports(case.n, case.C, workload.TORCH_DTYPES[case.dtype])
+        return ops.supports(case.n, case.C, TORCH_DTYPES[case.dtype])
     return None

@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from suite import workload
+from suite.core.dtypes import TORCH_DTYPES
 from suite.scenario import Case
 from suite.tolerance import rel_err, tolerance
 
@@ -47,7 +48,7 @@ def check(ops: kernels.Ops, case: Case, device: str) -> dict:
     got = workload.run(ops, case, inputs)
     ref_ops = ops.reference or kernels.get(case.method, "torch")
     ref = workload.run(ref_ops, case, workload.upcast(inputs))
-    state = workload.TORCH_DTYPES[case.dtype]
+    state = TORCH_DTYPES[case.dtype]
     errors, tols, wrong_dtype = {}, {}, []
     for name, want in ref.items():
         expected = state if name in STATE_OUTPUTS else torch.float32

@@ -166,20 +166,11 @@ class BadInput(Exception):
 
 
 def load_scenarios(paths: list[str], sets: list[str], only: list[str] = ()):
-    from suite.scenario import ScenarioError, filter_cases, load, parse_overrides
-    scenarios, problems = [], []
+    from suite.scenario import ScenarioError, load_all
     try:
-        overrides = parse_overrides(sets)
+        return load_all(paths, sets, only)
     except ScenarioError as exc:
         raise BadInput(exc.problems)
-    for path in paths:
-        try:
-            scenarios.append(filter_cases(load(path, overrides), only))
-        except ScenarioError as exc:
-            problems += exc.problems
-    if problems:
-        raise BadInput(problems)
-    return scenarios
 
 
 def _list(args, console: Console) -> int:

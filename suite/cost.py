@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+from suite.core.dtypes import ELEMENT_BYTES
+
 COEF = 4
 
 

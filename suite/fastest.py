@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import kernels
 from suite import workload
+from suite.core.dtypes import TORCH_DTYPES
 from suite.scenario import Case
 from suite.timing import Timer
 
@@ -37,7 +38,7 @@ def choose(case: Case, timer: Timer) -> dict:
                        Case.MODEL_FIELDS})
         for name in names if len(names) > 1 else []:
             ops = kernels.get(case.method, name)
-            why = ops.supports(case.n, case.C, workload.TORCH_DTYPES[case.dtype])
+            why = ops.supports(case.n, case.C, TORCH_DTYPES[case.dtype])
             if why:
                 reasons[f"{op}/{name}"] = why
                 continue

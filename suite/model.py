@@ -38,6 +38,7 @@ from torch import nn
 import kernels
 from kernels import reference
 from suite import deepseek, recompute
+from suite.core import model_shape
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}
@@ -140,7 +141,7 @@ def connection_ops(cfg: ModelConfig) -> kernels.Ops:
 
 def sublayers(cfg: ModelConfig, index: int, dtype) -> tuple[nn.Module, nn.Module]:
     if cfg.family == "deepseek":
-        return deepseek.build_sublayers(deepseek.shape_for(cfg.C, cfg.heads), index, dtype)
+        return deepseek.build_sublayers(model_shape.shape_for(cfg.C, cfg.heads), index, dtype)
     return Attention(cfg.C, cfg.heads, dtype), MLP(cfg.C, cfg.mlp_ratio, dtype)
 
 

@@ -31,7 +31,9 @@ import statistics
 from collections import defaultdict
 from dataclasses import replace
 
-from suite import predict, recompute
+from suite import predict
+from suite.core import recompute_size
+from suite.core.dtypes import ELEMENT_BYTES
 from suite.scenario import Case
 
 PAPER_OVERHEAD_PCT = 6.7
@@ -244,7 +246,7 @@ def recompute_rows(records: list[dict]) -> list[dict]:
         base = by_id.get(case_id, {})
         res = _peer(r, method="residual", recompute="none")
         res_rec = by_id.get(res[0], {}) if res else {}
-        s = predict.ELEMENT_BYTES[c.dtype]
+        s = ELEMENT_BYTES[c.dtype]
         sites = 2 * c.layers
         act, act0 = r.get("activation_peak_bytes"), base.get("activation_peak_bytes")
         kept, kept_res = r.get("retained_bytes"), res_rec.get("retained_bytes")
@@ -255,9 +257,9 @@ def recompute_rows(records: list[dict]) -> list[dict]:
                      "retained_bytes": kept,
                      "retained_over_residual": (None if kept is None or kept_res is None
                                                 else kept - kept_res),
-                     "model_retained_bytes": recompute.retained_model(c.n, c.C, sites, c.L_r)
+                     "model_retained_bytes": recompute_size.retained_model(c.n, c.C, sites, c.L_r)
                      * c.T * s,
-                     "model_bytes": recompute.memory_model(c.n, c.C, sites, c.L_r) * c.T * s})
+                     "model_bytes": recompute_size.memory_model(c.n, c.C, sites, c.L_r) * c.T * s})
     rows.sort(key=lambda x: (x["case"].C, x["case"].layers, x["case"].method,
                              x["case"].recompute, x["case"].L_r))
     return rows
@@ -276,8 +278,8 @@ def best_lr_rows(rows: list[dict]) -> list[dict]:
         out.append({"method": method, "C": C, "layers": L, "n": n,
                     "best_memory_lr": min(rs, key=lambda x: x["activation_bytes"])["case"].L_r,
                     "best_time_lr": min(rs, key=lambda x: x["time_cost_pct"])["case"].L_r,
-                    "formula": recompute.lr_star(n, 2 * L),
-                    "model_best": recompute.best_lr(n, 2 * L)})
+                    "formula": recompute_size.lr_star(n, 2 * L),
+                    "model_best": recompute_size.best_lr(n, 2 * L)})
     return out
 
 
@@ -293,7 +295,7 @@ def _headline(row) -> bool:
     c = row["case"]
     return (c.scope == "model" and c.family == "deepseek" and c.method == "mhc"
             and c.recompute == "mhc" and not c.cuda_graph
-            and c.L_r == min(2 * c.layers, recompute.default_lr(c.n, c.depth or c.layers)))
+            and c.L_r == min(2 * c.layers, recompute_size.default_lr(c.n, c.depth or c.layers)))
 
 
 def markdown_lines(records: list[dict], env: dict) -> list[str]:

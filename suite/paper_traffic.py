@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from suite.cost import COEF, ELEMENT_BYTES
+from suite.core.dtypes import ELEMENT_BYTES
+from suite.cost import COEF
 
 
 @dataclass(frozen=True)

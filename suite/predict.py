@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from suite import cost as site_cost
-from suite import deepseek
+from suite.core import model_shape
+from suite.core.dtypes import ELEMENT_BYTES
 from suite.scenario import Case
 
 # Published figures (dense bf16 tensor-core rate; memory bandwidth), for GPUs not in the run.
@@ -47,7 +46,6 @@ TYPICAL_MATMUL_FRACTION = 0.7
 # Which published row a measured GPU name corresponds to (its datasheet is the scale's base).
 NAME_MATCH = {"H100": "H100 SXM", "H200": "H200", "B200": "B200"}
 SITES_PER_LAYER = 2
-ELEMENT_BYTES = site_cost.ELEMENT_BYTES
 
 
 @dataclass(frozen=True)
@@ -70,8 +68,8 @@ class StepCost:
 def layer_matmul_flops(case: Case) -> int:
     """Forward matmul FLOPs per token of the case's layers (attention causal: half the square)."""
     if case.family == "deepseek":
-        shape = deepseek.shape_for(case.C, case.heads)
-        flops = deepseek.matmul_flops_per_token(shape, case.seq, case.layers)
+        shape = model_shape.shape_for(case.C, case.heads)
+        flops = model_shape.matmul_flops_per_token(shape, case.seq, case.layers)
         return int(flops["total"] - flops["head"])
     C, r, S = case.C, case.mlp_ratio, case.seq
     return (8 * C * C + 2 * S * C + 4 * r * C * C) * case.layers
@@ -83,7 +81,7 @@ def layer_other_bytes(case: Case) -> int:
     s = ELEMENT_BYTES[case.dtype]
     C = case.C
     if case.family == "deepseek":
-        sh = deepseek.shape_for(C, case.heads)
+        sh = model_shape.shape_for(C, case.heads)
         per = 6 * C + sh.active * (4 * C + 3 * sh.expert_dim) + 3 * sh.shared * sh.expert_dim
         return per * s * case.layers
     return (4 * C + 2 * case.mlp_ratio * C + 2 * C) * s * case.layers
@@ -94,7 +92,7 @@ def weight_count(case: Case) -> int:
     scope model)."""
     vocab = 2 * (case.vocab or 0) * case.C if case.scope == "model" else 0
     if case.family == "deepseek":
-        counts = deepseek.param_counts(deepseek.shape_for(case.C, case.heads), case.layers)
+        counts = model_shape.param_counts(model_shape.shape_for(case.C, case.heads), case.layers)
         return counts["body"] + vocab
     C, r = case.C, case.mlp_ratio
     return case.layers * (4 + 2 * r) * C * C + vocab
@@ -183,14 +181,3 @@ def rates_for(gpu: str, measured_gpu: str | None, copy_gbps: float, matmul_tflop
     return {"copy_gbps": copy_gbps * target["bandwidth_gbps"] / base["bandwidth_gbps"],
             "matmul_tflops": matmul_tflops * target["bf16_tflops"] / base["bf16_tflops"],
             "scaled_from": measured_gpu}
-
-
-def matmul_rate_tflops(timer, size: int | None = None) -> dict:
-    """bf16 dense matmul rate (square, size^3), with the suite's one timer."""
-    size = size or (8192 if timer.cuda else 256)
-    dtype = torch.bfloat16 if timer.cuda else torch.float32
-    ab = [torch.randn(size, size, device=timer.device, dtype=dtype) for _ in range(2)]
-    timing = timer.time(lambda: ab[0] @ ab[1], warmup_ms=50, rep_ms=200)
-    ab.clear()
-    return {"tflops": 2 * size ** 3 / (timing.median * 1e-3) / 1e12, "size": size,
-            "dtype": str(dtype).replace("torch.", ""), "time_ms": timing.summary()}

@@ -91,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--jobs", type=int, default=6, help="parallel processes (default 6)")
     args = p.parse_args(argv)
-    from suite.cli import BadInput, load_scenarios
+    from suite.scenario import ScenarioError, load_all
     try:
-        scenarios = load_scenarios([args.scenario], args.set, args.only)
-    except BadInput as exc:
-        for line in exc.lines:
+        scenarios = load_all([args.scenario], args.set, args.only)
+    except ScenarioError as exc:
+        for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         return 2
     unique = {}

@@ -23,12 +23,12 @@ from typing import Any, Iterable
 import yaml
 
 import kernels
-from suite import recompute
+from suite.core import recompute_size
+from suite.core.dtypes import DTYPES
+from suite.core.recompute_size import RECOMPUTE
 
-DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("fwd", "fwd+bwd")
 SCOPES = ("site", "layer", "model")
-RECOMPUTE = ("none", "mhc", "full")
 FAMILIES = ("dense", "deepseek")
 OPS = ("site", "coeffs", "pre", "post")
 DEVICES = ("cuda", "cpu")
@@ -375,7 +375,7 @@ def normalise_model(case: Case) -> Case:
     elif case.L_r is None:
         # Eq. 20's integer optimum, counted in sites of the full depth
         case = replace(case, L_r=min(2 * case.layers,
-                                     recompute.default_lr(case.n, case.depth or case.layers)))
+                                     recompute_size.default_lr(case.n, case.depth or case.layers)))
     return case
 
 
@@ -541,3 +541,18 @@ def parallel_label(case: Case) -> str:
              else f"gpus={case.gpus}")
     mb = f" mb={case.microbatches}" if case.microbatches else ""
     return f" [{case.parallel} {where}{mb} overlap={case.overlap}]"
+
+
+def load_all(paths: list[str], sets: list[str], only: list[str] = ()) -> list[Scenario]:
+    """The scenario files of a command line with its --set and --only applied; ScenarioError
+    with every problem of every file, before anything runs."""
+    overrides = parse_overrides(sets)
+    scenarios, problems = [], []
+    for path in paths:
+        try:
+            scenarios.append(filter_cases(load(path, overrides), only))
+        except ScenarioError as exc:
+            problems += exc.problems
+    if problems:
+        raise ScenarioError(problems)
+    return scenarios

@@ -32,11 +32,12 @@ import kernels
 from kernels import reference
 from suite import deepseek, fastest, predict, recompute
 from suite.availability import unavailable
+from suite.core.dtypes import ELEMENT_BYTES
 from suite.guard import deadline, failure, first_line
 from suite.model import (Layer, ModelConfig, Transformer, connection_params, init_weights,
                          model_config, share_weights)
 from suite.scenario import Case
-from suite.timing import Timer, Timing
+from suite.timing import Timer, Timing, matmul_rate_tflops
 from suite.tolerance import rel_err
 
 ROUNDS = 8                 # scope layer
@@ -368,7 +369,7 @@ def _activation_peak(step: Step, timer: Timer) -> int | None:
 def persistent_estimate(case: Case) -> int:
     """Bytes a built case holds between steps: weights, gradients and AdamW's two moments in the
     state dtype (connection parameters ignored: they are small)."""
-    s = predict.ELEMENT_BYTES[case.dtype]
+    s = ELEMENT_BYTES[case.dtype]
     return predict.weight_count(case) * s * (4 if case.scope == "model" else 2)
 
 
@@ -661,7 +662,7 @@ def matmul_rate(session, device: str) -> dict | None:
     from suite.store import write_json
     rates = session.env.setdefault("matmul_rate", {})
     if device not in rates:
-        rates[device] = predict.matmul_rate_tflops(session.timer(device))
+        rates[device] = matmul_rate_tflops(session.timer(device))
         write_json(session.store.dir / "env.json", session.env)
     return rates[device]
 

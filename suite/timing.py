@@ -287,3 +287,14 @@ def copy_rate_gbps(timer: Timer, nbytes: int | None = None) -> dict:
     timing = timer.time(lambda: dst.copy_(src), warmup_ms=25, rep_ms=200)
     rate = 2 * nbytes / (timing.median * 1e-3) / 1e9
     return {"gbps": rate, "bytes": nbytes, "time_ms": timing.summary()}
+
+
+def matmul_rate_tflops(timer: Timer, size: int | None = None) -> dict:
+    """bf16 dense matmul rate (square, size^3), with the suite's one timer."""
+    size = size or (8192 if timer.cuda else 256)
+    dtype = torch.bfloat16 if timer.cuda else torch.float32
+    ab = [torch.randn(size, size, device=timer.device, dtype=dtype) for _ in range(2)]
+    timing = timer.time(lambda: ab[0] @ ab[1], warmup_ms=50, rep_ms=200)
+    ab.clear()
+    return {"tflops": 2 * size ** 3 / (timing.median * 1e-3) / 1e12, "size": size,
+            "dtype": str(dtype).replace("torch.", ""), "time_ms": timing.summary()}

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from kernels import Ops, reference
+from suite.core.dtypes import TORCH_DTYPES
 from suite.scenario import Case
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARAM_NAMES = {"mhc": ("phi", "b", "alpha"), "hc": ("w", "b", "s"), "residual": ()}
 OUTPUTS = {
     "site": ("layer_input", "h_post", "h_res", "x_next"),

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from suite import deepseek as ds
+from suite.core import model_shape
 
 SEQ, T = 16, 32
 EPS = 1e-6
 
 
 def tiny(**over):
-    return ds.shape_for(64, heads=4, **over)
+    return model_shape.shape_for(64, heads=4, **over)
 
 
 def built(module, seed=0):
@@ -46,18 +47,18 @@ def grads_of(fn, tensors, gy):
 
 
 def test_shape_for_presets_and_tiny():
-    assert ds.shape_for(1280) == ds.PRESETS["3B"]
-    assert ds.shape_for(1920).heads == 24 and ds.shape_for(2560).experts == 72
-    assert ds.shape_for(1280, heads=8).heads == 8
+    assert model_shape.shape_for(1280) == model_shape.PRESETS["3B"]
+    assert model_shape.shape_for(1920).heads == 24 and model_shape.shape_for(2560).experts == 72
+    assert model_shape.shape_for(1280, heads=8).heads == 8
     s = tiny()
     assert (s.heads, s.experts, s.active, s.shared, s.expert_dim) == (4, 8, 2, 1, 32)
     assert (s.qk_nope, s.qk_rope, s.v_dim, s.kv_rank) == (16, 8, 16, 32)
     assert s.dense_hidden == (2 + 1) * 32
-    assert ds.shape_for(64, heads=4, experts=4).experts == 4
+    assert model_shape.shape_for(64, heads=4, experts=4).experts == 4
     assert tiny().replace(active=3).active == 3
-    mid = ds.shape_for(1024)
+    mid = model_shape.shape_for(1024)
     assert mid.kv_rank == 512 and mid.qk_dim == 192 and mid.expert_dim % 64 == 0
-    for s in (tiny(), mid, *ds.PRESETS.values()):
+    for s in (tiny(), mid, *model_shape.PRESETS.values()):
         assert s.C % 8 == 0 and s.expert_dim % 8 == 0
 
 
@@ -85,8 +86,8 @@ def test_parameter_names_follow_the_init_rule():
 
 @pytest.mark.parametrize("name", ["3B", "9B", "27B"])
 def test_preset_param_counts_match_paper(name):
-    got = ds.param_counts(ds.PRESETS[name])
-    for key, paper in ds.PAPER_PARAMS[name].items():
+    got = model_shape.param_counts(model_shape.PRESETS[name])
+    for key, paper in model_shape.PAPER_PARAMS[name].items():
         assert abs(got[key] / paper - 1) < 0.03, (name, key, got[key], paper)
 
 
@@ -97,7 +98,7 @@ def test_param_counts_match_built_modules():
     for i in range(layers):
         for m in ds.build_sublayers(s, i, torch.float32):
             n += sum(p.numel() for p in m.parameters())
-    got = ds.param_counts(s, layers)
+    got = model_shape.param_counts(s, layers)
     assert got["body"] == n
     assert got["total"] == n + 2 * s.vocab * s.C + s.C
     moe = ds.MoE(s, torch.float32)
@@ -108,8 +109,8 @@ def test_param_counts_match_built_modules():
 def test_flops_per_token():
     s = tiny()
     layers, seq = 3, 64
-    f = ds.matmul_flops_per_token(s, seq, layers)
-    p = ds.param_counts(s, layers)
+    f = model_shape.matmul_flops_per_token(s, seq, layers)
+    p = model_shape.param_counts(s, layers)
     norms = layers * (2 * s.C + s.kv_rank) + s.C
     # every matmul weight a token touches is used once per token: 2 FLOPs per weight
     assert f["total"] - f["attn_sdpa"] == 2 * (p["active"] - norms)
@@ -345,7 +346,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _gpu_moe(C=256, seed=0):
-    s = ds.shape_for(C, heads=4)
+    s = model_shape.shape_for(C, heads=4)
     torch.manual_seed(seed)
     m = built(ds.MoE(s, torch.bfloat16).cuda(), seed)
     with torch.no_grad():
@@ -435,7 +436,7 @@ def test_gpu_moe_has_no_host_sync_and_captures():
 @needs_cuda
 def test_gpu_mla_bf16_matches_fp32():
     torch.manual_seed(0)
-    s = ds.shape_for(256, heads=4)
+    s = model_shape.shape_for(256, heads=4)
     m32 = built(ds.MLA(s, torch.float32))
     m16 = ds.MLA(s, torch.bfloat16).cuda()
     with torch.no_grad():

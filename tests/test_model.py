@@ -10,6 +10,7 @@ import kernels
 from kernels import Ops
 from kernels import reference as ref
 from suite import recompute, stability, steps
+from suite.core import recompute_size
 from suite.model import ModelConfig, Transformer
 from suite.scenario import Case, ScenarioError, normalise, parse
 from tests.run_helpers import run_model_scenario
@@ -66,14 +67,14 @@ def test_recompute_keeps_less_for_backward():
 
 
 def test_memory_model_and_best_block():
-    assert recompute.lr_star(4, 30) == pytest.approx(4.472, abs=1e-3)
-    assert recompute.lr_star(4, 12) == pytest.approx(2.828, abs=1e-3)
-    assert recompute.memory_model(4, 10, 30, 5) == 4 * 10 * 6 + 6 * 10 * 5
-    assert recompute.memory_model(4, 10, 30, 4) == 4 * 10 * 8 + 6 * 10 * 4
-    assert recompute.best_lr(4, 30) == 5        # PAPERS.md: integer argmin 5 for L = 30
-    assert recompute.best_lr(4, 60) == 6
+    assert recompute_size.lr_star(4, 30) == pytest.approx(4.472, abs=1e-3)
+    assert recompute_size.lr_star(4, 12) == pytest.approx(2.828, abs=1e-3)
+    assert recompute_size.memory_model(4, 10, 30, 5) == 4 * 10 * 6 + 6 * 10 * 5
+    assert recompute_size.memory_model(4, 10, 30, 4) == 4 * 10 * 8 + 6 * 10 * 4
+    assert recompute_size.best_lr(4, 30) == 5        # PAPERS.md: integer argmin 5 for L = 30
+    assert recompute_size.best_lr(4, 60) == 6
     for L in (12, 30, 61):
-        assert abs(recompute.best_lr(4, L) - recompute.lr_star(4, L)) < 1.0
+        assert abs(recompute_size.best_lr(4, L) - recompute_size.lr_star(4, L)) < 1.0
 
 
 def model_case(**kw):

@@ -10,6 +10,7 @@ import torch
 
 from kernels import site_link
 from suite import recompute as rc
+from suite.core import recompute_size as rs
 from suite.model import ModelConfig, Transformer
 from tests import test_site_link as linked_toy
 
@@ -193,28 +194,28 @@ def test_run_layers_is_run_sites_over_the_layers_sites():
 
 # ---------------------------------------------------------------- Eq. 20 in sites
 def test_memory_model_counts_sites():
-    assert rc.memory_model(4, 10, 24, 4) == 4 * 10 * 6 + 6 * 10 * 4
-    assert rc.memory_model(4, 10, 60, 6) == 4 * 10 * 10 + 6 * 10 * 6
-    assert rc.memory_model(4, 10, 5, 2) == 4 * 10 * 3 + 6 * 10 * 2
-    assert rc.retained_model(4, 10, 5, 2) == 4 * 10 * 3
-    assert rc.retained_model(4, 10, 5, 2, f_outputs=True) == 4 * 10 * 3 + 10 * 5
-    assert rc.transient_model(4, 10, 5, 2) == 6 * 10 * 2
-    assert rc.transient_model(4, 10, 5, 9) == 6 * 10 * 5     # a block holds at most L sites
+    assert rs.memory_model(4, 10, 24, 4) == 4 * 10 * 6 + 6 * 10 * 4
+    assert rs.memory_model(4, 10, 60, 6) == 4 * 10 * 10 + 6 * 10 * 6
+    assert rs.memory_model(4, 10, 5, 2) == 4 * 10 * 3 + 6 * 10 * 2
+    assert rs.retained_model(4, 10, 5, 2) == 4 * 10 * 3
+    assert rs.retained_model(4, 10, 5, 2, f_outputs=True) == 4 * 10 * 3 + 10 * 5
+    assert rs.transient_model(4, 10, 5, 2) == 6 * 10 * 2
+    assert rs.transient_model(4, 10, 5, 9) == 6 * 10 * 5     # a block holds at most L sites
     for L, L_r in ((24, 4), (60, 6), (7, 3)):
-        assert rc.memory_model(4, 8, L, L_r) == (rc.retained_model(4, 8, L, L_r)
-                                                 + rc.transient_model(4, 8, L, L_r))
-    assert rc.lr_star(4, 24) == 4.0
-    assert rc.lr_star(4, 60) == pytest.approx(math.sqrt(40))
-    assert rc.best_lr(4, 24) == 4            # 12 layers: 2 layers a block, as measured
-    assert rc.best_lr(4, 60) == 6            # 30 layers: 3 layers a block, as measured
-    assert rc.default_lr(4, 12) == 4 and rc.default_lr(4, 30) == 6
+        assert rs.memory_model(4, 8, L, L_r) == (rs.retained_model(4, 8, L, L_r)
+                                                 + rs.transient_model(4, 8, L, L_r))
+    assert rs.lr_star(4, 24) == 4.0
+    assert rs.lr_star(4, 60) == pytest.approx(math.sqrt(40))
+    assert rs.best_lr(4, 24) == 4            # 12 layers: 2 layers a block, as measured
+    assert rs.best_lr(4, 60) == 6            # 30 layers: 3 layers a block, as measured
+    assert rs.default_lr(4, 12) == 4 and rs.default_lr(4, 30) == 6
     # The integer argmin lies within 1 of sqrt(nL/(n+2)) except where two block lengths tie,
     # one on each side (the ceil makes the cost lumpy); ties go to the smaller, and the larger
     # one is then within 1. For n = 4 and L in 2..120 that happens at L = 55, 78, 97, 98, 105.
     tied = []
     for L in range(2, 121):
-        best, star = rc.best_lr(4, L), rc.lr_star(4, L)
-        costs = [rc.memory_model(4, 1, L, r) for r in range(1, L + 1)]
+        best, star = rs.best_lr(4, L), rs.lr_star(4, L)
+        costs = [rs.memory_model(4, 1, L, r) for r in range(1, L + 1)]
         argmin = [r for r in range(1, L + 1) if costs[r - 1] == min(costs)]
         assert best == argmin[0]
         assert min(abs(r - star) for r in argmin) < 1.0, L
@@ -236,9 +237,9 @@ def test_retained_bytes_equal_the_resident_model(method):
             out = rc.run_sites(sites, x, "mhc", L_r)
         blocks = math.ceil(L / L_r)
         assert (kept.blocks, kept.sites) == (blocks, L)
-        assert kept.x0_bytes == n * C * T * s * blocks == rc.retained_model(n, C, L, L_r) * T * s
+        assert kept.x0_bytes == n * C * T * s * blocks == rs.retained_model(n, C, L, L_r) * T * s
         assert kept.f_bytes == C * T * s * L
-        assert kept.total == rc.retained_model(n, C, L, L_r, f_outputs=True) * T * s
+        assert kept.total == rs.retained_model(n, C, L, L_r, f_outputs=True) * T * s
         out.sum().backward()
     x = state(model).requires_grad_(True)
     with rc.RetainedBytes() as kept:
@@ -264,8 +265,8 @@ def test_saved_bytes_still_counts_the_block_inputs():
             rc.run_sites(sites, x, "mhc", L_r)
         totals[L_r] = saved.total
     n, C = model.cfg.n, model.cfg.C
-    assert totals[1] - totals[6] == (rc.retained_model(n, C, 6, 1)
-                                     - rc.retained_model(n, C, 6, 6)) * T * 8
+    assert totals[1] - totals[6] == (rs.retained_model(n, C, 6, 1)
+                                     - rs.retained_model(n, C, 6, 6)) * T * 8
 
 
 # ---------------------------------------------------------------- site link (fused backends)

@@ -6,7 +6,8 @@ import statistics
 import pytest
 import torch
 
-from suite import overhead, recompute, steps
+from suite import overhead, steps
+from suite.core import recompute_size
 from suite.scenario import Case, ScenarioError, normalise, parse
 from tests.run_helpers import run_model_scenario
 
@@ -79,9 +80,9 @@ def test_bootstrap_of_several_series_resamples_shared_rounds():
 
 def test_eq20_default_block_is_the_integer_optimum_per_site():
     c = case(recompute="mhc", layers=2)               # 4 sites
-    assert c.L_r == recompute.best_lr(2, 4)
+    assert c.L_r == recompute_size.best_lr(2, 4)
     deep = case(recompute="mhc", layers=2, depth=30)  # optimum of the full 60 sites, within 4
-    assert deep.L_r == min(4, recompute.best_lr(2, 60))
+    assert deep.L_r == min(4, recompute_size.best_lr(2, 60))
     doc = {"name": "t", "defaults": TINY,
            "include": [{"method": "mhc", "recompute": "mhc", "L_r": 5}]}
     with pytest.raises(ScenarioError, match="L_r: 5 is more than the 4 sites"):
