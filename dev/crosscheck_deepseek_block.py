@@ -3,8 +3,8 @@
 One residual block at the mHC paper's 3B shapes (suite.core.model_shape.PRESETS["3B"]: C 1280, 16 heads,
 MLA with KV rank 512 and q/k 128 + 64 / v 128 head dims, 64 routed experts, top-6, 2 shared,
 expert dim 896), 1 x 4096 tokens, bf16, forward + backward (gradients of the input and every
-parameter), each timed with suite.timing.Timer:
-    ours:       x = x + MLA(x); x = x + MoE(x)            (suite.deepseek)
+parameter), each timed with suite.measure.timing.Timer:
+    ours:       x = x + MLA(x); x = x + MoE(x)            (suite.workloads.deepseek)
     torchtitan: DeepSeekV3TransformerBlock with MoE        (torchtitan 0.3.0)
 and prints both medians and their ratio.
 
@@ -21,7 +21,7 @@ Where the two blocks differ, by construction rather than by oversight:
   script gives its MLA the ScaledDotProductAttention inner attention (causal), so both run
   torch's SDPA with the same shapes and the comparison is of everything around it;
 - torchtitan's RoPE is the interleaved complex form; ours is the half-split form (module
-  docstring of suite.deepseek); same FLOPs;
+  docstring of suite.workloads.deepseek); same FLOPs;
 - torchtitan's router runs under fp32 autocast and its expert-bias buffer (load_balance_coeff
   1e-3, DeepSeek-V3's aux-loss-free balancing) steers selection, as ours does;
 - torchtitan's experts run three grouped GEMMs (w1, w3, w2); ours fuse gate and up into one.
@@ -85,7 +85,7 @@ def torchtitan_block(shape, device, dtype):
 class OurBlock(nn.Module):
     def __init__(self, shape, dtype):
         super().__init__()
-        from suite import deepseek as ds
+        from suite.workloads import deepseek as ds
         self.attn = ds.MLA(shape, dtype)
         self.moe = ds.MoE(shape, dtype)
 
@@ -109,9 +109,9 @@ def main() -> int:
               f" ({type(e).__name__}: {e}); install .whl/torchtitan-0.3.0 and its wheels")
         return 2
 
-    from suite import deepseek as ds
+    from suite.workloads import deepseek as ds
     from suite.core import model_shape
-    from suite.timing import Timer
+    from suite.measure.timing import Timer
 
     shape = model_shape.PRESETS[args.preset]
     dev, dtype, seq = torch.device("cuda"), torch.bfloat16, args.tokens

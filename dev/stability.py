@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from suite import stability
-from suite.model import ModelConfig, Transformer
+from suite.workloads import stability
+from suite.workloads.model import ModelConfig, Transformer
 
 
 def main(argv=None) -> int:

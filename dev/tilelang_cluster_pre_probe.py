@@ -371,7 +371,7 @@ def run_one(n, C, S, BT, opts, tokens, three_us, timer):
 
     from kernels.hilo import split_weight_hi_lo
     from kernels.tilelang import mhc_pre as TL
-    from suite.tolerance import rel_err
+    from suite.core.tolerance import rel_err
     opts = dict(opts)
     persistent = opts.pop("persistent", False)
     KP = opts.get("KP") or TL._kp(n)
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
             fh.write(k.get_kernel_source())
         print(f"compiled for sm_90a: {a.source}")
         return 0
-    from suite.timing import Timer
+    from suite.measure.timing import Timer
     timer = Timer("cuda")
     configs = ({"v2": SWEEP, "persistent": SWEEP_PERSISTENT}[a.sweep] if a.sweep
                else [(a.n, a.C, a.S, a.BT, opts)])

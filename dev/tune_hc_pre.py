@@ -10,7 +10,7 @@ kernels/triton/hc_pre.py; "" is the default). HCBENCH_HC_PRE in the environment 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written / median time (the ceiling).
 2. For bf16, n = 4, T = 16384 and each C: hc_pre against the fp64 reference (forward outputs at full
    size; every gradient on the first 1024 tokens), for every configuration timed.
-3. Times (medians through suite.timing, L2 flushed before every call): hc_pre forward per
+3. Times (medians through suite.measure.timing, L2 flushed before every call): hc_pre forward per
    forward configuration; hc_pre forward + backward (autograd) per backward configuration; and the
    HC site, hc_pre + kernels.triton.post (if importable), forward and forward + backward (x's two
    gradients joined by the site link, kernels/site_link.py), with the default configuration.
@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from suite.kernel_profile import print_kernels  # noqa: E402
-from suite.timing import Timer, copy_rate_gbps  # noqa: E402
+from suite.measure.kernel_profile import print_kernels  # noqa: E402
+from suite.measure.timing import Timer, copy_rate_gbps  # noqa: E402
 
 from kernels import reference  # noqa: E402
-from suite.tolerance import rel_err, tolerance  # noqa: E402
+from suite.core.tolerance import rel_err, tolerance  # noqa: E402
 
 H = importlib.import_module("kernels.triton.hc_pre")   # the package re-exports the function hc_pre
 

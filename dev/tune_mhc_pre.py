@@ -11,7 +11,7 @@
         gradients checked first, then the site fwd+bwd with the default; --kernels adds each one's
         kernels (mean device time per call, torch.profiler, L2 flushed between calls)
 
-1. Copy rate: 1 GiB device-to-device copy, bytes read + written, through suite.timing (L2 flushed).
+1. Copy rate: 1 GiB device-to-device copy, bytes read + written, through suite.measure.timing (L2 flushed).
 2. Per C in (4096, 2560, 7168): mhc_pre (default config) against the fp64 reference, then times of
    forward configurations: the split forward (its default and the best of the earlier sweep,
    results/tuning-20261123-h100) and the non-split forward (split=False) in a few (ns_bt, ns_bk,
@@ -48,10 +48,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from kernels import reference as ref  # noqa: E402
-from suite.cost import case_cost  # noqa: E402
-from suite.kernel_profile import print_kernels  # noqa: E402
-from suite.timing import Timer, copy_rate_gbps  # noqa: E402
-from suite.tolerance import rel_err  # noqa: E402
+from suite.analysis.cost import case_cost  # noqa: E402
+from suite.measure.kernel_profile import print_kernels  # noqa: E402
+from suite.measure.timing import Timer, copy_rate_gbps  # noqa: E402
+from suite.core.tolerance import rel_err  # noqa: E402
 
 # (kernels.triton re-exports the function mhc_pre, which shadows the module attribute)
 M = importlib.import_module("kernels.triton.mhc_pre")

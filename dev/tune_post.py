@@ -11,7 +11,7 @@ Usage: python dev/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..."] 
    block_c and num_warps apply to both kernels, vec / num_stages / split to the backward, bt /
    loop / persistent to the forward, num_stages to the forward too with loop=1; "FWD|BWD" gives
    the kernels different strings, so "loop=1,...|" times the loop forward next to the default
-   backward): forward, and forward + backward through autograd. Medians through suite.timing,
+   backward): forward, and forward + backward through autograd. Medians through suite.measure.timing,
    the runner's timer (L2 flushed before every call).
 Floors: forward (2n+1)C elements per token; forward + backward (5n+3)C (MATH.md, ANCHORS.md).
 The table comes last. Aims to finish within about 60 s (most of it compiling).
@@ -31,8 +31,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from kernels import reference  # noqa: E402
-from suite.timing import Timer, copy_rate_gbps  # noqa: E402
-from suite.tolerance import rel_err, tolerance  # noqa: E402
+from suite.measure.timing import Timer, copy_rate_gbps  # noqa: E402
+from suite.core.tolerance import rel_err, tolerance  # noqa: E402
 
 P = importlib.import_module("kernels.triton.post")   # the package re-exports the function `post`
 from kernels.triton.residual import residual_post  # noqa: E402

@@ -16,11 +16,11 @@ Usage: python dev/tune_tilelang_bwd.py [--C 2560,4096,7168] [--variants "name:cf
 3. For bf16, n = 4, T = 16384 and each C: the dx / dphi kernel of each variant (a DxConfig string;
    "row" is the first kernel), mHC and HC, adding into an x gradient in place (as in a linked
    site), on fresh random inputs against torch in fp64 (dx under the bf16 tolerance, dphi under
-   1e-4); then its time alone (median, L2 flushed before every call: suite.timing.Timer), with
+   1e-4); then its time alone (median, L2 flushed before every call: suite.measure.timing.Timer), with
    its input preparation, and GB/s over the bytes it must move: read x, the incoming x gradient
    and g_li, write dx, (3n + 1) C elements per token. Every variant at the widths in
    --all-variants-at, "row" and the default at the others.
-4. The whole site (pre + post, forward + backward through autograd, suite.workload as the runner
+4. The whole site (pre + post, forward + backward through autograd, suite.workloads.workload as the runner
    times it) with backend tilelang: "before" (row kernel, GEMM at 1 CTA/SM, no site link:
    autograd adds the two x gradients), "tile" (new kernels, no link), "after" (new kernels,
    linked: no add); and the Triton site at the widths in --triton (same run, same machine).
@@ -188,7 +188,7 @@ def check_dx(n, C, dtype, T_, has_li, hc, acc, cfg, seed=0):
     import torch
 
     from kernels.tilelang import mhc_pre as m
-    from suite.tolerance import rel_err, tolerance
+    from suite.core.tolerance import rel_err, tolerance
     x, phi, du, coef, h_pre, g_li, a = dx_inputs(n, C, dtype, T_, hc, seed)
     g_li = g_li if has_li else None
     a = a if acc else None
@@ -246,7 +246,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("tune_tilelang_bwd.py needs a CUDA GPU")
         return 2
-    from suite.tolerance import rel_err, tolerance
+    from suite.core.tolerance import rel_err, tolerance
     widths = [int(c) for c in args.C.split(",") if c]
     variants = dict(VARIANTS)
     if args.variants:
@@ -291,7 +291,7 @@ def main() -> int:
 
     from kernels import site_link
     from kernels.tilelang import mhc_pre as M
-    from suite.timing import Timer, copy_rate_gbps
+    from suite.measure.timing import Timer, copy_rate_gbps
 
     dev = "cuda"
     timer = Timer(dev)
@@ -400,8 +400,8 @@ def main() -> int:
 
     # ---- 3. whole sites
     import kernels
-    from suite import workload
-    from suite.scenario import Case
+    from suite.workloads import workload
+    from suite.core.scenario import Case
 
     real_claim = site_link.claim
     old_env = os.environ.get("HCBENCH_TL_DX")

@@ -11,7 +11,7 @@ own cases: `unavailable_reason` says why a backend cannot run on a device, or No
 
 Backend name `auto` (whole-model scopes only) is not a backend of its own: it stands for the
 fastest of `candidates(...)` per op at a case's shapes, chosen by measurement in the suite
-(suite.fastest) and put together with `compose`.
+(suite.workloads.fastest) and put together with `compose`.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Backend:
     # "module:function" called with the device type after loading; returns why the backend
     # cannot run here (e.g. its compiler cannot build for this GPU), or None
     probe: str = ""
-    # compiles again for each token count (suite.prewarm also compiles the correctness check's)
+    # compiles again for each token count (suite.run.prewarm also compiles the correctness check's)
     compiles_per_T: bool = False
 
 

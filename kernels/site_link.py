@@ -54,7 +54,7 @@ def attach(h_res: torch.Tensor, x: torch.Tensor) -> SiteLink:
 
 def link_of(h_res: torch.Tensor) -> Optional[SiteLink]:
     """The link a fused pre tagged its h_res with, claimed or not (None when there is none):
-    for a caller that hands post's dx over itself (suite.recompute's replay)."""
+    for a caller that hands post's dx over itself (suite.workloads.recompute's replay)."""
     return getattr(h_res, _ATTR, None)
 
 

@@ -10,6 +10,17 @@ from pathlib import Path
 
 from rich.console import Console
 
+from suite.core.scenario import (Case, Scenario, ScenarioError, filter_cases, load_all, normalise,
+                                 parse_overrides)
+from suite.measure import env as environment
+from suite.publish.published import PublishError
+from suite.publish.publishing import compare_history, publish
+from suite.report import results_index
+from suite.report.tables import compare, print_run, write_markdown
+from suite.run import distributed as dist_run, prewarm, runner, site_kernels
+from suite.store.runs import atomic_write, merge_run_copies, read_records
+from suite.workloads.dist import launch
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,11 +95,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["prewarm"]:          # its own parser (suite.prewarm), options and --help
-        from suite import prewarm
+    if argv[:1] == ["prewarm"]:          # its own parser (suite.run.prewarm), options and --help
         return prewarm.main(argv[1:])
-    if argv[:1] == ["site-kernels"]:     # its own parser (suite.site_kernels)
-        from suite import site_kernels
+    if argv[:1] == ["site-kernels"]:     # its own parser (suite.run.site_kernels)
         return site_kernels.main(argv[1:])
     args = _parser().parse_args(argv)
     console = Console()
@@ -114,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             for d in (args.run_a, args.run_b):
                 _require_run_dir(d)
-            from suite.report import compare
             compare(args.run_a, args.run_b, console)
             return EXIT_OK
     except BadInput as exc:
@@ -128,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _merge(args) -> int:
-    from suite.store import merge_run_copies
     for p in [args.run_dir, *args.copies]:
         if not (p / "records.jsonl").exists():
             raise BadInput([f"{p}: no records.jsonl; merge takes a run folder and copies of it"])
@@ -139,8 +146,6 @@ def _merge(args) -> int:
 
 
 def _results_doc(args) -> int:
-    from suite import results_index
-    from suite.store import atomic_write
     if not args.doc.is_file():
         raise BadInput([f"{args.doc}: no such page; --doc names the results page to rewrite"])
     if not args.results.is_dir():
@@ -166,7 +171,6 @@ class BadInput(Exception):
 
 
 def load_scenarios(paths: list[str], sets: list[str], only: list[str] = ()):
-    from suite.scenario import ScenarioError, load_all
     try:
         return load_all(paths, sets, only)
     except ScenarioError as exc:
@@ -187,7 +191,6 @@ def _list(args, console: Console) -> int:
 def _require_run_dir(path: Path) -> None:
     if not (path / "records.jsonl").exists() and not (path / "scenarios").is_dir():
         raise BadInput([f"{path}: not a run folder (no records.jsonl)"])
-    from suite.store import read_records
     try:
         read_records(path)
     except ValueError as exc:
@@ -196,8 +199,6 @@ def _require_run_dir(path: Path) -> None:
 
 def _saved_scenarios(run_dir: Path, sets: list[str], only: list[str]):
     """The cases a run folder saved, with --set and --only applied as to a scenario file."""
-    from suite.scenario import (Case, Scenario, ScenarioError, filter_cases, normalise,
-                                parse_overrides)
     out = []
     try:
         overrides = parse_overrides(sets)
@@ -217,11 +218,9 @@ def _saved_scenarios(run_dir: Path, sets: list[str], only: list[str]):
 
 
 def _run(args, console: Console) -> int:
-    from suite import env as environment
     retired = environment.retired_knobs()
     if retired:
         raise BadInput(retired)
-    from suite import runner
     if args.resume:
         _require_run_dir(args.resume)
     if not args.scenarios and not args.resume:
@@ -230,18 +229,15 @@ def _run(args, console: Console) -> int:
         args.set.append("traffic=true")
     scenarios = (load_scenarios(args.scenarios, args.set, args.only) if args.scenarios
                  else _saved_scenarios(args.resume, args.set, args.only))
-    from suite import launch
     world = launch.from_env()
     launch.keep_multicast_off()
     if world.rank != 0:          # torchrun / SLURM: rank 0 records, the others take part
-        from suite import dist_run
         return dist_run.follow(scenarios, world)
     try:
         store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
                                         retry_failed=args.retry_failed, console=console)
     except runner.ResumeMismatch as exc:
         raise BadInput([str(exc)])
-    from suite.report import print_run, write_markdown
     if store.records:
         print_run(store.dir, console)
         console.print(f"report: {write_markdown(store.dir)}")
@@ -253,15 +249,12 @@ def _run(args, console: Console) -> int:
 
 def _report(run_dir: Path, console: Console) -> int:
     _require_run_dir(run_dir)
-    from suite.report import print_run, write_markdown
     print_run(run_dir, console)
     console.print(f"report: {write_markdown(run_dir)}")
     return EXIT_OK
 
 
 def _publish(args, console: Console) -> int:
-    from suite.publish import publish
-    from suite.publish_model import PublishError
     try:
         return publish(args.run_dirs, args.to, console, csv=args.csv,
                        benchmark_json=args.benchmark_json, markdown=args.markdown)
@@ -270,8 +263,6 @@ def _publish(args, console: Console) -> int:
 
 
 def _compare_history(args, console: Console) -> int:
-    from suite.publish import compare_history
-    from suite.publish_model import PublishError
     if args.run_a is not None and args.run_b is None:
         raise BadInput(["compare: give two run folders, or none to compare across the history"])
     try:

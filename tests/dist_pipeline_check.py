@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from suite import launch
-from suite import pipeline as pp
-from suite.model import ModelConfig, Transformer
+from suite.workloads.dist import launch
+from suite.workloads.dist import pipeline as pp
+from suite.workloads.model import ModelConfig, Transformer
 
 SEQ, MB, BATCH = 8, 4, 2          # per micro-batch: BATCH sequences of SEQ tokens
 

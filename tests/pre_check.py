@@ -3,7 +3,7 @@ of mHC and HC: every output and every requested gradient, on the weight the kern
 multiplies by (its declared rounding), under the state dtype's tolerance."""
 import torch
 
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 
 
 def assert_pre_matches(fn, ref_fn, inputs, dtype, g, grad_names, weight_as_used, label,

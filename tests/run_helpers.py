@@ -3,7 +3,7 @@ import textwrap
 from pathlib import Path
 
 from suite import cli
-from suite.store import read_records
+from suite.store.runs import read_records
 
 
 def run_model_scenario(tmp_path: Path, yaml_text: str) -> tuple[Path, dict]:

@@ -1,4 +1,4 @@
-"""suite.deepseek: DeepSeek-V3-style sublayers (MLA, dense FFN, MoE) against independent fp64
+"""suite.workloads.deepseek: DeepSeek-V3-style sublayers (MLA, dense FFN, MoE) against independent fp64
 references, the presets' parameter counts against the mHC paper's Table 5, routing semantics
 (aux-loss-free bias picks, unbiased scores weigh), and, on a GPU, the grouped-GEMM expert path
 against the gathered fallback, free of host syncs and capturable in a CUDA graph."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from suite import deepseek as ds
+from suite.workloads import deepseek as ds
 from suite.core import model_shape
 
 SEQ, T = 16, 32
@@ -420,7 +420,7 @@ def test_gpu_moe_has_no_host_sync_and_captures():
             m(h, seq).backward(gy)
     torch.cuda.current_stream().wait_stream(side)
     eager_y = m(h, seq).detach().clone()
-    for p in params + [h]:      # gradients stay allocated, as suite.steps.Step.capture keeps them
+    for p in params + [h]:      # gradients stay allocated, as suite.workloads.steps.Step.capture keeps them
         p.grad.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -5,8 +5,8 @@ techniques change only the order of posting; on a GPU (marked gpu) they use real
 import pytest
 import torch
 
-from suite import pipeline as pp
-from suite.model import ModelConfig, Transformer
+from suite.workloads.dist import pipeline as pp
+from suite.workloads.model import ModelConfig, Transformer
 
 MB = 2
 

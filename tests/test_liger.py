@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("liger_kernel")
 
 from kernels import reference  # noqa: E402
-from suite.tolerance import rel_err, tolerance  # noqa: E402
+from suite.core.tolerance import rel_err, tolerance  # noqa: E402
 
 L = pytest.importorskip("kernels.liger")
 
@@ -31,7 +31,7 @@ def run(ops, x, phi, b, alpha, f, g_li, g_out):
 LIGER = dict(pre=lambda *a: L.mhc_pre(*a), post=L.mhc_post)
 # Liger's declared variant of MATH.md (its Sinkhorn order), the reference the runner's gate uses.
 REF = dict(pre=lambda *a: L.LIGER_REFERENCE.pre(*a), post=reference.post)
-COEFFICIENTS = ("h_pre", "h_post", "h_res")    # fp32 tolerance, as in suite/check.py
+COEFFICIENTS = ("h_pre", "h_post", "h_res")    # fp32 tolerance, as in suite/run/check.py
 
 CASES = [(1, torch.bfloat16), (2, torch.bfloat16), (4, torch.bfloat16), (8, torch.bfloat16),
          (4, torch.float16)]

@@ -9,10 +9,10 @@ import torch
 import kernels
 from kernels import Ops
 from kernels import reference as ref
-from suite import recompute, stability, steps
+from suite.workloads import recompute, stability, steps
 from suite.core import recompute_size
-from suite.model import ModelConfig, Transformer
-from suite.scenario import Case, ScenarioError, normalise, parse
+from suite.workloads.model import ModelConfig, Transformer
+from suite.core.scenario import Case, ScenarioError, normalise, parse
 from tests.run_helpers import run_model_scenario
 
 TINY = {"C": 32, "layers": 3, "heads": 4, "seq": 16, "vocab": 64, "n": 4, "dtype": "fp32"}

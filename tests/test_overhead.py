@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from suite import overhead, predict, stability
-from suite.scenario import Case, normalise
+from suite.analysis import overhead, predict
+from suite.workloads import stability
+from suite.core.scenario import Case, normalise
 
 
 def interleaved(times_a, times_b, rounds=8, per_round=4):

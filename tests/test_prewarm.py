@@ -1,7 +1,7 @@
-"""suite.prewarm: runs each distinct case once in worker processes, exit codes."""
+"""suite.run.prewarm: runs each distinct case once in worker processes, exit codes."""
 import textwrap
 
-from suite import prewarm
+from suite.run import prewarm
 
 
 def test_prewarm_runs_distinct_cases_once(tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_prewarm_bad_input_exits_2(tmp_path, capsys):
 
 
 def _case(**kw):
-    from suite.scenario import Case
+    from suite.core.scenario import Case
     return Case(**{"method": "mhc", "backend": "torch", "T": 16384, "n": 4, "C": 7168,
                    "dtype": "bf16", "device": "cuda", **kw})
 
@@ -31,7 +31,7 @@ def _case(**kw):
 def test_check_tokens_is_the_whole_case_or_a_power_of_two(monkeypatch):
     import torch
 
-    from suite.check import BYTES_PER_ELEMENT, check_tokens
+    from suite.run.check import BYTES_PER_ELEMENT, check_tokens
     case = _case()
     per_token = case.n * case.C * BYTES_PER_ELEMENT
 
@@ -49,7 +49,7 @@ def test_check_tokens_is_the_whole_case_or_a_power_of_two(monkeypatch):
 def test_prewarm_warms_check_shapes_of_backends_that_compile_per_token_count(monkeypatch):
     import torch
 
-    from suite.check import BYTES_PER_ELEMENT
+    from suite.run.check import BYTES_PER_ELEMENT
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     big = _case(backend="liger")
     per_token = big.n * big.C * BYTES_PER_ELEMENT
@@ -58,7 +58,7 @@ def test_prewarm_warms_check_shapes_of_backends_that_compile_per_token_count(mon
              big, _case(backend="liger", mode="fwd+bwd"),
              _case(backend="liger", seed=7),            # run control only: same check shape
              _case(backend="triton"),                   # T is a runtime argument there
-             _case(backend="liger", scope="model", layers=2),   # gated by suite.steps instead
+             _case(backend="liger", scope="model", layers=2),   # gated by suite.workloads.steps instead
              _case(backend="liger", T=8192),            # its own T is the check shape: warmed anyway
              _case(backend="liger", device="cpu")]
     jobs = prewarm._check_jobs(cases)

@@ -5,8 +5,10 @@ import textwrap
 
 from rich.console import Console
 
-from suite import cli, env, report
-from suite.store import read_records
+from suite import cli
+from suite.measure import env
+from suite.report import tables as report
+from suite.store.runs import read_records
 
 
 def test_kernel_settings_are_the_knobs_set_and_nothing_else():

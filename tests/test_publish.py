@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from suite import dashboard, publish_export
+from suite.publish import dashboard, export as publish_export
 from suite.cli import main
-from suite.publish_model import (
+from suite.publish.published import (
     PublishError,
     Run,
     filter_runs,
@@ -216,7 +216,7 @@ def test_publish_error_names_the_bad_file(tmp_path):
 
 # ---------------------------------------------------------------- plot layout on real-shaped data
 def test_end_labels_that_would_overlap_are_spread_within_the_plot():
-    from suite.svgplot import _spread
+    from suite.publish.svgplot import _spread
     tags = [[100.0, 0, "a"], [101.0, 0, "b"], [100.5, 0, "c"], [300.0, 0, "d"]]
     ys = [t[0] for t in _spread(tags, 20, 302)]
     assert all(b - a >= 11 - 1e-9 for a, b in zip(ys, ys[1:]))

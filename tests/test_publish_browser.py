@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from suite import dashboard
-from suite.publish_model import load_runs
+from suite.publish import dashboard
+from suite.publish.published import load_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "publish"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from suite.cli import main
-from suite.publish_model import load_runs
+from suite.publish.published import load_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "publish"

@@ -1,4 +1,4 @@
-"""suite.recompute on the CPU: per-site blocks, every connection op's backward exactly once under
+"""suite.workloads.recompute on the CPU: per-site blocks, every connection op's backward exactly once under
 `mhc` recompute, gradients equal to no recompute in fp64, Eq. 20 counted in sites, and the bytes
 the recompute blocks keep (RetainedBytes) against the model's resident term."""
 import dataclasses
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kernels import site_link
-from suite import recompute as rc
+from suite.workloads import recompute as rc
 from suite.core import recompute_size as rs
-from suite.model import ModelConfig, Transformer
+from suite.workloads.model import ModelConfig, Transformer
 from tests import test_site_link as linked_toy
 
 TINY = {"C": 32, "heads": 2, "seq": 8, "vocab": 64, "n": 4, "dtype": "fp64", "backend": "torch"}
@@ -121,7 +121,7 @@ def test_each_op_runs_once_without_recompute(method):
 
 
 def test_each_op_backward_runs_once_through_the_pipeline_phases():
-    """keep_forward / replay / backprop as suite.pipeline calls them, replay before the gradient
+    """keep_forward / replay / backprop as suite.workloads.dist.pipeline calls them, replay before the gradient
     is known (early recompute)."""
     model, sites = tiny_sites("mhc", layers=2)
     counts = count_calls(sites)

@@ -5,9 +5,9 @@ import re
 import sqlite3
 from pathlib import Path
 
-from suite import publish_export, publish_pg
+from suite.publish import export as publish_export, postgres as publish_pg
 from suite.core import record as rs
-from suite.store import History
+from suite.store.runs import History
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_docs_records_lists_exactly_the_flat_columns():
 
 
 def test_records_with_kernel_knobs_never_join_default_ones_across_runs():
-    from suite.publish_model import Run, history, latest_per_gpu
+    from suite.publish.published import Run, history, latest_per_gpu
     plain = _record(kernel_settings={})
     tuned = _record(kernel_settings={"HCBENCH_MHC_PRE_BT": "8"})
     assert rs.join_key(plain) == "abc" and rs.join_key(tuned).startswith("abc+k")

@@ -3,7 +3,8 @@ them: the page cannot drift from the records."""
 import json
 from pathlib import Path
 
-from suite import cli, results_index
+from suite import cli
+from suite.report import results_index
 
 ROOT = Path(__file__).resolve().parent.parent
 

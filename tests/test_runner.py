@@ -9,7 +9,7 @@ import torch
 import kernels
 from kernels import Ops, reference as ref
 from suite import cli
-from suite.store import read_records
+from suite.store.runs import read_records
 from tests.conftest import HAS_CUDA, ROOT
 
 
@@ -80,7 +80,7 @@ def test_default_scenario_full_cpu_run(tmp_path):
                 r["time_ms"].pop("launch_pad_ms")
             fh.write(json.dumps(r) + "\n")
     from rich.console import Console
-    from suite import report
+    from suite.report import tables as report
     console = Console(record=True, width=200)
     assert report.compare(old, run, console) == len(cpu_ok)
     assert "run A was timed before the launch pad" in console.export_text()

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from suite.scenario import ScenarioError, load
+from suite.core.scenario import ScenarioError, load
 from tests.conftest import ROOT
 
 
@@ -152,7 +152,7 @@ def test_shipped_scenarios_are_valid():
 
 
 def test_only_filters_cases_and_rejects_unknown_keys(tmp_path):
-    from suite.scenario import filter_cases
+    from suite.core.scenario import filter_cases
     sc = load(write(tmp_path, "name: t\ndefaults: {method: mhc, T: 4}\nsweep: {C: [8, 16, 24]}\n"))
     assert [c.C for c in filter_cases(sc, ["C=8,24"]).cases] == [8, 24]
     with pytest.raises(ScenarioError, match="KEY one of"):

@@ -6,9 +6,10 @@ import statistics
 import pytest
 import torch
 
-from suite import overhead, steps
+from suite.analysis import overhead
+from suite.workloads import steps
 from suite.core import recompute_size
-from suite.scenario import Case, ScenarioError, normalise, parse
+from suite.core.scenario import Case, ScenarioError, normalise, parse
 from tests.run_helpers import run_model_scenario
 
 TINY = {"C": 64, "T": 32, "seq": 16, "heads": 4, "vocab": 64, "layers": 2, "n": 2,

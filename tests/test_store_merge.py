@@ -1,10 +1,10 @@
-"""suite.store.merge_run_copies: copies of a run folder resumed in separate calls fold back in."""
+"""suite.store.runs.merge_run_copies: copies of a run folder resumed in separate calls fold back in."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from suite.store import merge_run_copies, read_records, write_json
+from suite.store.runs import merge_run_copies, read_records, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 

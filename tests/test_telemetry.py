@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from suite import telemetry
+from suite.measure import telemetry
 
 
 class NotSupported(Exception):
@@ -196,7 +196,7 @@ def test_gpu_state_check_lists_each_problem():
 def test_real_nvml_sampler_reads_this_gpu():
     import torch
 
-    from suite import env
+    from suite.measure import env
     uuid = env.gpu_info(0)["uuid"]
     x = torch.randn(4096, 4096, device="cuda")
     with telemetry.Sampler(uuid, interval_s=0.01) as s:

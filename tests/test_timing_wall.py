@@ -1,11 +1,11 @@
-"""The timer's three kinds of time (suite.timing): host gaps between kernels stay out of the
+"""The timer's three kinds of time (suite.measure.timing): host gaps between kernels stay out of the
 padded device time and appear in the wall clock and the back-to-back time."""
 import time
 
 import pytest
 import torch
 
-from suite.timing import Timer
+from suite.measure.timing import Timer
 
 
 def _gappy(device: str, kernels: int = 50, gap_s: float = 2e-4):

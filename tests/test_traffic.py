@@ -11,11 +11,14 @@ import time
 
 import pytest
 
-from suite import cli, cost, ncu_csv, traffic, traffic_probe
-from suite.paper_traffic import paper_figure
-from suite.report_sections import traffic_markdown, traffic_rows
-from suite.scenario import Case
-from suite.store import read_records
+from suite import cli
+from suite.analysis import cost
+from suite.measure import ncu_csv
+from suite.run import traffic, traffic_probe
+from suite.analysis.paper_traffic import paper_figure
+from suite.report.sections import traffic_markdown, traffic_rows
+from suite.core.scenario import Case
+from suite.store.runs import read_records
 from tests.conftest import ROOT
 
 DATA = ROOT / "tests" / "data"
@@ -155,7 +158,7 @@ def test_command_carries_the_whole_case_and_the_options_numbers_depend_on():
     joined = " ".join(cmd)
     for opt in ("--csv", "--print-units base", "--clock-control none", "--cache-control all"):
         assert opt in joined
-    assert cmd[-4:-1] == ["/venv/python", "-m", "suite.traffic_probe"]
+    assert cmd[-4:-1] == ["/venv/python", "-m", "suite.run.traffic_probe"]
     assert Case(**json.loads(cmd[-1])) == case
     assert "/" not in traffic.NVTX_RANGE
 
@@ -250,7 +253,7 @@ def test_probe_runs_the_backward_on_its_own_thread(monkeypatch, capsys):
 def test_probe_runs_as_a_module_from_the_repository_root():
     case = _case(device="cpu", dtype="fp32", method="mhc", n=2, sinkhorn_iters=3)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "suite.traffic_probe", json.dumps(case.to_dict())],
+    proc = subprocess.run([sys.executable, "-m", "suite.run.traffic_probe", json.dumps(case.to_dict())],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "hcbench-probe: ok, mhc/torch n=2" in proc.stdout

@@ -3,8 +3,9 @@ plain residual add must move its analytic bytes within 15%, and the fused mHC po
 measured at all, with its bytes near MATH.md's floor."""
 import pytest
 
-from suite import cost, traffic
-from suite.scenario import Case, normalise
+from suite.analysis import cost
+from suite.run import traffic
+from suite.core.scenario import Case, normalise
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(traffic.find_ncu() is None, reason="needs Nsight Compute (ncu)")]

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from suite import cost
-from suite.store import History, RunStore, atomic_write, read_records
-from suite.timing import MIN_SAMPLES, PAD_CAP_MS, Timer, Timing, copy_rate_gbps, launch_pad_ms
-from suite.tolerance import rel_err, tolerance
+from suite.analysis import cost
+from suite.store.runs import History, RunStore, atomic_write, read_records
+from suite.measure.timing import MIN_SAMPLES, PAD_CAP_MS, Timer, Timing, copy_rate_gbps, launch_pad_ms
+from suite.core.tolerance import rel_err, tolerance
 
 
 # ---------------------------------------------------------------- cost (MATH.md table, ANCHORS.md)

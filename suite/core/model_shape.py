@@ -1,7 +1,7 @@
 """The sizes of the DeepSeek-V3-style models of the mHC paper (its Table 5) at any width, and
 what follows from them alone: parameter counts and matmul FLOPs per token.
 
-suite.deepseek builds the sublayers from a DeepSeekShape; the overhead model
+suite.workloads.deepseek builds the sublayers from a DeepSeekShape; the overhead model
 (suite.analysis.predict) counts with the same shape, so both describe one model.
 
 Our choice (not given by the paper): the dense FFN width of the leading dense layer(s) is

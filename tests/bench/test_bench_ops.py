@@ -3,17 +3,19 @@
 For teams that gate changes in their own CI:
     pytest tests/bench --benchmark-only --benchmark-json=bench.json
     pytest tests/bench --benchmark-only --benchmark-compare
-They build the runner's inputs (suite.workload) and synchronise with the runner's Timer, so a
+They build the runner's inputs (suite.workloads.workload) and synchronise with the runner's Timer, so a
 timing here means the same work as a record of `harness.py run`. A plain `make test` runs each
 once, untimed. The correctness gate runs first, as in the runner.
 """
 import pytest
 
 import kernels
-from suite import check, cost, workload
-from suite.availability import unavailable
-from suite.scenario import Case
-from suite.timing import Timer
+from suite.run import check
+from suite.analysis import cost
+from suite.workloads import workload
+from suite.workloads.availability import unavailable
+from suite.core.scenario import Case
+from suite.measure.timing import Timer
 from tests.conftest import HAS_CUDA
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -28,7 +30,7 @@ CASES = [Case(method=m, backend=b, op=op, mode=mode, **SHAPE)
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.backend}-{c.method}-{c.op}-{c.mode}")
 def test_bench(benchmark, case):
-    from suite.scenario import normalise
+    from suite.core.scenario import normalise
     case = normalise(case)
     reason = unavailable(case)
     if reason:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels import reference as ref
-from suite.tolerance import rel_err
+from suite.core.tolerance import rel_err
 from tests.pre_check import assert_pre_matches
 
 HAS_CUDA = torch.cuda.is_available()

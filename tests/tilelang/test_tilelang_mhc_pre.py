@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kernels import reference as ref
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 from tests.pre_check import assert_pre_matches
 
 HAS_CUDA = torch.cuda.is_available()

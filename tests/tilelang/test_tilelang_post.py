@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import reference
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 from tests.post_inputs import make_inputs, reference_outputs
 
 HAS_CUDA = torch.cuda.is_available()

@@ -6,7 +6,7 @@ import torch
 
 import kernels
 from kernels import reference
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -17,7 +17,7 @@ import torch
 
 from kernels import reference as ref
 from kernels import site_link
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -1,7 +1,7 @@
 """kernels.triton.hc_pre (HC: per-stream RMSNorm, tanh projections, F_pre) against the fp64 reference.
 
 Forward outputs and every gradient (x, w, b, s) of hc_pre and hc_coeffs are compared with
-kernels.reference on float64 copies of the same inputs, norm-wise (suite.tolerance). Without a GPU
+kernels.reference on float64 copies of the same inputs, norm-wise (suite.core.tolerance). Without a GPU
 the kernels run in the Triton interpreter (tests/conftest.py) on small shapes, with the interpreter's
 tiling (big token blocks, few programs); one case also runs the GPU tiling. The `gpu` cases run the
 compiled kernels on the widths the benchmarks use.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import reference, site_link
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 
 H = importlib.import_module("kernels.triton.hc_pre")   # the package re-exports the function hc_pre
 

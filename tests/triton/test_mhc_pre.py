@@ -9,7 +9,7 @@ import torch
 from kernels import reference as ref
 from kernels.triton.mhc_pre import (_config, mhc_coeffs, mhc_pre, mhc_pre_backward, mhc_pre_forward,
                                     phi_as_used, sync_errors, use_split)
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 
 BF16, FP16 = torch.bfloat16, torch.float16
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import reference
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 from tests.post_inputs import make_inputs, reference_outputs
 
 P = importlib.import_module("kernels.triton.post")   # the package re-exports the function `post`

@@ -4,7 +4,7 @@ import torch
 
 from kernels import reference
 from kernels.triton.residual import add_forward, residual_post, residual_pre
-from suite.tolerance import rel_err, tolerance
+from suite.core.tolerance import rel_err, tolerance
 
 DTYPES = (torch.bfloat16, torch.float16)
 

@@ -1,5 +1,5 @@
 """The whole site (pre, then post, through autograd) with backend triton, through the suite's own
-correctness gate (suite.check: fresh inputs, fp64 reference, every output and gradient), with the
+correctness gate (suite.run.check: fresh inputs, fp64 reference, every output and gradient), with the
 site link (kernels/site_link.py) engaged: post's x gradient must reach pre's backward and be
 added there, once. The interpreter runs the kernels on the CPU; `gpu` cases use benchmark widths."""
 import pytest
@@ -7,8 +7,8 @@ import torch
 
 import kernels
 from kernels import site_link
-from suite.check import check
-from suite.scenario import Case
+from suite.run.check import check
+from suite.core.scenario import Case
 
 METHODS = ("mhc", "hc")
 
@@ -21,7 +21,7 @@ def _gate(method, n, C, T, dtype, device, monkeypatch):
                 device=device, sinkhorn_iters=20 if method == "mhc" else None)
     res = check(kernels.get(method, "triton"), case, device)
     assert res["passed"], f"{method} n={n} C={C} T={T} {dtype}: {res['errors']} vs {res['tols']}"
-    # the gate may check fewer tokens than the case has (suite.check.check_tokens: GPU memory)
+    # the gate may check fewer tokens than the case has (suite.run.check.check_tokens: GPU memory)
     assert puts == [(res["T"], n, C)], "post's x gradient did not go through the link"
 
 

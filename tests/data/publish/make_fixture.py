@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from suite.scenario import Case
+from suite.core.scenario import Case
 
 SCENARIO = "sample"
 MODEL_SCENARIO = "sample_model"

@@ -1,0 +1,1 @@
+"""Publishing runs: the static dashboard, CSV / JSON / Markdown exports and PostgreSQL."""

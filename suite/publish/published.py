@@ -1,0 +1,268 @@
+"""What publishing works on: runs read from run folders or history.sqlite, and the rules built on them.
+
+- `Run`: one run's records, environment, GPU model and start time, plus the cases its saved
+  scenarios list that have no record (shown as "not run", never dropped).
+- `history`: each case's medians over runs on the same GPU model, in time order, with the
+  regression rule applied to each run against the runs before it.
+- `hardware`: the same case ids on different GPU models, as time ratios to a reference GPU.
+
+Regression rule (issue 7): a run's median is a regression when it is more than REGRESSION_PCT
+slower than the median of the previous runs' medians of the same case on the same GPU model, and
+outside the noise band. The noise band is the previous runs' p10-p90 range of single-call times:
+[median of their p10, median of their p90]. A median above the band's top edge lies above what
+nine calls in ten took before; a median inside it is not called a regression, however large the
+ratio. An improvement is the mirror image (more than REGRESSION_PCT faster and below the band).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from suite.core import record as record_schema
+from suite.core.scenario import Case
+from suite.store.runs import read_records
+
+REGRESSION_PCT = 5.0
+
+
+@dataclass
+class Run:
+    run_id: str
+    env: dict
+    records: list[dict]
+    path: str = ""
+    not_run: list[dict] = field(default_factory=list)   # saved cases without a record
+
+    @property
+    def gpu(self) -> str:
+        return gpu_model(self.env)
+
+    @property
+    def started(self) -> str:
+        """When the run began: its earliest record, else the environment's capture time."""
+        stamps = [r["started_utc"] for r in self.records if r.get("started_utc")]
+        return min(stamps) if stamps else (self.env.get("captured_utc") or "")
+
+    @property
+    def copy_gbps(self) -> float | None:
+        rates = self.env.get("copy_rate") or {}
+        rate = rates.get("cuda") or next(iter(rates.values()), None)
+        return rate.get("gbps") if rate else None
+
+    @property
+    def scenarios(self) -> list[str]:
+        names = {r.get("scenario") or "unnamed" for r in self.records}
+        names |= {c.get("scenario") or "unnamed" for c in self.not_run}
+        return sorted(names)
+
+    def counts(self) -> dict[str, int]:
+        out = {"ok": 0, "skipped": 0, "failed": 0, "not run": len(self.not_run)}
+        for r in self.records:
+            out[r["status"]] = out.get(r["status"], 0) + 1
+        return out
+
+
+def gpu_model(env: dict) -> str:
+    gpus = env.get("gpus") or []
+    if gpus and gpus[0].get("name"):
+        return gpus[0]["name"]
+    cpu = (env.get("cpu") or {}).get("model")
+    return f"CPU {cpu}" if cpu else "unknown device"
+
+
+class PublishError(Exception):
+    """Bad input to publish: one line naming the path and what is wrong."""
+
+
+def _case_id(case: dict) -> str:
+    return Case(**case).case_id
+
+
+def load_run_dir(path: Path) -> Run:
+    path = Path(path)
+    if not (path / "records.jsonl").exists():
+        raise PublishError(f"{path}: not a run folder (no records.jsonl)")
+    try:
+        records = read_records(path)
+    except ValueError as exc:
+        raise PublishError(str(exc)) from None
+    env_path = path / "env.json"
+    try:
+        env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise PublishError(f"{env_path}: not JSON ({exc.msg})") from None
+    seen = {r["case_id"] for r in records}
+    not_run = []
+    for f in sorted((path / "scenarios").glob("*.json")):
+        try:
+            doc = json.loads(f.read_text())
+            for c in doc.get("cases", []):
+                cid = _case_id(c)
+                if cid not in seen:
+                    seen.add(cid)
+                    not_run.append({"case_id": cid, "case": c, "scenario": doc.get("name")})
+        except (ValueError, TypeError, KeyError):
+            continue    # a saved list we cannot read hides nothing that ran: records still show
+    return Run(path.name, env, records, str(path), not_run)
+
+
+def expand_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run folders as given; a folder holding run folders (e.g. results/) stands for all of them."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if (p / "records.jsonl").exists():
+            out.append(p)
+        elif p.is_dir():
+            inner = sorted(d for d in p.iterdir() if (d / "records.jsonl").exists())
+            if not inner:
+                raise PublishError(f"{p}: neither a run folder nor a folder of run folders "
+                                   "(no records.jsonl)")
+            out += inner
+        else:
+            raise PublishError(f"{p}: no such folder")
+    return out
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    runs = [load_run_dir(p) for p in expand_run_dirs(paths)]
+    ids = [r.run_id for r in runs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise PublishError(f"run folder given twice: {dup[0]}")
+    return sorted(runs, key=lambda r: (r.started, r.run_id))
+
+
+def load_history(db: Path) -> list[Run]:
+    """Every run in a history.sqlite (suite/store/runs.py), records from their stored JSON."""
+    db = Path(db)
+    if not db.exists():
+        raise PublishError(f"{db}: no such history database")
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        runs = {rid: Run(rid, json.loads(env or "{}"), [], path or "")
+                for rid, env, path in con.execute("SELECT run_id, env, path FROM runs")}
+        for rid, rec in con.execute("SELECT run_id, record FROM records ORDER BY run_id, case_id"):
+            runs.setdefault(rid, Run(rid, {}, [])).records.append(json.loads(rec))
+    except sqlite3.DatabaseError as exc:
+        raise PublishError(f"{db}: not a history database ({exc})") from None
+    finally:
+        con.close()
+    return sorted(runs.values(), key=lambda r: (r.started, r.run_id))
+
+
+def filter_runs(runs: list[Run], gpu: list[str] | None = None, since: str | None = None,
+                scenario: list[str] | None = None) -> list[Run]:
+    """Runs on a GPU whose model contains one of `gpu` (case-insensitive), started on or after
+    `since` (ISO date), keeping only the records of the named scenarios."""
+    out = []
+    for run in runs:
+        if gpu and not any(g.lower() in run.gpu.lower() for g in gpu):
+            continue
+        if since and run.started[:len(since)] < since:
+            continue
+        if scenario:
+            keep = set(scenario)
+            run = Run(run.run_id, run.env, [r for r in run.records if r.get("scenario") in keep],
+                      run.path, [c for c in run.not_run if c.get("scenario") in keep])
+            if not run.records and not run.not_run:
+                continue
+        out.append(run)
+    return out
+
+
+# ---------------------------------------------------------------- history and regressions
+def _ok(r: dict) -> bool:
+    return r.get("status") == "ok" and bool(r.get("time_ms")) and r["time_ms"].get("median") is not None
+
+
+@dataclass
+class Point:
+    run_id: str
+    started: str
+    record: dict
+    median: float
+    p10: float
+    p90: float
+    baseline: float | None = None     # median of the previous runs' medians
+    band: tuple[float, float] | None = None
+    verdict: str = ""                 # "", "regression", "improvement", "within noise", "first run"
+
+    @property
+    def change_pct(self) -> float | None:
+        return None if self.baseline is None else 100.0 * (self.median / self.baseline - 1.0)
+
+
+def judge(median: float, previous: list[tuple[float, float, float]]) -> tuple[float | None, tuple | None, str]:
+    """(baseline, band, verdict) of one median against the (median, p10, p90) of earlier runs."""
+    if not previous:
+        return None, None, "first run"
+    base = statistics.median(m for m, _, _ in previous)
+    band = (statistics.median(lo for _, lo, _ in previous),
+            statistics.median(hi for _, _, hi in previous))
+    change = 100.0 * (median / base - 1.0)
+    if change > REGRESSION_PCT and median > band[1]:
+        return base, band, "regression"
+    if change < -REGRESSION_PCT and median < band[0]:
+        return base, band, "improvement"
+    return base, band, "within noise"
+
+
+def history(runs: list[Run]) -> dict[str, dict[str, list[Point]]]:
+    """gpu model -> case id -> points in time order, each judged against the ones before it."""
+    out: dict[str, dict[str, list[Point]]] = {}
+    # In time order of the records themselves: a resumed run may add cases after a later run.
+    timed = sorted(((r.get("started_utc") or run.started, run.run_id, r["case_id"], run, r)
+                    for run in runs for r in run.records if _ok(r)), key=lambda x: x[:3])
+    for _, _, _, run, r in timed:
+        per_case = out.setdefault(run.gpu, {})
+        t = r["time_ms"]
+        med = t["median"]
+        p10, p90 = t.get("p10", med), t.get("p90", med)
+        pts = per_case.setdefault(record_schema.join_key(r), [])
+        base, band, verdict = judge(med, [(p.median, p.p10, p.p90) for p in pts])
+        pts.append(Point(run.run_id, run.started, r, med, p10, p90, base, band, verdict))
+    return out
+
+
+def regressions(runs: list[Run]) -> list[tuple[str, str, Point]]:
+    return [(gpu, cid, p) for gpu, cases in history(runs).items() for cid, pts in cases.items()
+            for p in pts if p.verdict == "regression"]
+
+
+# ---------------------------------------------------------------- across GPU models
+def latest_per_gpu(runs: list[Run]) -> dict[str, dict[str, tuple[Run, dict]]]:
+    """gpu model -> case id -> (run, record) of the newest ok record of that case on that GPU."""
+    out: dict[str, dict[str, tuple[Run, dict]]] = {}
+    for run in sorted(runs, key=lambda r: (r.started, r.run_id)):
+        for r in run.records:
+            if _ok(r):
+                out.setdefault(run.gpu, {})[record_schema.join_key(r)] = (run, r)
+    return out
+
+
+def hardware(runs: list[Run], reference: str | None = None):
+    """(gpus in column order, rows): rows hold a case id present on at least two GPU models, with
+    each GPU's (run, record) and its time over the reference GPU's time (the reference is the GPU
+    with the most cases unless named)."""
+    latest = latest_per_gpu(runs)
+    gpus = sorted(latest, key=lambda g: (-len(latest[g]), g))
+    if reference and reference in latest:
+        gpus.remove(reference)
+        gpus.insert(0, reference)
+    rows = []
+    ids = sorted({cid for g in gpus for cid in latest[g]})
+    for cid in ids:
+        present = {g: latest[g][cid] for g in gpus if cid in latest[g]}
+        if len(present) < 2:
+            continue
+        ref = present.get(gpus[0])
+        ratios = {}
+        for g, (_, r) in present.items():
+            ratios[g] = None if ref is None else r["time_ms"]["median"] / ref[1]["time_ms"]["median"]
+        rows.append({"case_id": next(iter(present.values()))[1]["case_id"], "join_key": cid,
+                     "per_gpu": present, "ratio": ratios})
+    return gpus, rows

@@ -1,0 +1,118 @@
+"""`harness.py publish` and the history side of `harness.py compare`.
+
+publish: run folders -> a static site (suite/publish/dashboard.py) or PostgreSQL (suite/publish/postgres.py),
+plus the stand-alone exports (tidy CSV, github-action-benchmark JSON, Markdown) where asked.
+compare over the history: the runs of history.sqlite (or a folder of run folders), filtered by
+GPU model, start date and scenario; GPU models side by side as ratios, and each case's newest run
+against the median of its previous runs on the same GPU model (suite/publish/published.py's rule).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from suite.publish import dashboard, export as publish_export, postgres as publish_pg
+from suite.publish.published import (PublishError, REGRESSION_PCT, Run, filter_runs, hardware,
+                                     history, load_history, load_runs)
+from suite.store.runs import atomic_write
+
+
+def publish(run_dirs: list[Path], to: str, console: Console, csv: Path | None = None,
+            benchmark_json: Path | None = None, markdown: Path | None = None) -> int:
+    runs = load_runs(run_dirs)
+    if not runs:
+        raise PublishError("publish: no run folder given")
+    for path, text in ((csv, publish_export.tidy_csv), (benchmark_json, publish_export.benchmark_json),
+                       (markdown, publish_export.markdown)):
+        if path:
+            atomic_write(Path(path), text(runs))
+            console.print(f"wrote {path}")
+    if to.startswith(("postgresql://", "postgres://")):
+        counts = publish_pg.publish(to, runs)
+        console.print(f"published {counts['runs']} runs and {counts['records']} records to "
+                      f"{publish_pg.redact(to)} ({counts['new_records']} new)", soft_wrap=True)
+        return 0
+    if "://" in to:
+        raise PublishError(f"--to {to}: give a folder or a postgresql://USER@HOST/DB address")
+    files = dashboard.build(runs, Path(to))
+    regs = sum(1 for cases in history(runs).values() for pts in cases.values()
+               if pts and pts[-1].verdict == "regression")
+    console.print(f"dashboard: {Path(to) / 'index.html'} ({len(files)} files, {len(runs)} runs, "
+                  f"{regs} regression(s) in the newest runs)", soft_wrap=True)
+    return 0
+
+
+def _check_since(since: str | None) -> None:
+    if since is None:
+        return
+    try:
+        dt.date.fromisoformat(since[:10])
+    except ValueError:
+        raise PublishError(f"--since {since}: not a date; give YYYY-MM-DD") from None
+
+
+def history_runs(source: Path) -> list[Run]:
+    """Runs from a history.sqlite, or from a folder of run folders (e.g. results/)."""
+    source = Path(source)
+    if source.is_file():
+        return load_history(source)
+    if (source / "history.sqlite").is_file():
+        return load_history(source / "history.sqlite")
+    return load_runs([source])
+
+
+def compare_history(source: Path | list[Path], gpu: list[str], since: str | None, scenario: list[str],
+                    console: Console) -> int:
+    """source: the history (a file or folder), or a list of run folders to compare."""
+    _check_since(since)
+    found = load_runs(source) if isinstance(source, list) else history_runs(source)
+    runs = filter_runs(found, gpu, since, scenario)
+    if isinstance(source, list):
+        source = " ".join(str(s) for s in source)
+    what = ", ".join(x for x in ([f"gpu ~ {'|'.join(gpu)}"] if gpu else []) + (
+        [f"since {since}"] if since else []) + ([f"scenario {'|'.join(scenario)}"] if scenario else []))
+    if not runs:
+        console.print(f"no run in {source} matches ({what or 'no filter'})")
+        return 0
+    console.print(f"{len(runs)} runs from {source}" + (f" ({what})" if what else ""), highlight=False)
+    gpus, rows = hardware(runs)
+    if len(gpus) > 1:
+        ref = gpus[0]
+        t = Table(title=f"GPU models side by side: time / time on {ref} (newest ok record of each case)")
+        t.add_column("case")
+        for g in gpus:
+            t.add_column(f"{g} ms", justify="right")
+        for g in gpus[1:]:
+            t.add_column(f"{g} / ref", justify="right")
+        for row in rows:
+            first = next(iter(row["per_gpu"].values()))[1]
+            t.add_row(publish_export.case_name(first),
+                      *[f"{row['per_gpu'][g][1]['time_ms']['median']:.4g}" if g in row["per_gpu"] else ""
+                        for g in gpus],
+                      *[f"{row['ratio'][g]:.3f}" if row["ratio"].get(g) is not None else "" for g in gpus[1:]])
+        console.print(t)
+        console.print(f"{len(rows)} cases on at least two GPU models")
+    regressions = 0
+    for g, cases in sorted(history(runs).items()):
+        judged = {cid: pts for cid, pts in cases.items() if len(pts) > 1}
+        if not judged:
+            console.print(f"{g}: {len(cases)} cases, none in more than one run", highlight=False)
+            continue
+        t = Table(title=f"{g}: newest run of each case against the median of its previous runs "
+                        f"(regression: > {REGRESSION_PCT:.0f}% slower and above the p10-p90 noise band)")
+        for h in ("case", "runs", "newest run", "median ms", "previous ms", "change %", "band ms", "verdict"):
+            t.add_column(h, justify="left" if h in ("case", "newest run", "verdict") else "right",
+                         no_wrap=h in ("case", "verdict"), overflow="fold")
+        for cid, pts in sorted(judged.items(), key=lambda kv: publish_export.case_name(kv[1][-1].record)):
+            p = pts[-1]
+            style = {"regression": "red", "improvement": "green"}.get(p.verdict)
+            regressions += p.verdict == "regression"
+            t.add_row(publish_export.case_name(p.record), str(len(pts)), p.run_id, f"{p.median:.4g}",
+                      f"{p.baseline:.4g}", f"{p.change_pct:+.1f}", f"{p.band[0]:.4g}-{p.band[1]:.4g}",
+                      p.verdict, style=style)
+        console.print(t)
+    console.print(f"{regressions} regression(s) in the newest runs")
+    return 0

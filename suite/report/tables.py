@@ -1,0 +1,244 @@
+"""Reports, from records only: the terminal table, report.md, and comparisons of two runs."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from suite.analysis import overhead
+from suite.report import distributed as dist_report, sections as report_sections
+from suite.store.runs import atomic_write, read_records
+
+COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
+# Every field that changes what is measured, so a ratio joins exactly the same case.
+IDENTITY = tuple(c for c in COLUMNS if c != "backend") + ("scope", "gpus")
+IDENTITY += ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
+IDENTITY += ("parallel", "microbatches", "overlap")
+HEADER = {"sinkhorn_iters": "iters"}
+NOISY_CV = 0.05      # above this, a row's CV is marked "!": its median deserves less trust
+ORDER = {"residual": 0, "hc": 1, "mhc": 2}
+BACKEND_ORDER = {"torch": 0, "compile": 1, "triton": 2, "tilelang": 3, "liger": 4}
+
+
+def sort_key(r: dict):
+    c = r["case"]
+    return (c["device"], c["mode"], c["op"], c["C"], c["T"], c["n"], ORDER.get(c["method"], 9),
+            BACKEND_ORDER.get(c["backend"], 9), c["dtype"])
+
+
+def baseline_backend(records: list[dict]) -> str | None:
+    """The backend other backends are shown as a ratio to: triton if it ran, else torch."""
+    ran = {r["case"]["backend"] for r in records if r["status"] == "ok"}
+    if len(ran) < 2:
+        return None
+    for name in ("triton", "torch"):
+        if name in ran:
+            return name
+    return None
+
+
+def ratios_to(records: list[dict], base: str | None) -> dict[str, float]:
+    """case_id -> median time over the same case's time with backend `base`."""
+    if base is None:
+        return {}
+    ref = {tuple(r["case"].get(k) for k in IDENTITY): r["time_ms"]["median"]
+           for r in records if r["status"] == "ok" and r["case"]["backend"] == base}
+    out = {}
+    for r in records:
+        key = tuple(r["case"].get(k) for k in IDENTITY)
+        if r["status"] == "ok" and key in ref:
+            out[r["case_id"]] = r["time_ms"]["median"] / ref[key]
+    return out
+
+
+def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    base = baseline_backend(records)
+    ratio = ratios_to(records, base)
+    header = [HEADER.get(c, c) for c in COLUMNS] + ["median ms", "p10-p90 ms", "cv %", "GB/s", "% copy", "peak MiB"]
+    if base:
+        header.append(f"x {base}")
+    header.append("status")
+    body = []
+    for r in sorted(records, key=sort_key):
+        c, t = r["case"], r.get("time_ms")
+        row = ["" if c.get(k) is None else str(c.get(k)) for k in COLUMNS]
+        if c.get("scope", "site") != "site":   # a whole layer or step: say so where op would be
+            lr = f"/{c['L_r']}" if c.get("L_r") else ""
+            row[COLUMNS.index("op")] = f"{c['scope']} L={c.get('layers')} rc={c.get('recompute')}{lr}"
+        if c.get("parallel"):
+            row[COLUMNS.index("op")] = dist_report.op_label(c)
+        if r["status"] == "ok":
+            noisy = " !" if t["cv"] > NOISY_CV else ""
+            row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}{noisy}",
+                    f"{r['gbps']:.0f}", _fmt(r.get("pct_of_copy"), "{:.1f}"),
+                    _fmt(r.get("peak_mem_bytes"), "{:.0f}", scale=2**-20)]
+        else:
+            row += [""] * 6
+        if base:
+            row.append(_fmt(ratio.get(r["case_id"]), "{:.2f}"))
+        row.append(r["status"])
+        body.append(row)
+    return header, body
+
+
+def _fmt(value, fmt, scale=1.0):
+    return "" if value is None else fmt.format(value * scale)
+
+
+def reasons(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    grouped = defaultdict(list)
+    for r in records:
+        if r["status"] != "ok":
+            grouped[(r["status"], r.get("reason") or "no reason given")].append(r)
+    return grouped
+
+
+def case_label(r: dict) -> str:
+    c = r["case"]
+    n = "" if c["method"] == "residual" else f" n={c['n']}"
+    op = "" if c["op"] == "site" else f" {c['op']}"
+    if c.get("scope", "site") != "site":
+        lr = f" L_r={c['L_r']}" if c.get("L_r") else ""
+        op = f" {c['scope']} L={c.get('layers')} recompute={c.get('recompute')}{lr}"
+    if c.get("parallel"):
+        op = " " + dist_report.op_label(c)
+    return f"{c['method']}/{c['backend']}{op}{n} C={c['C']} T={c['T']} {c['dtype']} {c['mode']} {c['device']}"
+
+
+def print_run(run_dir: Path, console: Console | None = None) -> None:
+    console = console or Console()
+    records = read_records(run_dir)
+    env = _env(run_dir)
+    header, body = rows(records)
+    table = Table(title=f"{Path(run_dir).name}  ({_device_line(env)})", show_lines=False)
+    for h in header:
+        table.add_column(h, justify="right" if h not in ("method", "backend", "op", "dtype",
+                                                         "mode", "device", "status") else "left")
+    style = {"ok": None, "skipped": "yellow", "failed": "red"}
+    for row in body:
+        table.add_row(*row, style=style.get(row[-1]))
+    console.print(table)
+    for (status, why), recs in reasons(records).items():
+        console.print(f"[{'red' if status == 'failed' else 'yellow'}]{status} ({len(recs)}): "
+                      f"{why}[/]", highlight=False)
+        for r in recs[:50]:
+            console.print(f"    {case_label(r)}", highlight=False, markup=False)
+    report_sections.print_traffic(records, console)
+    dist_report.print_tables(records, console)
+    flags = report_sections.flags_line(records)
+    if flags:
+        console.print(flags, highlight=False, markup=False)
+    console.print(_summary(records))
+
+
+def _summary(records: list[dict]) -> str:
+    counts = defaultdict(int)
+    for r in records:
+        counts[r["status"]] += 1
+    return ", ".join(f"{counts[s]} {s}" for s in ("ok", "skipped", "failed")) + f" of {len(records)} cases"
+
+
+def _env(run_dir: Path) -> dict:
+    path = Path(run_dir) / "env.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _device_line(env: dict) -> str:
+    parts = []
+    if env.get("gpus"):
+        g = env["gpus"][0]
+        parts.append(f"{g['name']}, {g['sms']} SMs")
+    else:
+        parts.append(f"CPU {env.get('cpu', {}).get('model', '?')}")
+    for device, rate in (env.get("copy_rate") or {}).items():
+        parts.append(f"copy {device} {rate['gbps']:.0f} GB/s")
+    return "; ".join(parts)
+
+
+def markdown(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    env = _env(run_dir)
+    v = env.get("versions", {})
+    lines = [f"# Run {run_dir.name}", ""]
+    lines.append(f"- Device: {_device_line(env)}")
+    if env.get("gpus"):
+        g = env["gpus"][0]
+        clocks = g.get("clocks") or {}
+        lines.append(f"- GPU state at start: SM {clocks.get('sm_mhz')} MHz, memory "
+                     f"{clocks.get('mem_mhz')} MHz, power {g.get('power_w')} W, throttle "
+                     f"{g.get('throttle_reasons')}, driver {g.get('driver')}, UUID {g.get('uuid')}")
+    lines.append(f"- CPU: {env.get('cpu', {}).get('model')}; host {env.get('host')}")
+    lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    lines.append(f"- {_summary(records)}")
+    lines += ["", "Times are medians over >= 30 samples (L2 flushed before each call on a GPU); "
+              "GB/s counts the floor bytes of MATH.md (each input read once, each output written "
+              "once), so % copy is the fraction of the copy-rate roofline reached. "
+              + ("`x B` is the time relative to backend B on the same case. "
+                 if baseline_backend(records) else "")
+              + f"A CV marked `!` is above {100 * NOISY_CV:.0f}%: that median is noisy.", ""]
+    header, body = rows(records)
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    variants = sorted({(r["case"]["backend"], r["check"]["reference"]) for r in records
+                       if r.get("check") and r["check"].get("reference", "MATH.md") != "MATH.md"})
+    if variants:
+        lines += ["", "## Backends checked against a declared variant of MATH.md", ""]
+        lines += [f"- **{backend}**: {what}" for backend, what in variants]
+    lines += report_sections.traffic_markdown(records)
+    lines += report_sections.state_markdown(records, env)
+    lines += overhead.markdown_lines(records, env)
+    lines += dist_report.markdown_lines(records)
+    grouped = reasons(records)
+    if grouped:
+        lines += ["", "## Skipped and failed cases", ""]
+        for (status, why), recs in grouped.items():
+            lines.append(f"- **{status}** ({len(recs)}): {why}")
+            lines += [f"  - {case_label(r)}" for r in recs]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(run_dir: Path) -> Path:
+    path = Path(run_dir) / "report.md"
+    atomic_write(path, markdown(run_dir))
+    return path
+
+
+def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
+    """Joins two runs by case id; prints B's time over A's. Returns the number of joined cases."""
+    console = console or Console()
+    a = {r["case_id"]: r for r in read_records(run_a) if r["status"] == "ok"}
+    b = {r["case_id"]: r for r in read_records(run_b) if r["status"] == "ok"}
+    # A case timed with other kernel settings is another measurement: never joined.
+    tuned = [k for k in b if k in a
+             and (a[k].get("kernel_settings") or {}) != (b[k].get("kernel_settings") or {})]
+    both = [k for k in b if k in a and k not in tuned]
+    table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(_env(run_a))})   "
+                        f"B = {Path(run_b).name} ({_device_line(_env(run_b))})")
+    for h in [HEADER.get(c, c) for c in COLUMNS] + ["A ms", "B ms", "B/A", "A % copy", "B % copy"]:
+        table.add_column(h)
+    for k in sorted(both, key=lambda k: sort_key(b[k])):
+        ra, rb = a[k], b[k]
+        ta, tb = ra["time_ms"]["median"], rb["time_ms"]["median"]
+        table.add_row(*["" if rb["case"].get(c) is None else str(rb["case"][c]) for c in COLUMNS],
+                      f"{ta:.4g}", f"{tb:.4g}",
+                      f"{tb / ta:.3f}", _fmt(ra.get("pct_of_copy"), "{:.1f}"),
+                      _fmt(rb.get("pct_of_copy"), "{:.1f}"))
+    console.print(table)
+    padded = {name: any("launch_pad_ms" in r["time_ms"] for r in run.values())
+              for name, run in (("A", a), ("B", b))}
+    if padded["A"] != padded["B"]:
+        old = "A" if not padded["A"] else "B"
+        console.print(f"warning: run {old} was timed before the launch pad (suite/measure/timing.py): its "
+                      "samples include host launch overhead, so short ops read slower there")
+    only = len(set(a) ^ set(b))
+    if tuned:
+        ka, kb = a[tuned[0]].get("kernel_settings"), b[tuned[0]].get("kernel_settings")
+        console.print(f"{len(tuned)} cases not joined: their kernel settings differ "
+                      f"(A: {ka or 'default'}; B: {kb or 'default'})", markup=False)
+    console.print(f"{len(both)} cases in both runs; {only} ok in only one of them")
+    return len(both)

@@ -1,0 +1,203 @@
+"""Where runs go: one folder per run, and the SQLite history every run is appended to.
+
+A run folder holds records.jsonl (one record per case), env.json, scenario copies and report.md.
+Every file is written whole to a temporary file and renamed over the old one, so a crash or
+Ctrl-C leaves either the old or the new version, never half a file. The history lives next to
+the run folders (results/history.sqlite) and each record is upserted as soon as it exists.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from suite.core import record as record_schema
+from suite.core.guard import now_utc
+
+
+
+def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = None) -> dict:
+    """A case's record before it runs (status ok until something says otherwise): every field
+    of the format present, so skipped and failed records read like measured ones. `env` (the
+    run's suite.measure.env.capture) gives the code commit and the kernel settings it ran with."""
+    env = env or {}
+    return {"schema": record_schema.SCHEMA, "case_id": case.case_id, "case": case.to_dict(),
+            "scenario": scenario, "status": "ok", "reason": None, "time_ms": None,
+            "bytes": None, "flops": None, "gbps": None, "tflops": None,
+            "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
+            "gpu_uuid": gpu_uuid if case.device == "cuda" else None, "started_utc": now_utc(),
+            "code": env.get("code"), "kernel_settings": env.get("kernel_settings")}
+HISTORY_NAME = "history.sqlite"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; results are shared files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "records.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {i}: not a JSON record ({exc.msg})") from None
+    return records
+
+
+def new_run_dir(root: Path, device_label: str) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:32]
+    path = Path(root) / f"{stamp}-{host}-{device_label}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(root) / f"{stamp}-{host}-{device_label}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
+class RunStore:
+    """The records of one run, kept in memory and rewritten atomically after each case."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = read_records(self.dir)
+        self.history = History(self.dir.parent / HISTORY_NAME)
+
+    @property
+    def run_id(self) -> str:
+        return self.dir.name
+
+    def add(self, record: dict) -> None:
+        self.records = [r for r in self.records if r["case_id"] != record["case_id"]] + [record]
+        atomic_write(self.dir / "records.jsonl",
+                     "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in self.records))
+        self.history.add_record(self.run_id, record)
+
+
+_SQLITE_TYPES = {"text": "TEXT", "int": "INTEGER", "real": "REAL", "bool": "INTEGER",
+                 "time": "TEXT"}
+
+
+class History:
+    """results/history.sqlite: runs and records across every run on this machine or share. The
+    records table holds suite.core.record's flat columns and the whole record as JSON; a table
+    made by an older version is rebuilt from that JSON the first time it is opened."""
+
+    RECORD_COLUMNS = ("run_id",) + record_schema.NAMES + ("record",)
+    RUNS_SQL = ("CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, started_utc TEXT, "
+                "host TEXT, gpu TEXT, scenarios TEXT, path TEXT, env TEXT)")
+
+    @staticmethod
+    def records_sql(table: str) -> str:
+        return (f"CREATE TABLE IF NOT EXISTS {table} (run_id TEXT NOT NULL, "
+                + ", ".join(f'"{n}" {_SQLITE_TYPES[k]}' for n, k in record_schema.COLUMNS)
+                + ", record TEXT, PRIMARY KEY (run_id, case_id))")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _connect(self):
+        con = sqlite3.connect(self.path, timeout=30)
+        have = [row[1] for row in con.execute("PRAGMA table_info(records)")]
+        if have and tuple(have) != self.RECORD_COLUMNS:
+            self._rebuild(con)
+        con.execute(self.RUNS_SQL)
+        con.execute(self.records_sql("records"))
+        return con
+
+    def _rebuild(self, con) -> None:
+        """Re-projects every stored record into the current columns: a new table is filled,
+        then swapped for the old one in the same transaction, so a crash leaves the old one."""
+        rows = con.execute("SELECT run_id, record FROM records").fetchall()
+        con.execute("DROP TABLE IF EXISTS records_new")
+        con.execute(self.records_sql("records_new"))
+        with con:
+            for run_id, text in rows:
+                self._insert(con, run_id, json.loads(text), "records_new")
+            con.execute("DROP TABLE records")
+            con.execute("ALTER TABLE records_new RENAME TO records")
+
+    def _insert(self, con, run_id: str, r: dict, table: str = "records") -> None:
+        row = record_schema.flat(r)
+        marks = ",".join("?" * len(self.RECORD_COLUMNS))
+        con.execute(f"INSERT OR REPLACE INTO {table} VALUES ({marks})",
+                    (run_id, *(row[n] for n in record_schema.NAMES),
+                     json.dumps(r, sort_keys=True, default=str)))
+
+    def add_run(self, run_id: str, env: dict, scenarios: list[str], path: Path) -> None:
+        gpu = env["gpus"][0]["name"] if env.get("gpus") else "cpu"
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?)",
+                        (run_id, env.get("captured_utc"), env.get("host"), gpu,
+                         json.dumps(scenarios), str(path), json.dumps(env, default=str)))
+        con.close()
+
+    def add_record(self, run_id: str, r: dict) -> None:
+        with self._connect() as con:
+            self._insert(con, run_id, r)
+        con.close()
+
+
+def merge_run_copies(run_dir: Path, copies: list[Path]) -> tuple[int, int]:
+    """Folds copies of one run folder, each resumed elsewhere (e.g. separate device calls that
+    each started from the committed folder), back into it. A case's record is added when the
+    folder lacks it, or replaces one that is not ok with one that is; the saved scenario case
+    lists become their union. Returns (records added, records replaced)."""
+    run_dir = Path(run_dir)
+    records = {r["case_id"]: r for r in read_records(run_dir)}
+    added = replaced = 0
+    for copy in map(Path, copies):
+        for r in read_records(copy):
+            old = records.get(r["case_id"])
+            if old is None:
+                added += 1
+            elif old.get("status") != "ok" and r.get("status") == "ok":
+                replaced += 1
+            else:
+                continue
+            records[r["case_id"]] = r
+        for saved in sorted((copy / "scenarios").glob("*.json")):
+            mine = run_dir / "scenarios" / saved.name
+            theirs = json.loads(saved.read_text())
+            if mine.exists():
+                doc = json.loads(mine.read_text())
+                have = {json.dumps(c, sort_keys=True) for c in doc["cases"]}
+                doc["cases"] += [c for c in theirs["cases"] if json.dumps(c, sort_keys=True) not in have]
+            else:
+                doc = theirs
+            write_json(mine, doc)
+    atomic_write(run_dir / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
+    return added, replaced

@@ -1,0 +1,57 @@
+"""Backend `auto`: the fastest registered backend per connection op at a case's shapes.
+
+For each op (pre, post) every candidate backend (kernels.candidates: MATH.md exactly, compiled
+once per shape, runnable here) is timed forward+backward at the case's method, n, C, T and
+dtype, on the site workload's random inputs (suite.workloads.workload), with the suite's timer (padded
+device time). The fastest per op is kept; its pre and post are composed into one Ops
+(kernels.compose). Correctness is not assumed: the model's fp64 gate (suite.workloads.steps.check) runs
+the composed ops before anything is timed. A choice is made once per process and shape.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import kernels
+from suite.workloads import workload
+from suite.core.dtypes import TORCH_DTYPES
+from suite.core.scenario import Case
+from suite.measure.timing import Timer
+
+OPS = ("pre", "post")
+_CHOSEN: dict[tuple, dict] = {}
+
+
+def choose(case: Case, timer: Timer) -> dict:
+    """{"pre": backend, "post": backend, "times_ms": {op: {backend: median}}} for `case`'s
+    shapes (method residual: the torch backend, its single add)."""
+    key = (case.method, case.n, case.C, case.T, case.dtype, case.sinkhorn_iters, case.device)
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    if case.method == "residual":
+        names = ["torch"]
+    else:
+        names = kernels.candidates(case.method, case.device)
+    times: dict[str, dict[str, float]] = {op: {} for op in OPS}
+    reasons: dict[str, str] = {}
+    for op in OPS:
+        site = replace(case, scope="site", op=op, mode="fwd+bwd", **{k: None for k in
+                       Case.MODEL_FIELDS})
+        for name in names if len(names) > 1 else []:
+            ops = kernels.get(case.method, name)
+            why = ops.supports(case.n, case.C, TORCH_DTYPES[case.dtype])
+            if why:
+                reasons[f"{op}/{name}"] = why
+                continue
+            inputs = workload.make_inputs(site, case.device, case.seed)
+            try:
+                t = timer.time(lambda: workload.run(ops, site, inputs), warmup_ms=10,
+                               rep_ms=30, min_samples=10, b2b_calls=0)
+            except Exception as exc:  # noqa: BLE001  (a candidate that breaks is not chosen)
+                reasons[f"{op}/{name}"] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            times[op][name] = round(t.median, 4)
+    pick = {op: (min(times[op], key=times[op].get) if times[op] else names[0]) for op in OPS}
+    _CHOSEN[key] = {"pre": pick["pre"], "post": pick["post"], "times_ms": times,
+                    "not_timed": reasons, "candidates": names}
+    return _CHOSEN[key]
+
