@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from suite.workloads import deepseek as ds
 from suite.core import model_shape
+from suite.workloads import deepseek as ds
 
 SEQ, T = 16, 32
 EPS = 1e-6

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from suite.workloads.dist import launch
-from suite.workloads.dist import pipeline as pp
 from suite.core.scenario import ScenarioError, parse
+from suite.workloads.dist import launch, pipeline as pp
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"device": "cpu", "dtype": "fp32", "n": 4, "C": 32, "T": 64, "warmup_ms": 1,

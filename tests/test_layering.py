@@ -6,6 +6,7 @@
   those imports have no cycle;
 - no module reaches into another's private names (`from m import _x`, `m._x`)."""
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,15 @@ def test_each_layer_imports_alone(layer):
         f" - set({list(LAYERS[:LAYERS.index(layer) + 1])!r}))\n"
         "assert not higher, higher\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_every_root_constant_names_the_repository_root():
+    """A module that finds the repository from its own path (ROOT = ...parents[k]) must count
+    its folder depth right, or a child process starts in the wrong folder."""
+    bad = []
+    for path in _modules("suite"):
+        if "ROOT = " in path.read_text():
+            root = importlib.import_module(_suite_module(path)).ROOT
+            if not (Path(root) / "harness.py").is_file():
+                bad.append(f"{_rel(path)}: ROOT = {root}")
+    assert not bad, bad

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import kernels
-from kernels import Ops
-from kernels import reference as ref
-from suite.workloads import recompute, stability, steps
+from kernels import Ops, reference as ref
 from suite.core import recompute_size
-from suite.workloads.model import ModelConfig, Transformer
 from suite.core.scenario import Case, ScenarioError, normalise, parse
+from suite.run import groups
+from suite.workloads import recompute, stability, steps
+from suite.workloads.model import ModelConfig, Transformer
 from tests.run_helpers import run_model_scenario
 
 TINY = {"C": 32, "layers": 3, "heads": 4, "seq": 16, "vocab": 64, "n": 4, "dtype": "fp32"}
@@ -151,19 +151,19 @@ def test_subgroups_fit_the_budget_and_keep_baselines():
                                                       for r in (1, 2)]
     one = steps.persistent_estimate(cases[0])
     # Models of one group share their weights: together they hold about one model's bytes.
-    assert steps.subgroups(cases, budget=1.5 * one) == [cases]
+    assert groups.subgroups(cases, budget=1.5 * one) == [cases]
     # A CUDA-graph case owns its weights, so it and its graph baseline need sets of their own.
     graphs = [model_case(method="residual", cuda_graph=True), model_case(cuda_graph=True)]
-    sets = steps.subgroups(cases + graphs, budget=2.5 * one)
+    sets = groups.subgroups(cases + graphs, budget=2.5 * one)
     assert len(sets) == 2
     for s in sets:
         assert steps.set_estimate(s) <= 2.5 * one
         assert res in s or graphs[0] in s
-    assert steps.subgroups(cases, budget=float("inf")) == [cases]
+    assert groups.subgroups(cases, budget=float("inf")) == [cases]
 
 
 def test_model_scope_run_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setattr(steps, "MODEL_ROUNDS", 6)       # the rounds' logic, at CI's speed
+    monkeypatch.setattr(groups, "MODEL_ROUNDS", 6)       # the rounds' logic, at CI's speed
     run, records = run_model_scenario(tmp_path, """
         name: t
         defaults: {T: 32, C: 32, n: 2, dtype: fp32, device: cpu, warmup_ms: 1, rep_ms: 1,
@@ -175,7 +175,7 @@ def test_model_scope_run_end_to_end(tmp_path, monkeypatch):
     assert set(records) == {("residual", "none"), ("mhc", "none"), ("mhc", "mhc")}
     for r in records.values():
         assert r["status"] == "ok" and r["check"]["passed"] and r["tokens_per_s"] > 0
-        assert sorted(set(r["rounds"])) == list(range(steps.MODEL_ROUNDS))
+        assert sorted(set(r["rounds"])) == list(range(groups.MODEL_ROUNDS))
         assert len(r["rounds"]) == len(r["time_ms"]["samples"])
         assert len(r["interleaved_with"]) == 2
     report = (run / "report.md").read_text()

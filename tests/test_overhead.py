@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from suite.analysis import overhead, predict
-from suite.workloads import stability
 from suite.core.scenario import Case, normalise
+from suite.workloads import stability
 
 
 def interleaved(times_a, times_b, rounds=8, per_round=4):

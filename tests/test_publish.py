@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from suite.publish import dashboard, export as publish_export
 from suite.cli import main
-from suite.publish.published import (
-    PublishError,
-    Run,
-    filter_runs,
-    hardware,
-    history,
-    judge,
-    load_run_dir,
-    load_runs,
-)
+from suite.publish import dashboard, export as publish_export
+from suite.publish.published import (PublishError, Run, filter_runs, hardware, history, judge,
+                                     load_run_dir, load_runs)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "publish"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kernels import site_link
-from suite.workloads import recompute as rc
 from suite.core import recompute_size as rs
+from suite.workloads import recompute as rc
 from suite.workloads.model import ModelConfig, Transformer
 from tests import test_site_link as linked_toy
 

@@ -5,8 +5,8 @@ import re
 import sqlite3
 from pathlib import Path
 
-from suite.publish import export as publish_export, postgres as publish_pg
 from suite.core import record as rs
+from suite.publish import export as publish_export, postgres as publish_pg
 from suite.store.runs import History
 
 ROOT = Path(__file__).resolve().parent.parent

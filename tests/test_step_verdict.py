@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from suite.analysis import overhead
-from suite.workloads import steps
 from suite.core import recompute_size
 from suite.core.scenario import Case, ScenarioError, normalise, parse
+from suite.run import groups
+from suite.workloads import steps
 from tests.run_helpers import run_model_scenario
 
 TINY = {"C": 64, "T": 32, "seq": 16, "heads": 4, "vocab": 64, "layers": 2, "n": 2,
@@ -109,7 +110,7 @@ def test_calibration_gate_hides_predictions_of_an_uncalibrated_model():
 
 
 def test_deepseek_overhead_run_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setattr(steps, "MODEL_ROUNDS", 5)       # the rounds' logic, at CI's speed
+    monkeypatch.setattr(groups, "MODEL_ROUNDS", 5)       # the rounds' logic, at CI's speed
     run, records = run_model_scenario(tmp_path, """
         name: t
         defaults: {T: 32, C: 64, n: 2, dtype: fp32, device: cpu, rep_ms: 1, seq: 16, heads: 4,
@@ -123,12 +124,12 @@ def test_deepseek_overhead_run_end_to_end(tmp_path, monkeypatch):
     for r in records.values():
         assert r["status"] == "ok" and r["check"]["passed"], r.get("reason")
         assert r["time_kind"] == "wall clock per step"
-        assert sorted(set(r["rounds"])) == list(range(steps.MODEL_ROUNDS))
+        assert sorted(set(r["rounds"])) == list(range(groups.MODEL_ROUNDS))
         assert r["device"]["step_ms"] == pytest.approx(
             2 * r["device"]["microbatch_ms"] + r["device"]["optimizer_ms"])
         assert r["optimizer_share"] > 0 and r["op_backends"]["pre"] == "torch"
         heads = [v for v in r["interleaved_with"].values() if v["method"] == "head"]
-        assert len(heads) == 1 and len(heads[0]["samples"]) >= steps.MODEL_ROUNDS
+        assert len(heads) == 1 and len(heads[0]["samples"]) >= groups.MODEL_ROUNDS
     rows = overhead.verdict(list(records.values()), {})
     assert {row["case"].recompute for row in rows} == {"none", "mhc"}
     for row in rows:

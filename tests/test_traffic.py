@@ -13,11 +13,11 @@ import pytest
 
 from suite import cli
 from suite.analysis import cost
-from suite.measure import ncu_csv
-from suite.run import traffic, traffic_probe
 from suite.analysis.paper_traffic import paper_figure
-from suite.report.sections import traffic_markdown, traffic_rows
 from suite.core.scenario import Case
+from suite.measure import ncu_csv
+from suite.report.sections import traffic_markdown, traffic_rows
+from suite.run import traffic, traffic_probe
 from suite.store.runs import read_records
 from tests.conftest import ROOT
 

@@ -4,8 +4,8 @@ measured at all, with its bytes near MATH.md's floor."""
 import pytest
 
 from suite.analysis import cost
-from suite.run import traffic
 from suite.core.scenario import Case, normalise
+from suite.run import traffic
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(traffic.find_ncu() is None, reason="needs Nsight Compute (ncu)")]

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from suite.analysis import cost
-from suite.store.runs import History, RunStore, atomic_write, read_records
-from suite.measure.timing import MIN_SAMPLES, PAD_CAP_MS, Timer, Timing, copy_rate_gbps, launch_pad_ms
 from suite.core.tolerance import rel_err, tolerance
+from suite.measure.timing import (MIN_SAMPLES, PAD_CAP_MS, Timer, Timing, copy_rate_gbps,
+                                  launch_pad_ms)
+from suite.store.runs import History, RunStore, atomic_write, read_records
 
 
 # ---------------------------------------------------------------- cost (MATH.md table, ANCHORS.md)

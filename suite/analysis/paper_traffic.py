@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from suite.core.dtypes import ELEMENT_BYTES
 from suite.analysis.cost import COEF
+from suite.core.dtypes import ELEMENT_BYTES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]   # the repository root
 # Environment variables that change what a kernel does (its tiling, its path, its target): a run
 # records their values, and runs with different values never join (suite.report.tables.compare, resume).
 KERNEL_KNOB_PREFIXES = ("HCBENCH_MHC_PRE_", "HCBENCH_HC_PRE", "HCBENCH_POST_", "HCBENCH_TL_",

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 import kernels
-from suite.workloads import workload
 from suite.core.dtypes import TORCH_DTYPES
 from suite.core.scenario import Case
 from suite.core.tolerance import rel_err, tolerance
+from suite.workloads import workload
 
 CHECK_SEED_OFFSET = 1_000_003
 # Outputs in the state dtype; every other output (coefficients, parameter gradients) must be fp32

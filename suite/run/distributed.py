@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from suite.core.guard import deadline, failure, first_line
 from suite.core.scenario import Case
 from suite.measure.timing import Timer
-from suite.workloads import steps
+from suite.run import groups, lifecycle
 from suite.workloads.availability import distributed_unavailable
 from suite.workloads.dist import bench as dist_bench, launch, pipeline
 
@@ -83,6 +82,13 @@ def _device_for(case: Case, world: launch.World) -> str:
     return "cpu"
 
 
+def _failed(exc: BaseException) -> tuple:
+    """A rank's status after an exception: guard.failure's reason and traceback, as a tuple that
+    travels to rank 0."""
+    fields = failure(exc)
+    return ("failed", fields["reason"]) + ((fields["traceback"],) if "traceback" in fields else ())
+
+
 def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, timers: dict):
     """Runs one case on this rank; on rank 0 returns the record's fields (status, reason, ...)."""
     reason = distributed_unavailable(case, world.size)
@@ -102,13 +108,11 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
         try:
             bench, gate = dist_bench.prepare(case, ctx, pipe_groups)
             if bench is None:
-                status = ("failed", (f"check failed: {gate['worst']} rel err "
-                                     f"{gate['max_rel_err']:.3g} > tol {gate['tol']:.1g}"))
+                status = ("failed", lifecycle.gate_reason(gate))
             elif gate is not None and not gate["passed"]:
                 status = ("failed", "check failed: the message did not arrive bit for bit")
         except Exception as exc:  # noqa: BLE001  (reported by rank 0 for every rank)
-            status = ("failed", f"{type(exc).__name__}: {first_line(exc)}",
-                      traceback.format_exc(limit=8))
+            status = _failed(exc)
     statuses = _exchange(world, (status, gate if world.rank == 0 else None))
     bad = [(r, s[0]) for r, s in enumerate(statuses) if s[0][0] != "ok"]
     fields = {"check": statuses[0][1]}
@@ -127,8 +131,7 @@ def _one_case(index: int, case: Case, world: launch.World, groups: _Groups, time
         try:
             part = dist_bench.run_part(bench)
         except Exception as exc:  # noqa: BLE001
-            status = ("failed", f"{type(exc).__name__}: {first_line(exc)}",
-                      traceback.format_exc(limit=8))
+            status = _failed(exc)
     dist_bench.release(bench)
     try:
         parts = _exchange(world, (status, part))
@@ -204,7 +207,7 @@ def run_cases(session, items: list, view=None) -> None:
     def emit(name, case, fields):
         if view:
             view.starting(case)
-        record = steps.new_group_record(session, case, name)
+        record = groups.new_group_record(session, case, name)
         record.update(dist_bench.labels(case))
         record["world_size"] = world.size
         record["launcher"] = world.source

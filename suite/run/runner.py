@@ -19,13 +19,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 import kernels
 from suite.analysis import cost as costing
-from suite.core.guard import deadline, failure
 from suite.core.scenario import Case, Scenario
 from suite.measure import env as environment, telemetry
 from suite.measure.timing import Timer, copy_rate_gbps
-from suite.run import check as checking, distributed as dist_run, traffic
+from suite.run import check as checking, distributed as dist_run, groups, lifecycle, traffic
 from suite.store.runs import RunStore, new_record, new_run_dir, write_json
-from suite.workloads import steps, workload
+from suite.workloads import workload
 from suite.workloads.availability import unavailable
 
 
@@ -57,33 +56,14 @@ class Session:
 
     def run_case(self, case: Case, scenario: str) -> dict:
         record = new_record(case, scenario, self.gpu_uuid, self.env)
-        t0 = time.perf_counter()
-        reason = unavailable(case)
-        if reason:
-            record.update(status="skipped", reason=reason)
-        else:
-            try:
-                with deadline(case.timeout_s):
-                    self._measure(case, record)
-            except Exception as exc:  # noqa: BLE001  (one failing case never stops the sweep)
-                record.update(failure(exc))
-            finally:
-                gc.collect()
-                if case.device == "cuda":
-                    torch.cuda.empty_cache()
-        record["wall_s"] = round(time.perf_counter() - t0, 3)
+        lifecycle.attempt(case, record, lambda: self._measure(case, record))
         self.store.add(record)
         return record
 
     def _measure(self, case: Case, record: dict) -> None:
         started = time.perf_counter()
         ops = kernels.get(case.method, case.backend)
-        result = checking.check(ops, case, case.device)
-        record["check"] = result
-        if not result["passed"]:
-            record.update(status="failed",
-                          reason=f"check failed: {result['worst']} rel err "
-                                 f"{result['max_rel_err']:.3g} > tol {result['tol']:.1g}")
+        if not lifecycle.gate(record, checking.check(ops, case, case.device)):
             return
         timer = self.timer(case.device)
         inputs = workload.make_inputs(case, case.device, case.seed)
@@ -236,9 +216,9 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
             view.starting(case)
             record = session.run_case(case, name)
             view.finished(case, record)
-        for group in steps.groups([(n, c) for n, c in todo
+        for group in groups.groups([(n, c) for n, c in todo
                                    if c.scope != "site" and not c.parallel]):
-            steps.run_group(session, group, view)
+            groups.run_group(session, group, view)
     except KeyboardInterrupt:
         interrupted = True
         print(f"\ninterrupted: {len(store.records)} finished cases kept in {store.dir}; "

@@ -17,9 +17,9 @@ import sys
 import torch
 
 import kernels
-from suite.workloads import workload
-from suite.measure.kernel_profile import kernel_times
 from suite.core.scenario import Case
+from suite.measure.kernel_profile import kernel_times
+from suite.workloads import workload
 
 
 def site_profile(method: str, C: int, backend: str, mode: str, T: int, n: int) -> dict:

@@ -46,10 +46,10 @@ from pathlib import Path
 
 import torch
 
-from suite.measure import ncu_csv
 from suite.analysis.cost import Cost
+from suite.measure import ncu_csv
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]   # the repository root
 NVTX_RANGE = "hcbench"                       # must not contain '/': ncu reads it as a separator
 READ, WRITE, L2, DURATION = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum",
                              "gpu__time_duration.sum")

@@ -14,9 +14,9 @@ import sys
 import torch
 
 import kernels
-from suite.workloads import workload
 from suite.core.scenario import Case, normalise
 from suite.run.traffic import NVTX_RANGE, PROBE_ERROR
+from suite.workloads import workload
 
 
 @contextlib.contextmanager

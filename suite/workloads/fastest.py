@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import kernels
-from suite.workloads import workload
 from suite.core.dtypes import TORCH_DTYPES
 from suite.core.scenario import Case
 from suite.measure.timing import Timer
+from suite.workloads import workload
 
 OPS = ("pre", "post")
 _CHOSEN: dict[tuple, dict] = {}

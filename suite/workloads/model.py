@@ -37,8 +37,8 @@ from torch import nn
 
 import kernels
 from kernels import reference
-from suite.workloads import deepseek, recompute
 from suite.core import model_shape
+from suite.workloads import deepseek, recompute
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}

@@ -1,4 +1,4 @@
-"""Scope layer and model: build the timed step, gate it against fp64, time cases interleaved.
+"""Scopes layer and model: the timed step, its fp64 gate, its device-only parts and memory.
 
 - `layer`: one transformer layer (two sites), forward and backward with random upstream
   gradients (forward only in mode fwd).
@@ -12,39 +12,25 @@ tokens, C at most GATE_C with the case's head size). F runs in fp32 around a hal
 (ModelConfig.f_dtype), so what is gated is the connection and its wiring; loss, output and every
 gradient are compared norm-wise against GATE_TOL of the state dtype.
 
-Interleaving: the overhead of a method is a ratio of times, so its cases must see the same GPU
-state. Cases that differ only in method, backend, n and recompute (one comparison group) are
-built together and timed in ROUNDS rounds; each round times every case in turn, the order
-rotated each round, and every sample keeps its round index for the bootstrap (suite.analysis.overhead).
+Comparison groups, their interleaved timing and the records they fill are suite.run.groups.
 """
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
 import math
-import time
 from dataclasses import replace
 
 import torch
 
-import kernels
 from kernels import reference
 from suite.analysis import predict
 from suite.core.dtypes import ELEMENT_BYTES
-from suite.core.guard import deadline, failure, first_line
 from suite.core.scenario import Case
 from suite.core.tolerance import rel_err
-from suite.measure.timing import Timer, Timing, matmul_rate_tflops
-from suite.store.runs import new_record, write_json
-from suite.workloads import deepseek, fastest, recompute
-from suite.workloads.availability import unavailable
+from suite.measure.timing import Timer
+from suite.workloads import deepseek, recompute
 from suite.workloads.model import (Layer, ModelConfig, Transformer, connection_params, init_weights,
                                    model_config, share_weights)
 
-ROUNDS = 8                 # scope layer
-MODEL_ROUNDS = 20          # scope model: whole steps, the overhead's bootstrap resamples rounds
-MIN_PER_ROUND = 3
 DEVICE_SAMPLES = 5         # padded samples of a micro-batch and of the optimizer step
 STEP_PAD_CAP_MS = 1000.0   # a micro-batch enqueues for tens of ms: the pad must outlast it
 GATE_LAYERS, GATE_SEQ, GATE_C, GATE_VOCAB = 2, 64, 512, 512
@@ -59,16 +45,6 @@ GATE_TOL = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-4}
 # CPU the eager reference backend itself, in bf16, is 0.03 (HC) to 0.09 (mHC) away from fp64 on
 # the scalar gates. They get their own bound; a wrong kernel still misses it by far.
 GATE_TOL_CONN = {"bf16": 0.2, "fp16": 0.05, "fp32": 1e-4}
-GROUP_FIELDS = ("device", "scope", "C", "T", "seq", "layers", "heads", "mlp_ratio", "vocab",
-                "dtype", "mode", "gpus", "family", "accum", "depth")
-
-
-def group_key(case: Case) -> str:
-    blob = json.dumps({k: getattr(case, k) for k in GROUP_FIELDS}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-# ---------------------------------------------------------------- the timed step
 class Step:
     """One case's model, optimizer and inputs on its device.
 
@@ -356,7 +332,7 @@ def measure_memory(step: Step, timer: Timer) -> dict:
             "step_peak_bytes": peak, "state_bytes": step.state_bytes()}
 
 
-def _activation_peak(step: Step, timer: Timer) -> int | None:
+def activation_peak(step: Step, timer: Timer) -> int | None:
     """Scope layer: device memory a call needs above what was allocated before it."""
     if not timer.cuda:
         return None
@@ -383,293 +359,3 @@ def set_estimate(cases: list[Case]) -> int:
         shared = [c for c in cases if c.scope == "model" and bool(c.cuda_graph) == kind]
         total += max(map(persistent_estimate, shared)) if shared else 0
     return total
-
-
-def memory_budget(device: str) -> float:
-    """Persistent bytes one subgroup may hold: 60% of the GPU, leaving room for one step's
-    activations and the gate; unbounded on a CPU (tests use tiny shapes)."""
-    if device != "cuda" or not torch.cuda.is_available():
-        return math.inf
-    return 0.6 * torch.cuda.get_device_properties(0).total_memory
-
-
-def _baselines_of(case: Case, cases: list[Case]) -> list[Case]:
-    """What `case` is compared with: the group's residual and its own method without recompute."""
-    out = []
-    for c in cases:
-        if c is case:
-            continue
-        same_kind = bool(c.cuda_graph) == bool(case.cuda_graph)
-        residual = c.method == "residual" and c.recompute == "none" and same_kind
-        own_plain = (case.recompute != "none" and c.recompute == "none" and c.method == case.method
-                     and c.backend == case.backend and c.n == case.n and same_kind)
-        if residual or own_plain:
-            out.append(c)
-    return out
-
-
-def subgroups(cases: list[Case], budget: float) -> list[list[Case]]:
-    """Eager cases and CUDA-graph cases apart (a graph holds its own memory pool besides the
-    weights), each packed by `pack`."""
-    eager = [c for c in cases if not c.cuda_graph]
-    graphs = [c for c in cases if c.cuda_graph]
-    return [s for part in (eager, graphs) if part for s in pack(part, budget)]
-
-
-def pack(cases: list[Case], budget: float) -> list[list[Case]]:
-    """Packs a comparison group into sets that fit the memory budget together; each set holds
-    every member's baselines, so a comparison is always between cases timed together. A
-    baseline may be timed in several sets; its record comes from the first."""
-    sets: list[list[Case]] = []
-    current: list[Case] = []
-    for case in cases:
-        trial = list(current)
-        for c in [case] + _baselines_of(case, cases):
-            if all(c is not t for t in trial):
-                trial.append(c)
-        if current and set_estimate(trial) > budget:
-            sets.append(current)
-            trial = [case]
-            for c in _baselines_of(case, cases):
-                trial.append(c)
-        current = trial
-    if current:
-        sets.append(current)
-    # Keep the scenario's order inside each set.
-    order = {id(c): i for i, c in enumerate(cases)}
-    return [sorted(s, key=lambda c: order[id(c)]) for s in sets]
-
-
-def run_group(session, items: list, view=None) -> None:
-    """Measures one comparison group (a list of (scenario name, Case)) into session's store."""
-    if not items:
-        return
-    records, passing = {}, []
-    for name, case in items:
-        if view:
-            view.starting(case)
-        record = new_group_record(session, case, name)
-        records[id(case)] = (case, record)
-        t0 = time.perf_counter()
-        reason = unavailable(case)
-        if reason:
-            record.update(status="skipped", reason=reason)
-        else:
-            try:
-                with deadline(case.timeout_s):
-                    backends = None
-                    if case.backend == kernels.AUTO:
-                        choice = fastest.choose(case, session.timer(case.device))
-                        record["op_backends"] = choice
-                        backends = (choice["pre"], choice["post"])
-                    result = check(case, case.device, backends)
-                record["check"] = result
-                if result["passed"]:
-                    passing.append(case)
-                else:
-                    record.update(status="failed",
-                                  reason=f"check failed: {result['worst']} rel err "
-                                         f"{result['max_rel_err']:.3g} > tol {result['tol']:.1g}")
-            except Exception as exc:  # noqa: BLE001  (one failing case never stops the sweep)
-                record.update(failure(exc))
-        record["wall_s"] = round(time.perf_counter() - t0, 3)
-        gc.collect()
-    stored: set = set()
-
-    def store(final: bool) -> None:
-        """Writes every record that is final (timed, failed or skipped), so an interrupted group
-        keeps its finished sets; a record is filled by the first set that times it only."""
-        for key, (case, record) in records.items():
-            if key in stored:
-                continue
-            if record["status"] == "ok" and record["time_ms"] is None:
-                if not final:
-                    continue
-                record.update(status="failed", reason="not timed (its subgroup failed)")
-            stored.add(key)
-            session.store.add(record)
-            if view:
-                view.finished(case, record)
-
-    store(final=False)
-    if passing:
-        device = passing[0].device
-        budget = memory_budget(device)
-        for index, members in enumerate(subgroups(passing, budget)):
-            _time_subgroup(session, members, records, index)
-            store(final=False)
-    store(final=True)
-
-
-def _build_steps(members: list[Case], records: dict) -> list:
-    """The members' Steps, each sharing its weights with the first model of its kind."""
-    built, donors = [], {}
-    for case in members:
-        choice = records[id(case)][1].get("op_backends")
-        backends = (choice["pre"], choice["post"]) if choice else None
-        # Eager steps drop their gradients after each step, graphs keep theirs: each kind
-        # shares weights, gradients and optimizer state only with its own kind.
-        kind = bool(case.cuda_graph)
-        donor = donors.get(kind) if case.scope == "model" else None
-        step = Step(case, case.device, case.seed, donor=donor, op_backends=backends)
-        if case.scope == "model":
-            donors.setdefault(kind, step)
-        built.append(step)
-    return built
-
-
-def _time_subgroup(session, members: list[Case], records: dict, index: int) -> None:
-    """Builds the members, times them interleaved, fills the records not yet timed and gives
-    every record the samples of what it was timed with (`interleaved_with`)."""
-    built = []
-    t0 = time.perf_counter()
-    try:
-        with deadline(sum(c.timeout_s for c in members)):
-            built = _build_steps(members, records)
-            timer = session.timer(members[0].device)
-            rate = matmul_rate(session, members[0].device)
-            model = members[0].scope == "model"
-            extra = {}
-            if model:
-                parts = {}
-                for step in built:       # memory and device-only parts before any capture
-                    step.eager_call()
-                    parts[id(step)] = (measure_memory(step, timer), device_parts(step, timer))
-                live = []
-                for step in built:
-                    if step.case.cuda_graph:
-                        try:
-                            step.capture()
-                        except Exception as exc:  # noqa: BLE001  (recorded as the case's reason)
-                            _, record = records[id(step.case)]
-                            record.update(status="failed", reason="CUDA graph capture failed: "
-                                          + f"{type(exc).__name__}: {first_line(exc)}")
-                            continue
-                    live.append(step)
-                calls = [s.call for s in live]
-                head_of = next((s for s in live if s.case.depth and not s.case.cuda_graph
-                                and s.case.method == "residual"), None)
-                if head_of is not None:
-                    calls.append(head_of.head_call)
-                timings = timer.interleaved_wall(calls, 1, members[0].rep_ms, MODEL_ROUNDS)
-                if head_of is not None:
-                    head_t, head_rounds = timings.pop()
-                    extra["head:" + head_of.case.case_id] = {
-                        "method": "head", "of": head_of.case.case_id,
-                        "samples": [round(x, 6) for x in head_t.samples], "rounds": head_rounds}
-            else:
-                live = built
-                timings = timer.interleaved([s.call for s in live], members[0].warmup_ms,
-                                            members[0].rep_ms, ROUNDS, MIN_PER_ROUND)
-            peers = {c.case_id: {"method": c.method, "backend": c.backend, "n": c.n,
-                                 "recompute": c.recompute, "L_r": c.L_r,
-                                 "cuda_graph": bool(c.cuda_graph),
-                                 "samples": [round(x, 6) for x in t.samples], "rounds": rounds}
-                     for c, (t, rounds) in zip([s.case for s in live], timings)}
-            peers.update(extra)
-            for step, (timing, rounds) in zip(live, timings):
-                case, record = records[id(step.case)]
-                if record["time_ms"] is None and record["status"] == "ok":
-                    if model:
-                        _fill_model(session, step, record, timing, rounds, rate,
-                                    *parts[id(step)])
-                    else:
-                        _fill(session, step, record, timing, rounds, timer, rate)
-                    record["subgroup"] = index
-                    record["interleaved_with"] = {k: v for k, v in peers.items()
-                                                  if k != case.case_id}
-    except Exception as exc:  # noqa: BLE001  (recorded as failed; the sweep goes on)
-        for case in members:
-            _, record = records[id(case)]
-            if record["time_ms"] is None and record["status"] == "ok":
-                record.update(failure(exc))
-                record["reason"] = "interleaved timing: " + record["reason"]
-    finally:
-        spent = time.perf_counter() - t0
-        for case in members:
-            _, record = records[id(case)]
-            record["wall_s"] = round(record.get("wall_s", 0) + spent / len(members), 3)
-        built.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def new_group_record(session, case: Case, name: str) -> dict:
-    return {**new_record(case, name, session.gpu_uuid, session.env), "group": group_key(case)}
-
-
-def _fill_common(session, case: Case, record: dict, timing: Timing, rounds: list, rate,
-                 kind: str, tokens: int) -> float:
-    """What every whole-step record has: its time, rounds, tokens/s, floor bytes and FLOPs, and
-    the run's copy and matmul rates. Returns the median in seconds."""
-    cost = predict.step_cost(case)
-    seconds = timing.median * 1e-3
-    record["time_ms"] = timing.summary()
-    record["time_kind"] = kind
-    record["rounds"] = rounds
-    record["tokens_per_s"] = tokens / seconds
-    record["bytes"] = {"read": cost.read, "write": cost.write}
-    record["flops"] = cost.flops
-    record["matmul_flops"] = cost.matmul_flops
-    record["gbps"] = cost.total / seconds / 1e9
-    record["tflops"] = cost.flops / seconds / 1e12
-    copy = session.copy.get(case.device)
-    if copy:
-        record["copy_gbps"] = copy["gbps"]
-    if rate:
-        record["matmul_tflops_measured"] = rate["tflops"]
-    return seconds
-
-
-def _fill(session, step: Step, record: dict, timing: Timing, rounds: list, timer, rate) -> None:
-    """Scope layer: padded device time per call."""
-    _fill_common(session, step.case, record, timing, rounds, rate, "device (padded)",
-                 step.case.T)
-    act = _activation_peak(step, timer)
-    held = step.state_bytes()["params"] + 2 * step.x.numel() * step.x.element_size()
-    record["activation_peak_bytes"] = act
-    record["peak_mem_bytes"] = None if act is None else act + held     # weights, x and its grad
-
-
-def _fill_model(session, step: Step, record: dict, timing: Timing, rounds: list, rate,
-                memory: dict, device: dict) -> None:
-    """Scope model: wall clock per whole step (the headline), with the device-only parts, the
-    host's enqueue time, the optimizer's share, memory and model-FLOPs utilisation."""
-    case = step.case
-    kind = "wall clock per step" + (" (CUDA graph replay)" if case.cuda_graph else "")
-    seconds = _fill_common(session, case, record, timing, rounds, rate, kind,
-                           case.T * (case.accum or 1))
-    wall = timing.median
-    record["device"] = device
-    record["optimizer_share"] = device["optimizer_ms"] / wall
-    host = device.get("host_step_ms")
-    record["bound"] = None if host is None else ("host" if host > device["step_ms"] else "device")
-    record["wall_over_device"] = wall / device["step_ms"]
-    record.update(memory)
-    record["peak_mem_bytes"] = memory.get("step_peak_bytes")
-    record["model_flops"] = predict.model_flops(case)
-    record["tflops"] = record["model_flops"] / seconds / 1e12
-    peak = predict.datasheet_tflops(session.env)
-    if peak:
-        record["mfu"] = record["tflops"] / peak["tflops"]
-        record["mfu_peak"] = peak
-    if step.moe:
-        record["expert_path"] = step.moe[0].path
-
-
-def matmul_rate(session, device: str) -> dict | None:
-    """The bf16 matmul rate of this run, measured once per device and kept in env.json."""
-    rates = session.env.setdefault("matmul_rate", {})
-    if device not in rates:
-        rates[device] = matmul_rate_tflops(session.timer(device))
-        write_json(session.store.dir / "env.json", session.env)
-    return rates[device]
-
-
-def groups(items: list) -> list[list]:
-    """Splits (name, case) pairs into comparison groups, in first-seen order."""
-    out: dict[str, list] = {}
-    for name, case in items:
-        out.setdefault(group_key(case), []).append((name, case))
-    return list(out.values())

@@ -10,12 +10,12 @@ once, untimed. The correctness gate runs first, as in the runner.
 import pytest
 
 import kernels
-from suite.run import check
 from suite.analysis import cost
-from suite.workloads import workload
-from suite.workloads.availability import unavailable
 from suite.core.scenario import Case
 from suite.measure.timing import Timer
+from suite.run import check
+from suite.workloads import workload
+from suite.workloads.availability import unavailable
 from tests.conftest import HAS_CUDA
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"

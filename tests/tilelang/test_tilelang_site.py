@@ -15,8 +15,7 @@ import importlib
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels import site_link
+from kernels import reference as ref, site_link
 from suite.core.tolerance import rel_err, tolerance
 
 HAS_CUDA = torch.cuda.is_available()

@@ -7,8 +7,8 @@ import torch
 
 import kernels
 from kernels import site_link
-from suite.run.check import check
 from suite.core.scenario import Case
+from suite.run.check import check
 
 METHODS = ("mhc", "hc")
 
