@@ -22,7 +22,7 @@ Version 2 (`build`): one cluster of S CTAs per block of BT tokens; CTA r keeps c
 Version 3 (`build_persistent`): the same steps in G persistent clusters, two x slices per CTA,
 block j + 1's loads in flight during block j.
 
-Measured (H100, n = 4, T = 16384, results/tuning-20261124-h100/cluster_pre_*_s9.txt): all
+Measured (H100, n = 4, T = 16384, dev/logs/tuning-20261124-h100/cluster_pre_*.txt): all
 versions agree with the three kernels (worst rel err 2e-4), and all are slower:
   - version 1 (session 8: x copied by plain loads, the Sinkhorn before the apply): 1.71 ms at
     C = 4096 against 0.46 ms;

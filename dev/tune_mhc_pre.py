@@ -14,7 +14,7 @@
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written, through suite.measure.timing (L2 flushed).
 2. Per C in (4096, 2560, 7168): mhc_pre (default config) against the fp64 reference, then times of
    forward configurations: the split forward (its default and the best of the earlier sweep,
-   results/tuning-20261123-h100) and the non-split forward (split=False) in a few (ns_bt, ns_bk,
+   dev/logs/tuning-20261123-h100) and the non-split forward (split=False) in a few (ns_bt, ns_bk,
    warps, stages) variants, each checked against the reference before it is timed; mhc_coeffs
    forward (checked too); mhc_pre forward+backward (gradients checked against fp64 first) for the
    best split and the best overall forward with the best backward config of the earlier sweep;
@@ -239,7 +239,7 @@ def time_fwd_bwd(C, x, phi, b, alpha, cfg, what="pre fwd+bwd"):
     return ms
 
 
-# Split forward: measured in results/tuning-20261123-h100 (full sweep); only its default and best.
+# Split forward: measured in dev/logs/tuning-20261123-h100 (full sweep); only its default and best.
 SPLIT_CFGS = [{"split": True}, {"split": True, "bt": 32, "cw": 256}]
 # Non-split forward (one CTA per ns_bt tokens over all n*C columns): (BT, BK, warps, stages) variants.
 NS_CFGS = [

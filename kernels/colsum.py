@@ -3,7 +3,7 @@ coefficient gradients (mHC's db and dalpha, HC's db and dsum) are summed from.
 
 torch's sum over dim 0 of a [T, K] matrix with K around 24 runs few blocks: the mHC backward's
 db and dalpha sums took 62 us at T = 16384 on an H100, where one transposed copy and a sum along
-contiguous rows take 21 us (results/tuning-20261124-h100/colsum_probe.txt)."""
+contiguous rows take 21 us (dev/logs/tuning-20261124-h100/colsum_probe.txt)."""
 import functools
 import math
 

@@ -129,7 +129,7 @@ DEFAULT_CONFIG = {
     "apply_bt": 16, "apply_bc": 256,
     # coefficient backward: 2 warps of one int32 pair per thread and chunk (H100, bf16, n = 4,
     # T = 16384: 166 / 245 / 416 us at C = 2560 / 4096 / 7168 against 198 / 282 / 453 us with 4
-    # warps and 2 pairs; results/tuning-20261124-h100/hc_b1_probe_s8.txt)
+    # warps and 2 pairs; dev/logs/tuning-20261124-h100/hc_b1_probe.txt)
     "b1_bt": 0, "b1_rows": 8, "b1_warps": 2, "b1_programs": 8192, "b1_prefetch": 1, "b1_cp": 1,
     # dx / dw kernel: b2_impl "mma" (_bwd_dx_mma_kernel, tensor cores; keys b2_bm, b2_bc,
     # b2_warps, b2_stages, b2_ctas, b2_dw) or "fma" (_bwd_dx_kernel; b2_bt, b2_rows, b2_warps,

@@ -35,7 +35,7 @@ Forward: ONE kernel (`_fwd_kernel`) plus a memset of a small int32 sync buffer.
   misses. Smaller items keep x in L2 (cw 64: 73% L2 hits) but lose more to per-item overhead
   (1.3 ms); one CTA per SM (persist=1) starves the loads (0.69 ms). Still the fastest forward
   here, 8-10% ahead of the non-split kernel at every width.
-  Tried and dropped (results/tuning-20261124-h100/resident_fwd_probe.txt): programs that own one
+  Tried and dropped (dev/logs/tuning-20261124-h100/resident_fwd_probe.txt): programs that own one
   column slice for many token blocks, phi's slice kept in shared memory (no per-item phi reads
   from L2, which double the GEMM phase's L2 traffic), partials summed with fp32 atomics and the
   Sinkhorn epilogue in a kernel of its own: 672 us at best (4 warps, 2 per SM; register pressure,
@@ -134,7 +134,7 @@ class Config:
     # backward, kernel 1 (per-token coefficient backward). Few tokens per CTA and a pipelined
     # dh_pre loop: more CTAs stream x while others run their Sinkhorn backward. H100, bf16, n = 4,
     # T = 16384, C = 4096 (torch.profiler): 258 us at 4 / 128 / 4 stages, 324 us at 16 / 64 / none
-    # (results/tuning-20261124-h100/b1_probe_s8.txt)
+    # (dev/logs/tuning-20261124-h100/b1_probe.txt)
     b1_bt: int = 4
     b1_bc: int = 128
     b1_warps: int = 4
@@ -155,7 +155,7 @@ class Config:
     # forward path choice: -1 auto (the split kernel above unless a non-split field is set
     # explicitly), 1 (True) the split kernel, 0 (False) the non-split kernel below. H100, bf16,
     # n = 4, T = 16384, fwd_dot hilo: split (bt 64, cw 256) 299 / 456 / 804 us at C = 2560 / 4096 /
-    # 7168, non-split 321 / 503 / 865 us (results/tuning-20261124-h100/fwd_probe.txt)
+    # 7168, non-split 321 / 503 / 865 us (dev/logs/tuning-20261124-h100/fwd_probe.txt)
     split: int = -1
     # non-split forward (_fwd_ns_kernel): one CTA per ns_bt tokens looping over all n*C columns
     # 64 tokens and 4 stages: 7-14% faster coefficient pass than 32/3 on an H100 (same log)
@@ -833,7 +833,7 @@ def _hilo(cfg: Config) -> bool:
 def phi_as_used(phi: torch.Tensor, dtype: torch.dtype, config=None) -> torch.Tensor:
     """The phi the forward GEMM multiplies by, in fp32 (for a reference that matches the kernel):
     hi + lo in dtype for fwd_dot="hilo", else phi at `precision` (tf32: the H100's tensor cores
-    drop the low 13 mantissa bits, truncation; measured in results/tuning-20261123-h100/session4)."""
+    drop the low 13 mantissa bits, truncation; measured in dev/logs/tuning-20261123-h100/pass4)."""
     cfg = _config(config)
     if _hilo(cfg):
         hi, lo = split_hi_lo(phi.detach().float(), dtype, phi.shape[1])

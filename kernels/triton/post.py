@@ -31,12 +31,12 @@ Defaults (measured with dev/tune_post.py on an H100, see _default_block_c): forw
 the smallest of 256 / 512 / 1024 dividing C (256 at 2560, 4096 and 7168), VEC = 8 (16 bytes) and
 num_warps = BLOCK_C / (32 VEC). Backward (BWD_BLOCK_C): BLOCK_C = 128, VEC = 4, one warp at
 n <= 4 (H100, bf16, T = 16384: 6-7% faster than 256 / VEC 8 at C = 2560, 4096 and 7168,
-results/tuning-20261124-h100/post_bwd_vec_probe.txt); n > 4: VEC = 4, BLOCK_C <= 512, for
+dev/logs/tuning-20261124-h100/post_bwd_vec_probe.txt); n > 4: VEC = 4, BLOCK_C <= 512, for
 registers. Compiled for sm_90 with triton 3.9 (ptxas, no GPU): forward 48 registers at n = 4, all
 row accesses 128-bit; backward no barrier inside the chunk loop. TileLang's post forward (96-97%
 of copy) loads through 16-byte ld.global.nc without a pipeline; here the same loads via inline PTX,
 streaming cache hints and chunks loaded in groups all stayed below the cp.async loop below
-(H100: results/tuning-20261124-h100/post_fwd_nc_probe.txt), so none is kept. Nsight Compute at
+(H100: dev/logs/tuning-20261124-h100/post_fwd_nc_probe.txt), so none is kept. Nsight Compute at
 C = 2560 (ncu_post_fwd_2560.csv there): both kernels move exactly the floor bytes, but this loop
 (72 registers with its 3 stages) keeps DRAM at 61% of peak against TileLang's 87%, and its warps
 seldom wait on memory (long-scoreboard stalls 3% of active cycles against 89%): the limit is
@@ -316,12 +316,12 @@ def _default_block_c(C: int) -> int:
 
 
 # Tokens per forward program. 2, 4 and 8 (with 1-8 warps, block_c 256 or 512) were all 15-40%
-# slower than 1 on an H100 at n = 4 (results/tuning-20261123-h100/session2/tune_post.log).
+# slower than 1 on an H100 at n = 4 (dev/logs/tuning-20261123-h100/pass2/tune_post.log).
 FWD_TOKENS = 1
 
 
 # Forward variant loop=1: one token per program looping over C, the default from LOOP_MIN_TOKENS
-# tokens (H100, n = 4, T = 16384, dev/tune_post.py, results/tuning-20261123-h100/session4:
+# tokens (H100, n = 4, T = 16384, dev/tune_post.py, dev/logs/tuning-20261123-h100/pass4:
 # block_c 512 with 3 stages reached 85.6 / 89.2 / 91.8% of the copy rate at C = 2560 / 4096 /
 # 7168 against 85.3 / 87.7 / 88.0% for the chunked kernel). Below that a program per token leaves
 # SMs idle, and the chunked kernel (C split over programs) is kept.

@@ -281,7 +281,7 @@ def test_gpu_mhc_pre(n, C, T, dtype):
     # Against the reference with phi as the forward GEMM rounds it. Against exact phi, dalpha at
     # n=2, C=2560, T=4097 fp16 was off by 3.4e-3 with the tf32 forward (H100, 2026-11-23): its
     # three sums over 8194 terms cancel to a few units, so the rounding of phi (tf32: 2^-11) shows
-    # 200x larger in the relative error (results/tuning-20261123-h100/session2, session4).
+    # 200x larger in the relative error (dev/logs/tuning-20261123-h100/pass2 and pass4).
     errs, _ = _compare(mhc_pre, ref.mhc_pre, n, C, T, dtype, 20, "cuda", seed=n + C + T,
                        phi_used=True)
     _assert_close(errs, dtype, f"mhc_pre n={n} C={C} T={T} {dtype} (phi as used)")
