@@ -13,11 +13,10 @@
 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written, through suite.measure.timing (L2 flushed).
 2. Per C in (4096, 2560, 7168): mhc_pre (default config) against the fp64 reference, then times of
-   forward configurations: the split forward (its default and the best of the earlier sweep,
-   dev/logs/tuning-20261123-h100) and the non-split forward (split=False) in a few (ns_bt, ns_bk,
-   warps, stages) variants, each checked against the reference before it is timed; mhc_coeffs
-   forward (checked too); mhc_pre forward+backward (gradients checked against fp64 first) for the
-   best split and the best overall forward with the best backward config of the earlier sweep;
+   forward configurations (the default, the best of the earlier sweep in
+   dev/logs/tuning-20261123-h100, token-block / slice-width variants), each checked against the
+   reference before it is timed; mhc_coeffs forward (checked too); mhc_pre forward+backward
+   (gradients checked against fp64 first) for the default and the best forward;
    and the whole mHC site (mhc_pre + kernels.triton.post) when post is importable: autograd
    composition, and one autograd node with mhc_pre_backward(dx_accumulate=) ('site fwd+bwd*').
    A time budget (TUNE_BUDGET_S, default 75 s) trims the sweeps so the run ends within ~90 s.
@@ -239,18 +238,10 @@ def time_fwd_bwd(C, x, phi, b, alpha, cfg, what="pre fwd+bwd"):
     return ms
 
 
-# Split forward: measured in dev/logs/tuning-20261123-h100 (full sweep); only its default and best.
-SPLIT_CFGS = [{"split": True}, {"split": True, "bt": 32, "cw": 256}]
-# Non-split forward (one CTA per ns_bt tokens over all n*C columns): (BT, BK, warps, stages) variants.
-NS_CFGS = [
-    {"split": False},                                   # defaults: ns_bt=64 ns_bk=64 warps=4 stages=4
-    {"split": False, "ns_bt": 64, "ns_bk": 64, "ns_warps": 4, "ns_stages": 4},
-    {"split": False, "ns_bt": 32, "ns_bk": 128, "ns_warps": 8, "ns_stages": 3},
-]
-NS_MAIN_ONLY = [
-    {"split": False, "ns_prefetch": 0},                 # no register prefetch of x tiles
-    {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_warps": 8, "ns_stages": 3},
-]
+# Forward configurations besides the default: the best of the earlier sweep
+# (dev/logs/tuning-20261123-h100) and two token-block / slice-width variants.
+FWD_CFGS = [{"bt": 32, "cw": 256}, {"bt": 64, "cw": 128}]
+FWD_MAIN_ONLY = [{"bt": 32, "cw": 128, "warps": 8}]
 BWD = {}                                               # the backward defaults (Config b2_*)
 
 
@@ -368,10 +359,8 @@ def main():
             print(f"(time budget spent, skipping C={C})")
             break
         x, phi, b, alpha = make_inputs(C)
-        cfg0 = M._config(None)
-        print(f"  C={C}: default forward path: {'split' if M.use_split(cfg0) else 'non-split'}")
         ref_out = check(C, x, phi, b, alpha)
-        sweep = [None] + SPLIT_CFGS + NS_CFGS + (NS_MAIN_ONLY if C == CMAIN else [])
+        sweep = [None] + FWD_CFGS + (FWD_MAIN_ONLY if C == CMAIN else [])
         times = {}
         for cfg in sweep:
             if left() < (30 if C == CMAIN else 14):
@@ -383,16 +372,14 @@ def main():
         if not times:
             continue
         best = min(times.values(), key=lambda v: v[0])[1]
-        best_split = min((v for v in times.values() if v[1] and v[1].get("split") is True),
-                         key=lambda v: v[0], default=(None, None))[1]
         ms = min(v[0] for v in times.values())
         xb, lib = T * N * C * E, T * C * E
         print(f"  C={C}: best pre fwd ({cfg_name(best)}) moves x {(ms * 1e-3 * COPY - lib) / xb:.2f} "
               f"times (at the copy rate)", flush=True)
-        for cfg in [best_split] + [c for c in NS_CFGS if c != best] + [best]:
+        for cfg in [None] + ([best] if best is not None else []):
             if left() > 6:
                 time_fwd("coeffs fwd", C, x, phi, b, alpha, cfg, ref_out)
-        for cfg in (best_split, best):
+        for cfg in [None] + ([best] if best is not None else []):
             if left() > 6:
                 time_fwd_bwd(C, x, phi, b, alpha, {**(cfg or {}), **BWD})
         full = {**(best or {}), **BWD}
@@ -413,8 +400,6 @@ def main():
             torch.cuda.empty_cache()
 
     print("\n'site fwd+bwd*': pre + post as one autograd node, pre's dx added in place into post's")
-    print("split=True: the split forward (column slices + cross-CTA sync); split=False: one CTA per "
-          "ns_bt tokens")
     print(f"mhc_pre, bf16, n={N}, T={T}, {ITERS} Sinkhorn iterations; copy {COPY / 1e9:.0f} GB/s; "
           f"{time.time() - T0:.0f} s")
     print(f"{'C':>5} {'what':13s} {'config':48s} {'ms':>8} {'GB/s':>6} {'%copy':>6}")

@@ -24,8 +24,7 @@ Forward, three kernels (K = n*n + 2n, KP = K rounded up to 16):
   HBM bytes per token: read 2nC*e (x twice: GEMM, then apply) + small, write C*e + (n*n+3n+1)*4.
   The floor (MATH.md) reads x once: the GEMM kernel would have to finish a token block's Sinkhorn
   and then re-read the block's x, which at 64 tokens x nC is 2 MB per CTA (n=4, C=4096), far past
-  what stays in L1 or L2 across CTAs in flight; this version pays the second read (the
-  Triton non-split path does too unless the block fits in L2).
+  what stays in L1 or L2 across CTAs in flight; this version pays the second read.
 
 Backward:
   build_dhpre (mhc_pre only; one CTA per token): dh_pre[i] = sum_c g_li[c] x[i, c].
@@ -79,6 +78,7 @@ import torch
 from kernels import site_link
 from kernels.colsum import column_sums, segment_sums
 from kernels.hilo import split_hi_lo, split_weight_hi_lo
+from kernels.reference import EPS_RMS, EPS_SK
 from kernels.tilelang.common import (
     TL_DTYPES,
     block_c,
@@ -88,8 +88,6 @@ from kernels.tilelang.common import (
     on_device,
 )
 
-EPS_RMS = 1e-6
-EPS_SK = 1e-6
 TOK_PER_CTA = 128       # per-token kernels: tokens (threads) per CTA
 GEMM_BT = 64            # tokens per CTA of the GEMM kernels (wgmma M)
 GEMM_BK = 64            # columns of x per chunk

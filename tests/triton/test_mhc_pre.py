@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kernels import reference as ref
-from kernels.triton.mhc_pre import (_config, mhc_coeffs, mhc_pre, mhc_pre_backward, mhc_pre_forward,
-                                    phi_as_used, sync_errors, use_split)
+from kernels.triton.mhc_pre import (mhc_coeffs, mhc_pre, mhc_pre_backward, mhc_pre_forward,
+                                    phi_as_used, sync_errors)
 from suite.core.tolerance import rel_err, tolerance
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -76,7 +76,7 @@ PRE_CASES = [
     (8, 40, 7, FP16, 20, None),
     (8, 264, 33, BF16, 1, None),
     (4, 264, 33, FP16, 20, {"fwd_dot": "f32"}),           # the fp32-x / tf32 forward GEMM
-    (3, 264, 130, BF16, 20, {"fwd_dot": "f32", "split": False}),
+    (3, 264, 130, BF16, 20, {"fwd_dot": "f32", "fused": False}),
 ]
 
 
@@ -181,55 +181,6 @@ def test_empty_tokens(kernel_device):
     assert xs.grad.shape == x.shape and ps.grad.abs().sum().item() == 0
 
 
-# ------------------------------------------------------------------ non-split forward (split=False)
-def _ns_cases():
-    """Every (n, C, T); dtype and function alternate so each n sees both dtypes and both functions."""
-    cases = []
-    for ni, n in enumerate((1, 2, 3, 4, 8)):
-        for ci, C in enumerate((40, 264)):
-            for ti, T in enumerate((1, 33)):
-                dtype = (BF16, FP16)[(ni + ci + ti) % 2]
-                pre = (ni + ci) % 2 == 0
-                iters = 7 if (ni + ti) % 3 == 2 else 20
-                cases.append((n, C, T, dtype, iters, pre))
-    return cases
-
-
-@pytest.mark.parametrize("n,C,T,dtype,iters,pre", _ns_cases(),
-                         ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}-it{c[4]}-{'pre' if c[5] else 'coeffs'}"
-                              for c in _ns_cases()])
-def test_nonsplit_matches_reference(kernel_device, n, C, T, dtype, iters, pre):
-    fn, ref_fn = (mhc_pre, ref.mhc_pre) if pre else (mhc_coeffs, ref.mhc_coeffs)
-    errs, out = _compare(fn, ref_fn, n, C, T, dtype, iters, kernel_device, seed=31 * n + C + T,
-                         config={"split": False})
-    _assert_close(errs, dtype, f"{fn.__name__} split=False n={n} C={C} T={T} {dtype} iters={iters}")
-    h_res = out[2].detach()
-    assert (h_res.sum(-1) - 1).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("config", [
-    {"split": False, "ns_bt": 16, "ns_bk": 32, "ns_bc": 16},          # 3 token blocks, K tail
-    {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_bc": 128, "precision": "ieee"},
-])
-def test_nonsplit_configs(kernel_device, config):
-    for fn, ref_fn in ((mhc_pre, ref.mhc_pre), (mhc_coeffs, ref.mhc_coeffs)):
-        errs, _ = _compare(fn, ref_fn, 3, 40, 33, FP16, 20, kernel_device, seed=77, config=config)
-        _assert_close(errs, FP16, f"{fn.__name__} {config}")
-
-
-def test_split_choice(kernel_device):
-    assert use_split(_config(None))                          # the default, at any T
-    assert not use_split(_config({"split": False}))
-    assert not use_split(_config({"ns_bt": 32}))             # non-split fields: non-split
-    assert use_split(_config({"ns_bt": 32, "split": True}))
-    # a non-split field picks that path end to end (forward only)
-    (x, phi, b, alpha), _ = _inputs(2, 40, 130, BF16, kernel_device, seed=13)
-    out = mhc_pre(x, phi, b, alpha, sinkhorn_iters=20, config={"ns_bt": 16})
-    out_ref = ref.mhc_pre(*(t.double() for t in (x, phi, b, alpha)), sinkhorn_iters=20)
-    for o, o_ref in zip(out, out_ref):
-        assert rel_err(o, o_ref) <= tolerance(BF16)
-
-
 # ------------------------------------------------------------------ input checks
 def _good(device, n=4, C=40, T=3, dtype=BF16):
     (x, phi, b, alpha), _ = _inputs(n, C, T, dtype, device, seed=1)
@@ -292,10 +243,7 @@ def test_gpu_mhc_pre(n, C, T, dtype):
                                     {"early": True, "ring": 3}, {"ring": 1, "lag": 2},
                                     {"bt": 32, "cw": 128, "warps": 8, "stages": 4},
                                     {"precision": "tf32x3"},
-                                    {"fwd_dot": "f32"}, {"fwd_dot": "f32", "split": False},
-                                    {"split": True}, {"split": False},
-                                    {"split": False, "ns_bt": 64, "ns_bk": 128, "ns_warps": 8},
-                                    {"split": False, "ns_bt": 32, "ns_bk": 128, "ns_stages": 4},
+                                    {"fwd_dot": "f32"}, {"fwd_dot": "f32", "fused": False},
                                     {"b1_bt": 16, "b1_bc": 64, "b1_stages": 1}])
 @pytest.mark.parametrize("C", [2560, 7168])
 def test_gpu_configs(C, config):
@@ -313,16 +261,13 @@ def test_gpu_iters(iters):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("split", [True, False])
-def test_gpu_split_paths(n, split):
-    errs, _ = _compare(mhc_pre, ref.mhc_pre, n, 2568, 5000, FP16, 20, "cuda", seed=n,
-                       config={"split": split})
-    _assert_close(errs, FP16, f"mhc_pre n={n} split={split}")
+def test_gpu_every_n(n):
+    errs, _ = _compare(mhc_pre, ref.mhc_pre, n, 2568, 5000, FP16, 20, "cuda", seed=n)
+    _assert_close(errs, FP16, f"mhc_pre n={n}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split", [True, False])
-def test_gpu_int64_offsets(split):
+def test_gpu_int64_offsets():
     # T * n * C > 2^31: checks the last tokens (forward and dx) against the reference.
     n, C, T = 8, 4096, 66000
     torch.cuda.empty_cache()
@@ -332,7 +277,7 @@ def test_gpu_int64_offsets(split):
     x[-64:] = inputs[0]
     phi, b, alpha = inputs[1:]
     xr = x.clone().requires_grad_()
-    li, h_post, h_res = mhc_pre(xr, phi, b, alpha, config={"split": split})
+    li, h_post, h_res = mhc_pre(xr, phi, b, alpha)
     gl = torch.randn(T, C, device="cuda").to(BF16)
     li.backward(gl)
     assert sync_errors() == 0
@@ -384,3 +329,10 @@ def test_dx_dphi_accumulate(kernel_device, name):
         torch.autograd.backward(ref.mhc_pre(*leaves, sinkhorn_iters=20), [u.double() for u in ups])
         assert rel_err(dx, leaves[0].grad + d0.double()) <= tolerance(BF16)
         assert rel_err(dphi, leaves[1].grad) <= tolerance(BF16)
+
+
+def test_an_unknown_environment_setting_is_refused(monkeypatch):
+    """A retired knob (the non-split forward's, removed) must not pass silently for a tuned run."""
+    monkeypatch.setenv("HCBENCH_MHC_PRE_NS_BT", "32")
+    with pytest.raises(ValueError, match="unknown setting HCBENCH_MHC_PRE_NS_BT"):
+        mhc_pre(*_inputs(2, 40, 7, BF16, "cpu", seed=1)[0])
