@@ -3,7 +3,7 @@
 #   OUT=/some/dir bash dev/gpu_kernel_diagnostics.sh     (carry .tilelang-site.tar.xz)
 # 1. dev/tune_post.py: the post forward variants (loop=1, persistent, num_stages) against the
 #    default, checked against the reference first (target: 90% of the copy rate);
-# 2. dev/tune_hc_pre.py: the HC forward, FMA against fwd_impl=gemm (tensor cores);
+# 2. dev/tune_hc_pre.py: the HC forward and backward configurations (tensor cores);
 # 3. kernels.yaml --traffic, mHC and HC site fwd+bwd at C = 4096, triton and tilelang: per-kernel
 #    DRAM bytes and times of the backward (bytes_measured.per_kernel), what limits fwd+bwd;
 # 4. tests/test_dist_standin.py on the GPU (the residual variant's fix).

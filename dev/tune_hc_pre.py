@@ -38,21 +38,19 @@ from suite.measure.kernel_profile import print_kernels  # noqa: E402
 from suite.measure.timing import Timer, copy_rate_gbps  # noqa: E402
 
 from kernels import reference  # noqa: E402
+from kernels.triton import common  # noqa: E402
 from suite.core.tolerance import rel_err, tolerance  # noqa: E402
 
 H = importlib.import_module("kernels.triton.hc_pre")   # the package re-exports the function hc_pre
 
 FWD_CONFIGS = [
-    "",                                         # default: fwd_impl=gemm, gemm_bk=128, gemm_stages=4
+    "",                                         # default: gemm_bk=128, gemm_stages=4
     "gemm_bm=128,gemm_warps=8,gemm_stages=3",
     "gemm_bk=64,gemm_stages=3",                 # the gemm defaults before the first H100 run
     "apply_bt=8,apply_bc=512",
-    "fwd_impl=fma",                             # one-kernel FMA forward (8 warps, 2 CTAs/SM)
-    "fwd_impl=fma,fwd_warps=4,fwd_ctas_per_sm=4",
 ]
 BWD_CONFIGS = [
-    "",                                         # b2_impl=mma: 64 rows x 64 columns, 4 warps, 3 stages
-    "b2_impl=fma",                              # the FMA dx / dw kernel
+    "",                                         # 64 rows x 64 columns, 4 warps, 3 stages
     "b2_bc=128,b2_warps=8,b2_ctas=1",          # 8 warps: ~160-176 registers, 1 CTA per SM
     "b2_stages=4,b2_ctas=3",                    # 74 KB of shared memory: 3 CTAs per SM
     "b2_stages=2",
@@ -204,11 +202,11 @@ def main() -> int:
 
     if post is None:
         print(f"(site rows skipped: kernels.triton.post did not import: {post_err})")
-    for key, ctas in getattr(H, "_RESIDENT", {}).items():
+    for key, ctas in common.RESIDENT_CTAS.items():
         kw = dict(key[1])
         print(f"resident CTAs per SM: {ctas}  {key[0]} " + " ".join(
             f"{k}={kw[k]}" for k in ("N", "BM", "BT", "BC", "BR", "STAGES", "ACC", "num_warps")
-            if k in kw) + (f"  (fallback: {H._RESIDENT_ERR[key][:200]})" if key in getattr(H, "_RESIDENT_ERR", {}) else ""))
+            if k in kw) + (f"  (fallback: {common.RESIDENT_FALLBACKS[key][:200]})" if key in common.RESIDENT_FALLBACKS else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     tol = tolerance(DTYPE)

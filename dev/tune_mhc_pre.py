@@ -336,12 +336,12 @@ def main():
         widths = [int(c) for c in _arg("--C", "64" if DRY else "4096").split(",")]
         cfgs = [_parse_cfg(c) for c in _arg(sweep_arg).split(";")]
         (bwd_sweep if sweep_arg == "--bwd" else fwd_sweep)(cfgs, widths)
-        H = importlib.import_module("kernels.triton.hc_pre")   # resident_ctas' cache
-        for key, ctas in getattr(H, "_RESIDENT", {}).items():
+        from kernels.triton import common   # resident_ctas' cache
+        for key, ctas in common.RESIDENT_CTAS.items():
             kw = dict(key[1])
             print(f"resident CTAs per SM: {ctas}  {key[0]} " + " ".join(
                 f"{k}={kw[k]}" for k in ("N", "BM", "BT", "BC", "BR", "STAGES", "ACC", "num_warps")
-                if k in kw) + (f"  (fallback: {H._RESIDENT_ERR[key][:200]})" if key in getattr(H, "_RESIDENT_ERR", {}) else ""))
+                if k in kw) + (f"  (fallback: {common.RESIDENT_FALLBACKS[key][:200]})" if key in common.RESIDENT_FALLBACKS else ""))
         print(f"\nmhc_pre, bf16, n={N}, T={T}; copy {COPY / 1e9:.0f} GB/s; {time.time() - T0:.0f} s")
         print(f"{'C':>5} {'what':13s} {'config':48s} {'ms':>8} {'GB/s':>6} {'%copy':>6}")
         for C, what, name, ms, fb in ROWS:

@@ -1,6 +1,6 @@
 """fp32 operands for 16-bit tensor-core products: t ~ hi + lo with both halves in x's dtype, so two
 products with fp32 accumulation carry t to ~16 significant bits while x goes in as loaded. Used by
-the TileLang mHC / HC GEMMs and the Triton HC forward (fwd_impl=gemm)."""
+the TileLang mHC / HC GEMMs and the Triton HC forward."""
 import weakref
 
 import torch

@@ -89,3 +89,34 @@ def store_grad(optr, d, mask, EVEN: tl.constexpr, ACC: tl.constexpr):
         if ACC:
             d += tl.load(optr, mask=mask, other=0.0).to(tl.float32)
         tl.store(optr, d.to(optr.dtype.element_ty), mask=mask)
+
+
+RESIDENT_CTAS: dict = {}
+RESIDENT_FALLBACKS: dict = {}      # why resident_ctas fell back (diagnostics)
+
+
+def resident_ctas(kernel, args, kwargs, fallback: int) -> int:
+    """How many CTAs of `kernel`, compiled for these arguments (kernel.warmup: compiled, not
+    launched), fit on one SM: registers (allocated per warp in 256s of 64K), shared memory (228
+    KB per SM, 1 KB reserved per CTA) and 64 warps. `fallback` on the interpreter or when triton
+    does not say. Cached per constexpr set, argument dtypes and device."""
+    if interpreting():
+        return fallback
+    key = (kernel.fn.__name__, tuple(sorted(kwargs.items())),
+           tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args),
+           args[0].device.index)
+    if key not in RESIDENT_CTAS:
+        try:
+            k = kernel.warmup(*args, grid=(1,), **kwargs)
+            k._init_handles()
+            warps = k.metadata.num_warps
+            warp_regs = triton.cdiv(k.n_regs * 32, 256) * 256
+            props = torch.cuda.get_device_properties(args[0].device)
+            smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+            by_regs = 65536 // (warp_regs * warps)
+            by_smem = smem_sm // (k.metadata.shared + 1024)
+            RESIDENT_CTAS[key] = max(1, min(by_regs, by_smem, 64 // warps, 32))
+        except Exception as exc:     # (an older or newer triton without these attributes)
+            RESIDENT_CTAS[key] = fallback
+            RESIDENT_FALLBACKS[key] = f"{type(exc).__name__}: {exc}"
+    return RESIDENT_CTAS[key]

@@ -89,7 +89,7 @@ from kernels.colsum import column_sums
 from kernels.hilo import split_hi_lo, split_weight_hi_lo
 from kernels.reference import EPS_RMS, EPS_SK
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import check_state, check_tensor, interpreting, num_sms
+from kernels.triton.common import check_state, check_tensor, interpreting, num_sms, resident_ctas
 from kernels.triton.mhc_pre_bwd import bwd_coef_kernel, bwd_dx_dphi_kernel
 from kernels.triton.mhc_pre_fwd import fwd_kernel
 
@@ -355,7 +355,6 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
             ts = min(cfg.b2_ts, nblk)
         else:   # the smallest split within 5% of the fewest waves x work per CTA, for the CTAs
                 # that fit on an SM (b2_ctas, 0: from the compiled kernel's registers and smem)
-            from kernels.triton.hc_pre import resident_ctas
             ctas = cfg.b2_ctas if cfg.b2_ctas > 0 else resident_ctas(
                 bwd_dx_dphi_kernel, [x, phi, du, coef, h_pre, gli, dx, du, T, C, ncb, bt2, 3],
                 kw, 3)

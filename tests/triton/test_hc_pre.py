@@ -21,8 +21,6 @@ FNS = {"hc_pre": (H.hc_pre, reference.hc_pre), "hc_coeffs": (H.hc_coeffs, refere
 OUT_NAMES = {"hc_pre": ("layer_input", "h_post", "h_res"), "hc_coeffs": ("h_pre", "h_post", "h_res")}
 # The GPU tiling (small token blocks, many programs), forced on the interpreter for one case.
 GPU_TILING = {k: v for k, v in H.DEFAULT_CONFIG.items() if k in H.INTERPRETER_CONFIG}
-# The FMA kernels (one-kernel forward _fwd_kernel, dx / dw kernel _bwd_dx_kernel), not the defaults.
-FMA = {"fwd_impl": "fma", "b2_impl": "fma"}
 
 
 def make_inputs(T, n, C, dtype, device, seed=0):
@@ -82,49 +80,25 @@ def test_matches_reference(fn_name, T, n, C, dtype, kernel_device):
     check(fn_name, T, n, C, dtype, kernel_device)
 
 
-@pytest.mark.parametrize("fn_name,T,n,C,dtype", [
-    ("hc_pre", 1, 1, 40, torch.bfloat16), ("hc_pre", 7, 3, 264, torch.float16),
-    ("hc_pre", 33, 4, 64, torch.bfloat16), ("hc_pre", 7, 8, 264, torch.bfloat16),
-    ("hc_coeffs", 7, 2, 264, torch.float16)],
-    ids=["pre-n1", "pre-n3", "pre-n4", "pre-n8", "coeffs-n2"])
-def test_fma_kernels(fn_name, T, n, C, dtype, kernel_device):
-    """fwd_impl=fma, b2_impl=fma: the FMA forward and dx / dw kernels (selectable, not default)."""
-    check(fn_name, T, n, C, dtype, kernel_device, config=FMA)
-
-
 def test_gpu_tiling_and_no_prefetch(kernel_device):
-    """The GPU's small token blocks (partial last block, persistent loop), then no prefetch
-    (FMA kernels)."""
-    check("hc_pre", 7, 3, 264, torch.bfloat16, kernel_device, config=dict(GPU_TILING, **FMA))
+    """The GPU's small token blocks in the coefficient backward (partial last block, several
+    programs), then without its prefetch."""
+    check("hc_pre", 7, 3, 264, torch.bfloat16, kernel_device, config=GPU_TILING)
     check("hc_pre", 5, 4, 40, torch.float16, kernel_device,
-          config=dict(GPU_TILING, fwd_prefetch=0, b1_prefetch=0, b2_prefetch=0, fwd_bt=2, **FMA))
+          config=dict(GPU_TILING, b1_prefetch=0, b1_bt=2))
 
 
 @pytest.mark.parametrize("prefetch", [1, 0])
 def test_many_chunks(prefetch, kernel_device):
-    """One warp per program: 128-column chunks, so C = 264 and 1032 take several chunks with a
-    partial last one (pass 2 walks them in reverse), in all three kernels."""
-    cfg = dict(fwd_warps=1, b1_warps=1, b2_warps=1, fwd_prefetch=prefetch, b1_prefetch=prefetch,
-               b2_prefetch=prefetch, **FMA)
+    """One warp per program in the coefficient backward: its chunks of 64 int32 pairs make
+    C = 264 and 1032 several chunks with a partial last one."""
+    cfg = dict(b1_warps=1, b1_prefetch=prefetch)
     check("hc_pre", 5, 4, 264, torch.bfloat16, kernel_device, config=cfg)
-    check("hc_pre", 3, 3, 1032, torch.float16, kernel_device, config=dict(cfg, fwd_cp=1, b2_cp=1))
+    check("hc_pre", 3, 3, 1032, torch.float16, kernel_device, config=dict(cfg, b1_cp=1))
     check("hc_coeffs", 3, 2, 264, torch.bfloat16, kernel_device, config=cfg)
 
 
-@pytest.mark.parametrize("T,n,C,dtype,config", [
-    (1, 1, 1024, torch.bfloat16, dict(GPU_TILING, **FMA)),           # the GPU's 8 warps: 1024 columns
-    (5, 4, 512, torch.float16, dict(GPU_TILING, fwd_warps=4, fwd_ctas_per_sm=4, **FMA)),
-    (3, 2, 128, torch.bfloat16, None),                                # C = 64: one 1-warp chunk
-], ids=["n1-C1024-gpu", "n4-C512-w4", "n2-C128"])
-def test_width_multiple_of_chunk(T, n, C, dtype, config, kernel_device):
-    """C a whole number of chunks of both the forward and the dx kernel (4096, 7168 on the GPU):
-    w^T then needs no zero padding. F.pad(w.t(), (0, 0)) returned a clone with w.t()'s strides
-    (w's [C, NK] memory order), which the kernels read as [NK, C]: every output was wrong."""
-    check("hc_pre", T, n, C, dtype, kernel_device, config=config)
-    check("hc_coeffs", T, n, C, dtype, kernel_device, config=config)
-
-
-GEMM = {"fwd_impl": "gemm", "gemm_bm": 16, "gemm_bk": 16, "apply_bt": 4, "apply_bc": 32}
+GEMM = {"gemm_bm": 16, "gemm_bk": 16, "apply_bt": 4, "apply_bc": 32}
 
 
 @pytest.mark.parametrize("fn_name,T,n,C,dtype", [
@@ -133,15 +107,13 @@ GEMM = {"fwd_impl": "gemm", "gemm_bm": 16, "gemm_bk": 16, "apply_bt": 4, "apply_
     ("hc_coeffs", 7, 2, 264, torch.bfloat16), ("hc_coeffs", 3, 4, 40, torch.float16)],
     ids=["pre-n1", "pre-n3", "pre-n4", "pre-n8", "coeffs-n2", "coeffs-n4"])
 def test_gemm_forward(fn_name, T, n, C, dtype, kernel_device):
-    """fwd_impl=gemm: rows (token, stream) on tensor cores with w as hi + lo, several K chunks with
+    """The forward: rows (token, stream) on tensor cores with w as hi + lo, several K chunks with
     a partial last one (C = 40, 264 over 16-column chunks), row blocks that straddle tokens
     (n = 3) and a partial last block; the backward (shared) sees its z and r."""
     check(fn_name, T, n, C, dtype, kernel_device, config=GEMM)
 
 
 def test_gemm_config_errors():
-    with pytest.raises(ValueError, match="fwd_impl must be 'fma' or 'gemm'"):
-        H.parse_config("fwd_impl=wgmma")
     with pytest.raises(ValueError, match="gemm_bk must be a power of two >= 16"):
         H.parse_config({"gemm_bk": 8})
 
@@ -201,13 +173,15 @@ def test_errors(kernel_device):
 
 
 def test_config_string(kernel_device):
-    cfg = H.parse_config("fwd_warps=2, b2_bt=1,x_hint=none")
-    assert cfg["fwd_warps"] == 2 and cfg["b2_bt"] == 1 and cfg["x_hint"] == "none"
-    with pytest.raises(ValueError, match="x_hint"):
-        H.parse_config({"x_hint": "cs"})
+    cfg = H.parse_config("gemm_warps=2, b2_bc=32,b2_dw=tf32")
+    assert cfg["gemm_warps"] == 2 and cfg["b2_bc"] == 32 and cfg["b2_dw"] == "tf32"
+    with pytest.raises(ValueError, match="b2_dw"):
+        H.parse_config({"b2_dw": "fp8"})
+    with pytest.raises(ValueError, match="unknown config key 'fwd_impl'"):   # the FMA forward left
+        H.parse_config("fwd_impl=fma")
 
 
-# ------------------------------------------------------------ dx / dw on tensor cores (b2_impl=mma)
+# ------------------------------------------------------------ dx / dw on tensor cores
 MMA_TILINGS = {
     "blocks": {"b2_bm": 16, "b2_bc": 32, "b2_ctas": 8},           # several row groups and columns
     "tiny": {"b2_bm": 16, "b2_bc": 16, "b2_ctas": 64, "b2_stages": 2},
@@ -305,7 +279,7 @@ def _errs(got, want):
     return errs
 
 
-@pytest.mark.parametrize("config", [None, FMA, MMA_TILINGS["blocks"]], ids=["default", "fma", "blocks"])
+@pytest.mark.parametrize("config", [None, MMA_TILINGS["blocks"]], ids=["default", "blocks"])
 @pytest.mark.parametrize("fn_name,T,n,C,dtype", [
     ("hc_pre", 7, 4, 264, torch.bfloat16), ("hc_pre", 16, 4, 64, torch.bfloat16),
     ("hc_pre", 5, 3, 40, torch.float16), ("hc_pre", 1, 1, 64, torch.bfloat16),
@@ -366,14 +340,6 @@ def test_gpu_matches_reference(n, C, T, dtype):
     check("hc_pre", T, n, C, dtype, "cuda")
     if T == 17:
         check("hc_coeffs", T, n, C, dtype, "cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 17, 4097])
-@pytest.mark.parametrize("C", [264, 2560, 7168])
-@pytest.mark.parametrize("n", [1, 3, 4, 8])
-def test_gpu_gemm_matches_reference(n, C, T):
-    check("hc_pre", T, n, C, torch.bfloat16, "cuda", config={"fwd_impl": "gemm"})
 
 
 @pytest.mark.gpu

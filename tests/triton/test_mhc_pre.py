@@ -289,7 +289,7 @@ def test_gpu_int64_offsets():
     assert rel_err(xr.grad[-64:], tail[0].grad) <= tolerance(BF16)
 
 
-# ------------------------------------------------ dx / dphi kernel (_bwd_dx_dphi_kernel) tilings
+# ------------------------------------------------ dx / dphi kernel (bwd_dx_dphi_kernel) tilings
 B2_CONFIGS = {
     # several token splits and column blocks, partial last ones (C = 40, 264 over 16 columns)
     "splits": {"b2_bt": 16, "b2_br": 16, "b2_ts": 3},

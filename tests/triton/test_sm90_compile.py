@@ -17,7 +17,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.triton.hc_pre as H
+import kernels.triton.hc_pre_fwd as H
 n, bm, bk, warps = json.loads(sys.argv[1])
 sig = {"x_ptr": "*bf16", "whi_ptr": "*bf16", "wlo_ptr": "*bf16", "b_ptr": "*fp32", "s_ptr": "*fp32",
        "hpre_ptr": "*fp32", "hpost_ptr": "*fp32", "hres_ptr": "*fp32", "z_ptr": "*fp32",
@@ -26,7 +26,7 @@ sig = {"x_ptr": "*bf16", "whi_ptr": "*bf16", "wlo_ptr": "*bf16", "b_ptr": "*fp32
 const = {"N": n, "NK": n + 2, "NKP": 16, "BM": bm, "BK": bk, "STAGES": 3, "SAVE": True,
          "DOT_F32": False}
 try:
-    k = triton.compile(ASTSource(fn=H._fwd_gemm_kernel, signature=sig, constexprs=const),
+    k = triton.compile(ASTSource(fn=H.fwd_gemm_kernel, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
 except RuntimeError as exc:
     if "ptxas" in str(exc).lower():
