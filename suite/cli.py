@@ -15,7 +15,7 @@ from suite.core.scenario import (Case, Scenario, ScenarioError, filter_cases, lo
 from suite.measure import env as environment
 from suite.publish.published import PublishError
 from suite.publish.publishing import compare_history, publish
-from suite.report import results_index
+from suite.report import results_index, results_tables
 from suite.report.tables import compare, print_run, write_markdown
 from suite.run import distributed as dist_run, prewarm, runner, site_kernels
 from suite.store.runs import atomic_write, merge_run_copies, read_records
@@ -151,16 +151,22 @@ def _results_doc(args) -> int:
     if not args.results.is_dir():
         raise BadInput([f"{args.results}: not a folder; --results names the folder of run folders"])
     text = args.doc.read_text()
-    want = results_index.render(text, args.results)
+    try:
+        want = results_tables.render(results_index.render(text, args.results),
+                                     args.results.resolve().parent)
+    except results_tables.TableError as exc:
+        raise BadInput([f"{args.doc}: {exc}"])
     if args.check:
         if want != text:
-            print(f"{args.doc}: its runs index differs from {args.results}; run "
+            print(f"{args.doc}: its runs index or tables differ from {args.results}; run "
                   "`python harness.py results-doc`", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
     if want != text:
         atomic_write(args.doc, want)
-    print(f"{args.doc}: runs index of {len(results_index.committed_runs(args.results))} folders")
+    tables = len(results_tables.BLOCK.findall(want))
+    print(f"{args.doc}: runs index of {len(results_index.committed_runs(args.results))} folders, "
+          f"{tables} tables from run folders")
     return EXIT_OK
 
 

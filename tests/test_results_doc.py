@@ -35,3 +35,40 @@ def test_index_rows_counts_and_reference(tmp_path):
     assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 0
     doc.write_text(text.replace("2 / 0 / 0", "9 / 0 / 0"))
     assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 1
+
+
+def _site_record(method, backend, C, median, pct, status="ok"):
+    return {"case": {"scope": "site", "method": method, "op": "site", "mode": "fwd", "C": C, "n": 4,
+                     "backend": backend}, "status": status, "case_id": f"{method}{backend}{C}",
+            "time_ms": {"median": median}, "pct_of_copy": pct}
+
+
+def test_a_table_block_is_written_from_its_run_and_checked(tmp_path, capsys):
+    results = tmp_path / "results"
+    run = results / "20260101T000000Z-a"
+    run.mkdir(parents=True)
+    (run / "env.json").write_text(json.dumps({"gpus": [{"name": "GPU X"}],
+                                              "copy_rate": {"cuda": {"gbps": 3000.0}}}))
+    recs = [_site_record("mhc", "triton", 4096, 0.9, 70.0), _site_record("mhc", "tilelang", 4096, 0.87, 72.4),
+            _site_record("mhc", "torch", 4096, 10.0, 6.0, status="failed")]
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    doc = tmp_path / "results.md"
+    block = "<!-- BEGIN table kernels results/20260101T000000Z-a -->\nstale\n<!-- END table -->"
+    doc.write_text(f"# Results\n\n## Kernels\n\n{block}\n")
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 1
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "stale" not in text
+    assert "| mhc | site | fwd | 4096 | 4 | failed | 0.900 (70%) | 0.870 (72%) | 0.97 |" in text
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 0
+
+
+def test_a_table_block_naming_a_missing_run_or_kind_is_bad_input(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = tmp_path / "results.md"
+    for block, want in (("kernels results/nope", "no records.jsonl"), ("bogus results/nope", "bogus")):
+        doc.write_text(f"# R\n\n<!-- BEGIN table {block} -->\n<!-- END table -->\n")
+        before = doc.read_text()
+        assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc)]) == 2
+        assert want in capsys.readouterr().err and doc.read_text() == before

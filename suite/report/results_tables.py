@@ -1,0 +1,141 @@
+"""Tables of docs/results.md made from committed run folders, so that they cannot drift.
+
+A page asks for a table with a block
+
+    <!-- BEGIN table KIND results/RUN_FOLDER -->
+    (written by `python harness.py results-doc`)
+    <!-- END table -->
+
+and `render` rewrites what is between the markers from that folder's records.jsonl and env.json.
+KIND is one of TABLES:
+- `kernels`: median device ms of every backend per (method, op, mode, C, n), with its share of the
+  copy-rate floor, and TileLang over Triton;
+- `overhead`: the whole-step verdict per width (suite.analysis.overhead.verdict): wall clock per
+  step, overhead against the residual with its interval, the device-only and no-optimizer
+  overheads, and how far the host bounds the step.
+A block naming a folder that is not there, or a kind that is not known, is an error (the page
+would cite what does not exist).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from suite.analysis import overhead
+
+BLOCK = re.compile(r"(<!-- BEGIN table (?P<kind>[\w-]+) (?P<run>\S+) -->\n)(?P<body>.*?)(<!-- END table -->)",
+                   re.S)
+BACKENDS = ("torch", "compile", "triton", "tilelang", "liger")
+METHOD_ORDER = {"residual": 0, "hc": 1, "mhc": 2}
+OP_ORDER = {"site": 0, "coeffs": 1, "pre": 2, "post": 3}
+
+
+class TableError(Exception):
+    pass
+
+
+def _load(run: Path) -> tuple[list[dict], dict]:
+    if not (run / "records.jsonl").is_file():
+        raise TableError(f"{run}: no records.jsonl (a table block names a run folder that is not there)")
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()
+               if line.strip()]
+    env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
+    return records, env
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if r.get("status") != "ok":
+        return r.get("status") or "-"
+    pct = r.get("pct_of_copy")
+    return f"{r['time_ms']['median']:.3f}" + (f" ({pct:.0f}%)" if pct is not None else "")
+
+
+def kernels_table(records: list[dict], env: dict) -> list[str]:
+    """One row per (method, op, mode, C, n) of scope site, one column per backend present."""
+    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        c = r["case"]
+        if c.get("scope", "site") != "site":
+            continue
+        cells[(c["method"], c["op"], c["mode"], c["C"], c["n"])][c["backend"]] = r
+    present = [b for b in BACKENDS if any(b in row for row in cells.values())]
+    ratio = "triton" in present and "tilelang" in present
+    head = ["method", "op", "mode", "C", "n", *present] + (["tilelang / triton"] if ratio else [])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(cells, key=lambda k: (METHOD_ORDER.get(k[0], 9), OP_ORDER.get(k[1], 9),
+                                            k[2] != "fwd", k[3], k[4])):
+        row = cells[key]
+        line = [*map(str, key), *(_cell(row.get(b)) for b in present)]
+        if ratio:
+            tl, tr = row.get("tilelang"), row.get("triton")
+            ok = tl and tr and tl.get("status") == tr.get("status") == "ok"
+            line.append(f"{tl['time_ms']['median'] / tr['time_ms']['median']:.2f}" if ok else "-")
+        out.append("| " + " | ".join(line) + " |")
+    gpu = (env.get("gpus") or [{}])[0].get("name", "CPU")
+    copy = ((env.get("copy_rate") or {}).get("cuda") or {}).get("gbps")
+    return out + ["", f"Median ms of device time, L2 flushed (share of the copy-rate floor); {gpu}"
+                  + (f", copy rate {copy:.0f} GB/s." if copy else ".")]
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{v:.1f}%"
+
+
+def overhead_table(records: list[dict], env: dict) -> list[str]:
+    """The verdict rows of the run, one table per (family, C), the residual first."""
+    rows = overhead.verdict(records, env)
+    by_width: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_width[(row["case"].family or "dense", row["case"].C)].append(row)
+    out: list[str] = []
+    for (family, C), group in sorted(by_width.items()):
+        res = group[0]["residual_record"]
+        c0 = group[0]["case"]
+        depth = f"{c0.layers} of {c0.depth} layers" if c0.depth else f"{c0.layers} layers"
+        out += [f"{family}, C = {C}, {depth}, accum {c0.accum or 1}:", "",
+                "| case | step ms | overhead [95% CI] | reading | device-only | without AdamW "
+                "| wall / device | host enqueue / device |", "|---|---|---|---|---|---|---|---|"]
+        seen = set()
+        for row in [None] + group:
+            r = res if row is None else row["record"]
+            if r is None or r["case_id"] in seen:
+                continue
+            seen.add(r["case_id"])
+            c = r["case"]
+            d = r.get("device") or {}
+            name = c["method"] + ("" if c["recompute"] in (None, "none")
+                                  else f", recompute L_r = {c['L_r']}")
+            name += ", CUDA graph" if c.get("cuda_graph") else ""
+            host = (f"{d['host_step_ms'] / d['step_ms']:.2f}"
+                    if d.get("host_step_ms") and d.get("step_ms") else "")
+            wod = f"{r['wall_over_device']:.2f}" if r.get("wall_over_device") else ""
+            if row is None:
+                out.append(f"| {name} | {r['time_ms']['median']:.0f} | | | | | {wod} | {host} |")
+            else:
+                out.append(f"| {name} | {row['ms']:.0f} | {row['overhead']:.1f}% "
+                           f"[{row['low']:.1f}, {row['high']:.1f}] | {row['wording']} | "
+                           f"{_pct(row.get('device_overhead'))} | "
+                           f"{_pct(row.get('no_optimizer_overhead'))} | {wod} | {host} |")
+        out.append("")
+    gpu = (env.get("gpus") or [{}])[0].get("name", "CPU")
+    return out + [f"Wall clock per whole step, host included; {gpu}. Partial depth is extrapolated "
+                  "to the full depth (suite/analysis/overhead.py)."]
+
+
+TABLES = {"kernels": kernels_table, "overhead": overhead_table}
+
+
+def render(doc_text: str, root: Path) -> str:
+    """The page with every table block rewritten from its run folder (paths from `root`)."""
+    def one(m: re.Match) -> str:
+        kind = m["kind"]
+        if kind not in TABLES:
+            raise TableError(f"table kind {kind!r} is not one of {', '.join(TABLES)}")
+        records, env = _load(Path(root) / m["run"])
+        body = "\n".join(TABLES[kind](records, env))
+        return m.group(1) + body + "\n" + m.group(5)
+    return BLOCK.sub(one, doc_text)
