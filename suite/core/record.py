@@ -72,3 +72,13 @@ def flat(record: dict) -> dict:
         "code_commit": code.get("commit"), "code_dirty": code.get("dirty"),
         "kernel_settings": None if knobs is None else json.dumps(knobs, sort_keys=True)})
     return out
+
+
+def throughput(read: int, write: int, flops: int, seconds: float, copy: dict | None) -> dict:
+    """The record fields of a timed case's floor bytes and FLOPs over its median time: bytes,
+    flops, gbps, tflops, and the copy rate it is set against (`copy_gbps`) when one was measured."""
+    fields = {"bytes": {"read": read, "write": write}, "flops": flops,
+              "gbps": (read + write) / seconds / 1e9, "tflops": flops / seconds / 1e12}
+    if copy:
+        fields["copy_gbps"] = copy["gbps"]
+    return fields

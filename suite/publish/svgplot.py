@@ -14,6 +14,17 @@ EXTRA_COLOURS = ("#56B4E9", "#F0E442", "#000000", "#999999")
 METHOD_STYLE = {"residual": ("square", "2,3"), "hc": ("triangle", "7,3"), "mhc": ("circle", "")}
 
 
+def _frame(width: int, height: int, title: str | None, y_label: str) -> list[str]:
+    """The opening of a plot: the svg element, its white ground and its title."""
+    out = [(f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title or y_label)}">'),
+           f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>']
+    if title:
+        out.append(f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="13" '
+                   f'font-weight="bold">{escape(title)}</text>')
+    return out
+
+
 def colour(backend: str) -> str:
     if backend in BACKEND_COLOURS:
         return BACKEND_COLOURS[backend]
@@ -124,12 +135,7 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
     def Y(v):
         return top + h - (scale(v) - ylo) / ((yhi - ylo) or 1.0) * h
 
-    out = [(f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title or y_label)}">'),
-           f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>']
-    if title:
-        out.append(f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="13" '
-                   f'font-weight="bold">{escape(title)}</text>')
+    out = _frame(width, height, title, y_label)
     for t in yt:
         out.append(f'<line x1="{left}" x2="{left + w}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" stroke="#e4e4e4"/>')
         out.append(f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
@@ -222,12 +228,7 @@ def bars(values: list[tuple[str, float, str | None]], y_label: str, title: str =
     w, h = width - left - right, height - top - bottom
     yt = nice_ticks(0.0, max(v for _, v, _ in values))
     yhi = yt[-1] or 1.0
-    out = [(f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title or y_label)}">'),
-           f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>']
-    if title:
-        out.append(f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="13" '
-                   f'font-weight="bold">{escape(title)}</text>')
+    out = _frame(width, height, title, y_label)
     for t in yt:
         y = top + h - t / yhi * h
         out.append(f'<line x1="{left}" x2="{left + w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>')

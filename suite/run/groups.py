@@ -21,6 +21,7 @@ import torch
 import kernels
 from suite.analysis import predict
 from suite.core.guard import deadline, failure, first_line
+from suite.core.record import throughput
 from suite.core.scenario import Case
 from suite.measure.timing import Timing, matmul_rate_tflops
 from suite.run import lifecycle
@@ -253,14 +254,8 @@ def _fill_common(session, case: Case, record: dict, timing: Timing, rounds: list
     record["time_kind"] = kind
     record["rounds"] = rounds
     record["tokens_per_s"] = tokens / seconds
-    record["bytes"] = {"read": cost.read, "write": cost.write}
-    record["flops"] = cost.flops
+    record.update(throughput(cost.read, cost.write, cost.flops, seconds, session.copy.get(case.device)))
     record["matmul_flops"] = cost.matmul_flops
-    record["gbps"] = cost.total / seconds / 1e9
-    record["tflops"] = cost.flops / seconds / 1e12
-    copy = session.copy.get(case.device)
-    if copy:
-        record["copy_gbps"] = copy["gbps"]
     if rate:
         record["matmul_tflops_measured"] = rate["tflops"]
     return seconds

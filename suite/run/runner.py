@@ -19,6 +19,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 import kernels
 from suite.analysis import cost as costing
+from suite.core.record import throughput
 from suite.core.scenario import Case, Scenario
 from suite.measure import env as environment, telemetry
 from suite.measure.timing import Timer, copy_rate_gbps
@@ -77,14 +78,9 @@ class Session:
                                  case.dtype, case.sinkhorn_iters)
         seconds = timing.median * 1e-3
         record["time_ms"] = timing.summary()
-        record["bytes"] = {"read": cost.read, "write": cost.write}
-        record["flops"] = cost.flops
-        record["gbps"] = cost.total / seconds / 1e9
-        record["tflops"] = cost.flops / seconds / 1e12
-        copy = self.copy.get(case.device)
-        if copy:
-            record["copy_gbps"] = copy["gbps"]
-            record["pct_of_copy"] = 100.0 * record["gbps"] / copy["gbps"]
+        record.update(throughput(cost.read, cost.write, cost.flops, seconds, self.copy.get(case.device)))
+        if "copy_gbps" in record:
+            record["pct_of_copy"] = 100.0 * record["gbps"] / record["copy_gbps"]
         if case.traffic:
             del call, inputs            # the profiled child needs the memory
             gc.collect()
