@@ -85,9 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("site-kernels", help="one site call's kernels per backend, side by side "
                                         "(torch.profiler; CUDA GPU)", add_help=False)
     idx = sub.add_parser("results-doc", help="rewrite docs/results.md's index of committed run "
-                                             "folders from the folders (--check: only compare)")
+                                             "folders, and the table blocks of it and of the "
+                                             "README, from the folders (--check: only compare)")
     idx.add_argument("--results", type=Path, default=ROOT / "results")
     idx.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    idx.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                     help="a second page whose table blocks are rewritten (no index)")
     idx.add_argument("--check", action="store_true",
                      help="exit 1 with one line when the page is not what the folders give")
     return p
@@ -150,23 +153,29 @@ def _results_doc(args) -> int:
         raise BadInput([f"{args.doc}: no such page; --doc names the results page to rewrite"])
     if not args.results.is_dir():
         raise BadInput([f"{args.results}: not a folder; --results names the folder of run folders"])
-    text = args.doc.read_text()
-    try:
-        want = results_tables.render(results_index.render(text, args.results),
-                                     args.results.resolve().parent)
-    except results_tables.TableError as exc:
-        raise BadInput([f"{args.doc}: {exc}"])
+    root = args.results.resolve().parent
+    pages = {args.doc: lambda text: results_index.render(text, args.results)}
+    if args.readme.is_file():
+        pages[args.readme] = lambda text: text
+    wanted = {}
+    for page, index in pages.items():
+        text = page.read_text()
+        try:
+            wanted[page] = (text, results_tables.render(index(text), root))
+        except results_tables.TableError as exc:
+            raise BadInput([f"{page}: {exc}"])
+    stale = [page for page, (text, want) in wanted.items() if want != text]
     if args.check:
-        if want != text:
-            print(f"{args.doc}: its runs index or tables differ from {args.results}; run "
+        for page in stale:
+            print(f"{page}: its runs index or tables differ from {args.results}; run "
                   "`python harness.py results-doc`", file=sys.stderr)
-            return EXIT_FAILED
-        return EXIT_OK
-    if want != text:
-        atomic_write(args.doc, want)
-    tables = len(results_tables.BLOCK.findall(want))
-    print(f"{args.doc}: runs index of {len(results_index.committed_runs(args.results))} folders, "
-          f"{tables} tables from run folders")
+        return EXIT_FAILED if stale else EXIT_OK
+    for page in stale:
+        atomic_write(page, wanted[page][1])
+    for page, (_, want) in wanted.items():
+        print(f"{page}: {len(results_tables.BLOCK.findall(want))} tables from run folders"
+              + (f", runs index of {len(results_index.committed_runs(args.results))} folders"
+                 if page == args.doc else ""))
     return EXIT_OK
 
 

@@ -26,15 +26,15 @@ def test_index_rows_counts_and_reference(tmp_path):
             for s in statuses))
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nIntro.\n\n## More\n")
-    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc)]) == 0
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md")]) == 0
     text = doc.read_text()
     assert results_index.BEGIN in text and text.index("Intro.") < text.index("## Committed runs")
     rows = [line for line in text.splitlines() if line.startswith("| `results/")]
     assert rows[0].endswith("| 1 / 0 / 1 of 2 | 20260101 |  |")
     assert rows[1].endswith("| 2 / 0 / 0 of 2 | 20260102 | yes |")
-    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 0
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md"), "--check"]) == 0
     doc.write_text(text.replace("2 / 0 / 0", "9 / 0 / 0"))
-    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 1
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md"), "--check"]) == 1
 
 
 def _site_record(method, backend, C, median, pct, status="ok"):
@@ -55,12 +55,12 @@ def test_a_table_block_is_written_from_its_run_and_checked(tmp_path, capsys):
     doc = tmp_path / "results.md"
     block = "<!-- BEGIN table kernels results/20260101T000000Z-a -->\nstale\n<!-- END table -->"
     doc.write_text(f"# Results\n\n## Kernels\n\n{block}\n")
-    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 1
-    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc)]) == 0
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md"), "--check"]) == 1
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md")]) == 0
     text = doc.read_text()
     assert "stale" not in text
     assert "| mhc | site | fwd | 4096 | 4 | failed | 0.900 (70%) | 0.870 (72%) | 0.97 |" in text
-    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--check"]) == 0
+    assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md"), "--check"]) == 0
 
 
 def test_a_table_block_naming_a_missing_run_or_kind_is_bad_input(tmp_path, capsys):
@@ -70,5 +70,5 @@ def test_a_table_block_naming_a_missing_run_or_kind_is_bad_input(tmp_path, capsy
     for block, want in (("kernels results/nope", "no records.jsonl"), ("bogus results/nope", "bogus")):
         doc.write_text(f"# R\n\n<!-- BEGIN table {block} -->\n<!-- END table -->\n")
         before = doc.read_text()
-        assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc)]) == 2
+        assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md")]) == 2
         assert want in capsys.readouterr().err and doc.read_text() == before

@@ -2,11 +2,12 @@
 
 A page asks for a table with a block
 
-    <!-- BEGIN table KIND results/RUN_FOLDER -->
+    <!-- BEGIN table KIND results/RUN_FOLDER [FIELD=VALUE ...] -->
     (written by `python harness.py results-doc`)
     <!-- END table -->
 
-and `render` rewrites what is between the markers from that folder's records.jsonl and env.json.
+and `render` rewrites what is between the markers from that folder's records.jsonl and env.json,
+keeping the records whose case fields equal every FIELD=VALUE given (e.g. C=4096).
 KIND is one of TABLES:
 - `kernels`: median device ms of every backend per (method, op, mode, C, n), with its share of the
   copy-rate floor, and TileLang over Triton;
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from suite.analysis import overhead
 
-BLOCK = re.compile(r"(<!-- BEGIN table (?P<kind>[\w-]+) (?P<run>\S+) -->\n)(?P<body>.*?)(<!-- END table -->)",
-                   re.S)
+BLOCK = re.compile(r"(<!-- BEGIN table (?P<kind>[\w-]+) (?P<run>\S+)(?P<filters>(?: [\w]+=\S+)*) -->\n)"
+                   r"(?P<body>.*?)(<!-- END table -->)", re.S)
 BACKENDS = ("torch", "compile", "triton", "tilelang", "liger")
 METHOD_ORDER = {"residual": 0, "hc": 1, "mhc": 2}
 OP_ORDER = {"site": 0, "coeffs": 1, "pre": 2, "post": 3}
@@ -100,6 +101,10 @@ def overhead_table(records: list[dict], env: dict) -> list[str]:
                 "| case | step ms | overhead [95% CI] | reading | device-only | without AdamW "
                 "| wall / device | host enqueue / device |", "|---|---|---|---|---|---|---|---|"]
         seen = set()
+        # the headline first (mHC with recompute), then mHC, HC; CUDA-graph cases after eager ones
+        group = sorted(group, key=lambda row: (bool(row["case"].cuda_graph),
+                                               row["case"].method != "mhc",
+                                               row["case"].recompute == "none"))
         for row in [None] + group:
             r = res if row is None else row["record"]
             if r is None or r["case_id"] in seen:
@@ -136,6 +141,11 @@ def render(doc_text: str, root: Path) -> str:
         if kind not in TABLES:
             raise TableError(f"table kind {kind!r} is not one of {', '.join(TABLES)}")
         records, env = _load(Path(root) / m["run"])
+        want = dict(f.split("=", 1) for f in m["filters"].split())
+        records = [r for r in records
+                   if all(str(r["case"].get(k)) == v for k, v in want.items())]
+        if not records:
+            raise TableError(f"{m['run']}: no record has {m['filters'].strip()}")
         body = "\n".join(TABLES[kind](records, env))
-        return m.group(1) + body + "\n" + m.group(5)
+        return m.group(1) + body + "\n" + m.group(6)
     return BLOCK.sub(one, doc_text)
