@@ -94,7 +94,7 @@ def _epilogue(n: int, C: int, S: int, BT: int, d: dict, Tn):
     (x0 + kk) * BT.. Tn: the kernel's dynamic token count (the same variable, not a new one)."""
     import tilelang.language as T
 
-    from kernels.tilelang.mhc_pre import EPS_RMS
+    from kernels.reference import EPS_RMS
 
     K, OWN, W, CPS, BK = d["K"], d["OWN"], d["W"], d["CPS"], d["BK"]
     NC = n * C
@@ -155,7 +155,8 @@ def build(n: int, C: int, S: int, BT: int = 32, KP: int | None = None, ST: int =
     1 = loads, GEMM and sums of squares only, 2 = also the reduce-scatter and the owners' writes."""
     import tilelang.language as T
 
-    from kernels.tilelang.mhc_pre import _kp, sinkhorn_macros
+    from kernels.tilelang.coef_kernels import sinkhorn_macros
+    from kernels.tilelang.common import kp as _kp
 
     d = _layout(n, C, S, BT)
     cs, BK, CPS, NCH, K, OWN, W = (d[k] for k in ("cs", "BK", "CPS", "NCH", "K", "OWN", "W"))
@@ -262,7 +263,7 @@ def build_persistent(n: int, C: int, S: int, BT: int = 32, G: int = 8, ST: int =
     Two cluster barriers per block (after the partials' exchange, after the owners' h_pre)."""
     import tilelang.language as T
 
-    from kernels.tilelang.mhc_pre import _kp
+    from kernels.tilelang.common import kp as _kp
 
     d = _layout(n, C, S, BT, threads)
     cs, BK, CPS, NCH, K, OWN, W = (d[k] for k in ("cs", "BK", "CPS", "NCH", "K", "OWN", "W"))
@@ -374,7 +375,7 @@ def run_one(n, C, S, BT, opts, tokens, three_us, timer):
     from suite.core.tolerance import rel_err
     opts = dict(opts)
     persistent = opts.pop("persistent", False)
-    KP = opts.get("KP") or TL._kp(n)
+    KP = opts.get("KP") or TL.kp(n)
     k = tilelang.compile((build_persistent if persistent else build)(n, C, S, BT, **opts),
                          target="auto")
     dev = "cuda"

@@ -19,14 +19,14 @@ def main() -> int:
     bad = 0
     for n, C in zip(args[::2], args[1::2]):
         builds = {
-            "gemm_norm": lambda n=n, C=C: m._build_gemm_norm(n, C, "bfloat16"),
+            "gemm_norm": lambda n=n, C=C: m.build_gemm_norm(n, C, "bfloat16"),
             "dx_dphi": lambda n=n, C=C: m.build_dx_dphi(n, C, "bfloat16", 2, True),
             "dx_dphi (coeffs)": lambda n=n, C=C: m.build_dx_dphi(n, C, "float16", 1, False),
-            "coef": lambda n=n, C=C: m._build_coef(n, 20, False),
-            "coef_bwd": lambda n=n, C=C: m._build_coef_bwd(n, C, 20, False),
+            "coef": lambda n=n, C=C: m.build_coef(n, 20, False),
+            "coef_bwd": lambda n=n, C=C: m.build_coef_bwd(n, C, 20, False),
             "apply": lambda n=n, C=C: m.build_apply(n, C, "bfloat16", False),
             "dhpre": lambda n=n, C=C: m.build_dhpre(n, C, "bfloat16", False),
-            "hc gemm_norm": lambda n=n, C=C: m._build_gemm_norm(n, C, "bfloat16", True),
+            "hc gemm_norm": lambda n=n, C=C: m.build_gemm_norm(n, C, "bfloat16", True),
             "hc dx_dw": lambda n=n, C=C: m.build_dx_dphi(n, C, "bfloat16", 2, True, True),
             "hc dx_dw (coeffs)": lambda n=n, C=C: m.build_dx_dphi(n, C, "float16", 1, False, True),
             "hc coef": lambda n=n, C=C: h._build_coef(n, False),

@@ -80,32 +80,32 @@ def compile_one(job):
             from kernels.tilelang import hc_pre
             from kernels.tilelang import mhc_pre as m
             if kind == "hc_gemm":
-                m._build_gemm_norm(n, C, dtype, True)
+                m.build_gemm_norm(n, C, dtype, True)
             elif kind == "hc_coef":
                 hc_pre._build_coef(n, False)
             elif kind == "hc_coef_bwd":
                 hc_pre._build_coef_bwd(n, C, False)
             else:
                 nblk = m._ranges(job[4] * n, n, C, "cuda")
-                m._build_dx_prep(n, dtype, True, False)
+                m.build_dx_prep(n, dtype, True, False)
                 m.build_dx_dphi(n, C, dtype, nblk, job[5], True)
                 if job[5]:       # a site: post's x gradient comes in through the link (acc)
                     m.build_dx_dphi(n, C, dtype, nblk, True, True, True)
         elif kind.startswith("mhc"):
             from kernels.tilelang import mhc_pre as m
             if kind == "mhc_gemm":
-                m._build_gemm_norm(n, C, dtype)
+                m.build_gemm_norm(n, C, dtype)
             elif kind == "mhc_coef":
-                m._build_coef(n, C, False)              # (n, iters)
+                m.build_coef(n, C, False)              # (n, iters)
             elif kind == "mhc_coef_bwd":
-                m._build_coef_bwd(n, C, dtype, False)   # (n, C, iters)
+                m.build_coef_bwd(n, C, dtype, False)   # (n, C, iters)
             elif kind == "mhc_apply":
                 m.build_apply(n, C, dtype, False)
             elif kind == "mhc_dhpre":
                 m.build_dhpre(n, C, dtype, False)
             else:
                 nblk = m._ranges(job[4], n, n * C, "cuda")
-                m._build_dx_prep(n, dtype, False, False)
+                m.build_dx_prep(n, dtype, False, False)
                 m.build_dx_dphi(n, C, dtype, nblk, job[5])
                 if job[5]:       # a site: post's x gradient comes in through the link (acc)
                     m.build_dx_dphi(n, C, dtype, nblk, True, False, True)

@@ -107,7 +107,7 @@ def compile_job(job):
     t0 = time.time()
     try:
         from kernels.tilelang import hc_pre as h
-        from kernels.tilelang import mhc_pre as m
+        from kernels.tilelang import gemm_kernels, mhc_pre as m
         from kernels.tilelang import post as p
         kind, *a = job
         if kind == "pc":
@@ -116,11 +116,11 @@ def compile_job(job):
             _, _, err = pc.compile_one(tuple(a))
             return job, time.time() - t0, err
         if kind == "gemm":
-            m._build_gemm_norm(*a)
+            m.build_gemm_norm(*a)
         elif kind == "coef":
-            m._build_coef(a[0], a[1], False)
+            m.build_coef(a[0], a[1], False)
         elif kind == "coef_bwd":
-            m._build_coef_bwd(a[0], a[1], a[2], False)
+            m.build_coef_bwd(a[0], a[1], a[2], False)
         elif kind == "hc_coef":
             h._build_coef(a[0], False)
         elif kind == "hc_coef_bwd":
@@ -134,14 +134,14 @@ def compile_job(job):
         elif kind == "post_bwd":
             p._build_bwd(*a, False)
         elif kind == "prep":
-            m._build_dx_prep(*a, False)
+            m.build_dx_prep(*a, False)
         elif kind == "dx":
             n, C, dt, T_, has_li, hc, acc, cfg = a
-            cf = m.parse_dx_config(cfg, m.DxConfig())
+            cf = gemm_kernels.parse_dx_config(cfg, m.DxConfig())
             rows, D = (T_ * n, C) if hc else (T_, n * C)
             nblk, _ = m._split(rows, n, D, "cuda", cf, hc, C)
             m.build_dx_dphi(n, C, dt, nblk, has_li, hc, acc, cf)
-            if cf.impl == "tile" and cf.ws and m._tile_ok(n, C, hc, cf):
+            if cf.impl == "tile" and cf.ws and m.tile_ok(n, C, hc, cf):
                 # ranges sized at launch: the same kernel runs at a small T; check it here, so a
                 # kernel that fails cannot take the measuring process's CUDA context down with it
                 import torch

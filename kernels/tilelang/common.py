@@ -5,7 +5,7 @@ Availability (probe.py's `unavailable`, the registry's probe): tilelang must imp
 right answer on that GPU; the first failing step is the reason a case is skipped.
 
 Compilation (`compile_kernel`): kernels are built per shape (n, C, dtype, block sizes) by the
-`_build_*` factories of each module, memoised in-process by functools.lru_cache and on disk by
+`build_*` factories of each module, memoised in-process by functools.lru_cache and on disk by
 TileLang's own cache (TILELANG_CACHE_DIR, default ~/.tilelang/cache), so a width compiles once.
 
 CPU target: with HCBENCH_TILELANG_CPU=1 (set by tests/tilelang) CPU tensors are accepted and the
@@ -17,6 +17,7 @@ for a per-thread local accumulator; everything else (indexing, tails, math) is t
 from __future__ import annotations
 
 import functools
+import math
 import importlib.util
 import json
 import os
@@ -113,3 +114,18 @@ def on_device(t: torch.Tensor):
     """TileLang launches on the current CUDA device: make it t's."""
     import contextlib
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+TOK_PER_CTA = 128       # per-token kernels: tokens (threads) per CTA
+GEMM_BT = 64            # tokens per CTA of the GEMM kernels (wgmma M)
+GEMM_BK = 64            # columns of x per chunk
+
+
+def kp(n: int, hc: bool = False) -> int:
+    """The coefficient columns of mHC (n*n + 2n) or HC (n + 2), padded to a multiple of 16."""
+    return max(16, -(-((n + 2) if hc else (n * n + 2 * n)) // 16) * 16)
+
+
+def seg(iters: int) -> int:
+    """Sinkhorn iterations per checkpoint segment of the backward (about sqrt(iters))."""
+    return max(1, math.isqrt(iters - 1) + 1) if iters > 1 else 1

@@ -7,12 +7,12 @@ Per token: r[i] = sqrt(mean_c x[i]^2 + 1e-6), z[i, k] = (x[i] . w[:, k]) / r[i],
 h_pre[i] = s_a p[i,0] + b_pre[i], h_post[i] = s_b p[i,1] + b_post[i], h_res[j,i] = s_a p[i,2+j] + b_res[j,i].
 
 The norm and projections are mHC's row-norm GEMM with rows = (token, stream) pairs: x viewed as
-[T*n, C] times w [C, n+2] (kernels/tilelang/mhc_pre.py: _build_gemm_norm(hc=True), wgmma with w
+[T*n, C] times w [C, n+2] (kernels/tilelang/gemm_kernels.py: build_gemm_norm(hc=True), wgmma with w
 split into hi + lo in x's dtype, 64 rows = 16 tokens (n = 4) per CTA). Forward, three kernels:
   row-norm GEMM -> z [T, n, n+2], r [T, n];
   _build_coef (one thread per token): tanh, scales and biases -> h_pre, h_post, h_res;
   mhc_pre.build_apply: layer_input = sum_i h_pre[i] x[i].
-Backward: mhc_pre.build_dhpre (dh_pre = g_li . x[i]), _build_coef_bwd (one thread per token:
+Backward: stream_kernels.build_dhpre (dh_pre = g_li . x[i]), _build_coef_bwd (one thread per token:
 dz = (1 - p^2) dp, du = dz / r, coef = -(dz . z) / (r^2 C), per-token ds), then the row GEMM
 kernel mhc_pre.build_dx_dphi(hc=True): dx = du @ w^T + coef * x + h_pre * g_li and dw = x^T @ du
 (the tile kernel when n divides its 64-row block: 16 tokens of 4 streams, a [16, br] g_li tile).
@@ -27,9 +27,9 @@ import torch
 from kernels import site_link
 from kernels.colsum import column_sums
 from kernels.tilelang import mhc_pre as _m
-from kernels.tilelang.common import check_state, check_tensor, compile_kernel, on_device
+from kernels.tilelang.common import TOK_PER_CTA, check_state, check_tensor, compile_kernel, on_device
 
-NT = _m.TOK_PER_CTA
+NT = TOK_PER_CTA
 
 
 @functools.cache

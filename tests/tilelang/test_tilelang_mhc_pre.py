@@ -106,7 +106,7 @@ def test_gemm_kernels_compile_for_sm90a(monkeypatch):
     monkeypatch.setenv("HCBENCH_TILELANG_TARGET", '{"kind": "cuda", "arch": "sm_90a"}')
     mod = _mod()
     # __wrapped__: not memoised, so nothing compiled for another target stays in the cache
-    src = mod._build_gemm_norm.__wrapped__(4, 264, "bfloat16").get_kernel_source()
+    src = mod.build_gemm_norm.__wrapped__(4, 264, "bfloat16").get_kernel_source()
     assert "wgmma" in src
     src = mod.build_dx_dphi.__wrapped__(3, 264, "bfloat16", 2, True).get_kernel_source()
     assert "wgmma" in src       # C = 264: the row kernel

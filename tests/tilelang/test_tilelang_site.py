@@ -274,7 +274,7 @@ def test_gpu_dx_dphi(n, C, T, hc, has_li, acc, dt):
 @pytest.mark.parametrize("n,T,hc", [(4, 37, False), (1, 5, False), (8, 3, False), (3, 7, True),
                                     (4, 1, True)])
 def test_dx_prep_matches_torch_split(n, T, hc):
-    """_build_dx_prep (CPU "c" target or GPU) gives the torch split's du_hi, du_lo and inv_scale
+    """build_dx_prep (CPU "c" target or GPU) gives the torch split's du_hi, du_lo and inv_scale
     bit for bit, and rowc = coef, h_pre (mHC transposed), zeros past the rows."""
     m = importlib.import_module("kernels.tilelang.mhc_pre")
     g = torch.Generator().manual_seed(n * 7 + T)
@@ -284,7 +284,7 @@ def test_dx_prep_matches_torch_split(n, T, hc):
     coef = torch.randn(rows, generator=g).to(DEVICE)
     h_pre = torch.rand(T, n, generator=g).to(DEVICE)
     hi, lo, inv, rowc = m.dx_prep(du, coef, h_pre, DTYPE, hc)
-    hi_t, lo_t, inv_t = m._du_split(du, DTYPE, m._kp(n, hc))
+    hi_t, lo_t, inv_t = m._du_split(du, DTYPE, m.kp(n, hc))
     assert torch.equal(inv, inv_t)
     assert torch.equal(hi, hi_t) and torch.equal(lo, lo_t)
     assert torch.equal(rowc[0, :rows], coef)
