@@ -3,14 +3,14 @@
 Shapes (MATH.md): x [T, n, C] bf16/fp16, f [T, C] same dtype, h_post [T, n] fp32,
 h_res [T, n, n] fp32 indexed [token, dst, src]. fp32 accumulation; x_next in x's dtype.
 
-Forward, one pass (kernel `_post_fwd_kernel`):
+Forward, one pass (kernel `post_fwd_kernel`):
   grid = ceil(T / BT) * ceil(C / BLOCK_C) programs, one (BT tokens, C-chunk) each, consecutive
   programs walk the same tokens' chunks. A program loads x as one [BT, NP, BLOCK_C / VEC, VEC]
   tile (NP = n rounded up to a power of two, padded rows and tail tokens masked; a thread holds
   one 16-byte vector of every row) and f's chunks, accumulates acc[i] = h_post[i] f + sum_j h_res[i, j] x[j] in fp32 and stores it:
   per token it reads (n+1)C elements and writes nC, the minimum.
 
-Backward, one pass (kernel `_post_bwd_kernel`), g = dL/dx_next:
+Backward, one pass (kernel `post_bwd_kernel`), g = dL/dx_next:
   dx[j]        = sum_i h_res[i, j] g[i]   (state dtype)
   df           = sum_i h_post[i] g[i]     (state dtype)
   dh_post[i]   = sum_c g[i, c] f[c]       (fp32)
@@ -55,7 +55,7 @@ num_stages (backward; forward with loop=1); the environment variables HCBENCH_PO
 HCBENCH_POST_BWD give defaults in the same string form. Unset keys use `fwd_config` /
 `bwd_config`'s heuristics. dev/tune_post.py times the alternatives.
 
-Forward loop variant (`_post_fwd_loop_kernel`, fwd "loop=1"; the default from LOOP_MIN_TOKENS =
+Forward loop variant (`post_fwd_loop_kernel`, fwd "loop=1"; the default from LOOP_MIN_TOKENS =
 2048 tokens, measured on an H100 at T = 16384, see LOOP_STAGES): one program per token looping
 over all of C, as the TileLang kernel does. It reads h_post[t] and h_res[t] once per token instead
 of once per chunk, keeps the [NP, BLOCK_C / VEC, VEC] tiles and 16-byte row vectors above, peels a
@@ -74,226 +74,13 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
 from kernels import site_link
 from kernels.triton.common import check_state, check_tensor
+from kernels.triton.post_bwd import post_bwd_kernel
+from kernels.triton.post_fwd import post_fwd_kernel, post_fwd_loop_kernel
 
 OP = "post"
-
-
-# ------------------------------------------------------------------------------------ kernels
-@triton.jit
-def _post_fwd_kernel(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T,
-                     N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
-                     BLOCK_C: tl.constexpr, VEC: tl.constexpr, NCB: tl.constexpr, EVEN_C: tl.constexpr,
-                     BT: tl.constexpr, EVEN_T: tl.constexpr):
-    # The program's x is one [BT, NP, BV, VEC] tile load (BT tokens, one C-chunk); a thread holds
-    # one VEC-vector of every row, so picking row j is in-thread (no shuffles, barriers or shared
-    # memory). BT > 1 gives each program more bytes in flight for the same launch overhead.
-    BV: tl.constexpr = BLOCK_C // VEC
-    pid = tl.program_id(0)
-    c0 = (pid % NCB) * BLOCK_C
-    toks = (pid // NCB).to(tl.int64) * BT + tl.arange(0, BT)                      # [BT]
-    rows = tl.arange(0, NP)
-    t2 = toks[:, None]
-    r2 = rows[None, :]
-    r4 = rows[None, :, None, None]
-    cols = c0 + tl.arange(0, BV)[:, None] * VEC + tl.arange(0, VEC)[None, :]    # [BV, VEC]
-    cmask = cols < C
-    tok_mask = toks < T
-    m2 = tok_mask[:, None] & (r2 < N)                                            # [BT, NP]
-    fmask = tok_mask[:, None, None] & cmask[None, :, :]                          # [BT, BV, VEC]
-    tmask = m2[:, :, None, None] & cmask[None, None, :, :]
-    tile = toks[:, None, None, None] * (N * C) + r4 * C + cols[None, None, :, :]
-    f_offs = toks[:, None, None] * C + cols[None, :, :]
-    DENSE: tl.constexpr = EVEN_C and EVEN_T and NP == N
-
-    if DENSE:
-        xt = tl.load(x_ptr + tile)
-        f = tl.load(f_ptr + f_offs)
-    else:
-        xt = tl.load(x_ptr + tile, mask=tmask, other=0.0)
-        f = tl.load(f_ptr + f_offs, mask=fmask, other=0.0)
-    hp = tl.load(hp_ptr + t2 * N + r2, mask=m2, other=0.0)                      # [BT, NP]
-    xt = xt.to(tl.float32)
-    acc = hp[:, :, None, None] * f.to(tl.float32)[:, None, :, :]
-    for j in tl.static_range(N):
-        # column j of h_res[t] (dst i = rows): how much source j feeds each destination
-        hcol = tl.load(hr_ptr + t2 * (N * N) + r2 * N + j, mask=m2, other=0.0)   # [BT, NP]
-        x_j = tl.sum(tl.where(r4 == j, xt, 0.0), axis=1)                        # [BT, BV, VEC]
-        acc += hcol[:, :, None, None] * x_j[:, None, :, :]
-
-    out = acc.to(out_ptr.dtype.element_ty)
-    if DENSE:
-        tl.store(out_ptr + tile, out)
-    else:
-        tl.store(out_ptr + tile, out, mask=tmask)
-
-
-@triton.jit
-def _post_fwd_chunk(x_base, f_base, out_base, c0, hp, hcols, rows, off2,
-                    N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr, MASK_C: tl.constexpr):
-    # One [NP, BV, VEC] chunk of one token; the row and column masks are compile-time optional so
-    # that full chunks of an n = 2^k state carry no predicates at all.
-    BV: tl.constexpr = off2.shape[0]
-    VEC: tl.constexpr = off2.shape[1]
-    r3 = rows[:, None, None]
-    cols = c0 + off2                                                             # [BV, VEC]
-    tile = r3 * C + cols[None, :, :]
-    if MASK_C:
-        cmask = cols < C
-        tmask = (r3 < N) & cmask[None, :, :]
-        xt = tl.load(x_base + tile, mask=tmask, other=0.0)
-        f = tl.load(f_base + cols, mask=cmask, other=0.0)
-    elif NP != N:
-        tmask = tl.broadcast_to(r3 < N, [NP, BV, VEC])                           # padded rows only
-        xt = tl.load(x_base + tile, mask=tmask, other=0.0)
-        f = tl.load(f_base + cols)
-    else:
-        xt = tl.load(x_base + tile)
-        f = tl.load(f_base + cols)
-    xt = xt.to(tl.float32)
-    acc = hp[:, None, None] * f.to(tl.float32)[None, :, :]
-    for j in tl.static_range(N):
-        x_j = tl.sum(tl.where(r3 == j, xt, 0.0), axis=0)                         # row j, in-thread
-        acc += hcols[j][:, None, None] * x_j[None, :, :]
-    out = acc.to(out_base.dtype.element_ty)
-    if MASK_C or NP != N:
-        tl.store(out_base + tile, out, mask=tmask)
-    else:
-        tl.store(out_base + tile, out)
-
-
-@triton.jit
-def _post_fwd_token(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, t,
-                    N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
-                    BLOCK_C: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr):
-    BV: tl.constexpr = BLOCK_C // VEC
-    NFULL: tl.constexpr = C // BLOCK_C
-    rows = tl.arange(0, NP)
-    rmask = rows < N
-    off2 = tl.arange(0, BV)[:, None] * VEC + tl.arange(0, VEC)[None, :]         # [BV, VEC]
-    x_base = x_ptr + t * (N * C)
-    f_base = f_ptr + t * C
-    out_base = out_ptr + t * (N * C)
-    # The token's coefficients are loaded once, before the chunk loop, and live in registers
-    # across it: h_post[t] and the n columns of h_res[t] (column j: what source j adds to each
-    # destination), so a chunk issues only its n + 1 16-byte loads per thread.
-    hp = tl.load(hp_ptr + t * N + rows, mask=rmask, other=0.0)
-    hcols = ()
-    for j in tl.static_range(N):
-        hcols = hcols + (tl.load(hr_ptr + t * (N * N) + rows * N + j, mask=rmask, other=0.0),)
-    for k in tl.range(0, NFULL, num_stages=NUM_STAGES):
-        _post_fwd_chunk(x_base, f_base, out_base, k * BLOCK_C, hp, hcols, rows, off2,
-                        N, NP, C, False)
-    if C % BLOCK_C != 0:
-        # The tail is peeled off so that only it pays for column masks.
-        _post_fwd_chunk(x_base, f_base, out_base, NFULL * BLOCK_C, hp, hcols, rows, off2,
-                        N, NP, C, True)
-
-
-@triton.jit
-def _post_fwd_loop_kernel(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T,
-                          N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
-                          BLOCK_C: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr,
-                          PERSISTENT: tl.constexpr):
-    # One token per program, all of C in a loop (what the TileLang kernel does): the token's
-    # coefficients are read once rather than once per chunk, and the loop can be software
-    # pipelined. PERSISTENT: a fixed grid (a multiple of the SM count) strides over the tokens,
-    # so CTAs are launched and retired once per program rather than once per token.
-    pid = tl.program_id(0)
-    if PERSISTENT:
-        for t in tl.range(pid, T, tl.num_programs(0)):
-            _post_fwd_token(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, tl.cast(t, tl.int64),
-                            N, NP, C, BLOCK_C, VEC, NUM_STAGES)
-    else:
-        _post_fwd_token(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, pid.to(tl.int64),
-                        N, NP, C, BLOCK_C, VEC, NUM_STAGES)
-
-
-@triton.jit
-def _post_bwd_kernel(g_ptr, x_ptr, f_ptr, hp_ptr, hr_ptr,
-                     dx_ptr, df_ptr, dhp_ptr, dhr_ptr,
-                     N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr,
-                     BLOCK_C: tl.constexpr, VEC: tl.constexpr, SPLIT: tl.constexpr, CPS: tl.constexpr,
-                     EVEN_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-                     NEED_DX: tl.constexpr, NEED_DF: tl.constexpr,
-                     NEED_DHP: tl.constexpr, NEED_DHR: tl.constexpr):
-    # Chunks are [NP, BV, VEC] tiles (BV = BLOCK_C / VEC): a thread owns VEC contiguous elements
-    # (one vector) of every row, so sums over rows and over VEC stay inside the thread. The
-    # C-reductions (dh_post, dh_res) keep per-thread partials [.., BV] across the chunk loop and
-    # cross threads once, after it: no shuffles or barriers inside the loop.
-    BV: tl.constexpr = BLOCK_C // VEC
-    pid = tl.program_id(0)
-    t = (pid // SPLIT).to(tl.int64)
-    s = pid % SPLIT
-    rows = tl.arange(0, NP)
-    rmask = rows < N
-    r3 = rows[:, None, None]
-    rmask3 = r3 < N
-    off2 = tl.arange(0, BV)[:, None] * VEC + tl.arange(0, VEC)[None, :]      # [BV, VEC]
-
-    g_base = g_ptr + t * (N * C)
-    x_base = x_ptr + t * (N * C)
-    dx_base = dx_ptr + t * (N * C)
-    hr_base = hr_ptr + t * (N * N)
-    if NEED_DF:
-        hp = tl.load(hp_ptr + t * N + rows, mask=rmask, other=0.0)
-    acc_hp = tl.zeros([NP, BV], dtype=tl.float32)
-    acc_hr = tl.zeros([NP, NP, BV], dtype=tl.float32)                        # [dst i, src j, BV]
-
-    for k in tl.range(0, CPS, num_stages=NUM_STAGES):
-        cols = (s * CPS + k) * BLOCK_C + off2                                 # [BV, VEC]
-        cmask = cols < C
-        tile = r3 * C + cols[None, :, :]
-        tmask = rmask3 & cmask[None, :, :]
-        # Every load of the chunk is issued before any store (stores would order later loads).
-        if EVEN_C and NP == N:
-            g = tl.load(g_base + tile).to(tl.float32)
-        else:
-            g = tl.load(g_base + tile, mask=tmask, other=0.0).to(tl.float32)
-        if NEED_DHR:
-            if EVEN_C and NP == N:
-                xt = tl.load(x_base + tile).to(tl.float32)
-            else:
-                xt = tl.load(x_base + tile, mask=tmask, other=0.0).to(tl.float32)
-        if NEED_DHP:
-            if EVEN_C:
-                f = tl.load(f_ptr + t * C + cols).to(tl.float32)
-            else:
-                f = tl.load(f_ptr + t * C + cols, mask=cmask, other=0.0).to(tl.float32)
-            acc_hp += tl.sum(g * f[None, :, :], axis=2)
-
-        if NEED_DX or NEED_DHR:
-            dxt = tl.zeros([NP, BV, VEC], dtype=tl.float32)
-            for i in tl.static_range(N):
-                g_i = tl.sum(tl.where(r3 == i, g, 0.0), axis=0)                # row i of g: [BV, VEC]
-                if NEED_DX:
-                    hrow = tl.load(hr_base + i * N + rows, mask=rmask, other=0.0)   # h_res[i, :]
-                    dxt += hrow[:, None, None] * g_i[None, :, :]
-                if NEED_DHR:
-                    part = tl.sum(xt * g_i[None, :, :], axis=2)                # dh_res[i, :] partials
-                    acc_hr += tl.where(r3 == i, part[None, :, :], 0.0)
-            if NEED_DX:
-                dxt = dxt.to(dx_ptr.dtype.element_ty)
-                if EVEN_C and NP == N:
-                    tl.store(dx_base + tile, dxt)
-                else:
-                    tl.store(dx_base + tile, dxt, mask=tmask)
-        if NEED_DF:
-            df = tl.sum(g * hp[:, None, None], axis=0).to(df_ptr.dtype.element_ty)
-            if EVEN_C:
-                tl.store(df_ptr + t * C + cols, df)
-            else:
-                tl.store(df_ptr + t * C + cols, df, mask=cmask)
-
-    p = t * SPLIT + s                                                # row of the (partial) output
-    if NEED_DHP:
-        tl.store(dhp_ptr + p * N + rows, tl.sum(acc_hp, axis=1), mask=rmask)
-    if NEED_DHR:
-        tl.store(dhr_ptr + p * (N * N) + rows[:, None] * N + rows[None, :], tl.sum(acc_hr, axis=2),
-                 mask=rmask[:, None] & rmask[None, :])
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -461,13 +248,13 @@ def post_forward(x, f, h_post, h_res, cfg=None):
             sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
                 if x.device.type == "cuda" else 4
             grid = min(T, p["persistent"] * sms)
-        _post_fwd_loop_kernel[(grid,)](
+        post_fwd_loop_kernel[(grid,)](
             x, f, h_post, h_res, out, T,
             N=n, NP=_pow2(n), C=C, BLOCK_C=p["block_c"], VEC=p["vec"], NUM_STAGES=p["num_stages"],
             PERSISTENT=bool(p["persistent"]), num_warps=p["num_warps"])
         return out
     ncb = triton.cdiv(C, p["block_c"])
-    _post_fwd_kernel[(triton.cdiv(T, p["bt"]) * ncb,)](
+    post_fwd_kernel[(triton.cdiv(T, p["bt"]) * ncb,)](
         x, f, h_post, h_res, out, T,
         N=n, NP=_pow2(n), C=C, BLOCK_C=p["block_c"], VEC=p["vec"], NCB=ncb,
         EVEN_C=(C % p["block_c"] == 0), BT=p["bt"], EVEN_T=(T % p["bt"] == 0),
@@ -490,7 +277,7 @@ def post_backward(g, x, f, h_post, h_res, need=(True, True, True, True), cfg=Non
     if T > 0:
         dummy = g  # any pointer of the right kind for arguments a variant does not touch
         even = C % p["block_c"] == 0 and p["cps"] * split == triton.cdiv(C, p["block_c"])
-        _post_bwd_kernel[(T * split,)](
+        post_bwd_kernel[(T * split,)](
             g, x, f, h_post, h_res,
             dx if need_dx else dummy, df if need_df else dummy,
             dhp if need_dhp else h_post, dhr if need_dhr else h_res,
