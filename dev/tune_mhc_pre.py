@@ -26,7 +26,7 @@
 Floor bytes per token (e = 2 bytes): coeffs fwd nC*e; pre fwd (n+1)C*e; pre fwd+bwd (3n+2)C*e
 (fwd + bwd read x, g_li, write dx); site fwd (3n+2)C*e (MATH.md); site fwd+bwd (8n+5)C*e (site fwd +
 pre bwd (2n+1)C + post bwd (3n+2)C). "GB/s" is floor bytes / time, "%copy" that over the measured
-copy rate. Config keys: kernels/triton/mhc_pre.py Config.
+copy rate. Config keys: kernels/triton/mhc_pre_config.py.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Public functions (same results as kernels.reference, autograd-enabled):
     mhc_coeffs(x, phi, b, alpha, sinkhorn_iters=20) -> (h_pre [T,n], h_post [T,n], h_res [T,n,n])  fp32
     mhc_pre(x, phi, b, alpha, sinkhorn_iters=20)    -> (layer_input [T,C] x.dtype, h_post, h_res)
-Both take a keyword-only `config=` (dict or Config) to override the launch configuration; every
+Both take a keyword-only `config=` (dict or Config, kernels/triton/mhc_pre_config.py) to override the launch configuration; every
 field can also be set through an environment variable HCBENCH_MHC_PRE_<FIELD> (e.g. HCBENCH_MHC_PRE_BT=32).
 Without autograd (for a site-level autograd.Function): mhc_pre_forward / mhc_pre_backward.
 sync_errors(): timed-out waits in the last launches (0 unless the cross-CTA synchronisation broke).
@@ -78,8 +78,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -91,93 +89,10 @@ from kernels.reference import EPS_RMS, EPS_SK
 from kernels.triton.apply_pre import apply_pre
 from kernels.triton.common import check_state, check_tensor, interpreting, num_sms, resident_ctas
 from kernels.triton.mhc_pre_bwd import bwd_coef_kernel, bwd_dx_dphi_kernel
+from kernels.triton.mhc_pre_config import Config, config_of
 from kernels.triton.mhc_pre_fwd import fwd_kernel
 
 MAX_SPIN = 1 << 22     # bounded spin: a broken sync sets an error flag instead of hanging forever
-
-
-# ====================================================================== configuration
-@dataclass(frozen=True)
-class Config:
-    # forward
-    bt: int = 64          # tokens per block (>= 16, power of two: tl.dot M dimension)
-    bk: int = 64          # columns per chunk within a stream (power of two >= 16)
-    cw: int = 256         # slice width in columns (multiple of bk); S = cdiv(C, cw)
-    lag: int = 2          # layer_input of group g - lag is done by the items of group g
-    fused: bool = True    # layer_input in the same kernel (else a separate apply kernel)
-    persist: int = 0      # 0: one CTA per item; k > 0: k CTAs per SM looping over tickets
-    ring: int = -1        # partial-sum slots in groups: -1 auto (~2x the groups in flight), 0 all G
-    early: bool = False   # sync counters read early with plain loads (vs atomics when needed)
-    epi_unroll: int = 8   # partial-sum slices loaded together in the group epilogue (h_pre part;
-                          # half as many for the h_post / h_res part)
-    min_items: int = 2    # shrink cw until there are >= min_items * #SM work items
-    warps: int = 4
-    stages: int = 3
-    precision: str = "tf32"   # tl.dot input precision: "tf32", "tf32x3" or "ieee"
-    # forward GEMM: "hilo" x as loaded (bf16/fp16, exact) times phi split
-    # into hi + lo halves in x's dtype (kernels/hilo.py), two products, fp32 accumulation (phi to
-    # ~16 bits); "f32": x converted to fp32 in registers and one product at `precision` (tf32
-    # truncates phi to 11 bits). H100, n = 4, T = 16384, C = 4096: f32 split GEMM phase 666 us.
-    fwd_dot: str = "hilo"
-    apply_bt: int = 16    # separate apply kernel (fused=False)
-    apply_bc: int = 256
-    # backward, kernel 1 (per-token coefficient backward). Few tokens per CTA and a pipelined
-    # dh_pre loop: more CTAs stream x while others run their Sinkhorn backward. H100, bf16, n = 4,
-    # T = 16384, C = 4096 (torch.profiler): 258 us at 4 / 128 / 4 stages, 324 us at 16 / 64 / none
-    # (dev/logs/tuning-20261124-h100/b1_probe.txt)
-    b1_bt: int = 4
-    b1_bc: int = 128
-    b1_warps: int = 4
-    b1_stages: int = 4    # software pipeline depth of the dh_pre loop (1: none)
-    # backward, kernel 2 (dx and dphi): 64 tokens x 64 columns x 4 warps, 2 stages: 128 registers
-    # and 41 KB of shared memory at n = 4 (sm_90, triton 3.6): 4 CTAs per SM (3 with dx_acc: 145
-    # registers). H100, n = 4, T = 16384 (torch.profiler): 442 us at C = 4096, 618 us with
-    # dx_acc, 800 us at C = 7168 (3 stages: 464-472 us at 4096; the tf32 kernel before it, 128
-    # columns x 8 warps: 850 us under ncu)
-    b2_bt: int = 64
-    b2_br: int = 64       # columns per CTA (n >= 5: at most 64, and 8 warps unless set)
-    b2_ts: int = 0        # token splits; 0: auto (fewest waves x work per CTA, b2_ctas per SM)
-    b2_ctas: int = 0      # CTAs per SM for the auto split; 0: what the compiled kernel allows
-    b2_warps: int = 4
-    b2_stages: int = 2
-    b2_dphi: str = "bf16"   # dphi product: "bf16" (x as loaded, du = hi + lo in bf16; bf16 x only)
-                            # or "prec" (x in fp32, `precision`)
-    explicit: frozenset = frozenset()   # fields set by the caller or the environment (not heuristics)
-
-    def with_env(self) -> "Config":
-        names = {f.name.upper() for f in fields(self)} - {"EXPLICIT"}
-        unknown = sorted(k for k in os.environ
-                         if k.startswith("HCBENCH_MHC_PRE_") and k[len("HCBENCH_MHC_PRE_"):] not in names)
-        if unknown:     # a knob that does nothing must not pass for a tuned run
-            raise ValueError(f"mhc_pre: unknown setting {', '.join(unknown)}; HCBENCH_MHC_PRE_<FIELD> "
-                             f"takes FIELD in {', '.join(sorted(names))}")
-        kw = {}
-        for f in fields(self):
-            if f.name == "explicit":
-                continue
-            v = os.environ.get("HCBENCH_MHC_PRE_" + f.name.upper())
-            if v is None:
-                continue
-            if f.type in ("bool", bool):
-                kw[f.name] = v.lower() in ("1", "true", "yes", "on")
-            elif f.type in ("int", int):
-                kw[f.name] = int(v)
-            else:
-                kw[f.name] = v
-        return replace(self, **kw, explicit=self.explicit | frozenset(kw)) if kw else self
-
-
-DEFAULT = Config()
-
-
-def _config(config) -> Config:
-    cfg = DEFAULT.with_env()
-    if config is None:
-        return cfg
-    if isinstance(config, Config):
-        return config
-    kw = dict(config)
-    return replace(cfg, **kw, explicit=cfg.explicit | frozenset(kw))
 
 
 def _np2(v: int) -> int:
@@ -214,7 +129,7 @@ def phi_as_used(phi: torch.Tensor, dtype: torch.dtype, config=None) -> torch.Ten
     """The phi the forward GEMM multiplies by, in fp32 (for a reference that matches the kernel):
     hi + lo in dtype for fwd_dot="hilo", else phi at `precision` (tf32: the H100's tensor cores
     drop the low 13 mantissa bits, truncation; measured in dev/logs/tuning-20261123-h100/pass4)."""
-    cfg = _config(config)
+    cfg = config_of(config)
     if _hilo(cfg):
         hi, lo = split_hi_lo(phi.detach().float(), dtype, phi.shape[1])
         return hi.float() + lo.float()
@@ -427,7 +342,7 @@ def mhc_pre_forward(x, phi, b, alpha, sinkhorn_iters: int = 20, *, layer_input: 
     """
     op = "mhc_pre" if layer_input else "mhc_coeffs"
     x, phi, b, alpha, *_ = _check(op, x, phi, b, alpha, sinkhorn_iters)
-    cfg = _config(config)
+    cfg = config_of(config)
     with _on(x.device):
         li, h_pre, h_post, h_res, m, r = _forward(x, phi, b, alpha, sinkhorn_iters, layer_input, save,
                                                   cfg)
@@ -461,10 +376,10 @@ def mhc_pre_backward(saved, g_first, g_h_post, g_h_res, *, needs=(True, True, Tr
 def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, *, config=None):
     """(h_pre [T,n], h_post [T,n], h_res [T,n,n]) in fp32, h_res indexed [token, dst, src]."""
     xc, phi, b, alpha, *_ = _check("mhc_coeffs", x, phi, b, alpha, sinkhorn_iters)
-    return _apply(x, xc, phi, b, alpha, sinkhorn_iters, False, _config(config))
+    return _apply(x, xc, phi, b, alpha, sinkhorn_iters, False, config_of(config))
 
 
 def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20, *, config=None):
     """(layer_input [T,C] in x.dtype, h_post [T,n] fp32, h_res [T,n,n] fp32)."""
     xc, phi, b, alpha, *_ = _check("mhc_pre", x, phi, b, alpha, sinkhorn_iters)
-    return _apply(x, xc, phi, b, alpha, sinkhorn_iters, True, _config(config))
+    return _apply(x, xc, phi, b, alpha, sinkhorn_iters, True, config_of(config))
