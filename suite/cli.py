@@ -18,7 +18,7 @@ from suite.publish.publishing import compare_history, publish
 from suite.report import results_index, results_tables
 from suite.report.tables import compare, print_run, write_markdown
 from suite.run import distributed as dist_run, prewarm, runner, site_kernels
-from suite.store.runs import atomic_write, merge_run_copies, read_records
+from suite.store.runs import RunLocked, atomic_write, merge_run_copies, read_records
 from suite.workloads.dist import launch
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -142,7 +142,10 @@ def _merge(args) -> int:
     for p in [args.run_dir, *args.copies]:
         if not (p / "records.jsonl").exists():
             raise BadInput([f"{p}: no records.jsonl; merge takes a run folder and copies of it"])
-    added, replaced = merge_run_copies(args.run_dir, args.copies)
+    try:
+        added, replaced = merge_run_copies(args.run_dir, args.copies)
+    except RunLocked as exc:
+        raise BadInput([str(exc)])
     print(f"{args.run_dir}: {added} records added, {replaced} replaced; "
           f"`python harness.py report {args.run_dir}` rebuilds its report.md")
     return EXIT_OK
@@ -251,7 +254,7 @@ def _run(args, console: Console) -> int:
     try:
         store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
                                         retry_failed=args.retry_failed, console=console)
-    except runner.ResumeMismatch as exc:
+    except (runner.ResumeMismatch, RunLocked) as exc:
         raise BadInput([str(exc)])
     if store.records:
         print_run(store.dir, console)

@@ -150,11 +150,20 @@ class ProgressView:
 
 def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
         retry_failed: bool = False, console: Console | None = None) -> tuple[RunStore, bool]:
-    """Runs every case not already finished; returns the store and whether it was interrupted."""
+    """Runs every case not already finished; returns the store and whether it was interrupted.
+    The run folder is locked while this runs (RunLocked for a second writer)."""
     console = console or Console()
     env = environment.capture()
+    store = RunStore(resume if resume else new_run_dir(out_root, environment.device_label(env)))
+    try:
+        return _run_into(store, scenarios, env, resume, retry_failed, console)
+    finally:
+        store.close()
+
+
+def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, resume: Path | None,
+              retry_failed: bool, console: Console) -> tuple[RunStore, bool]:
     if resume:
-        store = RunStore(resume)
         old_env = resume / "env.json"
         if old_env.exists():
             previous = json.loads(old_env.read_text())
@@ -172,8 +181,6 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
             else:   # same model, another card: its own copy rate; each record names its GPU
                 console.print(f"resuming on another {now[0] if now else 'machine'}: the copy rate "
                               "is measured again, and each record carries its GPU's UUID")
-    else:
-        store = RunStore(new_run_dir(out_root, environment.device_label(env)))
     for sc in scenarios:
         # A resumed run may add cases (e.g. another --only filter): the saved list is their union.
         saved = store.dir / "scenarios" / f"{Path(sc.path).stem}.json"

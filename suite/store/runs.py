@@ -2,12 +2,16 @@
 
 A run folder holds records.jsonl (one record per case), env.json, scenario copies and report.md.
 Every file is written whole to a temporary file and renamed over the old one, so a crash or
-Ctrl-C leaves either the old or the new version, never half a file. The history lives next to
+Ctrl-C leaves either the old or the new version, never half a file. One process at a time writes
+a run folder: it holds the folder's lock (`lock_run_dir`), and a second writer stops with
+RunLocked. The history lives next to
 the run folders (results/history.sqlite) and each record is upserted as soon as it exists.
 """
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -18,6 +22,9 @@ from pathlib import Path
 from suite.core import record as record_schema
 from suite.core.guard import now_utc
 
+
+class RunLocked(Exception):
+    """Another process is writing this run folder."""
 
 
 def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = None) -> dict:
@@ -31,6 +38,8 @@ def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = Non
             "pct_of_copy": None, "peak_mem_bytes": None, "check": None,
             "gpu_uuid": gpu_uuid if case.device == "cuda" else None, "started_utc": now_utc(),
             "code": env.get("code"), "kernel_settings": env.get("kernel_settings")}
+
+
 HISTORY_NAME = "history.sqlite"
 
 
@@ -76,25 +85,54 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def new_run_dir(root: Path, device_label: str) -> Path:
+    """A new, empty run folder. Processes that start in the same second each get their own:
+    mkdir is the atomic test (a name another process took raises, and the next suffix is tried)."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:32]
-    path = Path(root) / f"{stamp}-{host}-{device_label}"
-    suffix = 1
-    while path.exists():
-        suffix += 1
-        path = Path(root) / f"{stamp}-{host}-{device_label}-{suffix}"
-    path.mkdir(parents=True)
-    return path
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for suffix in range(1, 10_000):
+        path = Path(root) / (f"{stamp}-{host}-{device_label}" + (f"-{suffix}" if suffix > 1 else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{root}: no free run folder name for {stamp}-{host}-{device_label}")
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Takes the run folder's lock: an flock on `.<folder>.lock` beside it (outside the folder, so
+    that committing the folder never takes the lock file along), released when the holder closes
+    it or exits, also when killed. RunLocked when another process holds it."""
+    run_dir = Path(run_dir)
+    fd = os.open(run_dir.parent / f".{run_dir.name}.lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise RunLocked(f"{run_dir}: another process is writing this run folder (it holds "
+                            f".{run_dir.name}.lock); wait for it to finish, or run into another "
+                            "folder") from None
+        raise
+    return fd
 
 
 class RunStore:
-    """The records of one run, kept in memory and rewritten atomically after each case."""
+    """The records of one run, kept in memory and rewritten atomically after each case. It holds
+    the run folder's lock from creation to `close`, so two writers never interleave."""
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_run_dir(self.dir)
         self.records: list[dict] = read_records(self.dir)
         self.history = History(self.dir.parent / HISTORY_NAME)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     @property
     def run_id(self) -> str:
@@ -177,6 +215,14 @@ def merge_run_copies(run_dir: Path, copies: list[Path]) -> tuple[int, int]:
     folder lacks it, or replaces one that is not ok with one that is; the saved scenario case
     lists become their union. Returns (records added, records replaced)."""
     run_dir = Path(run_dir)
+    lock = lock_run_dir(run_dir)
+    try:
+        return _merge_into(run_dir, copies)
+    finally:
+        os.close(lock)
+
+
+def _merge_into(run_dir: Path, copies: list[Path]) -> tuple[int, int]:
     records = {r["case_id"]: r for r in read_records(run_dir)}
     added = replaced = 0
     for copy in map(Path, copies):
