@@ -1,10 +1,15 @@
 # Two commands do all the set-up: `make bench` and `make test` (see README.md).
-VENV ?= .venv
+# The variables below are set on the command line only (make bench OUT=dir): batch scripts often
+# export OUT, RUN, A, B or ARGS for their own use, and those must not redirect a run.
+VENV = .venv
 PY := $(VENV)/bin/python
-SCENARIO ?= scenarios/default.yaml
-OUT ?= results
+SCENARIO = scenarios/default.yaml
+OUT = results
 # Extra arguments for harness.py run, e.g. ARGS="--set T=4096"
-ARGS ?=
+ARGS =
+RUN =
+A =
+B =
 
 .PHONY: env bench test report compare clean-env
 
@@ -14,7 +19,7 @@ $(VENV)/.hcbench-ready: pyproject.toml tools/make_env.py
 	python3 tools/make_env.py $(VENV)
 
 # GPUS=N (N > 1) starts N ranks on this node with torchrun (docs/distributed.md).
-GPUS ?= 1
+GPUS = 1
 LAUNCH = $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS),$(PY))
 
 bench: env
@@ -32,8 +37,8 @@ compare: env
 	$(PY) harness.py compare $(A) $(B)
 
 # The static dashboard of every run folder under results/ (RUNS may list run folders instead).
-RUNS ?= results
-SITE ?= results/dashboard
+RUNS = results
+SITE = results/dashboard
 .PHONY: dashboard
 dashboard: env
 	$(PY) harness.py publish $(RUNS) --to $(SITE)

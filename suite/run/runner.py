@@ -196,7 +196,17 @@ def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, resume: Pat
     # A skip is about the machine (no GPU, library missing), which may have changed: look again.
     done = {r["case_id"] for r in store.records
             if r["status"] == "ok" or (r["status"] == "failed" and not retry_failed)}
-    todo = [(sc.name, c) for sc in scenarios for c in sc.cases if c.case_id not in done]
+    todo, seen, repeated = [], set(), 0
+    for sc in scenarios:
+        for c in sc.cases:
+            if c.case_id in seen:       # one case, one record: timed once, under its first scenario
+                repeated += 1
+            elif c.case_id not in done:
+                todo.append((sc.name, c))
+            seen.add(c.case_id)
+    if repeated:
+        console.print(f"{repeated} case(s) appear in more than one scenario file: each is timed once, "
+                      "recorded under the first scenario that lists it")
     if done:
         console.print(f"resuming {store.dir}: {len(done)} cases already finished, {len(todo)} to go")
     runnable = {c.device for _, c in todo if unavailable(c) is None}

@@ -1,6 +1,6 @@
-"""One writer per run folder: a second run or merge into a folder another process is writing stops
-with one line and exit 2, writes nothing, and the first keeps all of its records; run folders made
-in the same second by several processes never collide."""
+"""What goes into a run folder: one writer at a time (a second run or merge into a folder another
+process is writing stops with one line and exit 2 and writes nothing), folders made in the same
+second by several processes never collide, and a case listed by two scenario files is one record."""
 import multiprocessing as mp
 import subprocess
 import sys
@@ -76,3 +76,14 @@ def test_run_folders_made_at_once_never_collide(tmp_path):
     with mp.get_context("spawn").Pool(6) as pool:
         names = pool.map(_make, [str(tmp_path)] * 24)
     assert len(set(names)) == 24
+
+
+def test_a_case_in_two_scenario_files_is_timed_once(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text(SMALL)
+    (tmp_path / "b.yaml").write_text(SMALL.replace("name: small", "name: again"))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml"), "--out", str(out)]) == 0
+    assert "2 case(s) appear in more than one scenario file" in capsys.readouterr().out
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    records = runs.read_records(run_dir)
+    assert len(records) == 2 and {r["scenario"] for r in records} == {"small"}
