@@ -190,9 +190,13 @@ class BadInput(Exception):
 
 def load_scenarios(paths: list[str], sets: list[str], only: list[str] = ()):
     try:
-        return load_all(paths, sets, only)
+        scenarios = load_all(paths, sets, only)
     except ScenarioError as exc:
         raise BadInput(exc.problems)
+    for sc in scenarios:
+        for line in sc.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+    return scenarios
 
 
 def _list(args, console: Console) -> int:

@@ -166,3 +166,25 @@ def test_non_utf8_file_is_a_one_line_error(tmp_path):
     path.write_bytes(b"\xff\xfename: t\n")
     with pytest.raises(ScenarioError, match="not UTF-8"):
         load(path)
+
+
+def test_a_model_field_given_to_a_site_case_is_an_error_but_inherited_is_dropped(tmp_path):
+    from suite.core.scenario import ScenarioError, parse
+    base = {"name": "s", "defaults": {"device": "cpu", "dtype": "fp32", "backend": "torch", "n": 2,
+                                      "C": 64, "T": 32, "seq": 32}}
+    with pytest.raises(ScenarioError) as err:
+        parse({**base, "include": [{"method": "mhc", "layers": 12}]}, "s.yaml")
+    assert "layers: means nothing for scope site" in err.value.problems[0]
+    sc = parse({**base, "include": [{"method": "mhc"}, {"method": "mhc", "scope": "model",
+                                                           "layers": 2, "mode": "fwd+bwd"}]}, "s.yaml")
+    assert [c.scope for c in sc.cases] == ["site", "model"] and sc.cases[0].seq is None
+
+
+def test_an_exclude_that_matches_nothing_warns(tmp_path, capsys):
+    from suite import cli
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndefaults: {device: cpu, dtype: fp32, backend: torch, n: 2, C: 64, T: 32}\n"
+                    "sweep: {method: [hc, mhc]}\nexclude: [{method: residual}]\n")
+    assert cli.main(["list", str(path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "exclude[0]" in err[0]

@@ -231,6 +231,7 @@ class Scenario:
     name: str
     description: str
     cases: list[Case]
+    warnings: tuple[str, ...] = ()      # one line each: legal, but likely not what was meant
 
 
 def load(path: str | Path, overrides: dict | None = None) -> Scenario:
@@ -299,18 +300,32 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
     if problems:
         raise ScenarioError(problems)
 
-    raw = []
+    # (values, the keys the case's own sweep or include entry gives: a field that means nothing
+    # for the case's scope is an error there, and dropped when it comes from defaults or --set)
+    raw: list[tuple[dict, set]] = []
+    used = [False] * len(rules["exclude"])
     # With no sweep, the defaults alone are one case, unless include lists the cases.
     if sweep or not rules["include"]:
         for combo in _product(sweep):
-            if not any(_matches(combo, ex) for ex in rules["exclude"]):
-                raw.append({**defaults, **combo})
+            hits = [i for i, ex in enumerate(rules["exclude"]) if _matches(combo, ex)]
+            for i in hits:
+                used[i] = True
+            if not hits:
+                raw.append(({**defaults, **combo}, set(combo)))
     for inc in rules["include"]:
-        raw.extend({**defaults, **combo} for combo in _product(inc))
+        raw.extend(({**defaults, **combo}, set(combo)) for combo in _product(inc))
+    warnings = tuple(f"{label}: exclude[{i}] ({_short(rules['exclude'][i])}) matches no case of "
+                     "the sweep" for i, hit in enumerate(used) if not hit)
 
     cases, seen = [], set()
-    for i, values in enumerate(raw):
+    for i, (values, own) in enumerate(raw):
         values = {**values, **overrides}
+        stray = sorted(k for k in own & set(Case.MODEL_FIELDS) if values.get(k) is not None)
+        if values.get("scope", "site") == "site" and stray:
+            problems.append(f"{label}: case {i + 1} ({_short(values)}): {', '.join(stray)}: "
+                            "means nothing for scope site (one connection site); allowed with "
+                            "scope layer or model")
+            continue
         missing = [k for k in REQUIRED if k not in values]
         if missing:
             problems.append(f"{label}: case {i + 1} ({_short(values)}): missing {', '.join(missing)}; "
@@ -330,7 +345,8 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
         raise ScenarioError(problems)
     if not cases:
         raise ScenarioError([f"{label}: no cases after expansion (check sweep, exclude and include)"])
-    return Scenario(path=label, name=name, description=description.strip(), cases=cases)
+    return Scenario(path=label, name=name, description=description.strip(), cases=cases,
+                    warnings=warnings)
 
 
 def normalise(case: Case) -> Case:
