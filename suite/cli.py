@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from suite.publish.publishing import compare_history, publish
 from suite.report import results_index, results_tables
 from suite.report.tables import compare, print_run, write_markdown
 from suite.run import distributed as dist_run, prewarm, runner, site_kernels
-from suite.store.runs import RunLocked, atomic_write, merge_run_copies, read_records
+from suite.store.runs import (RunFolderError, RunLocked, atomic_write, merge_run_copies,
+                              read_records)
 from suite.workloads.dist import launch
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunFolderError as exc:       # a records.jsonl or env.json this version cannot read
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:        # outside the case loop (set-up, copy rate): nothing to keep
         print("\ninterrupted", file=sys.stderr)
@@ -247,6 +252,8 @@ def _run(args, console: Console) -> int:
         _require_run_dir(args.resume)
     if not args.scenarios and not args.resume:
         raise BadInput(["run: give at least one scenario file, or --resume RUN_DIR"])
+    if not args.resume:
+        _require_writable_folder(args.out, "--out", "receives the run folder")
     if args.traffic:
         args.set.append("traffic=true")
     scenarios = (load_scenarios(args.scenarios, args.set, args.only) if args.scenarios
@@ -276,7 +283,20 @@ def _report(run_dir: Path, console: Console) -> int:
     return EXIT_OK
 
 
+def _require_writable_folder(path: Path, option: str, what: str) -> None:
+    """One line and exit 2, before anything is written, when `path` cannot be the folder asked."""
+    if path.exists() and not path.is_dir():
+        raise BadInput([f"{path}: {option} names a file; it must be a folder (it {what})"])
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput([f"{path}: {option}: {probe} cannot be written by this user (it {what})"])
+
+
 def _publish(args, console: Console) -> int:
+    if "://" not in str(args.to):
+        _require_writable_folder(Path(args.to), "--to", "receives the site")
     try:
         return publish(args.run_dirs, args.to, console, csv=args.csv,
                        benchmark_json=args.benchmark_json, markdown=args.markdown)

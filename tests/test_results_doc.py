@@ -22,8 +22,9 @@ def test_index_rows_counts_and_reference(tmp_path):
         (run / "env.json").write_text(json.dumps({"gpus": [{"name": "GPU X"}],
                                                   "copy_rate": {"cuda": {"gbps": 3000.0}}}))
         (run / "records.jsonl").write_text("".join(
-            json.dumps({"scenario": scenario, "status": s, "started_utc": name[:8]}) + "\n"
-            for s in statuses))
+            json.dumps({"scenario": scenario, "status": s, "started_utc": name[:8], "case_id": f"c{i}",
+                        "case": {}}) + "\n"
+            for i, s in enumerate(statuses)))
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nIntro.\n\n## More\n")
     assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md")]) == 0

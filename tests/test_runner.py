@@ -271,7 +271,7 @@ def test_gate_catches_shortcuts_that_hide_under_bf16_rounding(tmp_path, fake_bac
 def test_bad_run_folders_are_one_line_errors(tmp_path, capsys):
     bad = tmp_path / "run"
     bad.mkdir()
-    (bad / "records.jsonl").write_text('{"case_id": "a"}\n{broken\n')
+    (bad / "records.jsonl").write_text('{"case_id": "a", "case": {}, "status": "ok"}\n{broken\n')
     assert cli.main(["report", str(bad)]) == 2
     assert "records.jsonl: line 2" in capsys.readouterr().err
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _folder(path: Path, records: list[dict], cases: list[dict]) -> Path:
     path.mkdir(parents=True)
-    (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "records.jsonl").write_text("".join(json.dumps({"case": {}, **r}) + "\n" for r in records))
     write_json(path / "scenarios" / "kernels.json", {"path": "k.yaml", "name": "k", "cases": cases})
     return path
 

@@ -13,6 +13,27 @@ import json
 # /2: L_r counts sites, scope model is timed by wall clock, records carry code and
 # kernel_settings. /1 records read the same way (their scope-model times are padded device time).
 SCHEMA = "hcbench.record/2"
+KNOWN_SCHEMAS = ("hcbench.record/1", SCHEMA)
+STATUSES = ("ok", "skipped", "failed")
+
+
+def problem(record) -> str | None:
+    """Why a parsed records.jsonl line is not a record this version reads, or None."""
+    if not isinstance(record, dict):
+        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+                str: "a string", list: "an array"}.get(type(record), type(record).__name__)
+        return f"not a JSON object but {kind}"
+    if record.get("schema", "hcbench.record/1") not in KNOWN_SCHEMAS:
+        return (f"schema {record.get('schema')!r} is not one this version reads "
+                f"({', '.join(KNOWN_SCHEMAS)}); a newer hcbench wrote it")
+    for key in ("case_id", "case", "status"):
+        if key not in record:
+            return f"no {key!r} field"
+    if not isinstance(record["case"], dict):
+        return "its 'case' is not a JSON object"
+    if record["status"] not in STATUSES:
+        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
+    return None
 
 CASE_COLUMNS = (
     ("method", "text"), ("backend", "text"), ("op", "text"), ("scope", "text"), ("n", "int"),

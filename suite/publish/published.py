@@ -23,7 +23,7 @@ from pathlib import Path
 
 from suite.core import record as record_schema
 from suite.core.scenario import Case
-from suite.store.runs import read_records
+from suite.store.runs import read_env, read_records
 
 REGRESSION_PCT = 5.0
 
@@ -89,11 +89,10 @@ def load_run_dir(path: Path) -> Run:
         records = read_records(path)
     except ValueError as exc:
         raise PublishError(str(exc)) from None
-    env_path = path / "env.json"
     try:
-        env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    except json.JSONDecodeError as exc:
-        raise PublishError(f"{env_path}: not JSON ({exc.msg})") from None
+        env = read_env(path)
+    except ValueError as exc:
+        raise PublishError(str(exc)) from None
     seen = {r["case_id"] for r in records}
     not_run = []
     for f in sorted((path / "scenarios").glob("*.json")):

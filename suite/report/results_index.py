@@ -8,10 +8,11 @@ whether it is the newest run of its scenarios on its GPU model (the reference ru
 """
 from __future__ import annotations
 
-import json
 import subprocess
 from collections import Counter
 from pathlib import Path
+
+from suite.store.runs import read_env, read_records
 
 BEGIN = "<!-- BEGIN runs index: written by `python harness.py results-doc`; do not edit -->"
 END = "<!-- END runs index -->"
@@ -34,9 +35,8 @@ def committed_runs(results: Path) -> list[Path]:
 
 
 def _row(run: Path) -> dict:
-    env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
-    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()
-               if line.strip()]
+    env = read_env(run)
+    records = read_records(run)
     gpus = env.get("gpus") or []
     copy = (env.get("copy_rate") or {}).get("cuda" if gpus else "cpu") or {}
     status = Counter(r.get("status") for r in records)

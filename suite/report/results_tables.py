@@ -19,12 +19,12 @@ would cite what does not exist).
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from suite.analysis import overhead
+from suite.store.runs import read_env, read_records
 
 BLOCK = re.compile(r"(<!-- BEGIN table (?P<kind>[\w-]+) (?P<run>\S+)(?P<filters>(?: [\w]+=\S+)*) -->\n)"
                    r"(?P<body>.*?)(<!-- END table -->)", re.S)
@@ -40,9 +40,8 @@ class TableError(Exception):
 def _load(run: Path) -> tuple[list[dict], dict]:
     if not (run / "records.jsonl").is_file():
         raise TableError(f"{run}: no records.jsonl (a table block names a run folder that is not there)")
-    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()
-               if line.strip()]
-    env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
+    records = read_records(run)
+    env = read_env(run)
     return records, env
 
 

@@ -1,7 +1,6 @@
 """Reports, from records only: the terminal table, report.md, and comparisons of two runs."""
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from rich.table import Table
 
 from suite.analysis import overhead
 from suite.report import distributed as dist_report, sections as report_sections
-from suite.store.runs import atomic_write, read_records
+from suite.store.runs import atomic_write, read_env, read_records
 
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
 # Every field that changes what is measured, so a ratio joins exactly the same case.
@@ -111,7 +110,7 @@ def case_label(r: dict) -> str:
 def print_run(run_dir: Path, console: Console | None = None) -> None:
     console = console or Console()
     records = read_records(run_dir)
-    env = _env(run_dir)
+    env = read_env(run_dir)
     header, body = rows(records)
     table = Table(title=f"{Path(run_dir).name}  ({_device_line(env)})", show_lines=False)
     for h in header:
@@ -141,11 +140,6 @@ def _summary(records: list[dict]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in ("ok", "skipped", "failed")) + f" of {len(records)} cases"
 
 
-def _env(run_dir: Path) -> dict:
-    path = Path(run_dir) / "env.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _device_line(env: dict) -> str:
     parts = []
     if env.get("gpus"):
@@ -161,7 +155,7 @@ def _device_line(env: dict) -> str:
 def markdown(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     records = read_records(run_dir)
-    env = _env(run_dir)
+    env = read_env(run_dir)
     v = env.get("versions", {})
     lines = [f"# Run {run_dir.name}", ""]
     lines.append(f"- Device: {_device_line(env)}")
@@ -217,8 +211,8 @@ def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
     tuned = [k for k in b if k in a
              and (a[k].get("kernel_settings") or {}) != (b[k].get("kernel_settings") or {})]
     both = [k for k in b if k in a and k not in tuned]
-    table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(_env(run_a))})   "
-                        f"B = {Path(run_b).name} ({_device_line(_env(run_b))})")
+    table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(read_env(run_a))})   "
+                        f"B = {Path(run_b).name} ({_device_line(read_env(run_b))})")
     for h in [HEADER.get(c, c) for c in COLUMNS] + ["A ms", "B ms", "B/A", "A % copy", "B % copy"]:
         table.add_column(h)
     for k in sorted(both, key=lambda k: sort_key(b[k])):

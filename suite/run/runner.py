@@ -24,7 +24,7 @@ from suite.core.scenario import Case, Scenario
 from suite.measure import env as environment, telemetry
 from suite.measure.timing import Timer, copy_rate_gbps
 from suite.run import check as checking, distributed as dist_run, groups, lifecycle, traffic
-from suite.store.runs import RunStore, new_record, new_run_dir, write_json
+from suite.store.runs import RunStore, new_record, new_run_dir, read_env, write_json
 from suite.workloads import workload
 from suite.workloads.availability import unavailable
 
@@ -164,9 +164,8 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
 def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, resume: Path | None,
               retry_failed: bool, console: Console) -> tuple[RunStore, bool]:
     if resume:
-        old_env = resume / "env.json"
-        if old_env.exists():
-            previous = json.loads(old_env.read_text())
+        if (resume / "env.json").exists():
+            previous = read_env(resume)
             was, now = _gpu_models(previous), _gpu_models(env)
             if was and was != now:
                 raise ResumeMismatch(f"{resume}: measured on {was}, this machine has "

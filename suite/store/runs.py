@@ -70,7 +70,13 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+class RunFolderError(ValueError):
+    """A run folder's file is not what this version writes: one line naming the file."""
+
+
 def read_records(run_dir: Path) -> list[dict]:
+    """The records of a run folder, each checked (suite.core.record.problem); RunFolderError on
+    the first line that is not a record."""
     path = Path(run_dir) / "records.jsonl"
     if not path.exists():
         return []
@@ -78,10 +84,29 @@ def read_records(run_dir: Path) -> list[dict]:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {i}: not a JSON record ({exc.msg})") from None
+                raise RunFolderError(f"{path}: line {i}: not a JSON record ({exc.msg})") from None
+            why = record_schema.problem(record)
+            if why:
+                raise RunFolderError(f"{path}: line {i}: not a record: {why}")
+            records.append(record)
     return records
+
+
+def read_env(run_dir: Path) -> dict:
+    """A run folder's env.json ({} where there is none); RunFolderError when it is not a JSON
+    object."""
+    path = Path(run_dir) / "env.json"
+    if not path.exists():
+        return {}
+    try:
+        env = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(env, dict):
+        raise RunFolderError(f"{path}: not a JSON object but {type(env).__name__}")
+    return env
 
 
 def new_run_dir(root: Path, device_label: str) -> Path:
