@@ -1,8 +1,9 @@
 """Where runs go: one folder per run, and the SQLite history every run is appended to.
 
 A run folder holds records.jsonl (one record per case), env.json, scenario copies and report.md.
-Every file is written whole to a temporary file and renamed over the old one, so a crash or
-Ctrl-C leaves either the old or the new version, never half a file. One process at a time writes
+records.jsonl grows by one synced line per case (RunStore); every other file is written whole to
+a temporary file and renamed over the old one, so a crash or Ctrl-C leaves either the old or the
+new version, never half a file. One process at a time writes
 a run folder: it holds the folder's lock (`lock_run_dir`), and a second writer stops with
 RunLocked. The history lives next to
 the run folders (results/history.sqlite) and each record is upserted as soon as it exists.
@@ -75,13 +76,17 @@ class RunFolderError(ValueError):
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    """The records of a run folder, each checked (suite.core.record.problem); RunFolderError on
-    the first line that is not a record."""
+    """The records of a run folder, one per case (its last line), each checked
+    (suite.core.record.problem); RunFolderError on the first line that is not a record."""
     path = Path(run_dir) / "records.jsonl"
     if not path.exists():
         return []
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()         # torn: a writer was killed while writing it (RunStore cuts it off)
+    records: dict[str, dict] = {}
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 record = json.loads(line)
@@ -90,8 +95,9 @@ def read_records(run_dir: Path) -> list[dict]:
             why = record_schema.problem(record)
             if why:
                 raise RunFolderError(f"{path}: line {i}: not a record: {why}")
-            records.append(record)
-    return records
+            records.pop(record["case_id"], None)    # a case recorded again: its last line counts
+            records[record["case_id"]] = record
+    return list(records.values())
 
 
 def read_env(run_dir: Path) -> dict:
@@ -144,30 +150,78 @@ def lock_run_dir(run_dir: Path) -> int:
 
 
 class RunStore:
-    """The records of one run, kept in memory and rewritten atomically after each case. It holds
-    the run folder's lock from creation to `close`, so two writers never interleave."""
+    """The records of one run. Each record is appended to records.jsonl as one line and synced
+    to disk as soon as it is final, so a run of many cases costs one line per case, not a
+    rewrite of the file. A kill can only leave the line being written torn: the next writer cuts
+    it off, and readers skip it. A case recorded twice (a resumed retry) keeps its last line;
+    `close` folds the file back to one line per case. The store holds the run folder's lock
+    from creation to `close`, so two writers never interleave, and on opening it brings the
+    history up to date with the folder (the folder is the truth, the history its index)."""
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_run_dir(self.dir)
-        self.records: list[dict] = read_records(self.dir)
+        self._path = self.dir / "records.jsonl"
+        _cut_torn_tail(self._path)
+        self._by_id: dict[str, dict] = {r["case_id"]: r for r in read_records(self.dir)}
+        self._lines = _count_lines(self._path)
+        self._fh = None
         self.history = History(self.dir.parent / HISTORY_NAME)
+        if self._by_id:
+            self.history.add_records(self.run_id, list(self._by_id.values()))
 
-    def close(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+    @property
+    def records(self) -> list[dict]:
+        return list(self._by_id.values())
 
     @property
     def run_id(self) -> str:
         return self.dir.name
 
     def add(self, record: dict) -> None:
-        self.records = [r for r in self.records if r["case_id"] != record["case_id"]] + [record]
-        atomic_write(self.dir / "records.jsonl",
-                     "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in self.records))
+        self._by_id.pop(record["case_id"], None)
+        self._by_id[record["case_id"]] = record
+        if self._fh is None:
+            self._fh = open(self._path, "a")
+        self._fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._lines += 1
         self.history.add_record(self.run_id, record)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._lock is None:
+            return
+        if self._lines != len(self._by_id):     # a case recorded twice: one line per case again
+            atomic_write(self._path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n"
+                                             for r in self._by_id.values()))
+            self._lines = len(self._by_id)
+        os.close(self._lock)
+        self._lock = None
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Cuts a last line that a killed writer left without its newline."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data.endswith(b"\n"):
+            return
+        fh.truncate(data.rfind(b"\n") + 1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 _SQLITE_TYPES = {"text": "TEXT", "int": "INTEGER", "real": "REAL", "bool": "INTEGER",
@@ -229,8 +283,12 @@ class History:
         con.close()
 
     def add_record(self, run_id: str, r: dict) -> None:
+        self.add_records(run_id, [r])
+
+    def add_records(self, run_id: str, records: list[dict]) -> None:
         with self._connect() as con:
-            self._insert(con, run_id, r)
+            for r in records:
+                self._insert(con, run_id, r)
         con.close()
 
 
