@@ -231,3 +231,23 @@ def test_layers_that_follow_the_width_do_not_split_the_panels():
     recompute_like = [_step(2560, 12), _step(2560, 30)]          # same width, two depths
     assert sorted(t for t, _ in dashboard._panels(recompute_like)) == [
         "model · fwd+bwd · n=4 · L=12", "model · fwd+bwd · n=4 · L=30"]
+
+
+def test_compare_across_the_history_sees_committed_folders_beside_a_local_history(tmp_path, capsys):
+    """A local run creates results/history.sqlite; the committed H100 folders beside it still
+    count (the folders are the truth, the history an index)."""
+    import shutil
+    from suite import cli
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copytree(ROOT / "results" / "20261124T075707Z-vm-h100-80gb-hbm3",
+                    results / "20261124T075707Z-vm-h100-80gb-hbm3")
+    scen = tmp_path / "s.yaml"
+    scen.write_text("name: s\ndefaults: {device: cpu, dtype: fp32, backend: torch, n: 2, C: 64, T: 32,"
+                    " mode: fwd, warmup_ms: 1, rep_ms: 2}\nsweep: {method: [mhc]}\n")
+    assert cli.main(["run", str(scen), "--out", str(results)]) == 0
+    assert (results / "history.sqlite").is_file()
+    capsys.readouterr()
+    assert cli.main(["compare", "--gpu", "H100", "--history", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs from" in out and "no run in" not in out

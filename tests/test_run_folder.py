@@ -150,3 +150,37 @@ def test_the_history_catches_up_with_the_folder_when_it_is_opened_again(tmp_path
         got = sorted(row[0] for row in con.execute("SELECT case_id FROM records"))
     con.close()
     assert got == ["a", "b"]
+
+
+def test_a_locked_history_defers_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    import sqlite3
+    monkeypatch.setattr(runs, "HISTORY_WAIT_S", 0.2)
+    (tmp_path / "s.yaml").write_text(SMALL)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = sqlite3.connect(out / runs.HISTORY_NAME)
+    holder.execute("CREATE TABLE hold (x)")
+    holder.execute("BEGIN EXCLUSIVE")                  # a reader that holds the database
+    try:
+        assert cli.main(["run", str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    finally:
+        holder.rollback()
+        holder.close()
+    assert "is locked by another process" in capsys.readouterr().err
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    assert len(runs.read_records(run_dir)) == 2
+    runs.RunStore(run_dir).close()                     # opened again: the history catches up
+    with sqlite3.connect(out / runs.HISTORY_NAME) as con:
+        assert con.execute("SELECT count(*) FROM records").fetchone()[0] == 2
+    con.close()
+
+
+def test_resuming_a_folder_without_env_json_is_refused(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(SMALL)
+    assert cli.main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")]) == 0
+    (run_dir,) = [d for d in (tmp_path / "out").iterdir() if d.is_dir()]
+    (run_dir / "env.json").unlink()
+    capsys.readouterr()
+    assert cli.main(["run", "--resume", str(run_dir), "--retry-failed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no env.json" in err[0]

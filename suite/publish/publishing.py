@@ -55,13 +55,20 @@ def _check_since(since: str | None) -> None:
 
 
 def history_runs(source: Path) -> list[Run]:
-    """Runs from a history.sqlite, or from a folder of run folders (e.g. results/)."""
+    """Runs from a history.sqlite, or from a folder (e.g. results/): its run folders and the runs
+    of its history.sqlite together. The folders are the truth (a run in both is read from its
+    folder); the history adds the runs whose folders are elsewhere."""
     source = Path(source)
     if source.is_file():
         return load_history(source)
-    if (source / "history.sqlite").is_file():
-        return load_history(source / "history.sqlite")
-    return load_runs([source])
+    db = source / "history.sqlite"
+    folders = [d for d in sorted(source.iterdir()) if (d / "records.jsonl").exists()] \
+        if source.is_dir() else []
+    if not folders and not db.is_file():
+        return load_runs([source])          # the one error message for a folder without runs
+    runs = {r.run_id: r for r in (load_history(db) if db.is_file() else [])}
+    runs.update({r.run_id: r for r in load_runs(folders)} if folders else {})
+    return sorted(runs.values(), key=lambda r: (r.started, r.run_id))
 
 
 def compare_history(source: Path | list[Path], gpu: list[str], since: str | None, scenario: list[str],

@@ -164,6 +164,10 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
 def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, resume: Path | None,
               retry_failed: bool, console: Console) -> tuple[RunStore, bool]:
     if resume:
+        if not (resume / "env.json").exists() and store.records:
+            raise ResumeMismatch(f"{resume}: no env.json, so the GPU its records were measured on "
+                                 "cannot be established; resuming could mix GPUs in one folder. "
+                                 "Start a new run, or restore the folder's env.json")
         if (resume / "env.json").exists():
             previous = read_env(resume)
             was, now = _gpu_models(previous), _gpu_models(env)
@@ -190,7 +194,7 @@ def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, resume: Pat
             cases = old + cases
         write_json(saved, {"path": sc.path, "name": sc.name, "description": sc.description,
                            "cases": cases})
-    store.history.add_run(store.run_id, env, [sc.path for sc in scenarios], store.dir)
+    store.index_run(env, [sc.path for sc in scenarios])
     session = Session(store, env)
     # A skip is about the machine (no GPU, library missing), which may have changed: look again.
     done = {r["case_id"] for r in store.records

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sqlite3
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def new_record(case, scenario: str, gpu_uuid: str | None, env: dict | None = Non
 
 
 HISTORY_NAME = "history.sqlite"
+HISTORY_WAIT_S = 5.0     # how long a write waits for another process's hold on the history
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -168,8 +170,10 @@ class RunStore:
         self._lines = _count_lines(self._path)
         self._fh = None
         self.history = History(self.dir.parent / HISTORY_NAME)
-        if self._by_id:
-            self.history.add_records(self.run_id, list(self._by_id.values()))
+        self._pending: list[dict] = list(self._by_id.values())
+        self._deferred = False
+        if self._pending:
+            self._index()
 
     @property
     def records(self) -> list[dict]:
@@ -188,9 +192,39 @@ class RunStore:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._lines += 1
-        self.history.add_record(self.run_id, record)
+        self._pending.append(record)
+        self._index()
+
+    def index_run(self, env: dict, scenario_paths: list[str]) -> None:
+        """The run's row in the history (its environment and scenarios), or a warning when
+        another process holds the history: the run goes on, and its next opening adds it."""
+        try:
+            self.history.add_run(self.run_id, env, scenario_paths, self.dir)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            print(f"warning: {self.history.path} is locked by another process; this run is "
+                  "indexed there when it is opened again", file=sys.stderr)
+            self._deferred = True
+
+    def _index(self) -> None:
+        """Writes the pending records into the history; while another process holds the
+        database they wait for the next case (the folder already has them)."""
+        try:
+            self.history.add_records(self.run_id, self._pending)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if not self._deferred:
+                print(f"warning: {self.history.path} is locked by another process; its records "
+                      "are written there later (the run folder has them now)", file=sys.stderr)
+            self._deferred = True
+            return
+        self._pending = []
 
     def close(self) -> None:
+        if self._pending:
+            self._index()
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -247,7 +281,7 @@ class History:
         self.path = Path(path)
 
     def _connect(self):
-        con = sqlite3.connect(self.path, timeout=30)
+        con = sqlite3.connect(self.path, timeout=HISTORY_WAIT_S)
         have = [row[1] for row in con.execute("PRAGMA table_info(records)")]
         if have and tuple(have) != self.RECORD_COLUMNS:
             self._rebuild(con)
