@@ -300,7 +300,7 @@ def _publish(args, console: Console) -> int:
     try:
         return publish(args.run_dirs, args.to, console, csv=args.csv,
                        benchmark_json=args.benchmark_json, markdown=args.markdown)
-    except PublishError as exc:
+    except (PublishError, RunLocked) as exc:
         raise BadInput([str(exc)])
 
 

@@ -141,12 +141,12 @@ def test_site_from_fixture_is_complete_linked_and_deterministic(tmp_path):
     assert _broken_links(site) == []
     for run in runs:
         for r in run.records:
-            assert (site / "r" / run.run_id / f"{r['case_id']}.html").exists()
-    model = (site / "scenario-sample_model.html").read_text()
+            assert (site / "r" / dashboard.slug(run.run_id) / f"{dashboard.slug(r['case_id'])}.html").exists()
+    model = (site / f"scenario-{dashboard.slug('sample_model')}.html").read_text()
     for section in ("plot-time", "plot-overhead", "plot-recompute"):
         assert f"<section class=\"{section}\"" in model
     assert "paper 6.7%" in model and "flags" in model
-    sample = (site / "scenario-sample.html").read_text()
+    sample = (site / f"scenario-{dashboard.slug('sample')}.html").read_text()
     for section in ("plot-time", "plot-gbps", "plot-copy", "plot-fwdbwd"):
         assert f"<section class=\"{section}\"" in sample
     assert "check failed: x_next rel err 0.2" in sample and "not run" in sample
@@ -251,3 +251,30 @@ def test_compare_across_the_history_sees_committed_folders_beside_a_local_histor
     assert cli.main(["compare", "--gpu", "H100", "--history", str(results)]) == 0
     out = capsys.readouterr().out
     assert "1 runs from" in out and "no run in" not in out
+
+
+def test_publish_refuses_a_folder_it_did_not_write_and_replaces_its_own_whole(tmp_path, capsys):
+    """publish --to never empties a folder of someone else's files, and a site it rebuilds is
+    replaced whole: nothing of the earlier build stays, nothing outside the folder is written."""
+    from suite import cli
+    theirs = tmp_path / "theirs"
+    (theirs / "runs").mkdir(parents=True)
+    (theirs / "runs" / "mine.txt").write_text("keep\n")
+    (theirs / "scenario-notes.html").write_text("keep\n")
+    assert cli.main(["publish", str(FIXTURE), "--to", str(theirs)]) == 2
+    assert "not a site this suite wrote" in capsys.readouterr().err
+    assert (theirs / "runs" / "mine.txt").read_text() == "keep\n"
+    assert (theirs / "scenario-notes.html").read_text() == "keep\n"
+    site = tmp_path / "site"
+    assert cli.main(["publish", str(FIXTURE), "--to", str(site)]) == 0
+    (site / "stale.html").write_text("from an earlier build\n")
+    assert cli.main(["publish", str(FIXTURE), "--to", str(site)]) == 0
+    assert not (site / "stale.html").exists() and (site / dashboard.MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.lock", "site", "theirs"]
+
+
+def test_record_fields_never_become_paths_outside_the_site():
+    for text in ("../../etc/passwd", "a/b", "x" * 500, ""):
+        name = dashboard.slug(text)
+        assert "/" not in name and ".." not in name and len(name) <= 41
+    assert dashboard.slug("a/b") != dashboard.slug("a-b")

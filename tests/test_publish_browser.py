@@ -90,8 +90,9 @@ def test_the_error_check_can_fail(chromium, tmp_path):
     assert errors, "a page that throws must be reported"
 
 
-SECTIONS = {"index.html": ["gpu"], "scenario-sample.html": ["plot-time", "plot-gbps", "plot-copy", "plot-fwdbwd"],
-            "scenario-sample_model.html": ["plot-time", "plot-overhead", "plot-recompute"],
+SECTIONS = {"index.html": ["gpu"],
+            f"scenario-{dashboard.slug('sample')}.html": ["plot-time", "plot-gbps", "plot-copy", "plot-fwdbwd"],
+            f"scenario-{dashboard.slug('sample_model')}.html": ["plot-time", "plot-overhead", "plot-recompute"],
             "hardware.html": ["plot-hardware"], "history.html": ["plot-history"]}
 
 
@@ -109,14 +110,14 @@ def test_page_renders_tables_and_plots(chromium, site, tmp_path, name):
 
 
 def test_record_link_opens_the_record_and_screenshot(chromium, site, tmp_path, capsys):
-    dom, errors = load(chromium, site / "scenario-sample.html", tmp_path)
+    dom, errors = load(chromium, site / f"scenario-{dashboard.slug('sample')}.html", tmp_path)
     assert errors == []
     href = re.search(r'<a href="(r/[^"]+\.html)">[0-9]', dom).group(1)     # a number: an ok record
     record = site / href
     assert record.exists()
     page, errors = load(chromium, record, tmp_path)
     assert errors == []
-    case_id = record.stem
+    case_id = record.stem.split("-")[0]      # the file is named slug(case_id): the id, a hash
     assert case_id in page and "raw samples" in page and "environment" in page
     shot = tmp_path / "overview.png"
     res = _run(chromium, f"--screenshot={shot}", "--window-size=1400,1100", "--hide-scrollbars",

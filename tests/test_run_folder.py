@@ -46,7 +46,7 @@ def test_a_second_writer_is_refused_and_writes_nothing(tmp_path, capsys):
         capsys.readouterr()
         assert cli.main(["run", "--resume", str(run_dir), "--retry-failed"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "another process is writing this run folder" in err[0]
+        assert len(err) == 1 and "another process is writing this folder" in err[0]
         assert cli.main(["merge", str(run_dir), str(run_dir)]) == 2
         assert "another process is writing" in capsys.readouterr().err
         after = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}

@@ -11,18 +11,22 @@ no build time is written anywhere.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import statistics
+import tempfile
 from collections import defaultdict
 from html import escape
 from pathlib import Path
 
 from suite.analysis import overhead
 from suite.publish import export as publish_export, svgplot
-from suite.publish.published import REGRESSION_PCT, Run, hardware, history, latest_per_gpu
+from suite.publish.published import (PublishError, REGRESSION_PCT, Run, hardware, history,
+                                     latest_per_gpu)
 from suite.report.tables import IDENTITY, baseline_backend, ratios_to, sort_key
-from suite.store.runs import atomic_write
+from suite.store.runs import lock_beside
 
 PAPER_OVERHEAD_PCT = 6.7
 NOISY_CV = 0.05
@@ -65,8 +69,21 @@ document.body.setAttribute('data-js','ok');
 """
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "x"
+MARKER = ".hcbench-site"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def slug(text: str) -> str:
+    """A file or anchor name for `text`: a short readable part and a hash of the whole, so two
+    texts never share a file, a name stays short, and no text ('../', a very long scenario name)
+    can reach outside the site."""
+    readable = "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-")[:32] or "x"
+    return f"{readable}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def _page(title: str, body: str, depth: int = 0) -> str:
@@ -97,7 +114,7 @@ def _f(v, fmt: str = "{:.4g}") -> str:
 
 
 def _rec_href(run_id: str, case_id: str, depth: int = 0) -> str:
-    return f"{'../' * depth}r/{_slug(run_id)}/{case_id}.html"
+    return f"{'../' * depth}r/{slug(run_id)}/{slug(case_id)}.html"
 
 
 def _link(v: str, href: str) -> str:
@@ -153,10 +170,10 @@ def _kv(rows: list[tuple[str, str]]) -> str:
 def record_page(run: Run, r: dict) -> str:
     t = r.get("time_ms") or {}
     c = r["case"]
-    parts = [(f'<p class="note">Run <a href="../../runs/{_slug(run.run_id)}.html">{escape(run.run_id)}</a> '
-             f'on {escape(run.gpu)} · <a href="../../runs/{_slug(run.run_id)}.html#env">environment</a> · '
-             f'<a href="../../data/runs/{_slug(run.run_id)}/records.jsonl">records.jsonl</a> · '
-             f'<a href="../../data/runs/{_slug(run.run_id)}/env.json">env.json</a></p>')]
+    parts = [(f'<p class="note">Run <a href="../../runs/{slug(run.run_id)}.html">{escape(run.run_id)}</a> '
+             f'on {escape(run.gpu)} · <a href="../../runs/{slug(run.run_id)}.html#env">environment</a> · '
+             f'<a href="../../data/runs/{slug(run.run_id)}/records.jsonl">records.jsonl</a> · '
+             f'<a href="../../data/runs/{slug(run.run_id)}/env.json">env.json</a></p>')]
     status = r.get("status", "")
     why = f" - {escape(r['reason'])}" if r.get("reason") else ""
     parts.append(f'<p>Status: <b class="{"bad" if status == "failed" else ""}">{escape(status)}</b>{why}</p>')
@@ -192,7 +209,7 @@ def run_page(run: Run) -> str:
     for sc in run.scenarios:
         recs = [r for r in run.records if (r.get("scenario") or "unnamed") == sc]
         missing = [x for x in run.not_run if (x.get("scenario") or "unnamed") == sc]
-        parts.append(f'<h2>Scenario {escape(sc)}</h2><p><a href="../scenario-{_slug(sc)}.html">plots</a></p>')
+        parts.append(f'<h2>Scenario {escape(sc)}</h2><p><a href="../scenario-{slug(sc)}.html">plots</a></p>')
         parts.append(records_table(run, recs, missing, depth=1))
     return _page(f"Run {run.run_id}", "\n".join(parts), depth=1)
 
@@ -504,7 +521,7 @@ def scenario_page(name: str, runs: list[Run]) -> str:
             c[r["status"]] += 1
         prev = (f' Earlier runs of it on this GPU: {len(older[gpu])} (see <a href="history.html">history</a>).'
                 if older[gpu] else "")
-        parts.append(f'<h2>{escape(gpu)}</h2><p>Run <a href="runs/{_slug(run.run_id)}.html">{escape(run.run_id)}</a>, '
+        parts.append(f'<h2>{escape(gpu)}</h2><p>Run <a href="runs/{slug(run.run_id)}.html">{escape(run.run_id)}</a>, '
                      f'started {escape(run.started)}, copy rate {_f(run.copy_gbps, "{:.0f}")} GB/s: '
                      f'{c["ok"]} ok, {c["skipped"]} skipped, {c["failed"]} failed, {len(missing)} not run.{prev}</p>')
         parts.append(_problems(run, recs, missing, 0))
@@ -526,13 +543,13 @@ def overview_page(runs: list[Run], hist) -> str:
         regs = sum(1 for pts in hist.get(gpu, {}).values() if pts and pts[-1].verdict == "regression")
         counts = last.counts()
         summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-        scen = ", ".join(f'<a href="scenario-{_slug(s)}.html">{escape(s)}</a>' for s in last.scenarios)
+        scen = ", ".join(f'<a href="scenario-{slug(s)}.html">{escape(s)}</a>' for s in last.scenarios)
         newest = {}
         for r in rs:
             for sc in r.scenarios:
                 newest[sc] = r
-        per_sc = "; ".join(f'<a href="scenario-{_slug(sc)}.html">{escape(sc)}</a>: '
-                           f'<a href="runs/{_slug(r.run_id)}.html">{escape(r.run_id)}</a> '
+        per_sc = "; ".join(f'<a href="scenario-{slug(sc)}.html">{escape(sc)}</a>: '
+                           f'<a href="runs/{slug(r.run_id)}.html">{escape(r.run_id)}</a> '
                            f'({r.counts()["ok"]} ok, {r.counts()["skipped"]} skipped, '
                            f'{r.counts()["failed"]} failed, {r.counts()["not run"]} not run)'
                            for sc, r in sorted(newest.items()))
@@ -540,19 +557,19 @@ def overview_page(runs: list[Run], hist) -> str:
                else "no regression in the newest runs")
         parts.append(
             f'<section class="gpu card"><h2>{escape(gpu)}</h2>'
-            f'<p>Latest run: <a href="runs/{_slug(last.run_id)}.html">{escape(last.run_id)}</a> '
+            f'<p>Latest run: <a href="runs/{slug(last.run_id)}.html">{escape(last.run_id)}</a> '
             f'(started {escape(last.started)}; scenarios {scen}): {summary}. '
-            f'{len(rs)} run(s) on this GPU model; <a href="history.html#{_slug(gpu)}">history</a>: {reg}.</p>'
+            f'{len(rs)} run(s) on this GPU model; <a href="history.html#{slug(gpu)}">history</a>: {reg}.</p>'
             f'<p>Newest run of each scenario: {per_sc}.</p>'
             + _kv(_env_rows(last))
-            + svgplot.bars([(r.run_id[:16], r.copy_gbps, f"runs/{_slug(r.run_id)}.html#env")
+            + svgplot.bars([(r.run_id[:16], r.copy_gbps, f"runs/{slug(r.run_id)}.html#env")
                             for r in rs if r.copy_gbps], "copy rate (GB/s)", "copy rate of each run",
                            width=max(300, 120 * len(rs) + 80))
             + "</section>")
     rows = []
     for run in sorted(runs, key=lambda r: (r.started, r.run_id), reverse=True):
         c = run.counts()
-        rows.append(("", [_link(escape(run.run_id), f"runs/{_slug(run.run_id)}.html"), escape(run.gpu),
+        rows.append(("", [_link(escape(run.run_id), f"runs/{slug(run.run_id)}.html"), escape(run.gpu),
                           escape(run.started), escape(", ".join(run.scenarios)),
                           _f(run.copy_gbps, "{:.0f}"), str(c["ok"]), str(c["skipped"]),
                           str(c["failed"]), str(c["not run"])]))
@@ -566,7 +583,7 @@ def scenarios_index(runs: list[Run]) -> str:
     rows = []
     for s in names:
         have = [r for r in runs if s in r.scenarios]
-        rows.append(("", [_link(escape(s), f"scenario-{_slug(s)}.html"),
+        rows.append(("", [_link(escape(s), f"scenario-{slug(s)}.html"),
                           escape(", ".join(sorted({r.gpu for r in have}))), str(len(have))]))
     return _page("Scenarios", _table(["scenario", "GPU models", "runs"], rows, left=2))
 
@@ -643,7 +660,7 @@ def history_page(runs: list[Run], hist) -> str:
              "a regression however large the ratio.</p>")]
     for gpu in sorted(hist):
         cases = {cid: pts for cid, pts in hist[gpu].items() if len(pts) > 1}
-        parts.append(f'<h2 id="{_slug(gpu)}">{escape(gpu)}</h2>')
+        parts.append(f'<h2 id="{slug(gpu)}">{escape(gpu)}</h2>')
         if not cases:
             parts.append(f'<p class="note">No case ran in more than one run on this GPU model '
                          f"({len(hist[gpu])} cases, one run each).</p>")
@@ -652,7 +669,7 @@ def history_page(runs: list[Run], hist) -> str:
         for pts in cases.values():
             verdicts[pts[-1].verdict] += 1
         parts.append("<p>Newest run of each case: " + ", ".join(
-            f'<span class="verdict-{_slug(k)}">{v} {escape(k)}</span>' for k, v in sorted(verdicts.items()))
+            f'<span class="verdict-{slug(k)}">{v} {escape(k)}</span>' for k, v in sorted(verdicts.items()))
             + f" ({len(cases)} cases with more than one run).</p>")
         when = {id(p): _hours(p.record.get("started_utc") or p.started) for pts in cases.values() for p in pts}
         t0 = min(when.values())
@@ -691,7 +708,7 @@ def history_page(runs: list[Run], hist) -> str:
                          [escape(_label(p.record)), trail, _link(escape(p.run_id), href),
                           _link(_f(p.median), href), _f(p.baseline), _f(p.change_pct, "{:+.1f}"),
                           f"{_f(p.band[0])}-{_f(p.band[1])}" if p.band else "",
-                          f'<span class="verdict-{_slug(p.verdict)}">{escape(p.verdict)}</span>']))
+                          f'<span class="verdict-{slug(p.verdict)}">{escape(p.verdict)}</span>']))
         parts.append("<h3>Cases</h3>" + _table(header, body, left=3))
     if not hist:
         parts.append('<p class="note">No ok record to follow over time.</p>')
@@ -720,30 +737,45 @@ def data_index(runs: list[Run]) -> str:
              ("tables.md", "Markdown tables for pasting in reviews"),
              ("site.json", "runs, their GPU, start and counts")]
     lis = "".join(f'<li><a href="{f}">{f}</a>: {escape(d)}</li>' for f, d in items)
-    lis += "".join(f'<li><a href="runs/{_slug(r.run_id)}/records.jsonl">{escape(r.run_id)}/records.jsonl</a>, '
-                   f'<a href="runs/{_slug(r.run_id)}/env.json">env.json</a></li>' for r in runs)
+    lis += "".join(f'<li><a href="runs/{slug(r.run_id)}/records.jsonl">{escape(r.run_id)}/records.jsonl</a>, '
+                   f'<a href="runs/{slug(r.run_id)}/env.json">env.json</a></li>' for r in runs)
     return _page("Data", f"<ul>{lis}</ul>", depth=1)
 
 
 # ---------------------------------------------------------------- the site
 def build(runs: list[Run], out: Path) -> list[Path]:
-    """Writes the site under `out`; returns the files written. Files of an earlier build that this
-    one does not write are removed from r/, runs/ and data/runs/, so the folder is these runs only."""
+    """Writes the site to `out` whole: built in a new folder beside it, then put in its place, so a
+    reader (or another publish) never sees half a site, and the folder is these runs only. `out`
+    must be new, empty or an earlier site (its MARKER file): a folder of anything else is refused,
+    never emptied. Publishes into one folder take turns (a lock beside it). Returns the files."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
+    if out.exists() and not out.is_dir():
+        raise PublishError(f"{out}: --to names a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise PublishError(f"{out}: not empty and not a site this suite wrote (no {MARKER}); give "
+                           "a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_beside(out)
+    try:
+        return _build_into(runs, out)
+    finally:
+        os.close(lock)
+
+
+def _build_into(runs: list[Run], out: Path) -> list[Path]:
+    files: dict[str, str] = {MARKER: "a site written by `harness.py publish`; publish replaces it whole\n"}
     hist = history(runs)
     files["index.html"] = overview_page(runs, hist)
     files["scenarios.html"] = scenarios_index(runs)
     for s in sorted({s for run in runs for s in run.scenarios}):
-        files[f"scenario-{_slug(s)}.html"] = scenario_page(s, runs)
+        files[f"scenario-{slug(s)}.html"] = scenario_page(s, runs)
     files["hardware.html"] = hardware_page(runs)
     files["history.html"] = history_page(runs, hist)
     for run in runs:
-        rid = _slug(run.run_id)
+        rid = slug(run.run_id)
         files[f"runs/{rid}.html"] = run_page(run)
         for r in run.records:
-            files[f"r/{rid}/{r['case_id']}.html"] = record_page(run, r)
+            files[f"r/{rid}/{slug(r['case_id'])}.html"] = record_page(run, r)
         files[f"data/runs/{rid}/records.jsonl"] = "".join(
             json.dumps(r, sort_keys=True, default=str) + "\n" for r in run.records)
         files[f"data/runs/{rid}/env.json"] = json.dumps(run.env, indent=2, sort_keys=True, default=str) + "\n"
@@ -754,14 +786,21 @@ def build(runs: list[Run], out: Path) -> list[Path]:
     files["data/site.json"] = json.dumps([{"run_id": r.run_id, "gpu": r.gpu, "started": r.started,
                                            "scenarios": r.scenarios, "counts": r.counts(),
                                            "copy_gbps": r.copy_gbps} for r in runs], indent=1) + "\n"
-    for sub in ("r", "runs", "data/runs"):
-        if (out / sub).is_dir():
-            shutil.rmtree(out / sub)
-    for stale in out.glob("scenario-*.html"):
-        stale.unlink()
-    written = []
-    for rel, text in sorted(files.items()):
-        path = out / rel
-        atomic_write(path, text)
-        written.append(path)
-    return written
+    new = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        for rel, text in sorted(files.items()):
+            path = new / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        os.chmod(new, 0o777 & ~_umask())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "site")
+        os.replace(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)     # the earlier site (it had the marker)
+    return [out / rel for rel in sorted(files)]

@@ -134,7 +134,11 @@ def new_run_dir(root: Path, device_label: str) -> Path:
 
 
 def lock_run_dir(run_dir: Path) -> int:
-    """Takes the run folder's lock: an flock on `.<folder>.lock` beside it (outside the folder, so
+    return lock_beside(run_dir)
+
+
+def lock_beside(run_dir: Path) -> int:
+    """Takes a folder's lock: an flock on `.<folder>.lock` beside it (outside the folder, so
     that committing the folder never takes the lock file along), released when the holder closes
     it or exits, also when killed. RunLocked when another process holds it."""
     run_dir = Path(run_dir)
@@ -144,7 +148,7 @@ def lock_run_dir(run_dir: Path) -> int:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            raise RunLocked(f"{run_dir}: another process is writing this run folder (it holds "
+            raise RunLocked(f"{run_dir}: another process is writing this folder (it holds "
                             f".{run_dir.name}.lock); wait for it to finish, or run into another "
                             "folder") from None
         raise
