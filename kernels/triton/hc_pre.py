@@ -33,7 +33,7 @@ against 0.85 ms at C = 7168):
 Tried and dropped: a one-kernel FMA forward that read x once from DRAM (int32 pairs of x per
 thread, w in registers, layer_input in a second pass over L2): latency-bound at 16-27% of the copy
 rate, 1.02 against 0.45 ms at C = 4096 and 1.46 against 0.75 ms at C = 7168; and its FMA dx / dw
-kernel, 1185 against 453 us at C = 4096. Commit 0ef9087 is the last to have both.
+kernel, 1185 against 453 us at C = 4096. Commit 23bc741 is the last to have both.
 
 Backward, two kernels (u = r*dz, e = r^2 * mean_c(dxn*xn) = r^2/C * sum_k dz_k z_k):
   bwd_coef_kernel, grid = cdiv(T, GT), each program loops over GT tokens in blocks of BT:

@@ -36,7 +36,7 @@ Forward: ONE kernel (`fwd_kernel`, kernels/triton/mhc_pre_fwd.py) plus a memset 
   (1.3 ms); one CTA per SM (persist=1) starves the loads (0.69 ms). Still the fastest forward
   here, 8-10% ahead of a non-split kernel (one CTA per 64 tokens over all n*C columns, no
   workspace or waits: 321 / 503 / 865 us against 299 / 456 / 804 us at C = 2560 / 4096 / 7168,
-  dev/logs/tuning-20261124-h100/fwd_probe.txt), which commit 0ef9087 is the last to have.
+  dev/logs/tuning-20261124-h100/fwd_probe.txt), which commit ce5315f is the last to have.
   Tried and dropped (dev/logs/tuning-20261124-h100/resident_fwd_probe.txt): programs that own one
   column slice for many token blocks, phi's slice kept in shared memory (no per-item phi reads
   from L2, which double the GEMM phase's L2 traffic), partials summed with fp32 atomics and the
