@@ -12,8 +12,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make on
 
 
 def _dry(target: str, env_over: dict, *args: str) -> str:
-    env = {**os.environ, **env_over}
-    out = subprocess.run(["make", "-n", "-o", "env", target, *args], cwd=ROOT, env=env,
+    # a fresh make, also under `make test`: the outer make's flags and level stay out
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(env_over)
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-o", "env", target, *args],
+                         cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -152,7 +152,7 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]   # no temp file left behind
 
 
-def test_run_store_rewrites_records_and_history_upserts(tmp_path):
+def test_run_store_keeps_one_record_per_case_and_history_upserts(tmp_path):
     store = RunStore(tmp_path / "run1")
     store.add(_record("a"))
     store.add(_record("b", "failed"))
@@ -162,8 +162,10 @@ def test_run_store_rewrites_records_and_history_upserts(tmp_path):
     con = sqlite3.connect(tmp_path / "history.sqlite")
     rows = con.execute("SELECT case_id, status, median_ms FROM records ORDER BY case_id").fetchall()
     assert rows == [("a", "ok", 2.0), ("b", "failed", 1.0)]
+    store.close()
     again = RunStore(tmp_path / "run1")
     assert {r["case_id"] for r in again.records} == {"a", "b"}
+    again.close()
 
 
 def test_history_records_runs(tmp_path):
