@@ -1,7 +1,7 @@
 """Overhead arithmetic and the verdict: how much a connection adds to a training step.
 
 overhead % = 100 * (t_method - t_residual) / t_residual, from median step times of cases timed
-in the same run and the same interleaved group (suite.workloads.steps). For scope model the times are wall
+in the same run and the same interleaved group (suite.run.groups). For scope model the times are wall
 clock per whole step (host included; suite.measure.timing), the headline; the device-only overhead
 (padded device time of the step's parts) and the overhead without the optimizer step are
 reported beside it. Its interval is a paired bootstrap over measurement rounds: a resample draws
