@@ -1,11 +1,13 @@
 """The command line: run, list, report, compare, publish, merge, prewarm, site-kernels,
 results-doc.
-Exit 0 ok/skipped, 1 a case failed, 2 bad input, 130 interrupted."""
+Exit 0 ok/skipped, 1 a case failed, 2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g.
+a SLURM time limit; kept and resumable like Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,7 +25,17 @@ from suite.store.runs import (RunFolderError, RunLocked, atomic_write, merge_run
                               read_records)
 from suite.workloads.dist import launch
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+_TERMINATED = {"flag": False}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is: the run keeps what finished exactly as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    _TERMINATED["flag"] = True
+    raise Terminated()
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -138,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:        # outside the case loop (set-up, copy rate): nothing to keep
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print("\nterminated" if _TERMINATED["flag"] else "\ninterrupted", file=sys.stderr)
+        return EXIT_TERMINATED if _TERMINATED["flag"] else EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -262,17 +274,22 @@ def _run(args, console: Console) -> int:
     launch.keep_multicast_off()
     if world.rank != 0:          # torchrun / SLURM: rank 0 records, the others take part
         return dist_run.follow(scenarios, world)
+    # One process: SIGTERM ends the run as Ctrl-C does (several ranks: suite.run.distributed's own)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if world.size == 1 else None
     try:
         store, interrupted = runner.run(scenarios, args.out, resume=args.resume,
                                         retry_failed=args.retry_failed, console=console)
     except (runner.ResumeMismatch, RunLocked) as exc:
         raise BadInput([str(exc)])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if store.records:
         print_run(store.dir, console)
         console.print(f"report: {write_markdown(store.dir)}")
     console.print(f"run folder: {store.dir}")
     if interrupted:
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if _TERMINATED["flag"] else EXIT_INTERRUPTED
     return EXIT_FAILED if any(r["status"] == "failed" for r in store.records) else EXIT_OK
 
 

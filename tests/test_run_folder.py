@@ -184,3 +184,30 @@ def test_resuming_a_folder_without_env_json_is_refused(tmp_path, capsys):
     assert cli.main(["run", "--resume", str(run_dir), "--retry-failed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no env.json" in err[0]
+
+
+def test_sigterm_keeps_what_finished_and_exits_143(tmp_path):
+    """A SLURM time limit sends SIGTERM: the run ends as on Ctrl-C (records kept, report written,
+    the resume hint with the count of cases not run) and exits 143."""
+    import signal
+    import time
+    slow = SMALL.replace("rep_ms: 2}", "rep_ms: 300}").replace("sweep: {method: [residual, mhc]}",
+                                                              "sweep: {method: [mhc], C: [32, 40, 48, 56, 64, 72, 80, 88]}")
+    (tmp_path / "s.yaml").write_text(slow)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "harness.py", "run", str(tmp_path / "s.yaml"), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        runs_made = [d for d in out.glob("*") if d.is_dir()] if out.exists() else []
+        if runs_made and (runs_made[0] / "records.jsonl").exists() and \
+                (runs_made[0] / "records.jsonl").read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    kept = runs.read_records(run_dir)
+    assert 1 <= len(kept) < 8 and (run_dir / "report.md").exists()
+    assert f"{8 - len(kept)} not run; resume with --resume" in err

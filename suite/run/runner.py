@@ -235,10 +235,12 @@ def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, resume: Pat
         for group in groups.groups([(n, c) for n, c in todo
                                    if c.scope != "site" and not c.parallel]):
             groups.run_group(session, group, view)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:       # Ctrl-C, or SIGTERM through the command line's handler
         interrupted = True
-        print(f"\ninterrupted: {len(store.records)} finished cases kept in {store.dir}; "
-              f"resume with --resume {store.dir}", file=sys.stderr)
+        have = {r["case_id"] for r in store.records}
+        left = sum(1 for _, c in todo if c.case_id not in have)
+        print(f"\ninterrupted: {len(store.records)} finished cases kept in {store.dir}, {left} not "
+              f"run; resume with --resume {store.dir}", file=sys.stderr)
     finally:
         view.close()
     return store, interrupted
