@@ -286,3 +286,17 @@ def test_resume_applies_only_to_saved_cases_and_refuses_another_gpu_model(tmp_pa
     env["gpus"] = [{"name": "NVIDIA B200", "uuid": "x"}]
     (run / "env.json").write_text(json.dumps(env))
     assert cli.main(["run", path, "--resume", str(run)]) == 2
+
+
+def test_a_reason_with_brackets_is_printed_whole(tmp_path, capsys):
+    """Exception texts such as '[enforce fail at ...]' are text, not terminal markup."""
+    from rich.console import Console
+    from suite.report.tables import print_run
+    rec = read_records(ROOT / "results" / "20261207T151356Z-vm-h100-80gb-hbm3")[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    rec = dict(rec, status="failed", reason="RuntimeError: [enforce fail at alloc.cpp:9] [bold]x")
+    (run / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    print_run(run, Console(width=200, force_terminal=False))
+    out = capsys.readouterr().out
+    assert "[enforce fail at alloc.cpp:9] [bold]x" in out

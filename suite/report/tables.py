@@ -5,6 +5,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from suite.analysis import overhead
@@ -121,8 +122,9 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
         table.add_row(*row, style=style.get(row[-1]))
     console.print(table)
     for (status, why), recs in reasons(records).items():
+        # escaped: a reason is text from an exception ("[enforce fail ...]"), never markup
         console.print(f"[{'red' if status == 'failed' else 'yellow'}]{status} ({len(recs)}): "
-                      f"{why}[/]", highlight=False)
+                      f"{escape(why)}[/]", highlight=False)
         for r in recs[:50]:
             console.print(f"    {case_label(r)}", highlight=False, markup=False)
     report_sections.print_traffic(records, console)
