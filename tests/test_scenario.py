@@ -188,3 +188,10 @@ def test_an_exclude_that_matches_nothing_warns(tmp_path, capsys):
     assert cli.main(["list", str(path)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: ") and "exclude[0]" in err[0]
+
+
+def test_labels_name_the_sinkhorn_iterations_where_they_differ_from_20():
+    from suite.core.scenario import Case, normalise
+    a = normalise(Case(method="mhc", C=64, T=32, sinkhorn_iters=7))
+    b = normalise(Case(method="mhc", C=64, T=32))
+    assert a.label() != b.label() and "iters=7" in a.label() and "iters" not in b.label()

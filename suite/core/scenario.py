@@ -105,6 +105,7 @@ class Case:
 
     def label(self) -> str:
         n = "" if self.method == "residual" else f" n={self.n}"
+        n += sinkhorn_label(self.sinkhorn_iters)
         op = "" if self.op == "site" else f" {self.op}"
         model = ""
         if self.scope != "site":
@@ -116,6 +117,11 @@ class Case:
             model = f"{fam} {self.scope} L={self.layers}{depth} seq={self.seq}{acc}{rc}{graph}"
         return (f"{self.method}/{self.backend}{op}{n}{model} C={self.C} T={self.T} {self.dtype} "
                 f"{self.mode} on {self.device}{parallel_label(self)}")
+
+
+def sinkhorn_label(iters: int | None) -> str:
+    """The Sinkhorn iterations in a label where they are not the paper's 20 (they change the case)."""
+    return "" if iters in (None, 20) else f" iters={iters}"
 
 
 CASE_FIELDS = tuple(f.name for f in fields(Case))

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from suite.analysis import overhead
+from suite.core.scenario import sinkhorn_label
 from suite.report import distributed as dist_report, sections as report_sections
 from suite.store.runs import atomic_write, read_env, read_records
 
@@ -99,6 +100,7 @@ def reasons(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def case_label(r: dict) -> str:
     c = r["case"]
     n = "" if c["method"] == "residual" else f" n={c['n']}"
+    n += sinkhorn_label(c.get("sinkhorn_iters"))
     op = "" if c["op"] == "site" else f" {c['op']}"
     if c.get("scope", "site") != "site":
         lr = f" L_r={c['L_r']}" if c.get("L_r") else ""
