@@ -55,3 +55,17 @@ def test_standin_stage_same_gradients_with_every_technique_cpu(method, recompute
 @pytest.mark.parametrize("method, recompute", [("mhc", "mhc"), ("residual", "none")])
 def test_standin_stage_same_gradients_with_every_technique_gpu(method, recompute):
     _compare("cuda", method, recompute)
+
+
+def test_data_parallel_rows_show_busbw_as_nccl_tests_defines_it():
+    from suite.report import distributed as dist_report
+    rec = {"status": "ok", "case": {"parallel": "data", "method": "mhc", "n": 4, "C": 64, "T": 32,
+                                    "device": "cuda",
+                                    "layers": 2, "gpus": 4, "microbatches": None, "recompute": "none",
+                                    "overlap": "none"},
+           "t_step_ms": 10.0, "t_compute_ms": 8.0, "t_comm_ms": 2.0, "exposed_comm_ms": 1.0,
+           "overlap_efficiency": 0.5, "allreduce_bytes": 2**30, "algbw_gbps": 100.0,
+           "busbw_gbps": 150.0, "gbps": 100.0, "link": "nvlink"}
+    (row,) = dist_report.overlap_rows([rec])
+    header = dist_report.OVERLAP_HEADER
+    assert row[header.index("algbw GB/s")] == "100.0" and row[header.index("busbw GB/s")] == "150.0"

@@ -11,7 +11,7 @@ P2P_HEADER = ["method", "n", "C", "T", "dtype", "gpus", "link", "message MiB", "
               "algbw GB/s", "rank spread us"]
 OVERLAP_HEADER = ["parallel", "method", "n", "C", "T", "L", "gpus", "link", "mb", "recompute",
                   "overlap", "step ms", "compute ms", "comm ms", "exposed ms", "overlap eff",
-                  "MiB / step", "GB/s", "rank spread ms"]
+                  "MiB / step", "algbw GB/s", "busbw GB/s", "rank spread ms"]
 
 
 def op_label(c: dict) -> str:
@@ -66,7 +66,9 @@ def overlap_rows(records: list[dict]) -> list[list[str]]:
                     str(c.get("overlap")), _f(r["t_step_ms"], "{:.4g}"),
                     _f(r["t_compute_ms"], "{:.4g}"), _f(r["t_comm_ms"], "{:.4g}"),
                     _f(r["exposed_comm_ms"], "{:.3g}"), _f(r["overlap_efficiency"], "{:.2f}"),
-                    _f(nbytes, "{:.1f}", 2**-20), _f(r.get("gbps"), "{:.1f}"),
+                    _f(nbytes, "{:.1f}", 2**-20), _f(r.get("algbw_gbps", r.get("gbps")), "{:.1f}"),
+                    # nccl-tests' busbw: all-reduce algbw * 2 (G-1) / G; a pipeline link's is its algbw
+                    _f(r.get("busbw_gbps", r.get("algbw_gbps", r.get("gbps"))), "{:.1f}"),
                     _f(spread, "{:.3g}")])
     return out
 
