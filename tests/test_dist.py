@@ -60,6 +60,19 @@ def test_world_from_torchrun_slurm_and_single():
     assert launch.from_env({}).size == 1
 
 
+@pytest.mark.parametrize("nodelist,first", [
+    ("gpu[07-09,12],cpu1", "gpu07"), ("sn[10-11]-ib", "sn10-ib"), ("r[1-2]-n[3-4]", "r1-n3"),
+    ("a1,b2", "a1"), ("node5", "node5"), ("x[3],y[1-2]", "x3")])
+def test_slurm_node_lists_parse_to_their_first_host(nodelist, first):
+    assert launch.parse_first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("bad", ["", "[", "a[1-2", ",x", "a[[1]]"])
+def test_a_broken_node_list_is_one_line(bad):
+    with pytest.raises(ValueError, match="is not a node list"):
+        launch.parse_first_host(bad)
+
+
 def test_multicast_stays_off():
     env = {"NCCL_NVLS_ENABLE": "1"}
     launch.keep_multicast_off(env)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +48,32 @@ class World:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    """The first host of a SLURM node list: SLURM's own `scontrol show hostnames` where it is
+    installed, else this parser: 'gpu[07-09,12],cpu1' -> 'gpu07', 'sn[10-11]-ib' -> 'sn10-ib',
+    'r[1-2]-n[3-4]' -> 'r1-n3'."""
     nodelist = nodelist.strip()
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.split():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):          # the first item: up to a comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    item = nodelist[:end]
+    if not re.fullmatch(r"(?:[^\[\],]+|\[[^\[\]]+\])+", item):      # names and [ranges], unnested
         raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r} is not a node list")
-    prefix, ranges = m.group(1), m.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], item)
 
 
 def from_env(env: dict | None = None) -> World:
