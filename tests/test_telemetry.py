@@ -97,7 +97,7 @@ def test_sampler_finds_the_device_by_uuid_and_summarises_min_median_max():
     assert t["mem_mhz"]["median"] == 2619 and t["temperature_c"]["max"] == 41
     assert t["power_w"] is None and t["errors"] == {"power_w": "Not Supported"}   # wrapped, noted once
     assert t["throttle_reasons"] == [] and t["other_processes"] == 0
-    assert telemetry.flags(t, 0.01) == ([], [])
+    assert telemetry.flags(t, None) == ([], [])
 
 
 def test_sampler_without_gpu_or_nvml_does_nothing_and_says_why(monkeypatch):
@@ -124,7 +124,7 @@ def test_a_throttled_busy_gpu_with_a_neighbour_is_flagged_from_real_samples():
     nvml = FakeNvml(sm=[1980, 1700], reasons=[0, thermal], pids=[os.getpid(), 4242])
     with telemetry.Sampler("bbbb", interval_s=0.01, nvml=nvml) as s:
         time.sleep(0.05)
-    codes, notes = telemetry.flags(s.summary(), 0.02)
+    codes, notes = telemetry.flags(s.summary(), None)
     assert codes == ["clock_drop", "thermal_throttle", "other_process"]
     assert notes[0] == "clock_drop: SM clock 1700-1980 MHz"
 
@@ -138,30 +138,34 @@ def _samples(*rows):
 
 def test_flag_rules():
     steady = telemetry.summarise(_samples((1980, [], 0), (1975, [], 0), (1980, [], 0)), 0.05)
-    assert telemetry.flags(steady, 0.03) == ([], [])
+    assert telemetry.flags(steady, None) == ([], [])
     dropped = telemetry.summarise(_samples((1980, [], 0), (1800, [], 0)), 0.05)
-    assert telemetry.flags(dropped, 0.0)[0] == ["clock_drop"]          # 1800 < 95% of 1980
+    assert telemetry.flags(dropped, None)[0] == ["clock_drop"]          # 1800 < 95% of 1980
     small = telemetry.summarise(_samples((1980, [], 0), (1890, [], 0)), 0.05)
-    assert telemetry.flags(small, 0.0)[0] == []                        # 4.5%: within the band
+    assert telemetry.flags(small, None)[0] == []                        # 4.5%: within the band
     idle = telemetry.summarise(_samples((345, ["GpuIdle"], 0), (1980, [], 0)), 0.05)
-    assert telemetry.flags(idle, 0.0)[0] == []                         # an idle sample is no drop
+    assert telemetry.flags(idle, None)[0] == []                         # an idle sample is no drop
     for reason, code in (("SwThermalSlowdown", "thermal_throttle"), ("HwThermalSlowdown", "thermal_throttle"),
                          ("SwPowerCap", "power_throttle"), ("HwPowerBrakeSlowdown", "power_throttle"),
                          ("HwSlowdown", "hw_slowdown")):
         t = telemetry.summarise(_samples((1980, [], 0), (1980, [reason], 0)), 0.05)
-        assert telemetry.flags(t, 0.0)[0] == [code], reason
+        assert telemetry.flags(t, None)[0] == [code], reason
     benign = telemetry.summarise(_samples((1980, ["ApplicationsClocksSetting"], 0)), 0.05)
-    assert telemetry.flags(benign, 0.0)[0] == []
+    assert telemetry.flags(benign, None)[0] == []
     neighbour = telemetry.summarise(_samples((1980, [], 0), (1980, [], 2)), 0.05)
-    assert telemetry.flags(neighbour, 0.0) == (["other_process"],
+    assert telemetry.flags(neighbour, None) == (["other_process"],
                                                ["other_process: 2 other process(es) on the GPU"])
-    assert telemetry.flags(steady, 0.0501)[0] == ["high_cv"]
-    assert telemetry.flags(steady, 0.05)[0] == []                      # "above 5%"
-    assert telemetry.flags(None, 0.2) == (["high_cv"], ["high_cv: timing CV 20.0% > 5%"])   # CPU case
+    wide = {"median": 1.0, "p10": 0.97, "p90": 1.0301, "cv": 0.02}
+    assert telemetry.flags(steady, wide)[0] == ["wide_spread"]
+    assert telemetry.flags(steady, {**wide, "p90": 1.019})[0] == []                # within 5%
+    # one outlier: a CV of 86% with p10-p90 within 2% is not noisy
+    assert telemetry.flags(steady, {"median": 1.0, "p10": 0.99, "p90": 1.01, "cv": 0.86})[0] == []
+    assert telemetry.flags(None, {"median": 1.0, "p10": 0.9, "p90": 1.1, "cv": 0.2}) == (
+        ["wide_spread"], ["wide_spread: p10-p90 20.0% of the median > 5% (CV 20.0%)"])  # CPU case
     assert telemetry.flags({"nvml": "NVML unavailable"}, None) == ([], [])
     memory = telemetry.summarise([{**s, "mem_mhz": m} for s, m in zip(
         _samples((1980, [], 0), (1980, [], 0)), (2619, 1593))], 0.05)
-    assert telemetry.flags(memory, 0.0)[1] == ["clock_drop: memory clock 1593-2619 MHz"]
+    assert telemetry.flags(memory, None)[1] == ["clock_drop: memory clock 1593-2619 MHz"]
 
 
 def test_other_processes_are_counted_without_this_one():

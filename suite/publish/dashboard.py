@@ -22,6 +22,7 @@ from html import escape
 from pathlib import Path
 
 from suite.analysis import overhead
+from suite.measure import telemetry
 from suite.publish import export as publish_export, svgplot
 from suite.publish.published import (PublishError, REGRESSION_PCT, Run, hardware, history,
                                      latest_per_gpu)
@@ -29,7 +30,6 @@ from suite.report.tables import IDENTITY, baseline_backend, ratios_to, sort_key
 from suite.store.runs import lock_beside
 
 PAPER_OVERHEAD_PCT = 6.7
-NOISY_CV = 0.05
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1a1a1a;background:#fafafa}
@@ -252,10 +252,11 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
         if model:
             cells += [escape(str(c.get(k) if c.get(k) is not None else "")) for k in ("scope", "layers", "recompute", "L_r")]
         ok = _ok(r)
-        noisy = " !" if ok and (t.get("cv") or 0) > NOISY_CV else ""
+        spread = telemetry.relative_spread(t) if ok else None
+        noisy = " !" if spread is not None and spread > telemetry.SPREAD_LIMIT else ""
         cells += [_link(_f(t.get("median")) if ok else "", href),
-                  _link(f"{_f(t.get('p10'))}-{_f(t.get('p90'))}" if ok else "", href),
-                  _link(_f(t.get("cv") and 100 * t["cv"], "{:.1f}") + noisy if ok else "", href),
+                  _link(f"{_f(t.get('p10'))}-{_f(t.get('p90'))}" + noisy if ok else "", href),
+                  _link(_f(t.get("cv") and 100 * t["cv"], "{:.1f}") if ok else "", href),
                   _link(_f(r.get("gbps"), "{:.0f}") if ok else "", href),
                   _link(_f(r.get("pct_of_copy"), "{:.1f}") if ok else "", href),
                   _link(_f(r.get("peak_mem_bytes") and r["peak_mem_bytes"] / 2**20, "{:.0f}") if ok else "", href)]
@@ -279,7 +280,7 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
         rows.append(("notrun", cells))
     note = ('<p class="note">Times are medians of single calls (L2 flushed before each on a GPU); '
             "GB/s counts MATH.md's floor bytes; % copy is GB/s over the copy rate measured in the same "
-            f"run. CV marked ! is above {100 * NOISY_CV:.0f}%. Each number links to its record (case, "
+            f"run. A p10-p90 range marked ! is wider than {100 * telemetry.SPREAD_LIMIT:.0f}% of the median. Each number links to its record (case, "
             "environment, raw samples)." + (f" x {base} is the time over backend {base} on the same case."
                                              if base else "") + "</p>")
     return note + _table(header, rows, left=8 + (4 if model else 0))

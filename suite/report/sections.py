@@ -153,7 +153,7 @@ def state_markdown(records: list[dict], env: dict) -> list[str]:
     if sampled:
         lines += ["", ("Sampled by NVML during each timed case (min/median/max); flags: "
                        "clock_drop, thermal_throttle, power_throttle, hw_slowdown, other_process, "
-                       "high_cv (timing CV > 5%)."), "",
+                       "wide_spread (p10-p90 wider than 5% of the median; records before it: high_cv, CV > 5%)."), "",
                   "| case | samples | SM MHz | memory MHz | power W | temperature C | throttle reasons | flags |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sorted(sampled, key=_case_key):

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from suite.analysis import overhead
 from suite.core.scenario import sinkhorn_label
+from suite.measure import telemetry
 from suite.report import distributed as dist_report, sections as report_sections
 from suite.store.runs import atomic_write, read_env, read_records
 
@@ -19,7 +20,6 @@ IDENTITY = tuple(c for c in COLUMNS if c != "backend") + ("scope", "gpus")
 IDENTITY += ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r")
 IDENTITY += ("parallel", "microbatches", "overlap")
 HEADER = {"sinkhorn_iters": "iters"}
-NOISY_CV = 0.05      # above this, a row's CV is marked "!": its median deserves less trust
 ORDER = {"residual": 0, "hc": 1, "mhc": 2}
 BACKEND_ORDER = {"torch": 0, "compile": 1, "triton": 2, "tilelang": 3, "liger": 4}
 
@@ -72,8 +72,9 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         if c.get("parallel"):
             row[COLUMNS.index("op")] = dist_report.op_label(c)
         if r["status"] == "ok":
-            noisy = " !" if t["cv"] > NOISY_CV else ""
-            row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}", f"{100 * t['cv']:.1f}{noisy}",
+            spread = telemetry.relative_spread(t)
+            noisy = " !" if spread is not None and spread > telemetry.SPREAD_LIMIT else ""
+            row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}{noisy}", f"{100 * t['cv']:.1f}",
                     f"{r['gbps']:.0f}", _fmt(r.get("pct_of_copy"), "{:.1f}"),
                     _fmt(r.get("peak_mem_bytes"), "{:.0f}", scale=2**-20)]
         else:
@@ -177,7 +178,9 @@ def markdown(run_dir: Path) -> str:
               "once), so % copy is the fraction of the copy-rate roofline reached. "
               + ("`x B` is the time relative to backend B on the same case. "
                  if baseline_backend(records) else "")
-              + f"A CV marked `!` is above {100 * NOISY_CV:.0f}%: that median is noisy.", ""]
+              + f"A p10-p90 range marked `!` is wider than {100 * telemetry.SPREAD_LIMIT:.0f}% of "
+                "the median: that median is noisy (the CV is shown as information; a few outliers "
+                "move it alone).", ""]
     header, body = rows(records)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")

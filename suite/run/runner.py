@@ -72,7 +72,7 @@ class Session:
         with telemetry.Sampler(self.gpu_uuid if case.device == "cuda" else None) as sampler:
             timing = timer.time(call, case.warmup_ms, case.rep_ms)
         record["telemetry"] = sampler.summary()
-        record["flags"], record["flag_notes"] = telemetry.flags(record["telemetry"], timing.cv)
+        record["flags"], record["flag_notes"] = telemetry.flags(record["telemetry"], timing.summary())
         record["peak_mem_bytes"] = _peak_memory(call, timer)
         cost = costing.case_cost(case.method, case.op, case.mode, case.n, case.C, case.T,
                                  case.dtype, case.sinkhorn_iters)
