@@ -195,3 +195,28 @@ def test_labels_name_the_sinkhorn_iterations_where_they_differ_from_20():
     a = normalise(Case(method="mhc", C=64, T=32, sinkhorn_iters=7))
     b = normalise(Case(method="mhc", C=64, T=32))
     assert a.label() != b.label() and "iters=7" in a.label() and "iters" not in b.label()
+
+
+BOMB = "name: bomb\nl0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 9))
+
+
+@pytest.mark.parametrize("text,want", [
+    (BOMB, "more than 100000 values once its aliases are expanded"),
+    ("name: deep\ndefaults: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32 levels"),
+    ("name: deeper\ndefaults: " + "[" * 20000 + "]" * 20000 + "\n", "nested deeper than 32 levels"),
+    ("name: huge\ndefaults: {device: cpu, method: mhc, backend: torch}\n"
+     "sweep: {C: [" + ", ".join(str(8 * i) for i in range(1, 1001)) + "], T: ["
+     + ", ".join(str(i) for i in range(1, 1001)) + "]}\n", "make 1000000 cases; a scenario has at most 100000"),
+    ("name: big\ndescription: '" + "x" * (1 << 20) + "'\n", "a scenario file is at most 1048576 bytes"),
+], ids=["alias-bomb", "nested", "very-nested", "million-cases", "two-megabytes"])
+def test_oversized_scenarios_are_one_line_and_quick(tmp_path, capsys, text, want):
+    import time
+    from suite import cli
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    assert cli.main(["list", str(path)]) == 2
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0] and len(err[0]) < 400, err

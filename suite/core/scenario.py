@@ -217,6 +217,41 @@ def _check_partial(path: str, mapping: Any, problems: list[str], lists_ok: bool)
 
 
 # ---------------------------------------------------------------- loading
+# Limits on what a scenario file may ask for, checked before anything is built: YAML aliases can
+# make a few hundred bytes stand for millions of values, and a sweep's cases multiply.
+MAX_FILE_BYTES = 1 << 20
+MAX_NODES = 100_000          # values of the document with every alias expanded
+MAX_DEPTH = 32               # nesting of mappings and lists
+MAX_CASES = 100_000          # cases of one scenario, counted before the sweep is expanded
+
+
+def _check_size(label: str, text: str) -> None:
+    """ScenarioError when the document, its aliases expanded, is larger or deeper than allowed;
+    measured on YAML's node graph, where an alias is a shared node, so nothing is expanded."""
+    root = yaml.compose(text, Loader=_UniqueKeyLoader)
+    sizes: dict[int, int] = {}
+
+    def size(node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise ScenarioError([f"{label}: nested deeper than {MAX_DEPTH} levels"])
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v, depth + 1) for v in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = total
+        if total > MAX_NODES:
+            raise ScenarioError([f"{label}: more than {MAX_NODES} values once its aliases are "
+                                 "expanded; a scenario file is small"])
+        return total
+
+    if root is not None:
+        size(root, 0)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """Safe YAML that refuses a key given twice in one mapping (YAML would keep the last)."""
 
@@ -254,8 +289,14 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         raise ScenarioError([f"{label}: not UTF-8 text (byte {exc.start}); a scenario is a YAML file"])
     if not text.strip():
         raise ScenarioError([f"{label}: file is empty; a scenario needs at least `name` and cases"])
+    if len(text.encode()) > MAX_FILE_BYTES:
+        raise ScenarioError([f"{label}: {len(text.encode())} bytes; a scenario file is at most "
+                             f"{MAX_FILE_BYTES} bytes"])
     try:
+        _check_size(label, text)
         doc = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise ScenarioError([f"{label}: nested deeper than {MAX_DEPTH} levels"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -308,6 +349,13 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
 
     # (values, the keys the case's own sweep or include entry gives: a field that means nothing
     # for the case's scope is an error there, and dropped when it comes from defaults or --set)
+    n_cases = (math.prod(len(v) if isinstance(v, list) else 1 for v in sweep.values())
+               if sweep or not rules["include"] else 0)
+    n_cases += sum(math.prod(len(v) if isinstance(v, list) else 1 for v in inc.values())
+                   for inc in rules["include"])
+    if n_cases > MAX_CASES:
+        raise ScenarioError([f"{label}: the sweep and include lists make {n_cases} cases; a scenario "
+                             f"has at most {MAX_CASES} (split it into several files)"])
     raw: list[tuple[dict, set]] = []
     used = [False] * len(rules["exclude"])
     # With no sweep, the defaults alone are one case, unless include lists the cases.
