@@ -27,7 +27,7 @@ from suite.publish import export as publish_export, svgplot
 from suite.publish.published import (PublishError, REGRESSION_PCT, Run, hardware, history,
                                      latest_per_gpu)
 from suite.report.tables import IDENTITY, baseline_backend, ratios_to, sort_key
-from suite.store.runs import lock_beside
+from suite.store.runs import lock_beside, umask
 
 PAPER_OVERHEAD_PCT = 6.7
 
@@ -70,12 +70,6 @@ document.body.setAttribute('data-js','ok');
 
 
 MARKER = ".hcbench-site"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def slug(text: str) -> str:
@@ -793,7 +787,7 @@ def _build_into(runs: list[Run], out: Path) -> list[Path]:
             path = new / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        os.chmod(new, 0o777 & ~_umask())
+        os.chmod(new, 0o777 & ~umask())
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))

@@ -4,7 +4,7 @@ A run folder holds records.jsonl (one record per case), env.json, scenario copie
 records.jsonl grows by one synced line per case (RunStore); every other file is written whole to
 a temporary file and renamed over the old one, so a crash or Ctrl-C leaves either the old or the
 new version, never half a file. One process at a time writes
-a run folder: it holds the folder's lock (`lock_run_dir`), and a second writer stops with
+a run folder: it holds the folder's lock (`lock_beside`), and a second writer stops with
 RunLocked. The history lives next to
 the run folders (results/history.sqlite) and each record is upserted as soon as it exists.
 """
@@ -55,7 +55,7 @@ def atomic_write(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; results are shared files
+        os.chmod(tmp, 0o666 & ~umask())     # mkstemp makes 0600; results are shared files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -63,7 +63,8 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (files the suite makes are shared: their mode follows it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -133,23 +134,19 @@ def new_run_dir(root: Path, device_label: str) -> Path:
     raise FileExistsError(f"{root}: no free run folder name for {stamp}-{host}-{device_label}")
 
 
-def lock_run_dir(run_dir: Path) -> int:
-    return lock_beside(run_dir)
-
-
-def lock_beside(run_dir: Path) -> int:
+def lock_beside(folder: Path) -> int:
     """Takes a folder's lock: an flock on `.<folder>.lock` beside it (outside the folder, so
     that committing the folder never takes the lock file along), released when the holder closes
     it or exits, also when killed. RunLocked when another process holds it."""
-    run_dir = Path(run_dir)
-    fd = os.open(run_dir.parent / f".{run_dir.name}.lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    folder = Path(folder)
+    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            raise RunLocked(f"{run_dir}: another process is writing this folder (it holds "
-                            f".{run_dir.name}.lock); wait for it to finish, or run into another "
+            raise RunLocked(f"{folder}: another process is writing this folder (it holds "
+                            f".{folder.name}.lock); wait for it to finish, or run into another "
                             "folder") from None
         raise
     return fd
@@ -167,7 +164,7 @@ class RunStore:
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_run_dir(self.dir)
+        self._lock = lock_beside(self.dir)
         self._path = self.dir / "records.jsonl"
         _cut_torn_tail(self._path)
         self._by_id: dict[str, dict] = {r["case_id"]: r for r in read_records(self.dir)}
@@ -201,14 +198,14 @@ class RunStore:
 
     def index_run(self, env: dict, scenario_paths: list[str]) -> None:
         """The run's row in the history (its environment and scenarios), or a warning when
-        another process holds the history: the run goes on, and its next opening adds it."""
+        another process holds the history: the run goes on, and a resume of it adds it."""
         try:
             self.history.add_run(self.run_id, env, scenario_paths, self.dir)
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _held_elsewhere(exc):
                 raise
             print(f"warning: {self.history.path} is locked by another process; this run is "
-                  "indexed there when it is opened again", file=sys.stderr)
+                  "indexed there when it is resumed", file=sys.stderr)
             self._deferred = True
 
     def _index(self) -> None:
@@ -217,7 +214,7 @@ class RunStore:
         try:
             self.history.add_records(self.run_id, self._pending)
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _held_elsewhere(exc):
                 raise
             if not self._deferred:
                 print(f"warning: {self.history.path} is locked by another process; its records "
@@ -240,6 +237,11 @@ class RunStore:
             self._lines = len(self._by_id)
         os.close(self._lock)
         self._lock = None
+
+
+def _held_elsewhere(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds the database."""
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -336,7 +338,7 @@ def merge_run_copies(run_dir: Path, copies: list[Path]) -> tuple[int, int]:
     folder lacks it, or replaces one that is not ok with one that is; the saved scenario case
     lists become their union. Returns (records added, records replaced)."""
     run_dir = Path(run_dir)
-    lock = lock_run_dir(run_dir)
+    lock = lock_beside(run_dir)
     try:
         return _merge_into(run_dir, copies)
     finally:
