@@ -1,7 +1,8 @@
 """The command line: run, list, report, compare, publish, merge, prewarm, site-kernels,
 results-doc.
-Exit 0 ok/skipped, 1 a case failed, 2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g.
-a SLURM time limit; kept and resumable like Ctrl-C)."""
+Exit 0 ok, 1 a case failed, 2 bad input, 3 a run measured nothing (no case ok, none failed: e.g. a
+GPU scenario on a node without a GPU), 4 a regression under --fail-on-regression, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM, e.g. a SLURM time limit; kept and resumable like Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from suite.analysis import regression
 from suite.core.scenario import (Case, Scenario, ScenarioError, filter_cases, load_all, normalise,
                                  parse_overrides)
 from suite.measure import env as environment
@@ -25,7 +27,8 @@ from suite.store.runs import (RunFolderError, RunLocked, atomic_write, merge_run
                               read_records)
 from suite.workloads.dist import launch
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOTHING_MEASURED, EXIT_REGRESSION = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 _TERMINATED = {"flag": False}
 
 
@@ -77,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="history: only records of scenario NAME (repeatable)")
     cmp_.add_argument("--history", type=Path, default=ROOT / "results",
                       help="history.sqlite, or a folder with one or with run folders (default results/)")
+    _gate_option(cmp_)
 
     pub = sub.add_parser("publish", help="write a static dashboard (or PostgreSQL) from run folders")
     pub.add_argument("run_dirs", nargs="+", type=Path,
@@ -87,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--benchmark-json", type=Path, metavar="FILE",
                      help="also write github-action-benchmark JSON (customSmallerIsBetter) here")
     pub.add_argument("--markdown", type=Path, metavar="FILE", help="also write the Markdown tables here")
+    _gate_option(pub)
     mrg = sub.add_parser("merge", help="fold copies of a run folder, resumed in separate calls "
                                         "(e.g. on machines without a shared disk), back into it")
     mrg.add_argument("run_dir", type=Path)
@@ -108,6 +113,33 @@ def _parser() -> argparse.ArgumentParser:
     idx.add_argument("--check", action="store_true",
                      help="exit 1 with one line when the page is not what the folders give")
     return p
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage above 0, e.g. 5 or 5%")
+    return value
+
+
+def _gate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fail-on-regression", nargs="?", type=_percent, const=regression.REGRESSION_PCT,
+                   default=None, metavar="PCT",
+                   help="exit 4, with one line per regression, when a case's newest run regressed "
+                        f"(the rule of docs/publishing.md; PCT is its ratio threshold, default "
+                        f"{regression.REGRESSION_PCT:g})")
+
+
+def _gate(args, found: list[str]) -> int:
+    """The exit status of compare and publish: 4 with one line per regression when gated."""
+    if args.fail_on_regression is None or not found:
+        return EXIT_OK
+    for line in found:
+        print(f"regression: {line}", file=sys.stderr)
+    return EXIT_REGRESSION
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             for d in (args.run_a, args.run_b):
                 _require_run_dir(d)
-            compare(args.run_a, args.run_b, console)
-            return EXIT_OK
+            pct = args.fail_on_regression or regression.REGRESSION_PCT
+            return _gate(args, compare(args.run_a, args.run_b, console, pct).regressions)
     except BadInput as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
@@ -290,7 +322,25 @@ def _run(args, console: Console) -> int:
     console.print(f"run folder: {store.dir}")
     if interrupted:
         return EXIT_TERMINATED if _TERMINATED["flag"] else EXIT_INTERRUPTED
-    return EXIT_FAILED if any(r["status"] == "failed" for r in store.records) else EXIT_OK
+    if any(r["status"] == "failed" for r in store.records):
+        return EXIT_FAILED
+    if not any(r["status"] == "ok" for r in store.records):
+        print(f"error: {nothing_measured(store.records)}", file=sys.stderr)
+        return EXIT_NOTHING_MEASURED
+    return EXIT_OK
+
+
+def nothing_measured(records: list[dict]) -> str:
+    """Why a run that finished has no ok case, in one line: its most common skip reason."""
+    if not records:
+        return "the run measured nothing: no case was run"
+    reasons: dict[str, int] = {}
+    for r in records:
+        why = (r.get("reason") or "no reason recorded").splitlines()[0][:160]
+        reasons[why] = reasons.get(why, 0) + 1
+    why, count = max(reasons.items(), key=lambda kv: kv[1])
+    return (f"the run measured nothing: all {len(records)} cases were skipped "
+            f"({count} because: {why})")
 
 
 def _report(run_dir: Path, console: Console) -> int:
@@ -315,8 +365,9 @@ def _publish(args, console: Console) -> int:
     if "://" not in str(args.to):
         _require_writable_folder(Path(args.to), "--to", "receives the site")
     try:
-        return publish(args.run_dirs, args.to, console, csv=args.csv,
-                       benchmark_json=args.benchmark_json, markdown=args.markdown)
+        return _gate(args, publish(args.run_dirs, args.to, console, csv=args.csv,
+                                   benchmark_json=args.benchmark_json, markdown=args.markdown,
+                                   pct=args.fail_on_regression or regression.REGRESSION_PCT))
     except (PublishError, RunLocked) as exc:
         raise BadInput([str(exc)])
 
@@ -326,6 +377,7 @@ def _compare_history(args, console: Console) -> int:
         raise BadInput(["compare: give two run folders, or none to compare across the history"])
     try:
         source = [args.run_a, args.run_b] if args.run_b is not None else args.history
-        return compare_history(source, args.gpu, args.since, args.scenario, console)
+        return _gate(args, compare_history(source, args.gpu, args.since, args.scenario, console,
+                                           args.fail_on_regression or regression.REGRESSION_PCT))
     except PublishError as exc:
         raise BadInput([str(exc)])

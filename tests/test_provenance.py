@@ -54,8 +54,8 @@ def test_records_carry_code_and_kernel_settings_and_tuned_runs_never_join(tmp_pa
     assert "commit" in ra["code"] and "dirty" in ra["code"]
     assert json.loads((run_b / "env.json").read_text())["kernel_settings"] == rb["kernel_settings"]
     console = Console(width=200, record=True)
-    assert report.compare(run_a, run_a, console) == 1
-    assert report.compare(run_a, run_b, console) == 0
+    assert report.compare(run_a, run_a, console).joined == 1
+    assert report.compare(run_a, run_b, console).joined == 0
     assert "not joined: their kernel settings differ" in console.export_text()
     # resuming the default run under a tuned setting is refused with one line, exit 2
     capsys.readouterr()

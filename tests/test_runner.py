@@ -82,7 +82,7 @@ def test_default_scenario_full_cpu_run(tmp_path):
     from rich.console import Console
     from suite.report import tables as report
     console = Console(record=True, width=200)
-    assert report.compare(old, run, console) == len(cpu_ok)
+    assert report.compare(old, run, console).joined == len(cpu_ok)
     assert "run A was timed before the launch pad" in console.export_text()
 
 
@@ -142,7 +142,7 @@ def test_unrunnable_cases_are_skipped_with_reason(tmp_path, fake_backend, monkey
           - {method: mhc, backend: torch, device: cuda, gpus: 64}
     """))
     out = tmp_path / "out"
-    assert cli.main(["run", path, "--out", str(out)]) == 0
+    assert cli.main(["run", path, "--out", str(out)]) == cli.EXIT_NOTHING_MEASURED
     reasons = sorted(r["reason"] for r in read_records(run_dir_of(out)))
     assert reasons[0] == "backend triton needs a cuda device, case asks for cpu"
     assert reasons[1] == "fake takes no fp32"
@@ -205,7 +205,7 @@ def test_resume_looks_again_at_skipped_cases(tmp_path, fake_backend):
                               supports=lambda n, C, dtype: "library missing")
     path = scenario(tmp_path, BASE + "sweep: {method: [mhc], backend: [fake]}\n")
     out = tmp_path / "out"
-    assert cli.main(["run", path, "--out", str(out)]) == 0
+    assert cli.main(["run", path, "--out", str(out)]) == cli.EXIT_NOTHING_MEASURED
     run = run_dir_of(out)
     assert read_records(run)[0]["status"] == "skipped"
     fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ref.post)   # now installed
@@ -300,3 +300,14 @@ def test_a_reason_with_brackets_is_printed_whole(tmp_path, capsys):
     print_run(run, Console(width=200, force_terminal=False))
     out = capsys.readouterr().out
     assert "[enforce fail at alloc.cpp:9] [bold]x" in out
+
+
+def test_a_run_that_measured_nothing_exits_3_with_one_line(tmp_path, fake_backend, capsys):
+    fake_backend["mhc"] = Ops("mhc", "fake", pre=ref.mhc_pre, post=ref.post,
+                              supports=lambda n, C, dtype: "library missing")
+    path = scenario(tmp_path, BASE + "sweep: {method: [mhc], backend: [fake]}\n")
+    capsys.readouterr()
+    assert cli.main(["run", path, "--out", str(tmp_path / "out")]) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == ["error: the run measured nothing: all 1 cases were skipped "
+                   "(1 because: library missing)"]

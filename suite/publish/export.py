@@ -11,6 +11,7 @@ import csv
 import io
 import json
 
+from suite.analysis.regression import RULE
 from suite.core import record as record_schema
 from suite.publish.published import Run, history, latest_per_gpu
 from suite.report.tables import case_label, reasons, rows
@@ -101,11 +102,13 @@ def markdown(runs: list[Run]) -> str:
     judged = [(g, cid, p) for g, cases in sorted(hist.items()) for cid, pts in sorted(cases.items())
               for p in pts if p.baseline is not None]
     if judged:
-        lines += ["## History: each run against the median of the runs before it (same GPU model)", "",
-                  "Regression: > 5% slower and above the previous runs' p10-p90 noise band.", ""]
+        lines += ["## History: each run against the runs before it (same GPU model)", "", RULE, ""]
         body = [[g, case_name(p.record), p.run_id, f"{p.median:.4g}", f"{p.baseline:.4g}",
-                 f"{p.change_pct:+.1f}", f"{p.band[0]:.4g}-{p.band[1]:.4g}", p.verdict]
+                 f"{p.change_pct:+.1f}", f"{p.band[0]:.4g}-{p.band[1]:.4g}",
+                 "" if p.z is None else f"{p.z:+.1f}",
+                 "; ".join((p.verdict,) + p.env_change
+                           + ((f"code {p.code_change}",) if p.code_change else ()))]
                 for g, cid, p in judged]
-        lines += _md_table(["gpu", "case", "run", "median ms", "previous median ms", "change %",
-                            "noise band ms", "verdict"], body) + [""]
+        lines += _md_table(["gpu", "case", "run", "median ms", "earlier median ms", "change %",
+                            "noise band ms", "z", "verdict"], body) + [""]
     return "\n".join(lines) + "\n"

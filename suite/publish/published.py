@@ -6,26 +6,21 @@
   regression rule applied to each run against the runs before it.
 - `hardware`: the same case ids on different GPU models, as time ratios to a reference GPU.
 
-Regression rule (issue 7): a run's median is a regression when it is more than REGRESSION_PCT
-slower than the median of the previous runs' medians of the same case on the same GPU model, and
-outside the noise band. The noise band is the previous runs' p10-p90 range of single-call times:
-[median of their p10, median of their p90]. A median above the band's top edge lies above what
-nine calls in ten took before; a median inside it is not called a regression, however large the
-ratio. An improvement is the mirror image (more than REGRESSION_PCT faster and below the band).
+The regression rule is suite/analysis/regression.py's, the one definition used everywhere.
 """
 from __future__ import annotations
 
 import json
 import sqlite3
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from suite.core import record as record_schema
+from suite.analysis import regression
+from suite.analysis.regression import REGRESSION_PCT, RULE  # noqa: F401 (re-exported)
 from suite.core.scenario import Case
-from suite.store.runs import read_env, read_records
+from suite.store.runs import device_model, read_env, read_records
 
-REGRESSION_PCT = 5.0
 
 
 @dataclass
@@ -65,12 +60,7 @@ class Run:
         return out
 
 
-def gpu_model(env: dict) -> str:
-    gpus = env.get("gpus") or []
-    if gpus and gpus[0].get("name"):
-        return gpus[0]["name"]
-    cpu = (env.get("cpu") or {}).get("model")
-    return f"CPU {cpu}" if cpu else "unknown device"
+gpu_model = device_model
 
 
 class PublishError(Exception):
@@ -186,33 +176,28 @@ class Point:
     median: float
     p10: float
     p90: float
-    baseline: float | None = None     # median of the previous runs' medians
+    baseline: float | None = None     # median of the earlier medians it was judged against
     band: tuple[float, float] | None = None
-    verdict: str = ""                 # "", "regression", "improvement", "within noise", "first run"
+    verdict: str = ""                 # suite.analysis.regression.Judgement.verdict
+    z: float | None = None
+    env_change: tuple[str, ...] = ()  # "torch 2.10.0 -> 2.11.0": why it is not called a regression
+    code_change: str | None = None    # "abc1234 -> def5678" when the commit differs from the last run
+    environment: dict = field(default_factory=dict)
 
     @property
     def change_pct(self) -> float | None:
         return None if self.baseline is None else 100.0 * (self.median / self.baseline - 1.0)
 
 
-def judge(median: float, previous: list[tuple[float, float, float]]) -> tuple[float | None, tuple | None, str]:
-    """(baseline, band, verdict) of one median against the (median, p10, p90) of earlier runs."""
-    if not previous:
-        return None, None, "first run"
-    base = statistics.median(m for m, _, _ in previous)
-    band = (statistics.median(lo for _, lo, _ in previous),
-            statistics.median(hi for _, _, hi in previous))
-    change = 100.0 * (median / base - 1.0)
-    if change > REGRESSION_PCT and median > band[1]:
-        return base, band, "regression"
-    if change < -REGRESSION_PCT and median < band[0]:
-        return base, band, "improvement"
-    return base, band, "within noise"
+def _commit(r: dict) -> str | None:
+    commit = (r.get("code") or {}).get("commit")
+    return commit[:10] if commit else None
 
 
-def history(runs: list[Run]) -> dict[str, dict[str, list[Point]]]:
+def history(runs: list[Run], pct: float = regression.REGRESSION_PCT) -> dict[str, dict[str, list[Point]]]:
     """gpu model -> case id -> points in time order, each judged against the ones before it."""
     out: dict[str, dict[str, list[Point]]] = {}
+    envs = {run.run_id: regression.environment(run.env) for run in runs}
     # In time order of the records themselves: a resumed run may add cases after a later run.
     timed = sorted(((r.get("started_utc") or run.started, run.run_id, r["case_id"], run, r)
                     for run in runs for r in run.records if _ok(r)), key=lambda x: x[:3])
@@ -222,14 +207,22 @@ def history(runs: list[Run]) -> dict[str, dict[str, list[Point]]]:
         med = t["median"]
         p10, p90 = t.get("p10", med), t.get("p90", med)
         pts = per_case.setdefault(record_schema.join_key(r), [])
-        base, band, verdict = judge(med, [(p.median, p.p10, p.p90) for p in pts])
-        pts.append(Point(run.run_id, run.started, r, med, p10, p90, base, band, verdict))
+        env = envs[run.run_id]
+        j = regression.judge(med, env, [(p.median, p.p10, p.p90, p.environment) for p in pts], pct)
+        code = None
+        if pts and _commit(pts[-1].record) and _commit(r) and _commit(pts[-1].record) != _commit(r):
+            code = f"{_commit(pts[-1].record)} -> {_commit(r)}"
+        pts.append(Point(run.run_id, run.started, r, med, p10, p90, j.baseline, j.band, j.verdict,
+                         j.z, j.env_change, code, env))
     return out
 
 
-def regressions(runs: list[Run]) -> list[tuple[str, str, Point]]:
-    return [(gpu, cid, p) for gpu, cases in history(runs).items() for cid, pts in cases.items()
-            for p in pts if p.verdict == "regression"]
+def newest_regressions(runs: list[Run], pct: float = regression.REGRESSION_PCT
+                       ) -> list[tuple[str, str, Point]]:
+    """(gpu model, join key, point) of each case whose newest run is a regression: what
+    `--fail-on-regression` fails on."""
+    return [(gpu, cid, pts[-1]) for gpu, cases in sorted(history(runs, pct).items())
+            for cid, pts in sorted(cases.items()) if pts and pts[-1].verdict == "regression"]
 
 
 # ---------------------------------------------------------------- across GPU models

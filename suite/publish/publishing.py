@@ -12,16 +12,31 @@ import datetime as dt
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from suite.publish import dashboard, export as publish_export, postgres as publish_pg
-from suite.publish.published import (PublishError, REGRESSION_PCT, Run, filter_runs, hardware,
-                                     history, load_history, load_runs)
+from suite.analysis import regression
+from suite.publish.published import (PublishError, Point, Run, filter_runs, hardware, history,
+                                     load_history, load_runs, newest_regressions)
 from suite.store.runs import atomic_write
 
 
+def regression_lines(found: list[tuple[str, str, Point]]) -> list[str]:
+    """One line per regression, for `--fail-on-regression`."""
+    return [f"{gpu} | {publish_export.case_name(p.record)} [{cid}]: {p.median:.4g} ms in "
+            f"{p.run_id}, {regression.describe(_judgement(p), p.median)}"
+            + (f", code {p.code_change}" if p.code_change else "") for gpu, cid, p in found]
+
+
+def _judgement(p: Point) -> regression.Judgement:
+    return regression.Judgement(p.verdict, p.baseline, p.band, p.z, p.env_change)
+
+
 def publish(run_dirs: list[Path], to: str, console: Console, csv: Path | None = None,
-            benchmark_json: Path | None = None, markdown: Path | None = None) -> int:
+            benchmark_json: Path | None = None, markdown: Path | None = None,
+            pct: float = regression.REGRESSION_PCT) -> list[str]:
+    """Writes the site (or the database) and the exports; returns the newest runs' regressions."""
     runs = load_runs(run_dirs)
     if not runs:
         raise PublishError("publish: no run folder given")
@@ -34,15 +49,14 @@ def publish(run_dirs: list[Path], to: str, console: Console, csv: Path | None = 
         counts = publish_pg.publish(to, runs)
         console.print(f"published {counts['runs']} runs and {counts['records']} records to "
                       f"{publish_pg.redact(to)} ({counts['new_records']} new)", soft_wrap=True)
-        return 0
+        return regression_lines(newest_regressions(runs, pct))
     if "://" in to:
         raise PublishError(f"--to {to}: give a folder or a postgresql://USER@HOST/DB address")
     files = dashboard.build(runs, Path(to))
-    regs = sum(1 for cases in history(runs).values() for pts in cases.values()
-               if pts and pts[-1].verdict == "regression")
+    found = newest_regressions(runs, pct)
     console.print(f"dashboard: {Path(to) / 'index.html'} ({len(files)} files, {len(runs)} runs, "
-                  f"{regs} regression(s) in the newest runs)", soft_wrap=True)
-    return 0
+                  f"{len(found)} regression(s) in the newest runs)", soft_wrap=True)
+    return regression_lines(found)
 
 
 def _check_since(since: str | None) -> None:
@@ -72,8 +86,9 @@ def history_runs(source: Path) -> list[Run]:
 
 
 def compare_history(source: Path | list[Path], gpu: list[str], since: str | None, scenario: list[str],
-                    console: Console) -> int:
-    """source: the history (a file or folder), or a list of run folders to compare."""
+                    console: Console, pct: float = regression.REGRESSION_PCT) -> list[str]:
+    """source: the history (a file or folder), or a list of run folders to compare. Returns the
+    newest runs' regressions, one line each."""
     _check_since(since)
     found = load_runs(source) if isinstance(source, list) else history_runs(source)
     runs = filter_runs(found, gpu, since, scenario)
@@ -83,7 +98,7 @@ def compare_history(source: Path | list[Path], gpu: list[str], since: str | None
         [f"since {since}"] if since else []) + ([f"scenario {'|'.join(scenario)}"] if scenario else []))
     if not runs:
         console.print(f"no run in {source} matches ({what or 'no filter'})")
-        return 0
+        return []
     console.print(f"{len(runs)} runs from {source}" + (f" ({what})" if what else ""), highlight=False)
     gpus, rows = hardware(runs)
     if len(gpus) > 1:
@@ -102,24 +117,29 @@ def compare_history(source: Path | list[Path], gpu: list[str], since: str | None
                       *[f"{row['ratio'][g]:.3f}" if row["ratio"].get(g) is not None else "" for g in gpus[1:]])
         console.print(t)
         console.print(f"{len(rows)} cases on at least two GPU models")
-    regressions = 0
-    for g, cases in sorted(history(runs).items()):
+    hist = history(runs, pct)
+    for g, cases in sorted(hist.items()):
         judged = {cid: pts for cid, pts in cases.items() if len(pts) > 1}
         if not judged:
             console.print(f"{g}: {len(cases)} cases, none in more than one run", highlight=False)
             continue
-        t = Table(title=f"{g}: newest run of each case against the median of its previous runs "
-                        f"(regression: > {REGRESSION_PCT:.0f}% slower and above the p10-p90 noise band)")
-        for h in ("case", "runs", "newest run", "median ms", "previous ms", "change %", "band ms", "verdict"):
+        t = Table(title=f"{g}: newest run of each case against its earlier runs (regression: "
+                        f"> {pct:g}% slower, above the p10-p90 noise band and, with "
+                        f"{regression.Z_MIN_RUNS}+ earlier runs, z > {regression.Z_LIMIT})")
+        for h in ("case", "runs", "newest run", "median ms", "earlier ms", "change %", "band ms",
+                  "z", "verdict"):
             t.add_column(h, justify="left" if h in ("case", "newest run", "verdict") else "right",
-                         no_wrap=h in ("case", "verdict"), overflow="fold")
+                         no_wrap=h == "case", overflow="fold")
         for cid, pts in sorted(judged.items(), key=lambda kv: publish_export.case_name(kv[1][-1].record)):
             p = pts[-1]
             style = {"regression": "red", "improvement": "green"}.get(p.verdict)
-            regressions += p.verdict == "regression"
-            t.add_row(publish_export.case_name(p.record), str(len(pts)), p.run_id, f"{p.median:.4g}",
-                      f"{p.baseline:.4g}", f"{p.change_pct:+.1f}", f"{p.band[0]:.4g}-{p.band[1]:.4g}",
-                      p.verdict, style=style)
+            verdict = p.verdict + "".join(f"; {c}" for c in p.env_change) + (
+                f"; code {p.code_change}" if p.code_change else "")
+            t.add_row(escape(publish_export.case_name(p.record)), str(len(pts)), p.run_id,
+                      f"{p.median:.4g}", f"{p.baseline:.4g}", f"{p.change_pct:+.1f}",
+                      f"{p.band[0]:.4g}-{p.band[1]:.4g}", "" if p.z is None else f"{p.z:+.1f}",
+                      escape(verdict), style=style)
         console.print(t)
-    console.print(f"{regressions} regression(s) in the newest runs")
-    return 0
+    found = newest_regressions(runs, pct)
+    console.print(f"{len(found)} regression(s) in the newest runs")
+    return regression_lines(found)

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from suite.analysis import overhead
+from suite.analysis import overhead, regression
 from suite.core.scenario import sinkhorn_label
 from suite.measure import telemetry
 from suite.report import distributed as dist_report, sections as report_sections
-from suite.store.runs import atomic_write, read_env, read_records
+from suite.store.runs import atomic_write, device_model, read_env, read_records
 
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
 # Every field that changes what is measured, so a ratio joins exactly the same case.
@@ -75,7 +76,7 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
             spread = telemetry.relative_spread(t)
             noisy = " !" if spread is not None and spread > telemetry.SPREAD_LIMIT else ""
             row += [f"{t['median']:.4g}", f"{t['p10']:.4g}-{t['p90']:.4g}{noisy}", f"{100 * t['cv']:.1f}",
-                    f"{r['gbps']:.0f}", _fmt(r.get("pct_of_copy"), "{:.1f}"),
+                    _fmt(r.get("gbps"), "{:.0f}"), _fmt(r.get("pct_of_copy"), "{:.1f}"),
                     _fmt(r.get("peak_mem_bytes"), "{:.0f}", scale=2**-20)]
         else:
             row += [""] * 6
@@ -209,26 +210,48 @@ def write_markdown(run_dir: Path) -> Path:
     return path
 
 
-def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
-    """Joins two runs by case id; prints B's time over A's. Returns the number of joined cases."""
+@dataclass
+class Comparison:
+    joined: int                    # cases ok in both runs with the same kernel settings
+    regressions: list[str]         # one line per regression of B against A
+
+
+def compare(run_a: Path, run_b: Path, console: Console | None = None,
+            pct: float = regression.REGRESSION_PCT) -> Comparison:
+    """Joins two runs by case id; prints B's time over A's and the regression rule's verdict of B
+    against A (suite/analysis/regression.py, with A as the only earlier run)."""
     console = console or Console()
     a = {r["case_id"]: r for r in read_records(run_a) if r["status"] == "ok"}
     b = {r["case_id"]: r for r in read_records(run_b) if r["status"] == "ok"}
+    env_a, env_b = read_env(run_a), read_env(run_b)
     # A case timed with other kernel settings is another measurement: never joined.
     tuned = [k for k in b if k in a
              and (a[k].get("kernel_settings") or {}) != (b[k].get("kernel_settings") or {})]
     both = [k for k in b if k in a and k not in tuned]
-    table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(read_env(run_a))})   "
-                        f"B = {Path(run_b).name} ({_device_line(read_env(run_b))})")
-    for h in [HEADER.get(c, c) for c in COLUMNS] + ["A ms", "B ms", "B/A", "A % copy", "B % copy"]:
+    same_gpu = device_model(env_a) == device_model(env_b)
+    table = Table(title=f"B / A   A = {Path(run_a).name} ({_device_line(env_a)})   "
+                        f"B = {Path(run_b).name} ({_device_line(env_b)})")
+    for h in [HEADER.get(c, c) for c in COLUMNS] + ["A ms", "B ms", "B/A", "A % copy", "B % copy",
+                                                    "verdict"]:
         table.add_column(h)
+    found = []
     for k in sorted(both, key=lambda k: sort_key(b[k])):
         ra, rb = a[k], b[k]
         ta, tb = ra["time_ms"]["median"], rb["time_ms"]["median"]
+        verdict, style = "other GPU model", None
+        if same_gpu:
+            j = regression.judge(tb, regression.environment(env_b),
+                                 [(ta, ra["time_ms"].get("p10", ta), ra["time_ms"].get("p90", ta),
+                                   regression.environment(env_a))], pct)
+            verdict = j.verdict if not j.env_change else f"{j.verdict}: {'; '.join(j.env_change)}"
+            style = {"regression": "red", "improvement": "green"}.get(j.verdict)
+            if j.verdict == "regression":
+                found.append(f"{device_model(env_b)} | {case_label(rb)} [{k}]: {tb:.4g} ms, "
+                             f"{regression.describe(j, tb)}")
         table.add_row(*["" if rb["case"].get(c) is None else str(rb["case"][c]) for c in COLUMNS],
                       f"{ta:.4g}", f"{tb:.4g}",
                       f"{tb / ta:.3f}", _fmt(ra.get("pct_of_copy"), "{:.1f}"),
-                      _fmt(rb.get("pct_of_copy"), "{:.1f}"))
+                      _fmt(rb.get("pct_of_copy"), "{:.1f}"), escape(verdict), style=style)
     console.print(table)
     padded = {name: any("launch_pad_ms" in r["time_ms"] for r in run.values())
               for name, run in (("A", a), ("B", b))}
@@ -241,5 +264,11 @@ def compare(run_a: Path, run_b: Path, console: Console | None = None) -> int:
         ka, kb = a[tuned[0]].get("kernel_settings"), b[tuned[0]].get("kernel_settings")
         console.print(f"{len(tuned)} cases not joined: their kernel settings differ "
                       f"(A: {ka or 'default'}; B: {kb or 'default'})", markup=False)
-    console.print(f"{len(both)} cases in both runs; {only} ok in only one of them")
-    return len(both)
+    if not same_gpu:
+        console.print(f"A and B ran on different devices ({device_model(env_a)}, {device_model(env_b)}): "
+                      "ratios only, no regression verdict", markup=False)
+    console.print(f"{len(both)} cases in both runs; {only} ok in only one of them; "
+                  f"{len(found)} regression(s) of B against A "
+                  f"(> {pct:g}% slower and above A's p10-p90 band)", markup=False)
+    return Comparison(len(both), found)
+

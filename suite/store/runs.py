@@ -118,6 +118,16 @@ def read_env(run_dir: Path) -> dict:
     return env
 
 
+def device_model(env: dict) -> str:
+    """The device a run's times belong to, from its env.json: the first GPU's model name, else
+    "CPU <model>". Runs join across time and are compared only within one device model."""
+    gpus = env.get("gpus") or []
+    if gpus and isinstance(gpus[0], dict) and gpus[0].get("name"):
+        return gpus[0]["name"]
+    cpu = (env.get("cpu") or {}).get("model")
+    return f"CPU {cpu}" if cpu else "unknown device"
+
+
 def new_run_dir(root: Path, device_label: str) -> Path:
     """A new, empty run folder. Processes that start in the same second each get their own:
     mkdir is the atomic test (a name another process took raises, and the next suffix is tried)."""
