@@ -73,3 +73,20 @@ def test_a_table_block_naming_a_missing_run_or_kind_is_bad_input(tmp_path, capsy
         before = doc.read_text()
         assert cli.main(["results-doc", "--results", str(results), "--doc", str(doc), "--readme", str(tmp_path / "no-readme.md")]) == 2
         assert want in capsys.readouterr().err and doc.read_text() == before
+
+
+def test_baseline_table_pivots_backends_per_width_and_names_missing_cells():
+    from suite.report import results_tables
+    def rec(method, n, C, backend, median=None, reason=None):
+        ok = median is not None
+        return {"case": {"method": method, "n": n, "C": C, "backend": backend, "op": "site",
+                         "mode": "fwd"}, "status": "ok" if ok else "failed",
+                "time_ms": {"median": median} if ok else None, "reason": reason}
+    lines = results_tables.baseline_table(
+        [rec("mhc", 4, 2560, "torch", 6.84), rec("mhc", 4, 2560, "compile", 3.031),
+         rec("mhc", 1, 2560, "torch", 4.1), rec("mhc", 1, 2560, "compile", reason="CaseTimeout: timed out after 60 s"),
+         rec("mhc", 1, 4096, "torch", 5.21)], {"gpus": [{"name": "GPU X"}]})
+    assert lines[:4] == ["| method | n | C = 2560 | C = 4096 |", "|---|---|---|---|",
+                         "| mhc | 1 | 4.10 / timed out | 5.21 / not run |",
+                         "| mhc | 4 | 6.84 / 3.03 | not run / not run |"]
+    assert lines[-1].endswith("(torch / compile); GPU X.")

@@ -11,6 +11,9 @@ keeping the records whose case fields equal every FIELD=VALUE given (e.g. C=4096
 KIND is one of TABLES:
 - `kernels`: median device ms of every backend per (method, op, mode, C, n), with its share of the
   copy-rate floor, and TileLang over Triton;
+- `baseline`: median device ms per (method, n) and width C, one "a / b" cell per backend pair
+  present (eager torch / compile); a case that failed on its time limit reads "timed out", one
+  that has no record "not run";
 - `overhead`: the whole-step verdict per width (suite.analysis.overhead.verdict): wall clock per
   step, overhead against the residual with its interval, the device-only and no-optimizer
   overheads, and how far the host bounds the step.
@@ -81,6 +84,35 @@ def kernels_table(records: list[dict], env: dict) -> list[str]:
                   + (f", copy rate {copy:.0f} GB/s." if copy else ".")]
 
 
+def _ms(r: dict | None) -> str:
+    if r is None:
+        return "not run"
+    if r.get("status") == "ok":
+        return f"{r['time_ms']['median']:.2f}"
+    return "timed out" if "timed out" in (r.get("reason") or "") else r.get("status", "-")
+
+
+def baseline_table(records: list[dict], env: dict) -> list[str]:
+    """Rows (method, n), columns C; each cell the backends' medians side by side."""
+    cells: dict[tuple, dict] = defaultdict(dict)
+    for r in records:
+        c = r["case"]
+        if c.get("scope", "site") == "site" and c.get("op") == "site":
+            cells[(c["method"], c["n"])][(c["C"], c["backend"])] = r
+    widths = sorted({C for row in cells.values() for C, _ in row})
+    present = [b for b in BACKENDS if any(b == be for row in cells.values() for _, be in row)]
+    head = ["method", "n", *(f"C = {C}" for C in widths)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(cells, key=lambda k: (METHOD_ORDER.get(k[0], 9), k[1])):
+        row = cells[key]
+        out.append("| " + " | ".join([key[0], str(key[1]), *(
+            " / ".join(_ms(row.get((C, b))) for b in present) for C in widths)]) + " |")
+    gpu = (env.get("gpus") or [{}])[0].get("name", "CPU")
+    modes = sorted({r["case"]["mode"] for r in records})
+    return out + ["", f"{', '.join(modes)}: median ms of device time, L2 flushed "
+                  f"({' / '.join(present)}); {gpu}."]
+
+
 def _pct(v) -> str:
     return "" if v is None else f"{v:.1f}%"
 
@@ -130,7 +162,7 @@ def overhead_table(records: list[dict], env: dict) -> list[str]:
                   "to the full depth (suite/analysis/overhead.py)."]
 
 
-TABLES = {"kernels": kernels_table, "overhead": overhead_table}
+TABLES = {"kernels": kernels_table, "baseline": baseline_table, "overhead": overhead_table}
 
 
 def render(doc_text: str, root: Path) -> str:
