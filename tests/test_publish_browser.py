@@ -93,12 +93,20 @@ def test_the_error_check_can_fail(chromium, tmp_path):
 SECTIONS = {"index.html": ["gpu"],
             f"scenario-{dashboard.slug('sample')}.html": ["plot-time", "plot-gbps", "plot-copy", "plot-fwdbwd"],
             f"scenario-{dashboard.slug('sample_model')}.html": ["plot-time", "plot-overhead", "plot-recompute"],
-            "hardware.html": ["plot-hardware"], "history.html": ["plot-history"]}
+            "hardware.html": ["plot-hardware"], "history.html": ["history-index"], "trend": ["plot-trend"]}
+
+
+def _page(site: Path, name: str) -> Path:
+    """A page of the site; "trend": the trend page of the fixture's regressed case."""
+    if name != "trend":
+        return site / name
+    hist = (site / "history.html").read_text()
+    return site / re.search(r'<tr class="verdict-regression">.*?href="(trend/[^"]+)"', hist).group(1)
 
 
 @pytest.mark.parametrize("name", sorted(SECTIONS))
 def test_page_renders_tables_and_plots(chromium, site, tmp_path, name):
-    dom, errors = load(chromium, site / name, tmp_path)
+    dom, errors = load(chromium, _page(site, name), tmp_path)
     assert errors == []
     assert "<table" in dom
     for section in SECTIONS[name]:
@@ -107,6 +115,38 @@ def test_page_renders_tables_and_plots(chromium, site, tmp_path, name):
         for block in blocks:
             assert "<svg" in block and re.search(r"<(polyline|circle|rect|polygon)", block), \
                 f"{name}: section {section} has an empty plot"
+
+
+# Sets data-width on <body>: the page's scroll width over the window's width.
+WIDTH_PROBE = ("<script>document.body.setAttribute('data-width',document.documentElement.scrollWidth"
+               "+'/'+document.documentElement.clientWidth);</script></body>")
+
+
+@pytest.mark.parametrize("name", sorted(SECTIONS) + ["record", "run"])
+def test_nothing_is_wider_than_a_narrow_window(chromium, site, tmp_path, name):
+    """Plots shrink to the window and wide tables scroll inside their box: the page itself never
+    scrolls sideways, however many columns a table has."""
+    if name in ("record", "run"):
+        page = sorted((site / ("r" if name == "record" else "runs")).rglob("*.html"))[0]
+    else:
+        page = _page(site, name)
+    probe = page.with_name("probe-" + page.name)       # beside it: its links and styles still resolve
+    probe.write_text(page.read_text().replace("</body>", WIDTH_PROBE))
+    try:
+        res = _run(chromium, "--window-size=600,900", "--dump-dom", probe.as_uri(), tmp=tmp_path)
+    finally:
+        probe.unlink()
+    scroll, client = map(int, re.search(r'data-width="(\d+)/(\d+)"', res.stdout).groups())
+    assert client <= 600 and scroll <= client, f"{name}: {scroll} px wide in a {client} px window"
+
+
+def test_the_width_check_can_fail(chromium, tmp_path):
+    page = tmp_path / "wide.html"
+    page.write_text('<!DOCTYPE html><html><body><table><tr><td style="white-space:nowrap">'
+                    + "wide " * 400 + "</td></tr></table>" + WIDTH_PROBE + "</html>")
+    res = _run(chromium, "--window-size=600,900", "--dump-dom", page.as_uri(), tmp=tmp_path)
+    scroll, client = map(int, re.search(r'data-width="(\d+)/(\d+)"', res.stdout).groups())
+    assert scroll > client
 
 
 def test_record_link_opens_the_record_and_screenshot(chromium, site, tmp_path, capsys):

@@ -1,26 +1,43 @@
 """The static dashboard: `harness.py publish RUN_DIR... --to DIR` writes a self-contained site.
 
-Pages: index.html (overview per GPU model), scenario-NAME.html (table and plots of each scenario,
-per GPU model, from its newest run), hardware.html (same case ids across GPU models as ratios),
-history.html (each case's median over runs, regressions marked), runs/RUN.html (environment and
-every record of a run) and r/RUN/CASE.html (one record: case, environment link, raw samples).
-data/ holds the tidy CSV, the github-action-benchmark JSON, Markdown tables and each run's
-records.jsonl and env.json. Plots are inline SVG (suite/publish/svgplot.py); the one script is inline
-(sortable tables). Nothing is fetched from the network, and the same records give the same bytes:
-no build time is written anywhere.
+Pages: index.html (overview per GPU model, and the CPU smoke runs apart), scenario-NAME.html
+(table and plots of each scenario, per GPU model, from its newest run), hardware.html (same case
+ids across GPU models as ratios), history.html (an index of the cases: newest verdict, change,
+sparkline) and trend/GPU/CASE.html (one case on one GPU model over runs: medians, p10-p90 band,
+verdict of each run), runs/RUN.html (environment and every record of a run) and r/RUN/CASE.html
+(one record: case, environment link, raw samples). data/ holds the tidy CSV, the
+github-action-benchmark JSON, Markdown tables and each run's records.jsonl and env.json. Plots
+are inline SVG (suite/publish/svgplot.py); the one script is inline (sortable tables). Nothing is
+fetched from the network, and the same records give the same bytes: no build time is written
+anywhere.
+
+Runs whose environment names no GPU (CPU smoke runs) are listed apart: they are never a GPU
+model, never compared with GPUs and never judged for regressions.
+
+A publish draws only the pages whose inputs changed: MANIFEST in the site holds each file's key
+(a hash of the suite's code and of the runs and records the file is drawn from), the hash of its
+bytes and its size. A file whose key is unchanged is carried over from the current site (hard-
+linked) when it is still what the earlier build wrote, so the site is the same, byte for byte, as
+a fresh build, and a re-publish with one new run draws that run's pages and the pages that sum
+up all runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import statistics
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
 
+import suite
 from suite.analysis import overhead
 from suite.measure import telemetry
 from suite.publish import export as publish_export, svgplot
@@ -30,24 +47,30 @@ from suite.report.tables import IDENTITY, baseline_backend, ratios_to, sort_key
 from suite.store.runs import lock_beside, umask
 
 PAPER_OVERHEAD_PCT = 6.7
+# More lines than this on one plot cannot be told apart: a plot with more is split in parts.
+MAX_SERIES = 12
+# The distributed scenario's case fields: shown where a table's records set them.
+DIST_FIELDS = ("gpus", "parallel", "microbatches", "overlap")
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1a1a1a;background:#fafafa}
 header{background:#143d59;color:#fff;padding:10px 24px}header a{color:#fff;margin-right:18px;text-decoration:none;font-weight:600}
 header .brand{font-size:17px;margin-right:28px}
-main{padding:8px 24px 40px;max-width:1500px}
+main{padding:8px 24px 40px;max-width:1500px;box-sizing:border-box}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc;padding-bottom:4px}h3{font-size:15px}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:12.5px;margin:8px 0;background:#fff}
 th,td{border:1px solid #d4d4d4;padding:3px 7px;text-align:right;white-space:nowrap}
 th{background:#eef2f5;cursor:pointer;position:sticky;top:0}
 td.l,th.l{text-align:left}
 tr.skipped td{background:#fff8e1}tr.failed td{background:#fdecea}tr.notrun td{background:#f1f1f1;color:#555}
-tr.regression td{background:#fdecea}tr.improvement td{background:#e8f5e9}
-.verdict-regression{color:#b00020;font-weight:700}.verdict-improvement{color:#1b7f3a;font-weight:700}
-.plots{display:flex;flex-wrap:wrap;gap:10px}.plot{border:1px solid #ddd;background:#fff}
+tr.verdict-regression td{background:#fdecea}tr.verdict-improvement td{background:#e8f5e9}
+span.verdict-regression{color:#b00020;font-weight:700}span.verdict-improvement{color:#1b7f3a;font-weight:700}
+.plots{display:flex;flex-wrap:wrap;gap:10px}.plots>*{min-width:0}.plot{border:1px solid #ddd;background:#fff}
+svg.plot{max-width:100%;height:auto}svg.spark{vertical-align:middle}
 .legend{margin:6px 0;font-size:12.5px}.key{margin-right:14px;white-space:nowrap}.key svg{vertical-align:middle}
 .card{background:#fff;border:1px solid #ddd;padding:10px 16px;margin:12px 0}.card h2{margin-top:6px}
-.note{color:#444;font-size:13px;max-width:1100px}.bad{color:#b00020}.warn{color:#8a6d00}
+p,li{overflow-wrap:anywhere}.note{color:#444;font-size:13px;max-width:1100px}.bad{color:#b00020}.warn{color:#8a6d00}
 pre{background:#fff;border:1px solid #ddd;padding:8px;font-size:12px;overflow:auto;max-height:420px}
 a{color:#0b5cad}
 """
@@ -70,6 +93,7 @@ document.body.setAttribute('data-js','ok');
 
 
 MARKER = ".hcbench-site"
+MANIFEST = ".hcbench-manifest.json"
 
 
 def slug(text: str) -> str:
@@ -82,7 +106,7 @@ def slug(text: str) -> str:
 
 def _page(title: str, body: str, depth: int = 0) -> str:
     up = "../" * depth
-    nav = "".join(f'<a href="{up}{href}">{label}</a>' for href, label in (
+    nav = " ".join(f'<a href="{up}{href}">{label}</a>' for href, label in (
         ("index.html", "Overview"), ("scenarios.html", "Scenarios"), ("hardware.html", "Hardware"),
         ("history.html", "History"), ("data/index.html", "Data")))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -99,8 +123,8 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]], left: int = 0, 
     for row_cls, cells in rows:
         tds = "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(cells))
         body.append(f'<tr class="{row_cls}">{tds}</tr>')
-    return (f'<table class="sortable {cls}"><thead><tr>{th}</tr></thead><tbody>\n'
-            + "\n".join(body) + "\n</tbody></table>")
+    return (f'<div class="scroll"><table class="sortable {cls}"><thead><tr>{th}</tr></thead><tbody>\n'
+            + "\n".join(body) + "\n</tbody></table></div>")
 
 
 def _f(v, fmt: str = "{:.4g}") -> str:
@@ -123,12 +147,38 @@ def _with_recompute(c: dict) -> bool:
     return c.get("scope", "site") != "site" and c.get("recompute") not in (None, "none")
 
 
+def _dist_name(c: dict) -> str:
+    """The distributed fields of a case, short ('' for a single-process case): cases that differ
+    only in them get distinct series and labels."""
+    if not c.get("parallel"):
+        return ""
+    return (f" {c['parallel']} gpus={c.get('gpus')}"
+            + (f" mb={c['microbatches']}" if c.get("microbatches") else "")
+            + (f" ov={c['overlap']}" if c.get("overlap") else ""))
+
+
 def _series_name(r: dict) -> str:
     c = r["case"]
     name = f"{c['method']}/{c['backend']}"
     if _with_recompute(c):
         name += f" recompute={c['recompute']}" + (f" L_r={c['L_r']}" if c.get("L_r") else "")
-    return name
+    return name + _dist_name(c)
+
+
+def verdict_class(verdict: str) -> str:
+    """The CSS class of a verdict, whatever its text: 'environment changed' ->
+    'verdict-environment-changed'; the CSS colours regression and improvement only."""
+    word = "".join(ch if ch.isalnum() else "-" for ch in verdict.lower())
+    return "verdict-" + ("-".join(w for w in word.split("-") if w) or "none")
+
+
+def _verdict(v: str) -> str:
+    return f'<span class="{verdict_class(v)}">{escape(v)}</span>'
+
+
+def is_cpu_run(run: Run) -> bool:
+    """A run whose environment names no GPU: its device label is the CPU (published.gpu_model)."""
+    return not ((run.env.get("gpus") or [{}])[0] or {}).get("name")
 
 
 def _ok(r: dict) -> bool:
@@ -140,8 +190,10 @@ def _env_rows(run: Run) -> list[tuple[str, str]]:
     g = (env.get("gpus") or [{}])[0]
     v = env.get("versions") or {}
     mem = g.get("memory_bytes")
-    rows = [("GPU", escape(run.gpu) + (f" ({g.get('sms')} SMs, {mem / 2**30:.0f} GiB, capability "
-                                       f"{g.get('capability')})" if g else "")),
+    about = [f"{g['sms']} SMs" if g.get("sms") else "", f"{mem / 2**30:.0f} GiB" if mem else "",
+             f"capability {g['capability']}" if g.get("capability") else ""]
+    about = ", ".join(a for a in about if a)
+    rows = [("device" if is_cpu_run(run) else "GPU", escape(run.gpu) + (f" ({escape(about)})" if about else "")),
             ("copy rate", _f(run.copy_gbps, "{:.0f} GB/s (read + write, measured at the start of the run)")),
             ("driver", escape(str(g.get("driver", "")))),
             ("versions", escape(", ".join(f"{k} {val}" for k, val in sorted(v.items()) if val))),
@@ -156,18 +208,21 @@ def _env_rows(run: Run) -> list[tuple[str, str]]:
 
 
 def _kv(rows: list[tuple[str, str]]) -> str:
-    return ('<table class="kv">' + "".join(f'<tr><th class="l">{escape(k)}</th><td class="l">{v}</td></tr>'
-                                           for k, v in rows) + "</table>")
+    return ('<div class="scroll"><table class="kv">'
+            + "".join(f'<tr><th class="l">{escape(k)}</th><td class="l">{v}</td></tr>' for k, v in rows)
+            + "</table></div>")
 
 
 # ---------------------------------------------------------------- record and run pages
-def record_page(run: Run, r: dict) -> str:
+def record_page(run: Run, r: dict, trend: str | None = None) -> str:
+    """trend: the site path of the case's trend page, where the record is in the history."""
     t = r.get("time_ms") or {}
     c = r["case"]
+    over_runs = f' · <a href="../../{escape(trend)}">this case over runs</a>' if trend else ""
     parts = [(f'<p class="note">Run <a href="../../runs/{slug(run.run_id)}.html">{escape(run.run_id)}</a> '
              f'on {escape(run.gpu)} · <a href="../../runs/{slug(run.run_id)}.html#env">environment</a> · '
              f'<a href="../../data/runs/{slug(run.run_id)}/records.jsonl">records.jsonl</a> · '
-             f'<a href="../../data/runs/{slug(run.run_id)}/env.json">env.json</a></p>')]
+             f'<a href="../../data/runs/{slug(run.run_id)}/env.json">env.json</a>{over_runs}</p>')]
     status = r.get("status", "")
     why = f" - {escape(r['reason'])}" if r.get("reason") else ""
     parts.append(f'<p>Status: <b class="{"bad" if status == "failed" else ""}">{escape(status)}</b>{why}</p>')
@@ -189,11 +244,16 @@ def record_page(run: Run, r: dict) -> str:
                                       width=760, height=260, markers=len(samples) <= 200))
             parts.append('<details><summary>raw samples (ms)</summary><pre class="samples">'
                          + escape(", ".join(f"{s:g}" for s in samples)) + "</pre></details>")
-    parts.append("<h2>Record</h2><pre>" + escape(json.dumps(r, indent=1, sort_keys=True, default=str)) + "</pre>")
+    # Samples are listed above and kept in records.jsonl; repeated here they made most of the
+    # page (and of the site).
+    parts.append('<h2>Record</h2><p class="note">Without its samples (in records.jsonl).</p><pre>'
+                 + escape(json.dumps(_strip_samples(r), indent=1, sort_keys=True, default=str)) + "</pre>")
     return _page(f"Record {r['case_id']}: {_label(r)}", "\n".join(parts), depth=2)
 
 
 def run_page(run: Run) -> str:
+    """A CPU run has no scenario page (those are per GPU model): its plots are drawn here."""
+    cpu = is_cpu_run(run)
     counts = run.counts()
     parts = [f'<p>{escape(run.gpu)} · started {escape(run.started)} · ' + ", ".join(
         f"{v} {k}" for k, v in counts.items() if v) + "</p>",
@@ -203,7 +263,10 @@ def run_page(run: Run) -> str:
     for sc in run.scenarios:
         recs = [r for r in run.records if (r.get("scenario") or "unnamed") == sc]
         missing = [x for x in run.not_run if (x.get("scenario") or "unnamed") == sc]
-        parts.append(f'<h2>Scenario {escape(sc)}</h2><p><a href="../scenario-{slug(sc)}.html">plots</a></p>')
+        if cpu:
+            parts.append(f"<h2>Scenario {escape(sc)}</h2>" + scenario_plots(run, recs, depth=1))
+        else:
+            parts.append(f'<h2>Scenario {escape(sc)}</h2><p><a href="../scenario-{slug(sc)}.html">plots</a></p>')
         parts.append(records_table(run, recs, missing, depth=1))
     return _page(f"Run {run.run_id}", "\n".join(parts), depth=1)
 
@@ -224,11 +287,8 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
     ratio = ratios_to(records, base)
     has = {k: any(r.get(k) not in (None, [], {}) for r in records)
            for k in ("amplification", "flags", "tokens_per_s", "activation_peak_bytes")}
-    model = any(r["case"].get("scope", "site") != "site" for r in records)
-    header = ["method", "backend", "op", "n", "C", "T", "dtype", "mode"]
-    if model:
-        header += ["scope", "layers", "recompute", "L_r"]
-    header += ["median ms", "p10-p90 ms", "CV %", "GB/s", "% copy", "peak MiB"]
+    cols = _ident_columns(records + not_run)
+    header = list(cols) + ["median ms", "p10-p90 ms", "CV %", "GB/s", "% copy", "peak MiB"]
     if base:
         header.append(f"x {base}")
     if has["tokens_per_s"]:
@@ -242,9 +302,7 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
     for r in sorted(records, key=sort_key):
         c, t = r["case"], r.get("time_ms") or {}
         href = _rec_href(run.run_id, r["case_id"], depth)
-        cells = [escape(str(c.get(k, ""))) for k in ("method", "backend", "op", "n", "C", "T", "dtype", "mode")]
-        if model:
-            cells += [escape(str(c.get(k) if c.get(k) is not None else "")) for k in ("scope", "layers", "recompute", "L_r")]
+        cells = _ident_cells(c, cols)
         ok = _ok(r)
         spread = telemetry.relative_spread(t) if ok else None
         noisy = " !" if spread is not None and spread > telemetry.SPREAD_LIMIT else ""
@@ -266,9 +324,7 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
         rows.append((r.get("status", ""), cells))
     for x in sorted(not_run, key=lambda x: sort_key(x)):
         c = x["case"]
-        cells = [escape(str(c.get(k, ""))) for k in ("method", "backend", "op", "n", "C", "T", "dtype", "mode")]
-        if model:
-            cells += [escape(str(c.get(k) if c.get(k) is not None else "")) for k in ("scope", "layers", "recompute", "L_r")]
+        cells = _ident_cells(c, cols)
         cells += [""] * (len(header) - len(cells) - 2)
         cells += ["not run", "listed in the run's saved scenarios, no record"]
         rows.append(("notrun", cells))
@@ -277,7 +333,26 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
             f"run. A p10-p90 range marked ! is wider than {100 * telemetry.SPREAD_LIMIT:.0f}% of the median. Each number links to its record (case, "
             "environment, raw samples)." + (f" x {base} is the time over backend {base} on the same case."
                                              if base else "") + "</p>")
-    return note + _table(header, rows, left=8 + (4 if model else 0))
+    return note + _table(header, rows, left=len(cols))
+
+
+def _ident_columns(records: list[dict]) -> list[str]:
+    """The case columns of a table: always the site's, the whole-model ones where a record is a
+    layer or a step, each distributed field where a record sets it (gpus where a record is
+    distributed or runs on more than one GPU)."""
+    cases = [r["case"] for r in records]
+    cols = ["method", "backend", "op", "n", "C", "T", "dtype", "mode"]
+    if any(c.get("scope", "site") != "site" for c in cases):
+        cols += ["scope", "layers", "recompute", "L_r"]
+    dist = any(c.get("parallel") for c in cases)
+    for k in DIST_FIELDS:
+        if any(c.get(k) not in (None, 1 if k == "gpus" and not dist else None) for c in cases):
+            cols.append(k)
+    return cols
+
+
+def _ident_cells(c: dict, cols: list[str]) -> list[str]:
+    return [escape(str(c.get(k) if c.get(k) is not None else "")) for k in cols]
 
 
 # ---------------------------------------------------------------- plots of a scenario
@@ -314,14 +389,16 @@ def _panels(records: list[dict]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def _series(records: list[dict], y, depth: int, run_id: str, label=None) -> list[dict]:
+def _series(records: list[dict], y, depth: int, run_id: str | None, label=None) -> list[dict]:
+    """One series per method, backend, recompute and distributed set-up; a record carrying
+    `_run` (several runs on one plot) links into that run."""
     by = defaultdict(list)
     for r in records:
         v = y(r)
         if v is None:
             continue
         by[(r["case"]["method"], r["case"]["backend"], _series_name(r), _with_recompute(r["case"]))].append(
-            {"x": r["case"]["C"], "y": v, "href": _rec_href(run_id, r["case_id"], depth),
+            {"x": r["case"]["C"], "y": v, "href": _rec_href(r.get("_run") or run_id, r["case_id"], depth),
              "title": f"{_label(r)}: {label(v) if label else _f(v)}"})
     order = {"residual": 0, "hc": 1, "mhc": 2}
     out = []
@@ -329,6 +406,17 @@ def _series(records: list[dict], y, depth: int, run_id: str, label=None) -> list
                                                        key=lambda kv: (order.get(kv[0][0], 9), kv[0])):
         out.append({"name": name, **svgplot.style(method, backend), "points": pts, "hollow": hollow})
     return out
+
+
+def _plots(series: list[dict], x_label: str, y_label: str, title: str, **kw) -> list[str]:
+    """One plot, or parts of at most MAX_SERIES series each (in the series' order, so the
+    methods stay together): the lines of one part can still be told apart."""
+    if len(series) <= MAX_SERIES:
+        return [svgplot.plot(series, x_label, y_label, title, **kw)]
+    parts = math.ceil(len(series) / MAX_SERIES)
+    size = math.ceil(len(series) / parts)
+    return [svgplot.plot(series[i * size:(i + 1) * size], x_label, y_label,
+                         f"{title} ({i + 1}/{parts})", **kw) for i in range(parts)]
 
 
 def _legend(records: list[dict]) -> str:
@@ -365,22 +453,27 @@ def scenario_plots(run: Run, records: list[dict], depth: int = 0) -> str:
         if not subset:
             continue
         panels = _panels(subset)
+        # Distributed variants share method and backend, so their colour and marker: their names
+        # at the line ends tell them apart.
+        named = any(r["case"].get("parallel") for r in subset)
         out.append(_section(
             f"Time against C ({what})", "Median time per call; each point links to its record.",
-            [svgplot.plot(_series(rs, lambda r: r["time_ms"]["median"], depth, rid), C_label,
-                          "median time (ms, log scale)", t, log_y=True, end_labels=what != "site")
-             for t, rs in panels], "plot-time"))
+            [p for t, rs in panels for p in _plots(
+                _series(rs, lambda r: r["time_ms"]["median"], depth, rid), C_label,
+                "median time (ms, log scale)", t, log_y=True, end_labels=named or what != "site")],
+            "plot-time"))
         out.append(_section(
             f"GB/s against C ({what})", "Floor bytes of MATH.md over the median time.",
-            [svgplot.plot(_series(rs, lambda r: r.get("gbps"), depth, rid), C_label, "GB/s", t)
-             for t, rs in panels], "plot-gbps"))
+            [p for t, rs in panels for p in _plots(_series(rs, lambda r: r.get("gbps"), depth, rid),
+                                                   C_label, "GB/s", t, end_labels=named)], "plot-gbps"))
         copy = _f(run.copy_gbps, "{:.0f} GB/s")
         out.append(_section(
             f"% of the copy rate ({what})", f"GB/s over the copy rate of this run ({copy}); the red "
             "line is the copy rate itself.",
-            [svgplot.plot(_series(rs, lambda r: r.get("pct_of_copy"), depth, rid), C_label,
-                          "% of copy rate", t, hlines=[(100.0, "copy rate")])
-             for t, rs in panels if any(r.get("pct_of_copy") is not None for r in rs)], "plot-copy"))
+            [p for t, rs in panels if any(r.get("pct_of_copy") is not None for r in rs)
+             for p in _plots(_series(rs, lambda r: r.get("pct_of_copy"), depth, rid), C_label,
+                             "% of copy rate", t, hlines=[(100.0, "copy rate")], end_labels=named)],
+            "plot-copy"))
     fb = _fwd_bwd(ok, depth, rid)
     if fb:
         out.append(_section("Forward against forward+backward",
@@ -391,9 +484,10 @@ def scenario_plots(run: Run, records: list[dict], depth: int = 0) -> str:
     if amp:
         out.append(_section("Measured memory traffic", "DRAM bytes measured under Nsight Compute over "
                             "MATH.md's floor bytes (1 = no extra traffic).",
-                            [svgplot.plot(_series(rs, lambda r: r.get("amplification"), depth, rid), C_label,
-                                          "measured / analytic bytes (x)", t, hlines=[(1.0, "floor")])
-                             for t, rs in _panels(amp)], "plot-traffic"))
+                            [p for t, rs in _panels(amp)
+                             for p in _plots(_series(rs, lambda r: r.get("amplification"), depth, rid),
+                                             C_label, "measured / analytic bytes (x)", t,
+                                             hlines=[(1.0, "floor")])], "plot-traffic"))
     return "\n".join(x for x in out if x)
 
 
@@ -409,9 +503,9 @@ def _fwd_bwd(ok: list[dict], depth: int, rid: str) -> list[str]:
             pairs.append({**r, "_ratio": r["time_ms"]["median"] / f["time_ms"]["median"]})
     if not pairs:
         return []
-    return [svgplot.plot(_series(rs, lambda r: r["_ratio"], depth, rid, label=lambda v: f"{v:.2f}x"),
-                         "C (hidden size)", "fwd+bwd time / fwd time (x)", t.replace(" · fwd+bwd", ""))
-            for t, rs in _panels(pairs)]
+    return [p for t, rs in _panels(pairs)
+            for p in _plots(_series(rs, lambda r: r["_ratio"], depth, rid, label=lambda v: f"{v:.2f}x"),
+                            "C (hidden size)", "fwd+bwd time / fwd time (x)", t.replace(" · fwd+bwd", ""))]
 
 
 def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
@@ -427,19 +521,19 @@ def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
         by = defaultdict(list)
         for row in rows:
             c, r = row["case"], row["record"]
-            by[(c.scope, c.method, c.backend, c.recompute, c.L_r)].append(
+            by[(c.scope, c.method, c.backend, c.recompute, c.L_r, _dist_name(r["case"]))].append(
                 {"x": c.C, "y": row["overhead"], "lo": row["low"], "hi": row["high"],
                  "href": _rec_href(rid, r["case_id"], depth),
                  "title": f"{_label(r)}: {row['overhead']:.1f}% [{row['low']:.1f}, {row['high']:.1f}]"})
         plots = []
         for scope in sorted({k[0] for k in by}):
             series = [{"name": f"{m}/{b}" + (f" rc={rc}" if rc not in (None, "none") else "")
-                       + (f" L_r={lr}" if lr else ""), **svgplot.style(m, b), "points": pts,
+                       + (f" L_r={lr}" if lr else "") + dist, **svgplot.style(m, b), "points": pts,
                        "hollow": rc not in (None, "none")}
-                      for (s, m, b, rc, lr), pts in sorted(by.items(), key=str) if s == scope]
-            plots.append(svgplot.plot(series, "C (hidden size)", "overhead over residual (%)",
-                                      f"{scope}: overhead %", y_zero=True, end_labels=True,
-                                      hlines=[(PAPER_OVERHEAD_PCT, f"paper {PAPER_OVERHEAD_PCT}%")]))
+                      for (s, m, b, rc, lr, dist), pts in sorted(by.items(), key=str) if s == scope]
+            plots += _plots(series, "C (hidden size)", "overhead over residual (%)",
+                            f"{scope}: overhead %", y_zero=True, end_labels=True,
+                            hlines=[(PAPER_OVERHEAD_PCT, f"paper {PAPER_OVERHEAD_PCT}%")])
         out.append(_section("Overhead % against C",
                             "(t_method - t_residual) / t_residual of cases timed interleaved in this run; "
                             "bars: 95% paired bootstrap interval; red line: the paper's 6.7%.",
@@ -453,27 +547,28 @@ def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
         by = defaultdict(list)
         for x in rc:
             c = x["case"]
-            by[(c.method, c.backend, c.recompute, c.C, c.layers)].append(
+            by[(c.method, c.backend, c.recompute, c.C, c.layers, _dist_name(c.to_dict()))].append(
                 {"x": x["time_cost_pct"], "y": x["activation_bytes"] / 2**20,
                  "label": ("full" if c.recompute == "full" else f"L_r={c.L_r}")
                           if len({y["case"].C for y in rc}) == 1 else f"C={c.C}",
                  "title": f"{c.method} recompute={c.recompute} L_r={c.L_r} C={c.C}: "
                           f"{x['time_cost_pct']:.1f}% time, {x['activation_bytes'] / 2**20:.0f} MiB"})
-        series = [{"name": f"{m}/{b} {r} C={C} L={L}", **svgplot.style(m, b), "points": pts}
-                  for (m, b, r, C, L), pts in sorted(by.items(), key=str)]
+        series = [{"name": f"{m}/{b} {r} C={C} L={L}{dist}", **svgplot.style(m, b), "points": pts}
+                  for (m, b, r, C, L, dist), pts in sorted(by.items(), key=str)]
         out.append(_section("Recompute: memory against time",
                             "Each point is one L_r: activation memory of the step against its time cost "
                             "over the same method without recompute.",
-                            [svgplot.plot(series, "time cost over no recompute (%)", "activation memory (MiB)",
-                                          "recompute", lines=False, y_zero=True)], "plot-recompute"))
+                            _plots(series, "time cost over no recompute (%)", "activation memory (MiB)",
+                                   "recompute", lines=False, y_zero=True), "plot-recompute"))
     ov = [r for r in records if _ok(r) and r.get("overlap_efficiency") is not None]
     if ov:
         out.append(_section("Overlap efficiency",
                             "The records' overlap_efficiency: the fraction of communication hidden "
                             "behind compute (1 = fully hidden).",
-                            [svgplot.plot(_series(rs, lambda r: r["overlap_efficiency"], depth, rid),
-                                          "C (hidden size)", "overlap efficiency (fraction)", t)
-                             for t, rs in _panels(ov)], "plot-overlap"))
+                            [p for t, rs in _panels(ov)
+                             for p in _plots(_series(rs, lambda r: r["overlap_efficiency"], depth, rid),
+                                             "C (hidden size)", "overlap efficiency (fraction)", t,
+                                             end_labels=True)], "plot-overlap"))
     return out
 
 
@@ -501,7 +596,7 @@ def scenario_page(name: str, runs: list[Run]) -> str:
     """The newest run on each GPU model that has this scenario: its table and plots."""
     latest: dict[str, Run] = {}
     older = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (r.started, r.run_id)):
+    for run in sorted(_gpu_runs(runs), key=lambda r: (r.started, r.run_id)):
         if name in run.scenarios:
             if run.gpu in latest:
                 older[run.gpu].append(latest[run.gpu])
@@ -526,12 +621,20 @@ def scenario_page(name: str, runs: list[Run]) -> str:
 
 
 # ---------------------------------------------------------------- overview, hardware, history
+def _gpu_runs(runs: list[Run]) -> list[Run]:
+    return [r for r in runs if not is_cpu_run(r)]
+
+
 def overview_page(runs: list[Run], hist) -> str:
+    """hist: the history of the GPU runs."""
+    cpu_runs = [r for r in runs if is_cpu_run(r)]
+    runs = _gpu_runs(runs)
     by_gpu = defaultdict(list)
     for run in runs:
         by_gpu[run.gpu].append(run)
+    cpu_note = (f' {len(cpu_runs)} CPU smoke run(s) are listed <a href="#cpu">apart</a>.' if cpu_runs else "")
     parts = [(f'<p class="note">{len(runs)} runs on {len(by_gpu)} GPU model(s). Each GPU shows its newest '
-             "run; every run is listed below. Numbers link to the records they come from.</p>")]
+             f"run; every run is listed below. Numbers link to the records they come from.{cpu_note}</p>")]
     for gpu in sorted(by_gpu):
         rs = sorted(by_gpu[gpu], key=lambda r: (r.started, r.run_id))
         last = rs[-1]
@@ -559,7 +662,7 @@ def overview_page(runs: list[Run], hist) -> str:
             + _kv(_env_rows(last))
             + svgplot.bars([(r.run_id[:16], r.copy_gbps, f"runs/{slug(r.run_id)}.html#env")
                             for r in rs if r.copy_gbps], "copy rate (GB/s)", "copy rate of each run",
-                           width=max(300, 120 * len(rs) + 80))
+                           width=min(760, max(300, 120 * len(rs) + 80)))
             + "</section>")
     rows = []
     for run in sorted(runs, key=lambda r: (r.started, r.run_id), reverse=True):
@@ -570,10 +673,26 @@ def overview_page(runs: list[Run], hist) -> str:
                           str(c["failed"]), str(c["not run"])]))
     parts.append("<h2>All runs</h2>" + _table(["run", "GPU", "started (UTC)", "scenarios", "copy GB/s",
                                                "ok", "skipped", "failed", "not run"], rows, left=4))
+    if cpu_runs:
+        rows = []
+        for run in sorted(cpu_runs, key=lambda r: (r.started, r.run_id), reverse=True):
+            c = run.counts()
+            rows.append(("", [_link(escape(run.run_id), f"runs/{slug(run.run_id)}.html"),
+                              escape((run.env.get("cpu") or {}).get("model") or run.gpu),
+                              escape(run.started), escape(", ".join(run.scenarios)), str(c["ok"]),
+                              str(c["skipped"]), str(c["failed"]), str(c["not run"])]))
+        parts.append(
+            '<section class="cpu card"><h2 id="cpu">CPU smoke runs</h2><p class="note">Runs whose '
+            "environment names no GPU: the CPU cases that check every layer runs, not measurements "
+            "of a GPU. They are listed here only: never a GPU model, never compared with one, never "
+            "judged for regressions. Each run's page has its tables and plots.</p>"
+            + _table(["run", "CPU", "started (UTC)", "scenarios", "ok", "skipped", "failed", "not run"],
+                     rows, left=4) + "</section>")
     return _page("Overview", "\n".join(parts))
 
 
 def scenarios_index(runs: list[Run]) -> str:
+    runs = _gpu_runs(runs)
     names = sorted({s for run in runs for s in run.scenarios})
     rows = []
     for s in names:
@@ -584,6 +703,7 @@ def scenarios_index(runs: list[Run]) -> str:
 
 
 def hardware_page(runs: list[Run]) -> str:
+    runs = _gpu_runs(runs)
     gpus, rows = hardware(runs)
     latest = latest_per_gpu(runs)
     if len(gpus) < 2 or not rows:
@@ -612,15 +732,10 @@ def hardware_page(runs: list[Run]) -> str:
                 run, r = row["per_gpu"][g]
                 pts.append({**r, "_ratio": row["ratio"][g], "_run": run.run_id})
         for title, rs in _panels(pts):
-            by = defaultdict(list)
-            for r in rs:
-                by[(r["case"]["method"], r["case"]["backend"])].append(
-                    {"x": r["case"]["C"], "y": r["_ratio"], "href": _rec_href(r["_run"], r["case_id"]),
-                     "title": f"{_label(r)}: {r['_ratio']:.3f}"})
-            series = [{"name": f"{m}/{b}", **svgplot.style(m, b), "points": p} for (m, b), p in sorted(by.items())]
             h = [(copy[ref] / copy[g], "copy-rate ratio")] if copy.get(ref) and copy.get(g) else []
-            plots.append(svgplot.plot(series, "C (hidden size)", "time / time on reference (x)",
-                                      f"{g[:30]}: {title}", hlines=h, width=460))
+            plots += _plots(_series(rs, lambda r: r["_ratio"], 0, None, label=lambda v: f"{v:.3f}"),
+                            "C (hidden size)", "time / time on reference (x)", f"{g[:30]}: {title}",
+                            hlines=h, width=460)
     parts.append(_legend(list(recs_by_id.values())))
     parts.append(_section("Time ratio against C", f"Reference: {escape(ref)}. One panel per GPU model, op, "
                           "mode and n; each point links to the record on that GPU.", plots, "plot-hardware"))
@@ -654,60 +769,95 @@ def history_page(runs: list[Run], hist) -> str:
              "p10 and of their p90), so a change inside what the calls already spread over is not called "
              "a regression however large the ratio.</p>")]
     for gpu in sorted(hist):
-        cases = {cid: pts for cid, pts in hist[gpu].items() if len(pts) > 1}
+        cases = hist[gpu]
         parts.append(f'<h2 id="{slug(gpu)}">{escape(gpu)}</h2>')
-        if not cases:
-            parts.append(f'<p class="note">No case ran in more than one run on this GPU model '
-                         f"({len(hist[gpu])} cases, one run each).</p>")
-            continue
         verdicts = defaultdict(int)
         for pts in cases.values():
             verdicts[pts[-1].verdict] += 1
+        several = sum(1 for pts in cases.values() if len(pts) > 1)
         parts.append("<p>Newest run of each case: " + ", ".join(
-            f'<span class="verdict-{slug(k)}">{v} {escape(k)}</span>' for k, v in sorted(verdicts.items()))
-            + f" ({len(cases)} cases with more than one run).</p>")
-        when = {id(p): _hours(p.record.get("started_utc") or p.started) for pts in cases.values() for p in pts}
-        t0 = min(when.values())
-        span = max(when.values()) - t0
-        xt = svgplot.nice_ticks(0.0, span or 1.0, 4)
-        labels = [_clock(t0 + x) for x in xt]
-        series = []
-        for cid, pts in sorted(cases.items(), key=lambda kv: sort_key(kv[1][-1].record)):
-            first = pts[0].median
-            c = pts[-1].record["case"]
-            st = svgplot.style(c["method"], c["backend"])
-            series.append({"name": _label(pts[-1].record), **st, "points": [
-                {"x": when[id(p)] - t0, "y": p.median / first,
-                 "href": _rec_href(p.run_id, p.record["case_id"]), "fill": "#C00" if p.verdict == "regression" else None,
-                 "title": f"{_label(p.record)} in {p.run_id}: {p.median:.4g} ms ({p.verdict}"
-                          + (f", {p.change_pct:+.1f}%" if p.change_pct is not None else "") + ")"}
-                for p in pts]})
-        parts.append(_legend([pts[-1].record for pts in cases.values()]))
-        parts.append(_section("Median over runs", "Each line is one case, its median over the first run's "
-                              "median; red points are regressions; each point links to its record.",
-                              [svgplot.plot(series, "record start (UTC)", "median / first run's median",
-                                            f"{gpu}", y_zero=False, x_ticks=xt,
-                                            x_tick_labels=labels, width=760,
-                                            height=320, hlines=[(1.0 + REGRESSION_PCT / 100, f"+{REGRESSION_PCT:.0f}%")])],
-                              "plot-history"))
-        header = ["case", "runs", "newest run", "median ms", "previous median ms", "change %",
-                  "noise band ms", "verdict"]
+            f'<span class="{verdict_class(k)}">{v} {escape(k)}</span>' for k, v in sorted(verdicts.items()))
+            + f" ({len(cases)} cases, {several} in more than one run). Each case opens its page: its "
+            "median in every run with the p10-p90 band and each run's verdict.</p>")
+        # What needs a look first: regressions, improvements, then cases with a history.
+        order = sorted(cases.items(), key=lambda kv: (kv[1][-1].verdict != "regression",
+                                                      kv[1][-1].verdict != "improvement",
+                                                      len(kv[1]) == 1, sort_key(kv[1][-1].record), kv[0]))
+        envs = any(getattr(pts[-1], "env_change", ()) for pts in cases.values())
+        zs = any(getattr(pts[-1], "z", None) is not None for pts in cases.values())
+        header = (["case", "runs", "trend", "newest run", "median ms", "previous median ms", "change %"]
+                  + (["z"] if zs else []) + ["noise band ms", "verdict"]
+                  + (["environment change"] if envs else []))
         body = []
-        for cid, pts in sorted(cases.items(), key=lambda kv: (kv[1][-1].verdict != "regression",
-                                                               sort_key(kv[1][-1].record))):
+        for jk, pts in order:
             p = pts[-1]
             href = _rec_href(p.run_id, p.record["case_id"])
-            trail = " → ".join(_link(_f(q.median), _rec_href(q.run_id, q.record["case_id"]))
-                               for q in pts)
-            body.append((p.verdict if p.verdict in ("regression", "improvement") else "",
-                         [escape(_label(p.record)), trail, _link(escape(p.run_id), href),
-                          _link(_f(p.median), href), _f(p.baseline), _f(p.change_pct, "{:+.1f}"),
-                          f"{_f(p.band[0])}-{_f(p.band[1])}" if p.band else "",
-                          f'<span class="verdict-{slug(p.verdict)}">{escape(p.verdict)}</span>']))
-        parts.append("<h3>Cases</h3>" + _table(header, body, left=3))
+            fill = {"regression": "#C00", "improvement": "#1b7f3a"}.get(p.verdict, "#0072B2")
+            spark = svgplot.spark([q.median for q in pts], f"median of {_label(p.record)} over "
+                                  f"{len(pts)} run(s)", last=fill)
+            cells = [_link(escape(_label(p.record)), trend_href(gpu, jk)), str(len(pts)),
+                     _link(spark, trend_href(gpu, jk)), _link(escape(p.run_id), href),
+                     _link(_f(p.median), href), _f(p.baseline), _f(p.change_pct, "{:+.1f}")]
+            if zs:
+                cells.append(_f(getattr(p, "z", None), "{:+.2f}"))
+            cells += [f"{_f(p.band[0])}-{_f(p.band[1])}" if p.band else "", _verdict(p.verdict)]
+            if envs:
+                cells.append(escape("; ".join(getattr(p, "env_change", ()))))
+            body.append((verdict_class(p.verdict), cells))
+        parts.append('<section class="history-index"><h3>Cases</h3>' + _table(header, body, left=2)
+                     + "</section>")
     if not hist:
         parts.append('<p class="note">No ok record to follow over time.</p>')
     return _page("History", "\n".join(parts))
+
+
+def trend_href(gpu: str, join_key: str) -> str:
+    """The site path of one case's page on one GPU model."""
+    return f"trend/{slug(gpu)}/{slug(join_key)}.html"
+
+
+def trend_page(gpu: str, join_key: str, pts: list) -> str:
+    """One case on one GPU model over runs: median and p10-p90 band of each run, its verdict
+    against the runs before it, links to the records."""
+    last = pts[-1]
+    label = _label(last.record)
+    when = [_hours(p.record.get("started_utc") or p.started) for p in pts]
+    t0 = min(when)
+    xt = svgplot.nice_ticks(0.0, (max(when) - t0) or 1.0, 4)
+    colour = {"regression": "#C00", "improvement": "#1b7f3a"}
+    st = svgplot.style(last.record["case"]["method"], last.record["case"]["backend"])
+    series = [{"name": label, **st, "band": True, "points": [
+        {"x": w - t0, "y": p.median, "lo": p.p10, "hi": p.p90, "fill": colour.get(p.verdict),
+         "href": _rec_href(p.run_id, p.record["case_id"], 2),
+         "title": f"{p.run_id}: {p.median:.4g} ms, p10-p90 {p.p10:.4g}-{p.p90:.4g} ({p.verdict}"
+                  + (f", {p.change_pct:+.1f}%" if p.change_pct is not None else "") + ")"}
+        for w, p in zip(when, pts)]}]
+    plot = svgplot.plot(series, "record start (UTC)", "median time (ms)", f"{label[:60]}", y_zero=False,
+                        x_ticks=xt, x_tick_labels=[_clock(t0 + x) for x in xt], width=760, height=320)
+    envs = any(getattr(p, "env_change", ()) for p in pts)
+    zs = any(getattr(p, "z", None) is not None for p in pts)
+    header = (["run", "record start (UTC)", "median ms", "p10-p90 ms", "previous median ms", "change %"]
+              + (["z"] if zs else []) + ["noise band ms", "verdict"] + (["environment change"] if envs else []))
+    body = []
+    for p in reversed(pts):
+        href = _rec_href(p.run_id, p.record["case_id"], 2)
+        cells = [_link(escape(p.run_id), f"../../runs/{slug(p.run_id)}.html"),
+                 escape(p.record.get("started_utc") or p.started), _link(_f(p.median), href),
+                 _link(f"{_f(p.p10)}-{_f(p.p90)}", href), _f(p.baseline), _f(p.change_pct, "{:+.1f}")]
+        if zs:
+            cells.append(_f(getattr(p, "z", None), "{:+.2f}"))
+        cells += [f"{_f(p.band[0])}-{_f(p.band[1])}" if p.band else "", _verdict(p.verdict)]
+        if envs:
+            cells.append(escape("; ".join(getattr(p, "env_change", ()))))
+        body.append((verdict_class(p.verdict), cells))
+    parts = [f'<p>{escape(gpu)} · {len(pts)} run(s) · newest: {_verdict(last.verdict)} · '
+             f'<a href="../../history.html#{slug(gpu)}">all cases on this GPU model</a> '
+             f"(the rule is explained there) · case id {escape(join_key)}</p>",
+             _section("Median over runs", "Each point is one run's median, the shaded band its "
+                      "p10-p90 of single calls; red: regression, green: improvement; each point "
+                      "links to its record.", [plot], "plot-trend"),
+             "<h3>Runs, newest first</h3>" + _table(header, body, left=2)]
+    return _page(f"{label} on {gpu}", "\n".join(parts), depth=2)
 
 
 def _hours(stamp: str) -> float:
@@ -730,7 +880,7 @@ def data_index(runs: list[Run]) -> str:
     items = [("records.csv", "tidy CSV, one row per record (and per case not run)"),
              ("benchmark.json", "github-action-benchmark, customSmallerIsBetter, one entry per case"),
              ("tables.md", "Markdown tables for pasting in reviews"),
-             ("site.json", "runs, their GPU, start and counts")]
+             ("site.json", "runs, their GPU (cpu: true for a CPU smoke run), start and counts")]
     lis = "".join(f'<li><a href="{f}">{f}</a>: {escape(d)}</li>' for f, d in items)
     lis += "".join(f'<li><a href="runs/{slug(r.run_id)}/records.jsonl">{escape(r.run_id)}/records.jsonl</a>, '
                    f'<a href="runs/{slug(r.run_id)}/env.json">env.json</a></li>' for r in runs)
@@ -742,7 +892,8 @@ def build(runs: list[Run], out: Path) -> list[Path]:
     """Writes the site to `out` whole: built in a new folder beside it, then put in its place, so a
     reader (or another publish) never sees half a site, and the folder is these runs only. `out`
     must be new, empty or an earlier site (its MARKER file): a folder of anything else is refused,
-    never emptied. Publishes into one folder take turns (a lock beside it). Returns the files."""
+    never emptied. Publishes into one folder take turns (a lock beside it). Files whose inputs are
+    those of the site already there are carried over from it, not drawn again. Returns the files."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PublishError(f"{out}: --to names a file; give a folder")
@@ -757,36 +908,153 @@ def build(runs: list[Run], out: Path) -> list[Path]:
         os.close(lock)
 
 
-def _build_into(runs: list[Run], out: Path) -> list[Path]:
-    files: dict[str, str] = {MARKER: "a site written by `harness.py publish`; publish replaces it whole\n"}
-    hist = history(runs)
-    files["index.html"] = overview_page(runs, hist)
-    files["scenarios.html"] = scenarios_index(runs)
-    for s in sorted({s for run in runs for s in run.scenarios}):
-        files[f"scenario-{slug(s)}.html"] = scenario_page(s, runs)
-    files["hardware.html"] = hardware_page(runs)
-    files["history.html"] = history_page(runs, hist)
+def _code_version() -> str:
+    """A hash of the suite's source: a page drawn by other code is drawn again."""
+    h = hashlib.sha256()
+    root = Path(suite.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode() + b"\0")
+    return h.hexdigest()
+
+
+def _site_json(runs: list[Run]) -> str:
+    return json.dumps([{"run_id": r.run_id, "gpu": r.gpu, "cpu": is_cpu_run(r), "started": r.started,
+                        "scenarios": r.scenarios, "counts": r.counts(), "copy_gbps": r.copy_gbps}
+                       for r in runs], indent=1) + "\n"
+
+
+def _plan(runs: list[Run]) -> dict[str, tuple[str, Callable[[], str]]]:
+    """Every file of the site: its key (a hash of the code and of everything the file is drawn
+    from) and how to draw it. Drawing is left for later, so a file whose key is unchanged is never
+    drawn."""
+    code = _code_version()
+    gpu_runs = _gpu_runs(runs)
+    hist = history(gpu_runs)
+    run_key = {r.run_id: _digest(r.run_id, r.env, r.records, r.not_run) for r in runs}
+    every = [run_key[r.run_id] for r in runs]
+    out: dict[str, tuple[str, Callable[[], str]]] = {}
+
+    def add(path: str, inputs, draw: Callable[[], str]) -> None:
+        out[path] = (_digest(code, path, inputs), draw)
+
+    add(MARKER, None, lambda: "a site written by `harness.py publish`; publish replaces it whole\n")
+    add("index.html", every, lambda: overview_page(runs, hist))
+    add("scenarios.html", every, lambda: scenarios_index(runs))
+    for s in sorted({s for run in gpu_runs for s in run.scenarios}):
+        add(f"scenario-{slug(s)}.html", [s] + [run_key[r.run_id] for r in gpu_runs if s in r.scenarios],
+            lambda s=s: scenario_page(s, runs))
+    add("hardware.html", every, lambda: hardware_page(runs))
+    add("history.html", every, lambda: history_page(runs, hist))
+    trend = {}
+    for gpu, cases in hist.items():
+        for jk, pts in cases.items():
+            # Every field of every point, whatever fields the history's points carry.
+            add(trend_href(gpu, jk), [gpu, jk, [{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+                                                for p in pts]],
+                lambda gpu=gpu, jk=jk, pts=pts: trend_page(gpu, jk, pts))
+            for p in pts:
+                trend[(p.run_id, p.record["case_id"])] = trend_href(gpu, jk)
     for run in runs:
         rid = slug(run.run_id)
-        files[f"runs/{rid}.html"] = run_page(run)
+        add(f"runs/{rid}.html", run_key[run.run_id], lambda run=run: run_page(run))
         for r in run.records:
-            files[f"r/{rid}/{slug(r['case_id'])}.html"] = record_page(run, r)
-        files[f"data/runs/{rid}/records.jsonl"] = "".join(
-            json.dumps(r, sort_keys=True, default=str) + "\n" for r in run.records)
-        files[f"data/runs/{rid}/env.json"] = json.dumps(run.env, indent=2, sort_keys=True, default=str) + "\n"
-    files["data/index.html"] = data_index(runs)
-    files["data/records.csv"] = publish_export.tidy_csv(runs)
-    files["data/benchmark.json"] = publish_export.benchmark_json(runs)
-    files["data/tables.md"] = publish_export.markdown(runs)
-    files["data/site.json"] = json.dumps([{"run_id": r.run_id, "gpu": r.gpu, "started": r.started,
-                                           "scenarios": r.scenarios, "counts": r.counts(),
-                                           "copy_gbps": r.copy_gbps} for r in runs], indent=1) + "\n"
+            t = trend.get((run.run_id, r["case_id"]))
+            add(f"r/{rid}/{slug(r['case_id'])}.html", [run.run_id, run.gpu, t, r],
+                lambda run=run, r=r, t=t: record_page(run, r, t))
+        add(f"data/runs/{rid}/records.jsonl", run_key[run.run_id], lambda run=run: "".join(
+            json.dumps(r, sort_keys=True, default=str) + "\n" for r in run.records))
+        add(f"data/runs/{rid}/env.json", run_key[run.run_id],
+            lambda run=run: json.dumps(run.env, indent=2, sort_keys=True, default=str) + "\n")
+    add("data/index.html", every, lambda: data_index(runs))
+    add("data/records.csv", every, lambda: publish_export.tidy_csv(runs))
+    # CPU smoke runs stay in the raw data (the CSV, site.json, their records.jsonl), not in the
+    # per-GPU-model exports.
+    add("data/benchmark.json", every, lambda: publish_export.benchmark_json(gpu_runs))
+    add("data/tables.md", every, lambda: publish_export.markdown(gpu_runs))
+    add("data/site.json", every, lambda: _site_json(runs))
+    return out
+
+
+def _earlier(site: Path) -> tuple[dict[str, tuple[str, str, int]], int]:
+    """(path -> (key, hash of its bytes, size), when the manifest was written) of the current
+    site; empty where there is none or it is unreadable (then every page is drawn)."""
+    try:
+        doc = json.loads((site / MANIFEST).read_text())
+        pages = {p: (k, h, n) for p, (k, h, n) in doc["pages"].items()
+                 if isinstance(k, str) and isinstance(h, str) and isinstance(n, int)}
+        return pages, os.stat(site / MANIFEST).st_mtime_ns
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}, 0
+
+
+def _read_same(path: Path, sha: str) -> bytes | None:
+    """The bytes of an earlier page if it is a plain file holding the bytes it was written with."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    return data if hashlib.sha256(data).hexdigest() == sha else None
+
+
+def _reuse(src: Path, dst: Path, sha: str, size: int, since: int) -> bool:
+    """Puts the earlier page `src` at `dst`; False when it cannot be trusted to be what the
+    earlier build wrote (then it is drawn again). A page is hard-linked (writing thousands of
+    files costs more than drawing them) when it is a plain file of the size written and was not
+    changed after the earlier build ended; else its bytes are read and checked against the hash.
+    An edited page, or one replaced by a link to somewhere else, is never carried over."""
+    try:
+        st = os.lstat(src)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return False
+    if st.st_mtime_ns <= since:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+            if stat.S_ISREG(os.lstat(dst).st_mode):
+                return True
+            os.unlink(dst)
+        except OSError:
+            pass
+    data = _read_same(src, sha)
+    if data is None:
+        return False
+    dst.write_bytes(data)
+    return True
+
+
+def _build_into(runs: list[Run], out: Path) -> list[Path]:
+    files = _plan(runs)
+    earlier, since = _earlier(out) if (out / MARKER).is_file() else ({}, 0)
+    manifest = {}
     new = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     try:
-        for rel, text in sorted(files.items()):
+        for rel, (key, draw) in sorted(files.items()):
             path = new / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            prev = earlier.get(rel)
+            if prev and prev[0] == key and _reuse(out / rel, path, prev[1], prev[2], since):
+                manifest[rel] = list(prev)
+                continue
+            data = draw().encode()
+            path.write_bytes(data)
+            manifest[rel] = [key, hashlib.sha256(data).hexdigest(), len(data)]
+        # Written last: a page changed after this moment is checked before it is reused.
+        (new / MANIFEST).write_text(json.dumps({"pages": manifest}, indent=0, sort_keys=True) + "\n")
         os.chmod(new, 0o777 & ~umask())
         old = None
         if out.exists():
@@ -798,4 +1066,4 @@ def _build_into(runs: list[Run], out: Path) -> list[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)     # the earlier site (it had the marker)
-    return [out / rel for rel in sorted(files)]
+    return [out / rel for rel in sorted([*files, MANIFEST])]

@@ -2,6 +2,7 @@
 
 Colour says the backend and the marker and dash say the method, the same on every plot
 (Okabe-Ito colours, readable by colour-blind readers). Every point may link to its record.
+Every plot has a viewBox, so the page's CSS can shrink it to the width of a narrow window.
 """
 from __future__ import annotations
 
@@ -49,6 +50,17 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def tick_labels(ticks: list[float]) -> list[str]:
+    """_fmt of each tick, with as many decimals as it takes to tell the ticks apart (a narrow
+    range, e.g. 20.40 to 20.45 ms, would read 20, 20, 20)."""
+    labels = [_fmt(t) for t in ticks]
+    for decimals in range(1, 9):
+        if len(set(labels)) == len(set(ticks)):
+            break
+        labels = [f"{t:.{decimals}f}" for t in ticks]
+    return labels
+
+
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     if hi <= lo:
         hi = lo + (abs(lo) or 1.0)
@@ -93,14 +105,25 @@ def _marker(kind: str, x: float, y: float, fill: str, r: float = 4.0, hollow: bo
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" {paint}/>'
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters, cut in the middle: series names differ most at
+    their ends (method/backend first, the variant last), so both ends stay."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head):]
+
+
 def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
          lines: bool = True, y_zero: bool = True, hlines: list[tuple[float, str]] = (),
          x_ticks: list[float] | None = None, x_tick_labels: list[str] | None = None,
          width: int = 420, height: int = 280, markers: bool = True, log_y: bool = False,
          end_labels: bool = False) -> str:
-    """series: [{"name", "colour", "marker", "dash", "hollow"?, "points": [{"x", "y", "href"?,
-    "title"?, "label"?, "lo"?, "hi"?}]}]. Returns one <svg> element; an empty string when no series
-    has a point. A point's label is drawn beside it; a hollow series has outlined markers."""
+    """series: [{"name", "colour", "marker", "dash", "hollow"?, "band"?, "points": [{"x", "y",
+    "href"?, "title"?, "label"?, "fill"?, "lo"?, "hi"?}]}]. Returns one <svg> element; an empty
+    string when no series has a point. A point's label is drawn beside it; a hollow series has
+    outlined markers; a band series shades its points' lo-hi range instead of drawing a bar at
+    each point."""
     pts = [p for s in series for p in s["points"] if p.get("y") is not None]
     if not pts:
         return ""
@@ -136,10 +159,10 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
         return top + h - (scale(v) - ylo) / ((yhi - ylo) or 1.0) * h
 
     out = _frame(width, height, title, y_label)
-    for t in yt:
+    for t, lab in zip(yt, tick_labels(yt)):
         out.append(f'<line x1="{left}" x2="{left + w}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" stroke="#e4e4e4"/>')
-        out.append(f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
-    labels = x_tick_labels or [_fmt(t) for t in xt]
+        out.append(f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="11">{lab}</text>')
+    labels = x_tick_labels or tick_labels(xt)
     for t, lab in zip(xt, labels):
         out.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top + h}" y2="{top + h + 4}" stroke="#333"/>')
         out.append(f'<text x="{X(t):.1f}" y="{top + h + 16}" text-anchor="middle" font-size="11">'
@@ -157,6 +180,12 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
     tags = []            # end labels: [baseline y, x, series], spread apart after the loop
     for s in series:
         p_s = sorted((p for p in s["points"] if p.get("y") is not None), key=lambda p: p["x"])
+        ranged = [p for p in p_s if p.get("lo") is not None and p.get("hi") is not None]
+        if s.get("band") and ranged:
+            edge = ([f"{X(p['x']):.1f},{Y(p['hi']):.1f}" for p in ranged]
+                    + [f"{X(p['x']):.1f},{Y(p['lo']):.1f}" for p in reversed(ranged)])
+            out.append(f'<polygon class="band" points="{" ".join(edge)}" fill="{s["colour"]}" '
+                       f'fill-opacity="0.15" stroke="none"/>')
         if lines and len(p_s) > 1:
             d = " ".join(f"{X(p['x']):.1f},{Y(p['y']):.1f}" for p in p_s)
             dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
@@ -164,7 +193,7 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
         if end_labels and p_s:
             tags.append([Y(p_s[-1]["y"]) + 4, X(p_s[-1]["x"]) + 8, s])
         for p in (p_s if markers else []):
-            if p.get("lo") is not None and p.get("hi") is not None:
+            if p.get("lo") is not None and p.get("hi") is not None and not s.get("band"):
                 out.append(f'<line x1="{X(p["x"]):.1f}" x2="{X(p["x"]):.1f}" y1="{Y(p["lo"]):.1f}" '
                            f'y2="{Y(p["hi"]):.1f}" stroke="{s["colour"]}" stroke-width="1.5"/>')
             mark = _marker(s.get("marker", "circle"), X(p["x"]), Y(p["y"]), p.get("fill") or s["colour"],
@@ -178,8 +207,8 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
             else:
                 out.append(mark.replace("/>", ">" + tip + "</" + _tag(mark) + ">", 1))
     for y, x, s in _spread(tags, top + 10, top + h + 4):
-        out.append(f'<text x="{x:.1f}" y="{y:.1f}" font-size="10" fill="{s["colour"]}">'
-                   f'{escape(s["name"][:26])}</text>')
+        out.append(f'<text class="end" x="{x:.1f}" y="{y:.1f}" font-size="10" fill="{s["colour"]}">'
+                   f'{escape(shorten(s["name"], 26))}<title>{escape(s["name"])}</title></text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -212,7 +241,8 @@ def legend(entries: list[tuple[str, dict]]) -> str:
     items = []
     for label, st in entries:
         dash = f' stroke-dasharray="{st["dash"]}"' if st.get("dash") else ""
-        svg = (f'<svg width="34" height="14" xmlns="http://www.w3.org/2000/svg"><line x1="1" x2="33" '
+        svg = (f'<svg width="34" height="14" viewBox="0 0 34 14" xmlns="http://www.w3.org/2000/svg">'
+               f'<line x1="1" x2="33" '
                f'y1="7" y2="7" stroke="{st["colour"]}" stroke-width="2"{dash}/>'
                f'{_marker(st["marker"], 17, 7, st["colour"], 3.5, bool(st.get("hollow")))}</svg>')
         items.append(f'<span class="key">{svg} {escape(label)}</span>')
@@ -221,12 +251,14 @@ def legend(entries: list[tuple[str, dict]]) -> str:
 
 def bars(values: list[tuple[str, float, str | None]], y_label: str, title: str = "",
          width: int = 420, height: int = 260) -> str:
-    """Vertical bars: (label, value, href). Empty string when there is nothing to draw."""
+    """Vertical bars: (label, value, href). Empty string when there is nothing to draw. Where the
+    bars are too narrow for their labels, every k-th bar is labelled (each bar's tooltip has its
+    own)."""
     if not values:
         return ""
     left, right, top, bottom = 64, 14, 30 if title else 12, 64
     w, h = width - left - right, height - top - bottom
-    yt = nice_ticks(0.0, max(v for _, v, _ in values))
+    yt = nice_ticks(0.0, max(v for _, v, _ in values) * 1.1)     # room for the value above the bar
     yhi = yt[-1] or 1.0
     out = _frame(width, height, title, y_label)
     for t in yt:
@@ -234,18 +266,45 @@ def bars(values: list[tuple[str, float, str | None]], y_label: str, title: str =
         out.append(f'<line x1="{left}" x2="{left + w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>')
         out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
     slot = w / len(values)
+    every = max(1, math.ceil(64 / slot))        # a label and a value need about 64 px
+    chars = max(4, min(28, int(slot * every / 7)))
     for i, (label, v, href) in enumerate(values):
         bh = v / yhi * h
         x = left + i * slot + slot * 0.2
         rect = (f'<rect x="{x:.1f}" y="{top + h - bh:.1f}" width="{slot * 0.6:.1f}" height="{bh:.1f}" '
                 f'fill="#0072B2"><title>{escape(label)}: {_fmt(v)}</title></rect>')
         out.append(f'<a href="{escape(href)}">{rect}</a>' if href else rect)
+        if i % every:
+            continue
         out.append(f'<text x="{x + slot * 0.3:.1f}" y="{top + h - bh - 4:.1f}" text-anchor="middle" '
                    f'font-size="11">{_fmt(v)}</text>')
-        out.append(f'<text x="{x + slot * 0.3:.1f}" y="{top + h + 14}" text-anchor="middle" '
-                   f'font-size="10">{escape(label[:28])}</text>')
+        out.append(f'<text class="bar-label" x="{x + slot * 0.3:.1f}" y="{top + h + 14}" '
+                   f'text-anchor="middle" font-size="10">{escape(label[:chars])}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#333"/>')
     out.append(f'<text transform="translate(14,{top + h / 2:.0f}) rotate(-90)" text-anchor="middle" '
                f'font-size="12">{escape(y_label)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def spark(values: list[float], title: str, *, last: str = "#0072B2", width: int = 120,
+          height: int = 26) -> str:
+    """A sparkline: the values in order, scaled to their own range, the last one marked in
+    `last`. Empty string when there is no value."""
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or abs(hi) or 1.0
+    pad = 4.0
+    step = (width - 2 * pad) / max(1, len(values) - 1)
+    xs = [pad + i * step if len(values) > 1 else width / 2 for i in range(len(values))]
+    ys = [height - pad - (v - lo) / span * (height - 2 * pad) if hi > lo else height / 2 for v in values]
+    out = [f'<svg class="spark" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">'
+           f"<title>{escape(title)}</title>"]
+    if len(values) > 1:
+        out.append('<polyline points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+                   + '" fill="none" stroke="#777" stroke-width="1.3"/>')
+    out.append(f'<circle cx="{xs[-1]:.1f}" cy="{ys[-1]:.1f}" r="3" fill="{last}"/>')
+    out.append("</svg>")
+    return "".join(out)
