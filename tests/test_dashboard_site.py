@@ -92,7 +92,8 @@ def _cpu_and_gpu_runs() -> list[Run]:
 
 def test_cpu_runs_have_their_own_section_and_never_join_gpu_models(tmp_path):
     runs = _cpu_and_gpu_runs()
-    assert "regression" in {p.verdict for pts in history(runs)[f"CPU {CPU_MODEL}"].values() for p in pts}
+    # A CPU model is no GPU model: its runs are never judged, so the 40% never reads as a regression.
+    assert f"CPU {CPU_MODEL}" not in history(runs) and history(runs)
     site = tmp_path / "site"
     dashboard.build(runs, site)
     index = (site / "index.html").read_text()

@@ -41,7 +41,7 @@ import suite
 from suite.analysis import overhead
 from suite.measure import telemetry
 from suite.publish import export as publish_export, svgplot
-from suite.publish.published import (PublishError, REGRESSION_PCT, Run, hardware, history,
+from suite.publish.published import (PublishError, RULE, Run, hardware, history,
                                      latest_per_gpu)
 from suite.report.tables import IDENTITY, baseline_backend, ratios_to, sort_key
 from suite.store.runs import lock_beside, umask
@@ -176,11 +176,6 @@ def _verdict(v: str) -> str:
     return f'<span class="{verdict_class(v)}">{escape(v)}</span>'
 
 
-def is_cpu_run(run: Run) -> bool:
-    """A run whose environment names no GPU: its device label is the CPU (published.gpu_model)."""
-    return not ((run.env.get("gpus") or [{}])[0] or {}).get("name")
-
-
 def _ok(r: dict) -> bool:
     return r.get("status") == "ok" and bool(r.get("time_ms"))
 
@@ -193,7 +188,7 @@ def _env_rows(run: Run) -> list[tuple[str, str]]:
     about = [f"{g['sms']} SMs" if g.get("sms") else "", f"{mem / 2**30:.0f} GiB" if mem else "",
              f"capability {g['capability']}" if g.get("capability") else ""]
     about = ", ".join(a for a in about if a)
-    rows = [("device" if is_cpu_run(run) else "GPU", escape(run.gpu) + (f" ({escape(about)})" if about else "")),
+    rows = [("device" if run.is_cpu else "GPU", escape(run.gpu) + (f" ({escape(about)})" if about else "")),
             ("copy rate", _f(run.copy_gbps, "{:.0f} GB/s (read + write, measured at the start of the run)")),
             ("driver", escape(str(g.get("driver", "")))),
             ("versions", escape(", ".join(f"{k} {val}" for k, val in sorted(v.items()) if val))),
@@ -253,7 +248,7 @@ def record_page(run: Run, r: dict, trend: str | None = None) -> str:
 
 def run_page(run: Run) -> str:
     """A CPU run has no scenario page (those are per GPU model): its plots are drawn here."""
-    cpu = is_cpu_run(run)
+    cpu = run.is_cpu
     counts = run.counts()
     parts = [f'<p>{escape(run.gpu)} · started {escape(run.started)} · ' + ", ".join(
         f"{v} {k}" for k, v in counts.items() if v) + "</p>",
@@ -622,12 +617,12 @@ def scenario_page(name: str, runs: list[Run]) -> str:
 
 # ---------------------------------------------------------------- overview, hardware, history
 def _gpu_runs(runs: list[Run]) -> list[Run]:
-    return [r for r in runs if not is_cpu_run(r)]
+    return [r for r in runs if not r.is_cpu]
 
 
 def overview_page(runs: list[Run], hist) -> str:
     """hist: the history of the GPU runs."""
-    cpu_runs = [r for r in runs if is_cpu_run(r)]
+    cpu_runs = [r for r in runs if r.is_cpu]
     runs = _gpu_runs(runs)
     by_gpu = defaultdict(list)
     for run in runs:
@@ -762,12 +757,8 @@ def hardware_page(runs: list[Run]) -> str:
 
 
 def history_page(runs: list[Run], hist) -> str:
-    parts = [(f'<p class="note">Each case\'s median over runs on the same GPU model, in time order. A run is a '
-             f"<b>regression</b> when its median is more than {REGRESSION_PCT:.0f}% slower than the median "
-             "of the previous runs' medians <i>and</i> above the noise band; an <b>improvement</b> is the "
-             f"mirror image. Noise band: the previous runs' p10-p90 of single-call times (median of their "
-             "p10 and of their p90), so a change inside what the calls already spread over is not called "
-             "a regression however large the ratio.</p>")]
+    parts = [f'<p class="note">Each case\'s median over runs on the same GPU model, in time order. '
+             f"{escape(RULE)}</p>"]
     for gpu in sorted(hist):
         cases = hist[gpu]
         parts.append(f'<h2 id="{slug(gpu)}">{escape(gpu)}</h2>')
@@ -785,7 +776,7 @@ def history_page(runs: list[Run], hist) -> str:
                                                       len(kv[1]) == 1, sort_key(kv[1][-1].record), kv[0]))
         envs = any(getattr(pts[-1], "env_change", ()) for pts in cases.values())
         zs = any(getattr(pts[-1], "z", None) is not None for pts in cases.values())
-        header = (["case", "runs", "trend", "newest run", "median ms", "previous median ms", "change %"]
+        header = (["case", "runs", "trend", "newest run", "median ms", "earlier median ms", "change %"]
                   + (["z"] if zs else []) + ["noise band ms", "verdict"]
                   + (["environment change"] if envs else []))
         body = []
@@ -836,7 +827,7 @@ def trend_page(gpu: str, join_key: str, pts: list) -> str:
                         x_ticks=xt, x_tick_labels=[_clock(t0 + x) for x in xt], width=760, height=320)
     envs = any(getattr(p, "env_change", ()) for p in pts)
     zs = any(getattr(p, "z", None) is not None for p in pts)
-    header = (["run", "record start (UTC)", "median ms", "p10-p90 ms", "previous median ms", "change %"]
+    header = (["run", "record start (UTC)", "median ms", "p10-p90 ms", "earlier median ms", "change %"]
               + (["z"] if zs else []) + ["noise band ms", "verdict"] + (["environment change"] if envs else []))
     body = []
     for p in reversed(pts):
@@ -925,7 +916,7 @@ def _digest(*parts) -> str:
 
 
 def _site_json(runs: list[Run]) -> str:
-    return json.dumps([{"run_id": r.run_id, "gpu": r.gpu, "cpu": is_cpu_run(r), "started": r.started,
+    return json.dumps([{"run_id": r.run_id, "gpu": r.gpu, "cpu": r.is_cpu, "started": r.started,
                         "scenarios": r.scenarios, "counts": r.counts(), "copy_gbps": r.copy_gbps}
                        for r in runs], indent=1) + "\n"
 

@@ -36,6 +36,12 @@ class Run:
         return gpu_model(self.env)
 
     @property
+    def is_cpu(self) -> bool:
+        """A run whose environment names no GPU (a CPU smoke run): it has no GPU model to join, so
+        it stays out of GPU tables, hardware ratios, the history and the regression gate."""
+        return not ((self.env.get("gpus") or [{}])[0] or {}).get("name")
+
+    @property
     def started(self) -> str:
         """When the run began: its earliest record, else the environment's capture time."""
         stamps = [r["started_utc"] for r in self.records if r.get("started_utc")]
@@ -197,6 +203,7 @@ def _commit(r: dict) -> str | None:
 def history(runs: list[Run], pct: float = regression.REGRESSION_PCT) -> dict[str, dict[str, list[Point]]]:
     """gpu model -> case id -> points in time order, each judged against the ones before it."""
     out: dict[str, dict[str, list[Point]]] = {}
+    runs = [run for run in runs if not run.is_cpu]
     envs = {run.run_id: regression.environment(run.env) for run in runs}
     # In time order of the records themselves: a resumed run may add cases after a later run.
     timed = sorted(((r.get("started_utc") or run.started, run.run_id, r["case_id"], run, r)
@@ -227,9 +234,10 @@ def newest_regressions(runs: list[Run], pct: float = regression.REGRESSION_PCT
 
 # ---------------------------------------------------------------- across GPU models
 def latest_per_gpu(runs: list[Run]) -> dict[str, dict[str, tuple[Run, dict]]]:
-    """gpu model -> case id -> (run, record) of the newest ok record of that case on that GPU."""
+    """gpu model -> case id -> (run, record) of the newest ok record of that case on that GPU
+    (CPU runs have no GPU model and are left out)."""
     out: dict[str, dict[str, tuple[Run, dict]]] = {}
-    for run in sorted(runs, key=lambda r: (r.started, r.run_id)):
+    for run in sorted((r for r in runs if not r.is_cpu), key=lambda r: (r.started, r.run_id)):
         for r in run.records:
             if _ok(r):
                 out.setdefault(run.gpu, {})[record_schema.join_key(r)] = (run, r)
