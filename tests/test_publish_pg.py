@@ -499,3 +499,9 @@ def test_rows_an_older_version_wrote_get_their_join_key_and_label(pg_url):
     want = {(run_id, r["case_id"], record_schema.join_key(r), publish_pg.series_label(r))
             for run_id in ("run-a1", "run-b1") for r in runs[run_id].records}
     assert set(got) == want and len(got) == len(want)
+
+
+def test_an_address_of_another_scheme_is_refused_without_its_password(tmp_path, capsys):
+    assert main(["publish", str(FIXTURE / "run-a1"), "--to", "mysql://user:hunter2@db.example/x"]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "give a folder or a postgresql://" in err

@@ -124,3 +124,4 @@ def test_bad_threshold_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "give a percentage above 0" in err and "Traceback" not in err
     shutil.rmtree(runs)
+

@@ -51,7 +51,7 @@ def publish(run_dirs: list[Path], to: str, console: Console, csv: Path | None = 
                       f"{publish_pg.redact(to)} ({counts['new_records']} new)", soft_wrap=True)
         return regression_lines(newest_regressions(runs, pct))
     if "://" in to:
-        raise PublishError(f"--to {to}: give a folder or a postgresql://USER@HOST/DB address")
+        raise PublishError(f"--to {publish_pg.redact(to)}: give a folder or a postgresql://USER@HOST/DB address")
     files = dashboard.build(runs, Path(to))
     found = newest_regressions(runs, pct)
     console.print(f"dashboard: {Path(to) / 'index.html'} ({len(files)} files, {len(runs)} runs, "
