@@ -24,7 +24,7 @@ from suite.core.scenario import Case, Scenario
 from suite.measure import env as environment, telemetry
 from suite.measure.timing import Timer, copy_rate_gbps
 from suite.run import check as checking, distributed as dist_run, groups, lifecycle, traffic
-from suite.store.runs import RunStore, new_record, new_run_dir, read_env, write_json
+from suite.store.runs import RunStore, new_record, new_run_dir, read_env, read_records, write_json
 from suite.workloads import workload
 from suite.workloads.availability import unavailable
 
@@ -154,36 +154,43 @@ def run(scenarios: list[Scenario], out_root: Path, resume: Path | None = None,
     The run folder is locked while this runs (RunLocked for a second writer)."""
     console = console or Console()
     env = environment.capture()
+    if resume:
+        # Before the store opens: a refused resume writes nothing, not even the history.
+        _check_resume(resume, env, console)
     store = RunStore(resume if resume else new_run_dir(out_root, environment.device_label(env)))
     try:
-        return _run_into(store, scenarios, env, resume, retry_failed, console)
+        return _run_into(store, scenarios, env, retry_failed, console)
     finally:
         store.close()
 
 
-def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, resume: Path | None,
-              retry_failed: bool, console: Console) -> tuple[RunStore, bool]:
-    if resume:
-        if not (resume / "env.json").exists() and store.records:
-            raise ResumeMismatch(f"{resume}: no env.json, so the GPU its records were measured on "
-                                 "cannot be established; resuming could mix GPUs in one folder. "
-                                 "Start a new run, or restore the folder's env.json")
-        if (resume / "env.json").exists():
-            previous = read_env(resume)
-            was, now = _gpu_models(previous), _gpu_models(env)
-            if was and was != now:
-                raise ResumeMismatch(f"{resume}: measured on {was}, this machine has "
-                                     f"{now or 'no GPU'}; start a new run here instead")
-            knobs_was, knobs_now = previous.get("kernel_settings"), env["kernel_settings"]
-            if knobs_was is not None and knobs_was != knobs_now:
-                raise ResumeMismatch(f"{resume}: ran with kernel settings {knobs_was or 'default'}"
-                                     f", this process has {knobs_now or 'default'}; set the same "
-                                     "or start a new run")
-            if _gpu_uuids(previous) == _gpu_uuids(env):
-                env["copy_rate"] = previous.get("copy_rate", {})
-            else:   # same model, another card: its own copy rate; each record names its GPU
-                console.print(f"resuming on another {now[0] if now else 'machine'}: the copy rate "
-                              "is measured again, and each record carries its GPU's UUID")
+def _check_resume(resume: Path, env: dict, console: Console) -> None:
+    """ResumeMismatch when the folder cannot be continued on this machine as it is; takes the
+    earlier copy rate into `env` when this is the same card."""
+    if not (resume / "env.json").exists() and read_records(resume):
+        raise ResumeMismatch(f"{resume}: no env.json, so the GPU its records were measured on "
+                             "cannot be established; resuming could mix GPUs in one folder. "
+                             "Start a new run, or restore the folder's env.json")
+    if (resume / "env.json").exists():
+        previous = read_env(resume)
+        was, now = _gpu_models(previous), _gpu_models(env)
+        if was and was != now:
+            raise ResumeMismatch(f"{resume}: measured on {was}, this machine has "
+                                 f"{now or 'no GPU'}; start a new run here instead")
+        knobs_was, knobs_now = previous.get("kernel_settings"), env["kernel_settings"]
+        if knobs_was is not None and knobs_was != knobs_now:
+            raise ResumeMismatch(f"{resume}: ran with kernel settings {knobs_was or 'default'}"
+                                 f", this process has {knobs_now or 'default'}; set the same "
+                                 "or start a new run")
+        if _gpu_uuids(previous) == _gpu_uuids(env):
+            env["copy_rate"] = previous.get("copy_rate", {})
+        else:   # same model, another card: its own copy rate; each record names its GPU
+            console.print(f"resuming on another {now[0] if now else 'machine'}: the copy rate "
+                          "is measured again, and each record carries its GPU's UUID")
+
+
+def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, retry_failed: bool,
+              console: Console) -> tuple[RunStore, bool]:
     for sc in scenarios:
         # A resumed run may add cases (e.g. another --only filter): the saved list is their union.
         saved = store.dir / "scenarios" / f"{Path(sc.path).stem}.json"

@@ -182,6 +182,7 @@ class RunStore:
         self._fh = None
         self.history = History(self.dir.parent / HISTORY_NAME)
         self._pending: list[dict] = list(self._by_id.values())
+        self._indexed: set[str] = set()       # case ids whose newest record the history has
         self._deferred = False
         if self._pending:
             self._index()
@@ -195,6 +196,7 @@ class RunStore:
         return self.dir.name
 
     def add(self, record: dict) -> None:
+        self._indexed.discard(record["case_id"])
         self._by_id.pop(record["case_id"], None)
         self._by_id[record["case_id"]] = record
         if self._fh is None:
@@ -231,9 +233,13 @@ class RunStore:
                       "are written there later (the run folder has them now)", file=sys.stderr)
             self._deferred = True
             return
+        self._indexed.update(r["case_id"] for r in self._pending)
         self._pending = []
 
     def close(self) -> None:
+        # Every record of the folder that the history lacks, not only the queued ones: a signal
+        # between a line's fsync and its queueing must not leave the history short.
+        self._pending = [r for cid, r in self._by_id.items() if cid not in self._indexed]
         if self._pending:
             self._index()
         if self._fh is not None:
