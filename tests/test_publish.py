@@ -244,8 +244,9 @@ def test_compare_across_the_history_sees_committed_folders_beside_a_local_histor
 
 
 def test_publish_refuses_a_folder_it_did_not_write_and_replaces_its_own_whole(tmp_path, capsys):
-    """publish --to never empties a folder of someone else's files, and a site it rebuilds is
-    replaced whole: nothing of the earlier build stays, nothing outside the folder is written."""
+    """publish --to never empties a folder of someone else's files; a site it rebuilds keeps none
+    of the earlier build's pages but every file a user put into it; nothing outside the folder is
+    written."""
     from suite import cli
     theirs = tmp_path / "theirs"
     (theirs / "runs").mkdir(parents=True)
@@ -257,9 +258,12 @@ def test_publish_refuses_a_folder_it_did_not_write_and_replaces_its_own_whole(tm
     assert (theirs / "scenario-notes.html").read_text() == "keep\n"
     site = tmp_path / "site"
     assert cli.main(["publish", str(FIXTURE), "--to", str(site)]) == 0
-    (site / "stale.html").write_text("from an earlier build\n")
-    assert cli.main(["publish", str(FIXTURE), "--to", str(site)]) == 0
-    assert not (site / "stale.html").exists() and (site / dashboard.MARKER).is_file()
+    stale = {p.relative_to(site) for p in (site / "runs").iterdir() if "a2" in p.name}
+    assert stale
+    (site / "notes.html").write_text("mine\n")
+    assert cli.main(["publish", str(FIXTURE / "run-a1"), "--to", str(site)]) == 0
+    assert not any((site / p).exists() for p in stale) and (site / dashboard.MARKER).is_file()
+    assert (site / "notes.html").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".site.lock", "site", "theirs"]
 
 

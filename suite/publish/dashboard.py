@@ -94,6 +94,7 @@ document.body.setAttribute('data-js','ok');
 
 MARKER = ".hcbench-site"
 MANIFEST = ".hcbench-manifest.json"
+LOCK_WAIT_S = 600.0       # a publish waits this long for another one into the same folder
 
 
 def slug(text: str) -> str:
@@ -883,7 +884,8 @@ def build(runs: list[Run], out: Path) -> list[Path]:
     """Writes the site to `out` whole: built in a new folder beside it, then put in its place, so a
     reader (or another publish) never sees half a site, and the folder is these runs only. `out`
     must be new, empty or an earlier site (its MARKER file): a folder of anything else is refused,
-    never emptied. Publishes into one folder take turns (a lock beside it). Files whose inputs are
+    never emptied, and a file a user put into an earlier site is carried into the new one.
+    Publishes into one folder take turns (a lock beside it; a publish waits up to LOCK_WAIT_S). Files whose inputs are
     those of the site already there are carried over from it, not drawn again. Returns the files."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -892,7 +894,7 @@ def build(runs: list[Run], out: Path) -> list[Path]:
         raise PublishError(f"{out}: not empty and not a site this suite wrote (no {MARKER}); give "
                            "a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = lock_beside(out)
+    lock = lock_beside(out, wait_s=LOCK_WAIT_S)
     try:
         return _build_into(runs, out)
     finally:
@@ -973,6 +975,47 @@ def _plan(runs: list[Run]) -> dict[str, tuple[str, Callable[[], str]]]:
     return out
 
 
+# What a site written before the manifest existed held: with no manifest to say which files the
+# suite wrote, these names are taken for its own and everything else for a user's.
+_SUITE_TOP = ("index.html", "scenarios.html", "hardware.html", "history.html")
+_SUITE_FOLDERS = ("runs", "r", "trend", "data")
+
+
+def _theirs(site: Path, earlier: dict) -> list[str]:
+    """Files (and links) in the current site that the suite did not write: a re-publish carries
+    them into the new site, so publishing deletes nothing it did not create."""
+    if not (site / MARKER).is_file():
+        return []
+    out = []
+    for folder, dirs, names in os.walk(site):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            rel = os.path.relpath(os.path.join(folder, name), site)
+            if rel in (MARKER, MANIFEST):
+                continue
+            if earlier:
+                mine = rel in earlier
+            else:
+                top = rel.split(os.sep, 1)[0]
+                mine = (rel in _SUITE_TOP or top in _SUITE_FOLDERS
+                        or (os.sep not in rel and rel.startswith("scenario-") and rel.endswith(".html")))
+            if not mine:
+                out.append(rel)
+    return sorted(out)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """A user's file into the new site: the same inode where it can be (nothing is copied or lost
+    when the earlier site is removed), else a copy; a link stays a link."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _earlier(site: Path) -> tuple[dict[str, tuple[str, str, int]], int]:
     """(path -> (key, hash of its bytes, size), when the manifest was written) of the current
     site; empty where there is none or it is unreadable (then every page is drawn)."""
@@ -1044,6 +1087,11 @@ def _build_into(runs: list[Run], out: Path) -> list[Path]:
             data = draw().encode()
             path.write_bytes(data)
             manifest[rel] = [key, hashlib.sha256(data).hexdigest(), len(data)]
+        for rel in _theirs(out, earlier):
+            if rel in files:
+                raise PublishError(f"{out / rel}: a file this suite did not write is where the site "
+                                   "now puts a page; move it, then publish again")
+            _carry(out / rel, new / rel)
         # Written last: a page changed after this moment is checked before it is reused.
         (new / MANIFEST).write_text(json.dumps({"pages": manifest}, indent=0, sort_keys=True) + "\n")
         os.chmod(new, 0o777 & ~umask())

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from suite.core import record as record_schema
@@ -144,22 +145,35 @@ def new_run_dir(root: Path, device_label: str) -> Path:
     raise FileExistsError(f"{root}: no free run folder name for {stamp}-{host}-{device_label}")
 
 
-def lock_beside(folder: Path) -> int:
+def lock_beside(folder: Path, wait_s: float = 0.0) -> int:
     """Takes a folder's lock: an flock on `.<folder>.lock` beside it (outside the folder, so
     that committing the folder never takes the lock file along), released when the holder closes
-    it or exits, also when killed. RunLocked when another process holds it."""
+    it or exits, also when killed. While another process holds it, waits up to `wait_s` seconds
+    (saying so once on stderr), then raises RunLocked. A run folder does not wait (two writers of
+    one run are a mistake); a published site does (publishes take turns)."""
     folder = Path(folder)
     fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(fd)
+                raise
+        if time.monotonic() >= deadline:
+            os.close(fd)
+            waited = f" for {wait_s:.0f} s" if wait_s else ""
             raise RunLocked(f"{folder}: another process is writing this folder (it holds "
-                            f".{folder.name}.lock); wait for it to finish, or run into another "
-                            "folder") from None
-        raise
-    return fd
+                            f".{folder.name}.lock){waited}; wait for it to finish, or write into "
+                            "another folder")
+        if not said:
+            print(f"{folder}: another process is writing this folder; waiting for it (up to "
+                  f"{wait_s:.0f} s)", file=sys.stderr)
+            said = True
+        time.sleep(0.1)
 
 
 class RunStore:
