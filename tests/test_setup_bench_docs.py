@@ -35,7 +35,6 @@ def test_the_documented_commands_work_in_order(tmp_path):
     cmds = _commands(DOCS.read_text())
     assert any("--benchmark-compare-fail=median:5%" in c for c in cmds), cmds
     store = tmp_path / "store"
-    outputs = []
     for cmd in cmds:
         assert cmd[:4] == [".venv/bin/python", "-m", "pytest", "tests/bench"], cmd
         # written to the temporary folder, never to the checkout: the saved runs and any --benchmark-json
@@ -46,14 +45,15 @@ def test_the_documented_commands_work_in_order(tmp_path):
                               "--benchmark-max-time=0.05"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         text = out.stdout + out.stderr
-        outputs.append(text)
         compares = any(a.startswith("--benchmark-compare") and not a.startswith("--benchmark-compare-fail")
                        for a in args)
         if compares:
             assert "Can't compare" not in text, f"{shlex.join(cmd)} found no saved run:\n{text}"
-        gate_tripped = "Performance has regressed" in text   # the gate judged; CPU noise may trip it
+        # The gate judged: on a shared CPU one noisy run trips it, which is the gate working. It
+        # raises from pytest's summary, so the summary line is missing then.
+        gate_tripped = "Performance has regressed" in text
         assert out.returncode == 0 or gate_tripped, f"{shlex.join(cmd)} -> {out.returncode}\n{text}"
-        assert "1 passed" in text, text
+        assert re.search(r"test_bench_ops\.py \.", text) and ("1 passed" in text or gate_tripped), text
     saved = sorted(store.rglob("*.json"))
     assert saved, f"no command saved a run under {store}"
     bench = json.loads(saved[0].read_text())["benchmarks"][0]
