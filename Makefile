@@ -1,7 +1,12 @@
 # Two commands do all the set-up: `make bench` and `make test` (see README.md).
 # The variables below are set on the command line only (make bench OUT=dir): batch scripts often
-# export OUT, RUN, A, B or ARGS for their own use, and those must not redirect a run.
+# export OUT, RUN, A, B or ARGS for their own use, and those must not redirect a run. PYTHON is the
+# same: an exported PYTHON (build tools, pyenv set-ups) is ignored, so only the command line
+# changes the interpreter.
 VENV = .venv
+# The interpreter that creates $(VENV) (make bench PYTHON=/path/to/python3.12); it must meet
+# pyproject's requires-python. An existing $(VENV) keeps its own: make clean-env bench PYTHON=...
+PYTHON = python3
 PY := $(VENV)/bin/python
 SCENARIO = scenarios/default.yaml
 OUT = results
@@ -16,7 +21,7 @@ B =
 env: $(VENV)/.hcbench-ready
 
 $(VENV)/.hcbench-ready: pyproject.toml tools/make_env.py
-	python3 tools/make_env.py $(VENV)
+	$(PYTHON) tools/make_env.py $(VENV)
 
 # GPUS=N (N > 1) starts N ranks on this node with torchrun (docs/distributed.md).
 GPUS = 1

@@ -1,6 +1,8 @@
 """Creates the project's virtual environment, reusing a torch that is already installed.
 
-Usage: python3 tools/make_env.py VENV_DIR
+Usage: python3 tools/make_env.py VENV_DIR (`make bench PYTHON=python3.12` picks the interpreter)
+- The interpreter must meet pyproject's requires-python; an older one stops here with one line
+  (exit status 2) before anything is created.
 - If the interpreter running this script can import torch (a GPU node, often offline), the venv
   is made with --system-site-packages so that torch, triton and friends are reused, not downloaded.
 - Otherwise TORCH_SPEC (default torch==2.13.0) is installed first, then the rest of pyproject's
@@ -8,15 +10,12 @@ Usage: python3 tools/make_env.py VENV_DIR
   node has them.
 A stamp file records the pyproject hash so a second call is instant.
 """
-from __future__ import annotations
-
 import hashlib
 import importlib.util
 import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +37,32 @@ def link_parent_env(py: Path) -> None:
         "".join(p + "\n" for p in site.getsitepackages()))
 
 
+def required_python(pyproject: str):
+    """(major, minor) of pyproject's requires-python = ">=X.Y", read without tomllib: the check
+    must run on the old interpreters it turns away."""
+    m = re.search(r'^requires-python\s*=\s*">=\s*(\d+)\.(\d+)', pyproject, re.M)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def python_too_old(pyproject: str, version=None):
+    """The one line that turns this interpreter away, or None when it is recent enough."""
+    version = tuple(sys.version_info if version is None else version)
+    need = required_python(pyproject)
+    if need is None or version[:2] >= need:
+        return None
+    return (f"make_env: hcbench needs Python >= {need[0]}.{need[1]} (pyproject.toml requires-python), "
+            f"but {sys.executable} is {'.'.join(str(v) for v in version[:3])}; "
+            f"choose another with make bench PYTHON=python{need[0]}.{need[1]}")
+
+
 def main() -> int:
     venv = Path(sys.argv[1] if len(sys.argv) > 1 else ".venv")
     pyproject = (ROOT / "pyproject.toml").read_bytes()
+    too_old = python_too_old(pyproject.decode())
+    if too_old:
+        print(too_old, file=sys.stderr)
+        return 2
+    import tomllib   # here, not at the top: on 3.10 the line above is the whole message
     stamp = venv / ".hcbench-ready"
     digest = hashlib.sha256(pyproject + os.environ.get("TORCH_SPEC", "").encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:

@@ -1,16 +1,18 @@
 """Reports, from records only: the terminal table, report.md, and comparisons of two runs."""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from suite.analysis import overhead, regression
-from suite.core.scenario import sinkhorn_label
+from suite.core.scenario import Case, sinkhorn_label
 from suite.measure import telemetry
 from suite.report import distributed as dist_report, sections as report_sections
 from suite.store.runs import atomic_write, device_model, read_env, read_records
@@ -117,14 +119,24 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
     records = read_records(run_dir)
     env = read_env(run_dir)
     header, body = rows(records)
+    columns, notes = _fit(header, body, console)
+    excess = _width(columns, console) - console.width
     table = Table(title=f"{Path(run_dir).name}  ({_device_line(env)})", show_lines=False)
-    for h in header:
-        table.add_column(h, justify="right" if h not in ("method", "backend", "op", "dtype",
-                                                         "mode", "device", "status") else "left")
+    for name, values in columns:
+        text = name.split("/")[0] in TEXT_COLUMNS
+        # Only the op label wraps (at its spaces, or inside a word): a number cut to "0.0…" reads
+        # as another number, so every other column keeps its full width. The op column is given
+        # its width, as rich would otherwise squeeze a wrapping column down to nothing.
+        width = max(OP_MIN_WIDTH, max(map(len, [name, *values])) - excess) \
+            if name == "op" and excess > 0 else None
+        table.add_column(name, justify="left" if text else "right", no_wrap=name != "op",
+                         overflow="fold" if name == "op" else "ellipsis", width=width)
     style = {"ok": None, "skipped": "yellow", "failed": "red"}
-    for row in body:
-        table.add_row(*row, style=style.get(row[-1]))
+    for i, row in enumerate(body):
+        table.add_row(*[values[i] for _, values in columns], style=style.get(row[-1]))
     console.print(table)
+    if notes:
+        console.print(notes, highlight=False, markup=False)
     for (status, why), recs in reasons(records).items():
         # escaped: a reason is text from an exception ("[enforce fail ...]"), never markup
         console.print(f"[{'red' if status == 'failed' else 'yellow'}]{status} ({len(recs)}): "
@@ -136,14 +148,116 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
     flags = report_sections.flags_line(records)
     if flags:
         console.print(flags, highlight=False, markup=False)
-    console.print(_summary(records))
+    console.print(_summary(records, _not_run(run_dir, records), run_dir), highlight=False, markup=False)
 
 
-def _summary(records: list[dict]) -> str:
+# The terminal table, narrowed to the console by priority; report.md keeps every column.
+TEXT_COLUMNS = ("method", "backend", "op", "dtype", "mode", "device", "status", "method/backend",
+                "dtype/mode/device")
+OP_MIN_WIDTH = 12
+SHORT_HEADER = {"median ms": "median", "p10-p90 ms": "p10-p90", "% copy": "%copy", "peak MiB": "MiB"}
+
+
+def _fit(header: list[str], body: list[list[str]], console: Console) -> tuple[list, str]:
+    """The columns (name, values) of the run table that fit the console, and a line saying what
+    went out of the table. Each step is taken only while the table is still too wide, least needed
+    first; the median, its noise mark, the ratio and the status stay to the end."""
+    cols = [(h, [row[i] for row in body]) for i, h in enumerate(header)]
+    if _width(cols, console) <= console.width:
+        return cols, ""
+    long_name = {short: name for name, short in SHORT_HEADER.items()}
+    identity = [HEADER.get(c, c) for c in COLUMNS]
+    left_out, fixed = [], []
+
+    def get(name):
+        return dict(cols).get(name)
+
+    def drop(name, why=None):
+        if get(name) is not None:
+            cols[:] = [c for c in cols if c[0] != name]
+            left_out.append(long_name.get(name, name) if why is None else why)
+
+    def merge(*parts):
+        have = [h for h, _ in cols if h in parts]
+        if len(have) > 1:
+            at = [h for h, _ in cols].index(have[0])
+            merged = ("/".join(have), ["/".join(cells) for cells in zip(*map(get, have))])
+            cols[:] = [c for c in cols if c[0] not in have]
+            cols.insert(at, merged)
+
+    def constant_identity():
+        # a field every row shares says nothing per row: said once, below the table
+        for name, values in list(cols):
+            if name in identity and len(set(values)) == 1 and values[0]:
+                fixed.append(f"{name} {values[0]}")
+                cols.remove((name, values))
+
+    def short_headers():
+        cols[:] = [(SHORT_HEADER.get(h, h), v) for h, v in cols]
+
+    def into_median(source, cell):
+        median, other = get("median"), get(source)
+        if median is not None and other is not None:
+            joined = [cell(m, o) for m, o in zip(median, other)]
+            cols[:] = [(h, joined if h == "median" else v) for h, v in cols]
+            drop(source, "p10-p90 ms (a median marked ! has a wide one)" if source == "p10-p90" else "")
+
+    steps = [constant_identity, short_headers, lambda: drop("cv %"), lambda: drop("MiB"),
+             # a row that was not timed has no median: its status takes that cell
+             lambda: into_median("status", lambda m, st: m or st),
+             lambda: merge("method", "backend"), lambda: merge("n", "C", "T"),
+             lambda: merge("dtype", "mode", "device"), lambda: drop("GB/s"),
+             # the p10-p90 range goes; its verdict (wider than the noise limit) stays on the median
+             lambda: into_median("p10-p90", lambda m, p: m + (" !" if p.endswith("!") else ""))]
+    for step in steps:
+        step()
+        if _width(cols, console) <= console.width:
+            break
+    notes = [f"every row: {', '.join(fixed)}"] if fixed else []
+    if get("median") is not None:
+        notes.append("times in ms")
+    left_out = [n for n in left_out if n]
+    if left_out:
+        notes.append(f"left out at {console.width} columns, all in report.md: {', '.join(left_out)}")
+    return cols, "; ".join(notes)
+
+
+def _width(columns: list, console: Console) -> int:
+    """Columns a table of these cells takes unwrapped, borders and padding included."""
+    table = Table()
+    for name, values in columns:
+        table.add_column(name)
+    for row in zip(*(values for _, values in columns)):
+        table.add_row(*row)
+    return Measurement.get(console, console.options.update_width(10**6), table).maximum
+
+
+def _summary(records: list[dict], not_run: int = 0, run_dir: Path | None = None) -> str:
     counts = defaultdict(int)
     for r in records:
         counts[r["status"]] += 1
-    return ", ".join(f"{counts[s]} {s}" for s in ("ok", "skipped", "failed")) + f" of {len(records)} cases"
+    line = ", ".join(f"{counts[s]} {s}" for s in ("ok", "skipped", "failed")) + f" of {len(records)} cases"
+    if not_run:
+        line += (f"; {not_run} {'case' if not_run == 1 else 'cases'} not run (interrupted; "
+                 f"`python harness.py run --resume {run_dir}` runs {'it' if not_run == 1 else 'them'})")
+    return line
+
+
+def _not_run(run_dir: Path, records: list[dict]) -> int:
+    """Cases the run folder's saved scenarios list without a record: the run stopped before them.
+    The same count as publishing's "not run" (suite/publish/published.py, a layer above)."""
+    seen = {r["case_id"] for r in records}
+    missing = 0
+    for f in sorted((Path(run_dir) / "scenarios").glob("*.json")):
+        try:
+            for c in json.loads(f.read_text()).get("cases", []):
+                cid = Case(**c).case_id
+                if cid not in seen:
+                    seen.add(cid)
+                    missing += 1
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue    # a saved list we cannot read hides nothing that ran: records still show
+    return missing
 
 
 def _device_line(env: dict) -> str:
@@ -173,7 +287,7 @@ def markdown(run_dir: Path) -> str:
                      f"{g.get('throttle_reasons')}, driver {g.get('driver')}, UUID {g.get('uuid')}")
     lines.append(f"- CPU: {env.get('cpu', {}).get('model')}; host {env.get('host')}")
     lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
-    lines.append(f"- {_summary(records)}")
+    lines.append(f"- {_summary(records, _not_run(run_dir, records), run_dir)}")
     lines += ["", "Times are medians over >= 30 samples (L2 flushed before each call on a GPU); "
               "GB/s counts the floor bytes of MATH.md (each input read once, each output written "
               "once), so % copy is the fraction of the copy-rate roofline reached. "
