@@ -176,6 +176,9 @@ def lock_beside(folder: Path, wait_s: float = 0.0) -> int:
         time.sleep(0.1)
 
 
+HISTORY_EVERY_S = 2.0       # the most the history lags behind a running folder
+
+
 class RunStore:
     """The records of one run. Each record is appended to records.jsonl as one line and synced
     to disk as soon as it is final, so a run of many cases costs one line per case, not a
@@ -183,7 +186,8 @@ class RunStore:
     it off, and readers skip it. A case recorded twice (a resumed retry) keeps its last line;
     `close` folds the file back to one line per case. The store holds the run folder's lock
     from creation to `close`, so two writers never interleave, and on opening it brings the
-    history up to date with the folder (the folder is the truth, the history its index)."""
+    history up to date with the folder (the folder is the truth, the history its index). The
+    history takes new records at most every HISTORY_EVERY_S and at `close`."""
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
@@ -198,6 +202,7 @@ class RunStore:
         self._pending: list[dict] = list(self._by_id.values())
         self._indexed: set[str] = set()       # case ids whose newest record the history has
         self._deferred = False
+        self._indexed_at = 0.0
         if self._pending:
             self._index()
 
@@ -220,7 +225,11 @@ class RunStore:
         os.fsync(self._fh.fileno())
         self._lines += 1
         self._pending.append(record)
-        self._index()
+        # The history is an index of the folder: a few seconds behind it costs nothing (close and
+        # every resume bring it up to date), while a SQLite commit per case cost more syncs than
+        # the record itself.
+        if time.monotonic() - self._indexed_at >= HISTORY_EVERY_S:
+            self._index()
 
     def index_run(self, env: dict, scenario_paths: list[str]) -> None:
         """The run's row in the history (its environment and scenarios), or a warning when
@@ -237,6 +246,7 @@ class RunStore:
     def _index(self) -> None:
         """Writes the pending records into the history; while another process holds the
         database they wait for the next case (the folder already has them)."""
+        self._indexed_at = time.monotonic()
         try:
             self.history.add_records(self.run_id, self._pending)
         except sqlite3.OperationalError as exc:
