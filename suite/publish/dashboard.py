@@ -39,9 +39,10 @@ from pathlib import Path
 
 import suite
 from suite.analysis import overhead
+from suite.analysis.regression import RULE
 from suite.measure import telemetry
 from suite.publish import export as publish_export, svgplot
-from suite.publish.published import (PublishError, RULE, Run, hardware, history,
+from suite.publish.published import (PublishError, Run, hardware, history,
                                      latest_per_gpu)
 from suite.report.tables import IDENTITY, baseline_backend, ratios_to, sort_key
 from suite.store.runs import lock_beside, umask

@@ -17,9 +17,7 @@ from pathlib import Path
 
 from suite.core import record as record_schema
 from suite.analysis import regression
-from suite.analysis.regression import REGRESSION_PCT, RULE  # noqa: F401 (re-exported)
-from suite.core.scenario import Case
-from suite.store.runs import device_model, read_env, read_records
+from suite.store.runs import device_model, not_run, read_env, read_records
 
 
 
@@ -73,10 +71,6 @@ class PublishError(Exception):
     """Bad input to publish: one line naming the path and what is wrong."""
 
 
-def _case_id(case: dict) -> str:
-    return Case(**case).case_id
-
-
 def load_run_dir(path: Path) -> Run:
     path = Path(path)
     if not (path / "records.jsonl").exists():
@@ -89,19 +83,7 @@ def load_run_dir(path: Path) -> Run:
         env = read_env(path)
     except ValueError as exc:
         raise PublishError(str(exc)) from None
-    seen = {r["case_id"] for r in records}
-    not_run = []
-    for f in sorted((path / "scenarios").glob("*.json")):
-        try:
-            doc = json.loads(f.read_text())
-            for c in doc.get("cases", []):
-                cid = _case_id(c)
-                if cid not in seen:
-                    seen.add(cid)
-                    not_run.append({"case_id": cid, "case": c, "scenario": doc.get("name")})
-        except (ValueError, TypeError, KeyError):
-            continue    # a saved list we cannot read hides nothing that ran: records still show
-    return Run(path.name, env, records, str(path), not_run)
+    return Run(path.name, env, records, str(path), not_run(path, records))
 
 
 def expand_run_dirs(paths: list[Path]) -> list[Path]:

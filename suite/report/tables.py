@@ -1,7 +1,6 @@
 """Reports, from records only: the terminal table, report.md, and comparisons of two runs."""
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,10 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from suite.analysis import overhead, regression
-from suite.core.scenario import Case, sinkhorn_label
+from suite.core.scenario import sinkhorn_label
 from suite.measure import telemetry
 from suite.report import distributed as dist_report, sections as report_sections
-from suite.store.runs import atomic_write, device_model, read_env, read_records
+from suite.store.runs import atomic_write, device_model, not_run, read_env, read_records
 
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
 # Every field that changes what is measured, so a ratio joins exactly the same case.
@@ -148,7 +147,7 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
     flags = report_sections.flags_line(records)
     if flags:
         console.print(flags, highlight=False, markup=False)
-    console.print(_summary(records, _not_run(run_dir, records), run_dir), highlight=False, markup=False)
+    console.print(_summary(records, len(not_run(run_dir, records)), run_dir), highlight=False, markup=False)
 
 
 # The terminal table, narrowed to the console by priority; report.md keeps every column.
@@ -243,23 +242,6 @@ def _summary(records: list[dict], not_run: int = 0, run_dir: Path | None = None)
     return line
 
 
-def _not_run(run_dir: Path, records: list[dict]) -> int:
-    """Cases the run folder's saved scenarios list without a record: the run stopped before them.
-    The same count as publishing's "not run" (suite/publish/published.py, a layer above)."""
-    seen = {r["case_id"] for r in records}
-    missing = 0
-    for f in sorted((Path(run_dir) / "scenarios").glob("*.json")):
-        try:
-            for c in json.loads(f.read_text()).get("cases", []):
-                cid = Case(**c).case_id
-                if cid not in seen:
-                    seen.add(cid)
-                    missing += 1
-        except (ValueError, TypeError, KeyError, AttributeError):
-            continue    # a saved list we cannot read hides nothing that ran: records still show
-    return missing
-
-
 def _device_line(env: dict) -> str:
     parts = []
     if env.get("gpus"):
@@ -287,7 +269,7 @@ def markdown(run_dir: Path) -> str:
                      f"{g.get('throttle_reasons')}, driver {g.get('driver')}, UUID {g.get('uuid')}")
     lines.append(f"- CPU: {env.get('cpu', {}).get('model')}; host {env.get('host')}")
     lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
-    lines.append(f"- {_summary(records, _not_run(run_dir, records), run_dir)}")
+    lines.append(f"- {_summary(records, len(not_run(run_dir, records)), run_dir)}")
     lines += ["", "Times are medians over >= 30 samples (L2 flushed before each call on a GPU); "
               "GB/s counts the floor bytes of MATH.md (each input read once, each output written "
               "once), so % copy is the fraction of the copy-rate roofline reached. "

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from suite.core import record as record_schema
 from suite.core.guard import now_utc
+from suite.core.scenario import Case
 
 
 class RunLocked(Exception):
@@ -117,6 +118,24 @@ def read_env(run_dir: Path) -> dict:
     if not isinstance(env, dict):
         raise RunFolderError(f"{path}: not a JSON object but {type(env).__name__}")
     return env
+
+
+def not_run(run_dir: Path, records: list[dict]) -> list[dict]:
+    """The cases a run folder's saved scenarios list without a record (the run stopped before
+    them, or a filter left them out), each {case_id, case, scenario}, once each."""
+    seen = {r["case_id"] for r in records}
+    out = []
+    for f in sorted((Path(run_dir) / "scenarios").glob("*.json")):
+        try:
+            doc = json.loads(f.read_text())
+            for c in doc.get("cases", []):
+                cid = Case(**c).case_id
+                if cid not in seen:
+                    seen.add(cid)
+                    out.append({"case_id": cid, "case": c, "scenario": doc.get("name")})
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue    # a saved list we cannot read hides nothing that ran: records still show
+    return out
 
 
 def device_model(env: dict) -> str:
