@@ -4,8 +4,9 @@
 #   and put on PYTHONPATH; without it an installed tilelang is used, or none (its cases skip);
 # - the repository root goes on PYTHONPATH, pip is kept offline (PIP_NO_INDEX=1), and `make env`
 #   builds .venv on the machine's torch;
-# - every wheel carried under .whl/ (e.g. liger-kernel, which pip cannot fetch offline) is
-#   installed into the venv without dependencies;
+# - every wheel carried under .whl/ (the peers' libraries, which pip cannot fetch offline:
+#   liger-kernel, transformer-engine==2.20.2; docs/offline-gpu.md) is installed into the venv
+#   without dependencies;
 # - PY is the venv's python, or python3 when make env failed.
 if [ -f .tilelang-site.tar.xz ]; then
   if [ ! -d /tmp/site/tilelang ]; then
