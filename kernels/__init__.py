@@ -39,6 +39,10 @@ class Ops:
     # strictly, and every record says which reference it was checked against.
     deviation: str = ""
     reference: Optional["Ops"] = None
+    # x [T, n, C] -> the same values in the memory layout the backend keeps its state in (e.g.
+    # streams innermost). Applied when a case's inputs are made, before the check and the timing,
+    # so a layout conversion is never inside a timed call.
+    state_layout: Optional[Callable] = None
 
 
 @dataclass(frozen=True)

@@ -348,3 +348,23 @@ def test_skip_reason_for_another_te_version_or_layout(tmp_path):
     assert _reason_with(tmp_path / "partial") == (
         "backend te failed to load: ImportError: Transformer Engine 2.20.9 has no "
         "transformer_engine/pytorch/triton/mhc.py")
+
+
+def test_the_suite_makes_te_inputs_in_its_layout_before_any_timing():
+    """workload.make_inputs applies a backend's state_layout: te gets x streams-innermost, so its
+    pre never copies the state inside a timed call; every other backend keeps [T, n, C]."""
+    import kernels
+    from suite.core.scenario import Case
+    from suite.workloads import workload
+    case = Case(method="mhc", C=16, T=8, backend="te", n=4, dtype="fp32", device="cpu")
+    spec = kernels.BACKENDS["te"]
+    assert kernels.Ops.__dataclass_fields__["state_layout"].default is None
+    if importlib.util.find_spec("transformer_engine") is None:
+        pytest.skip("transformer_engine not importable")
+    ops = kernels.get("mhc", "te")
+    assert ops.state_layout is not None and spec.name == "te"
+    x = workload.make_inputs(case, "cpu", 0)["x"]
+    assert x.shape == (8, 4, 16) and x.transpose(1, 2).is_contiguous()
+    plain = workload.make_inputs(Case(method="mhc", C=16, T=8, backend="torch", n=4, dtype="fp32",
+                                      device="cpu"), "cpu", 0)["x"]
+    assert plain.is_contiguous() and torch.equal(plain, x)

@@ -56,7 +56,8 @@ def code_provenance() -> dict:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for dist in ("torch", "triton", "tilelang", "liger-kernel", "nvidia-ml-py", "numpy"):
+    for dist in ("torch", "triton", "tilelang", "liger-kernel", "transformer-engine", "nvidia-ml-py",
+                 "numpy"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -31,7 +31,7 @@ from suite.store.runs import read_env, read_records
 
 BLOCK = re.compile(r"(<!-- BEGIN table (?P<kind>[\w-]+) (?P<run>\S+)(?P<filters>(?: [\w]+=\S+)*) -->\n)"
                    r"(?P<body>.*?)(<!-- END table -->)", re.S)
-BACKENDS = ("torch", "compile", "triton", "tilelang", "liger")
+BACKENDS = ("torch", "compile", "triton", "tilelang", "liger", "te")
 METHOD_ORDER = {"residual": 0, "hc": 1, "mhc": 2}
 OP_ORDER = {"site": 0, "coeffs": 1, "pre": 2, "post": 3}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from kernels import Ops, reference
 from suite.core.dtypes import TORCH_DTYPES
 from suite.core.scenario import Case
@@ -39,6 +40,9 @@ def make_inputs(case: Case, device: str, seed: int, T: int | None = None) -> dic
 
     scale = torch.exp(torch.randn(T, n, 1, generator=gen, device=device, dtype=torch.float32))
     inputs = {"x": (torch.randn(T, n, C, generator=gen, device=device) * scale).to(dtype)}
+    layout = _state_layout(case)
+    if layout is not None:       # the backend's own memory layout, converted outside any timing
+        inputs["x"] = layout(inputs["x"])
     if case.op in ("site", "post"):
         inputs["f"] = randn(T, C)
     if case.op == "post":
@@ -64,6 +68,15 @@ def make_inputs(case: Case, device: str, seed: int, T: int | None = None) -> dic
                 grad_out[name] = randn(*small[name], dt=torch.float32)
         inputs["grad_out"] = grad_out
     return inputs
+
+
+def _state_layout(case: Case):
+    """The case's backend's state layout, where it declares one (a backend that cannot load here
+    is skipped before its inputs are made; `auto` and the reference keep [T, n, C])."""
+    try:
+        return kernels.get(case.method, case.backend).state_layout
+    except Exception:   # noqa: BLE001 - any load failure means the plain layout
+        return None
 
 
 def upcast(inputs: dict, dtype=torch.float64) -> dict:
