@@ -109,3 +109,20 @@ def test_a_narrow_table_says_what_it_left_out(tmp_path):
     print_run(run, console)
     out = " ".join(console.export_text().split())
     assert "report.md" in out and "cv %" in out and "peak MiB" in out
+
+
+@pytest.mark.parametrize("width", [120, 150])
+def test_the_distributed_tables_fit_the_terminal_without_cutting_a_number(width):
+    """The committed one-GPU pipeline run: its overlap table has 20 columns, which rich would
+    squeeze into `…` cells at 120 columns."""
+    import io
+    from suite.report import distributed
+    from suite.store.runs import read_records
+    records = read_records(Path(__file__).resolve().parent.parent / "results"
+                           / "20261123T220800Z-vm-h100-80gb-hbm3")
+    console = Console(width=width, file=io.StringIO(), record=True)
+    distributed.print_tables(records, console)
+    text = console.export_text()
+    assert "overlap" in text and "step ms" in text
+    assert all(len(line) <= width for line in text.splitlines()), max(map(len, text.splitlines()))
+    assert "…" not in text

@@ -6,6 +6,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from suite.report import terminal
+
 STANDIN_MARK = "stand-in (H2D/D2H copies)"
 P2P_HEADER = ["method", "n", "C", "T", "dtype", "gpus", "link", "message MiB", "us / message",
               "algbw GB/s", "rank spread us"]
@@ -104,6 +106,13 @@ def markdown_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+# Columns said once under a narrow terminal's table when every row shares them, and columns left
+# out (least needed first) while it is still too wide; report.md keeps them all.
+SHARED = ("parallel", "method", "n", "C", "T", "dtype", "L", "gpus", "link", "mb", "recompute")
+LEAST_NEEDED = ("rank spread us", "rank spread ms", "MiB / step", "message MiB", "busbw GB/s",
+                "compute ms", "comm ms", "recompute", "mb", "T", "link")
+
+
 def print_tables(records: list[dict], console: Console) -> None:
     for title, header, body in (("p2p (algbw, nccl-tests sendrecv)", P2P_HEADER,
                                  p2p_rows(records)),
@@ -111,12 +120,15 @@ def print_tables(records: list[dict], console: Console) -> None:
                                  overlap_rows(records))):
         if not body:
             continue
+        columns, note = terminal.fit(header, body, console, SHARED, LEAST_NEEDED)
         table = Table(title=title)
-        for h in header:
-            table.add_column(h)
-        for row in body:
+        for name, _ in columns:
+            table.add_column(name, no_wrap=True)
+        for row in zip(*(values for _, values in columns)):
             table.add_row(*row)
         console.print(table)
+        if note:
+            console.print(note, highlight=False, markup=False, soft_wrap=False)
     if any(r.get("standin") for r in records):
         console.print(f"rows with link `{STANDIN_MARK}`: one GPU; host-device copies stand in "
                       "for the link (not NVLink or a network)", highlight=False, markup=False)

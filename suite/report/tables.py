@@ -7,13 +7,12 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
 
 from suite.analysis import overhead, regression
 from suite.core.scenario import sinkhorn_label
 from suite.measure import telemetry
-from suite.report import distributed as dist_report, sections as report_sections
+from suite.report import distributed as dist_report, sections as report_sections, terminal
 from suite.store.runs import atomic_write, device_model, not_run, read_env, read_records
 
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
@@ -119,7 +118,7 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
     env = read_env(run_dir)
     header, body = rows(records)
     columns, notes = _fit(header, body, console)
-    excess = _width(columns, console) - console.width
+    excess = terminal.table_width(columns, console) - console.width
     table = Table(title=f"{Path(run_dir).name}  ({_device_line(env)})", show_lines=False)
     for name, values in columns:
         text = name.split("/")[0] in TEXT_COLUMNS
@@ -162,7 +161,7 @@ def _fit(header: list[str], body: list[list[str]], console: Console) -> tuple[li
     went out of the table. Each step is taken only while the table is still too wide, least needed
     first; the median, its noise mark, the ratio and the status stay to the end."""
     cols = [(h, [row[i] for row in body]) for i, h in enumerate(header)]
-    if _width(cols, console) <= console.width:
+    if terminal.table_width(cols, console) <= console.width:
         return cols, ""
     long_name = {short: name for name, short in SHORT_HEADER.items()}
     identity = [HEADER.get(c, c) for c in COLUMNS]
@@ -210,7 +209,7 @@ def _fit(header: list[str], body: list[list[str]], console: Console) -> tuple[li
              lambda: into_median("p10-p90", lambda m, p: m + (" !" if p.endswith("!") else ""))]
     for step in steps:
         step()
-        if _width(cols, console) <= console.width:
+        if terminal.table_width(cols, console) <= console.width:
             break
     notes = [f"every row: {', '.join(fixed)}"] if fixed else []
     if get("median") is not None:
@@ -219,16 +218,6 @@ def _fit(header: list[str], body: list[list[str]], console: Console) -> tuple[li
     if left_out:
         notes.append(f"left out at {console.width} columns, all in report.md: {', '.join(left_out)}")
     return cols, "; ".join(notes)
-
-
-def _width(columns: list, console: Console) -> int:
-    """Columns a table of these cells takes unwrapped, borders and padding included."""
-    table = Table()
-    for name, values in columns:
-        table.add_column(name)
-    for row in zip(*(values for _, values in columns)):
-        table.add_row(*row)
-    return Measurement.get(console, console.options.update_width(10**6), table).maximum
 
 
 def _summary(records: list[dict], not_run: int = 0, run_dir: Path | None = None) -> str:
