@@ -43,3 +43,18 @@ def test_merge_command_names_a_folder_without_records(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "harness.py"), "merge", str(base), str(copy)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "1 records added" in out.stdout
+
+
+def test_merge_brings_the_history_beside_the_folder_up_to_date(tmp_path):
+    import sqlite3
+    base = _folder(tmp_path / "run", [{"case_id": "a", "status": "ok", "t": 1}], [{"C": 1}])
+    (base / "env.json").write_text(json.dumps({"gpus": [{"name": "GPU X"}], "host": "h"}))
+    copy = _folder(tmp_path / "c1", [{"case_id": "b", "status": "ok", "t": 2}], [{"C": 2}])
+    merge_run_copies(base, [copy])
+    con = sqlite3.connect(tmp_path / "history.sqlite")
+    try:
+        ids = sorted(r[0] for r in con.execute("SELECT case_id FROM records WHERE run_id = 'run'"))
+        runs = con.execute("SELECT gpu FROM runs WHERE run_id = 'run'").fetchall()
+    finally:
+        con.close()
+    assert ids == ["a", "b"] and runs == [("GPU X",)]

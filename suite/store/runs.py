@@ -399,9 +399,30 @@ def merge_run_copies(run_dir: Path, copies: list[Path]) -> tuple[int, int]:
     run_dir = Path(run_dir)
     lock = lock_beside(run_dir)
     try:
-        return _merge_into(run_dir, copies)
+        counts = _merge_into(run_dir, copies)
+        _sync_history(run_dir)
+        return counts
     finally:
         os.close(lock)
+
+
+def _sync_history(run_dir: Path) -> None:
+    """The history beside a folder brought up to date with it (its run row and every record), or
+    a warning while another process holds it: the folder has the records, and the next resume
+    or merge adds them."""
+    history = History(run_dir.parent / HISTORY_NAME)
+    try:
+        env = read_env(run_dir)
+        if env:
+            paths = [json.loads(f.read_text()).get("path", f.stem)
+                     for f in sorted((run_dir / "scenarios").glob("*.json"))]
+            history.add_run(run_dir.name, env, paths, run_dir)
+        history.add_records(run_dir.name, read_records(run_dir))
+    except sqlite3.OperationalError as exc:
+        if not _held_elsewhere(exc):
+            raise
+        print(f"warning: {history.path} is locked by another process; the merged records are "
+              "written there by the next resume or merge of this folder", file=sys.stderr)
 
 
 def _merge_into(run_dir: Path, copies: list[Path]) -> tuple[int, int]:
