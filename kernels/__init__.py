@@ -4,6 +4,11 @@ Every backend implements, per method (see reference.py for shapes and parameters
     ops.coeffs(x, *params, **opts) -> (h_pre [T,n], h_post [T,n], h_res [T,n,n])   (not for residual)
     ops.pre(x, *params, **opts)    -> (layer_input [T,C], h_post, h_res)
     ops.post(x, f, h_post, h_res)  -> x_next [T,n,C]
+and optionally, for a chain of sites (kernels/chain.py), the two halves of a fused boundary:
+    ops.post_coeffs(x, f, h_post, h_res, *next_params, **opts)
+                                   -> (x_next, h_pre, h_post, h_res) of the NEXT site
+    ops.apply_pre(x, h_pre)        -> layer_input [T,C]
+A backend without them runs a chain as post, then pre.
 mhc takes opts sinkhorn_iters; hc and residual take none. All are differentiable.
 
 Backends are loaded lazily so that a missing library (triton, tilelang, a peer) only skips its
@@ -32,6 +37,10 @@ class Ops:
     pre: Callable
     post: Callable
     coeffs: Optional[Callable] = None
+    # post of one site fused with the coefficients of the next (params of the next site), and
+    # layer_input from x and h_pre: together they replace post + pre at a boundary of a chain
+    post_coeffs: Optional[Callable] = None
+    apply_pre: Optional[Callable] = None
     # Returns None when (n, C, dtype) is supported, else the reason it is not.
     supports: Callable = field(default=lambda n, C, dtype: None)
     # A peer that computes a documented variant of MATH.md (e.g. another Sinkhorn order) names it
@@ -140,7 +149,8 @@ def candidates(method: str, device: str) -> list[str]:
 
 
 def compose(method: str, pre_backend: str, post_backend: str) -> Ops:
-    """One Ops whose pre comes from one backend and post from another (same tensor contract)."""
+    """One Ops whose pre comes from one backend and post from another (same tensor contract).
+    A fused boundary (post_coeffs, apply_pre) belongs to neither alone, so a mixed Ops has none."""
     pre, post = get(method, pre_backend), get(method, post_backend)
     if pre_backend == post_backend:
         return pre

@@ -60,6 +60,15 @@ def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None):
     return apply_pre(x, h_pre), h_post, h_res
 
 
+def mhc_post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters: int = 20):
+    """F_post,res of one site, then the next site's coefficients (phi, b, alpha are the NEXT
+    site's): (x_next [T,n,C] in x's dtype, h_pre, h_post, h_res of the next site). The
+    coefficients are computed from x_next as stored, so a fused kernel that rounds x_next to x's
+    dtype before its GEMM computes exactly this."""
+    x_next = post(x, f, h_post, h_res)
+    return (x_next, *mhc_coeffs(x_next, phi, b, alpha, sinkhorn_iters))
+
+
 # ---------------------------------------------------------------- HC (HC paper Eqs. 10-14)
 def hc_coeffs(x, w, b, s):
     T, n, C = x.shape

@@ -1,0 +1,103 @@
+"""layer_input's gradient goes to the fused boundary's backward instead of becoming an x gradient.
+
+At a fused boundary of a chain (kernels/chain.py) `post_coeffs` makes x_next and the next site's
+h_pre, and `apply_pre` makes layer_input = sum_i h_pre[i] x_next[i] from them. Left to autograd,
+apply_pre's backward would read x_next for dh_pre and write an x gradient h_pre * g_li (nC per
+token) that autograd then adds to the next post's x gradient in a pass of its own (2nC read, nC
+written). post_coeffs' backward reads x_next anyway, so it takes g_li itself: dh_pre inside its
+coefficient kernel, h_pre * g_li on chip inside its dx kernel; nothing of apply_pre's backward
+reaches memory.
+  - post_coeffs tags its x_next output with a link to (x_next, h_pre) (`attach`);
+  - apply_pre given exactly that x_next and that h_pre claims it (`claim`; once per link);
+  - apply_pre's backward stores g_li in the link and returns no gradients (`hand_over`), but only
+    when autograd will run post_coeffs' backward in the same call; else it computes its own;
+  - post_coeffs' backward takes it (`take`) on every path.
+apply_pre's backward always runs first: post_coeffs' node consumes the gradients of x_next and h_pre
+that apply_pre's node returns (None included). Anything that breaks the chain (another x or h_pre,
+a second apply_pre, a backend without links) leaves both sides on the ordinary path, so a missing
+link costs speed, never correctness.
+
+The share of layer_input's gradient that reaches x_next and h_pre is added inside post_coeffs'
+backward, after the point where autograd would hand x_next's or h_pre's own gradient to a caller.
+So the link stays off when that gradient is asked for: x_next or h_pre retaining its gradient or
+carrying a hook, or a torch.autograd.grad call that only captures post_coeffs' outputs (its
+backward would not run; under torch.autograd.grad a boundary whose inputs are all leaves counts as
+that, since autograd cannot say which leaves it was asked for). Not detected, and then wrong: torch.autograd.grad with x_next or h_pre
+among its `inputs` together with an input upstream of them (autograd gives no way to see which
+outputs of a node it captures); ask for those in two calls.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+_ATTR = "_hcbench_boundary_link"
+
+
+class BoundaryLink:
+    __slots__ = ("_x", "_h_pre", "_g", "_claimed", "__weakref__")
+
+    def __init__(self, x: torch.Tensor, h_pre: torch.Tensor):
+        self._x = weakref.ref(x)
+        self._h_pre = weakref.ref(h_pre)
+        self._g: Optional[torch.Tensor] = None
+        self._claimed = False
+
+    def put(self, g: torch.Tensor) -> None:
+        self._g = g
+
+    def take(self) -> Optional[torch.Tensor]:
+        g, self._g = self._g, None
+        return g
+
+
+def attach(x_next: torch.Tensor, h_pre: torch.Tensor) -> BoundaryLink:
+    """A new link for post_coeffs' outputs, carried by x_next."""
+    link = BoundaryLink(x_next, h_pre)
+    setattr(x_next, _ATTR, link)
+    return link
+
+
+def claim(x: torch.Tensor, h_pre: torch.Tensor) -> Optional[BoundaryLink]:
+    """The link of the post_coeffs that made this very x and h_pre, if no apply_pre has claimed it."""
+    link = getattr(x, _ATTR, None)
+    if link is None or link._claimed or link._x() is not x or link._h_pre() is not h_pre:
+        return None
+    if not (torch.is_grad_enabled() and x.requires_grad and h_pre.requires_grad):
+        return None
+    link._claimed = True
+    return link
+
+
+def _gradient_watched(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and (t.retains_grad or bool(getattr(t, "_backward_hooks", None)))
+
+
+def hand_over(ctx, link: Optional[BoundaryLink], g_li: torch.Tensor) -> bool:
+    """In apply_pre's backward (x its first input): gives g_li to the linked post_coeffs and
+    returns True, or returns False when there is no link, autograd will not run post_coeffs'
+    backward in this call, or x_next's or h_pre's own gradient is watched (then apply_pre must
+    return its own gradients)."""
+    if link is None or _gradient_watched(link._x()) or _gradient_watched(link._h_pre()):
+        return False
+    node = ctx.next_functions[0][0]
+    # A node whose outputs are only captured (torch.autograd.grad(..., inputs=[x_next])) counts
+    # as executed too; its backward runs only if some input of it needs a gradient.
+    if node is None or not _will_run(node) or not any(
+            child is not None and _will_run(child) for child, _ in node.next_functions):
+        return False
+    link.put(g_li)
+    return True
+
+
+def _will_run(node) -> bool:
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:
+        # a leaf's accumulator inside torch.autograd.grad, where autograd cannot tell whether the
+        # leaf is among the inputs: not counted (a boundary whose inputs are all leaves then keeps
+        # layer_input's own backward under autograd.grad; .backward() and a boundary fed by
+        # another op link as usual)
+        return False

@@ -1,0 +1,146 @@
+"""The correctness check of a fused boundary (post_coeffs + apply_pre) and of a chain of sites
+(kernels/chain.py) against the fp64 reference: every output and every gradient.
+
+The reference runs on the upcast inputs, with one declared rounding: the state x_{l+1} that a
+boundary stores in x's dtype (bf16 / fp16) enters the next site's coefficients with the value
+stored, the gradient passing straight through (as kernels/triton/mhc_pre.phi_as_used does for the
+rounding of phi). Without it the check would judge the state dtype rather than the kernel:
+computed exactly in fp64, the function with x_{l+1} rounded to nearest in bf16 (what a perfect
+kernel computes) differs from the unrounded fp64 chain in dalpha or db by more than the bf16
+tolerance in 3 of 30 seeded draws at n = 1, 2, 3 or 4, T = 37, C = 24 (fp16: up to 1 of 30),
+and still 3 of 8 at n = 4, C = 256, T = 1024: those sums over tokens cancel and amplify the
+state's rounding. So each stored state is checked on its own, against the reference's post of
+the state before it as stored; a fused boundary's outputs also against the unrounded fp64 oracle
+(`plain`, one rounding deep: far inside the tolerance).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import kernels
+from kernels import reference as ref
+from kernels.chain import chain
+from suite.core.tolerance import rel_err, tolerance
+
+F64 = torch.float64
+
+
+def as_stored(exact: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """exact (fp64, differentiable) with the value a kernel stored, the gradient straight through."""
+    return exact + (stored.detach().to(exact.dtype) - exact).detach()
+
+
+def post_inputs(n, C, T, dtype, device, g):
+    """x, f, h_post, h_res of a site's post and the next site's phi, b, alpha (never zeros)."""
+    x = torch.randn(T, n, C, generator=g).to(dtype)
+    f = torch.randn(T, C, generator=g).to(dtype)
+    h_post = 2 * torch.sigmoid(torch.randn(T, n, generator=g))
+    h_res = ref.sinkhorn(torch.randn(T, n, n, generator=g))
+    return [t.to(device) for t in (x, f, h_post, h_res, *ref.random_params("mhc", n, C, g))]
+
+
+def _upstream(outs, g):
+    return [torch.randn(o.shape, generator=g).to(o.dtype).to(o.device) for o in outs]
+
+
+def _errors(names, got, want):
+    return {nm: rel_err(a, b) for nm, a, b in zip(names, got, want)}
+
+
+def failures(errs: dict, dtype) -> dict:
+    tol = tolerance(dtype)
+    return {k: f"{v:.2e}" for k, v in errs.items() if not v <= tol}
+
+
+def check_boundary(post_coeffs, apply_pre, inputs, g, iters=20, use=("x_next", "h_post", "h_res",
+                                                                       "layer_input")):
+    """Runs post_coeffs (+ apply_pre for layer_input) and the fp64 reference on the same inputs
+    with the same upstream gradients on the outputs named in `use` (of x_next, h_pre, h_post,
+    h_res, layer_input); returns {name: rel_err} for every output and every input gradient."""
+    names_in = ("dx", "df", "dh_post", "dh_res", "dphi", "db", "dalpha")
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = list(post_coeffs(*leaves, sinkhorn_iters=iters))
+    out.append(apply_pre(out[0], out[1]))
+    leaves64 = [t.detach().to(F64).requires_grad_() for t in inputs]
+    x_next = as_stored(ref.post(*leaves64[:4]), out[0])
+    out64 = [x_next, *ref.mhc_coeffs(x_next, *leaves64[4:], sinkhorn_iters=iters)]
+    out64.append(ref.apply_pre(out64[0], out64[1]))
+    plain = list(ref.mhc_post_coeffs(*(t.detach().to(F64) for t in inputs), sinkhorn_iters=iters))
+    plain.append(ref.apply_pre(plain[0], plain[1]))
+    names_out = ("x_next", "h_pre", "h_post", "h_res", "layer_input")
+    errs = _errors(names_out, out, out64)
+    errs.update(_errors([f"{nm} (plain)" for nm in names_out], out, plain))
+    ups = _upstream(out, g)
+    sel = [names_out.index(u) for u in use]
+    torch.autograd.backward([out[i] for i in sel], [ups[i] for i in sel])
+    torch.autograd.backward([out64[i] for i in sel], [ups[i].to(F64) for i in sel])
+    for nm, a, b in zip(names_in, leaves, leaves64):
+        assert a.grad is not None, nm
+        errs[nm] = rel_err(a.grad, b.grad)
+    return errs
+
+
+def chain_inputs(n, C, T, L, dtype, device, g):
+    x0 = torch.randn(T, n, C, generator=g).to(dtype).to(device)
+    fs = [torch.randn(T, C, generator=g).to(dtype).to(device) for _ in range(L)]
+    params = [tuple(p.to(device) for p in ref.random_params("mhc", n, C, g)) for _ in range(L)]
+    return x0, fs, params
+
+
+def _recording(ops, states):
+    """ops whose boundaries append the state they store to `states` (post_coeffs' x_next, or
+    post's output where the backend runs its boundaries as post then pre)."""
+    def rec(fn, first):
+        def wrapper(*a, **k):
+            out = fn(*a, **k)
+            states.append((out[0] if first else out).detach())
+            return out
+        return wrapper
+    kw = {"post": rec(ops.post, False)}
+    if ops.post_coeffs is not None:
+        kw["post_coeffs"] = rec(ops.post_coeffs, True)
+    return dataclasses.replace(ops, **kw)
+
+
+def _reference_ops(states, exact):
+    """The fp64 reference ops whose boundaries take the stored states in order (as_stored);
+    each boundary's own x_next, before it takes the stored value, is appended to `exact`."""
+    it = iter(states)
+
+    def post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters=20):
+        x_next = ref.post(x, f, h_post, h_res)
+        exact.append(x_next.detach())
+        x_next = as_stored(x_next, next(it))
+        return (x_next, *ref.mhc_coeffs(x_next, phi, b, alpha, sinkhorn_iters))
+
+    return dataclasses.replace(kernels.get("mhc", "torch"), post_coeffs=post_coeffs)
+
+
+def check_chain(ops, x0, fs, params, g, iters=20):
+    """Runs chain(ops) and the fp64 reference chain on the same inputs and upstream gradients;
+    returns {name: rel_err} for every layer input, every state x_1 .. x_L (each against the
+    reference's post of the state before it as stored) and every gradient (x0, each f, each
+    site's phi, b, alpha)."""
+    states, exact = [], []
+    L = len(fs)
+    leaves = [x0.clone().requires_grad_(), *(f.clone().requires_grad_() for f in fs),
+              *(t.clone().requires_grad_() for p in params for t in p)]
+    lis, xl = chain(_recording(ops, states), leaves[0], leaves[1:L + 1],
+                    [tuple(leaves[L + 1 + 3 * l:L + 4 + 3 * l]) for l in range(L)], iters)
+    leaves64 = [t.detach().to(F64).requires_grad_() for t in leaves]
+    lis64, xl64 = chain(_reference_ops(states, exact), leaves64[0], leaves64[1:L + 1],
+                        [tuple(leaves64[L + 1 + 3 * l:L + 4 + 3 * l]) for l in range(L)], iters)
+    out, out64 = [*lis, xl], [*lis64, xl64]
+    errs = _errors([f"layer_input[{l}]" for l in range(L)] + [f"x[{L}]"], out, out64)
+    errs.update(_errors([f"x[{l + 1}]" for l in range(L - 1)], states, exact))
+    ups = _upstream(out, g)
+    # (a gradient the chain under test never produced counts as zero: it fails the check)
+    grads = [gr if gr is not None else torch.zeros_like(t) for gr, t in
+             zip(torch.autograd.grad(out, leaves, ups, allow_unused=True), leaves)]
+    grads64 = torch.autograd.grad(out64, leaves64, [u.to(F64) for u in ups])
+    gnames = ["dx0", *(f"df[{l}]" for l in range(L)),
+              *(f"d{p}[{l}]" for l in range(L) for p in ("phi", "b", "alpha"))]
+    errs.update(_errors(gnames, grads, grads64))
+    return errs

@@ -1,0 +1,247 @@
+"""The Triton fused boundary (kernels/triton/post_coeffs.py: post_coeffs + layer_input) and a
+chain of mHC sites on it (kernels/chain.py) against the fp64 reference, forward and every
+gradient (tests/chain_check.py says how, and why the stored state enters the reference).
+
+CPU runs go through TRITON_INTERPRET=1 (tests/conftest.py) on small odd shapes; the coefficient
+backward runs 64 tokens per program there (FAST), since its Sinkhorn backward costs the
+interpreter about 0.4 s per program. The @pytest.mark.gpu tests cover model-sized shapes."""
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+import kernels
+from kernels import boundary_link, site_link
+from kernels import reference as ref
+from kernels.triton import post_coeffs_bwd, post_coeffs_fwd
+from kernels.triton.post_coeffs import layer_input, post_coeffs
+from suite.core.tolerance import rel_err, tolerance
+from tests.chain_check import (chain_inputs, check_boundary, check_chain, failures,
+                               post_inputs)
+
+BF16, FP16 = torch.bfloat16, torch.float16
+FAST = {"b1_bt": 64}
+# two column slices of two chunks, three column blocks and three token ranges, partial last
+# ones (C = 40, T = 37)
+SPLITS = {**FAST, "cw": 32, "bc": 16, "min_items": 1, "b2_br": 16, "b2_ts": 3, "fin_bt": 8}
+
+
+def _fn(config):
+    return (lambda *a, **k: post_coeffs(*a, **k, config=config)), layer_input
+
+
+def _count_puts(monkeypatch, cls):
+    puts = []
+    real = cls.put
+    monkeypatch.setattr(cls, "put", lambda self, g: (puts.append(tuple(g.shape)), real(self, g)))
+    return puts
+
+
+# (n, C, T, dtype, config)
+BOUNDARY = [
+    (1, 24, 37, BF16, FAST),
+    (2, 40, 37, FP16, FAST),
+    (3, 24, 37, BF16, FAST),
+    (4, 40, 37, FP16, None),
+    (4, 40, 37, BF16, SPLITS),
+    (6, 24, 37, FP16, FAST),
+    (8, 24, 37, BF16, FAST),
+]
+
+
+@pytest.mark.parametrize("n,C,T,dtype,config", BOUNDARY,
+                         ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}-"
+                              f"{'splits' if c[4] is SPLITS else 'default' if c[4] is None else 'fast'}"
+                              for c in BOUNDARY])
+def test_boundary_matches_reference(kernel_device, monkeypatch, n, C, T, dtype, config):
+    puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)
+    g = torch.Generator().manual_seed(100 * n + C)
+    inputs = post_inputs(n, C, T, dtype, kernel_device, g)
+    errs = check_boundary(*_fn(config), inputs, g)
+    assert not failures(errs, dtype), f"n={n} C={C} T={T} {dtype}: {failures(errs, dtype)} (all {errs})"
+    assert puts == [(T, C)], "layer_input's gradient did not go to post_coeffs' backward"
+
+
+@pytest.mark.parametrize("use", [("x_next", "h_pre", "h_post", "h_res"),           # no layer_input
+                                 ("h_pre", "layer_input"),                         # h_pre used twice
+                                 ("x_next", "layer_input")])
+def test_boundary_gradient_paths(kernel_device, use):
+    """h_pre's gradient straight from a consumer, from layer_input and from both at once; h_post
+    and h_res without a gradient."""
+    g = torch.Generator().manual_seed(7)
+    inputs = post_inputs(3, 40, 37, FP16, kernel_device, g)
+    errs = check_boundary(*_fn(FAST), inputs, g, use=use)
+    assert not failures(errs, FP16), f"{use}: {failures(errs, FP16)}"
+
+
+def test_layer_input_alone(kernel_device):
+    """layer_input on a tensor no post_coeffs made: its own backward."""
+    g = torch.Generator().manual_seed(3)
+    x, _, h_post, *_ = post_inputs(3, 24, 37, BF16, kernel_device, g)
+    xs, hs = x.clone().requires_grad_(), h_post.clone().requires_grad_()
+    gl = torch.randn(37, 24, generator=g).to(BF16)
+    got = torch.autograd.grad(layer_input(xs, hs), (xs, hs), gl)
+    want = [t.detach().double().requires_grad_() for t in (x, h_post)]
+    for a, b in zip(got, torch.autograd.grad(ref.apply_pre(*want), want, gl.double())):
+        assert rel_err(a, b) <= tolerance(BF16)
+
+
+def test_gradients_of_x_next_and_h_pre_themselves(kernel_device):
+    """Where x_next's or h_pre's own gradient is asked for, layer_input keeps its share of it:
+    torch.autograd.grad that stops at them (post_coeffs' backward does not run), and
+    retain_grad with a backward that runs through post_coeffs."""
+    g = torch.Generator().manual_seed(4)
+    leaves = [t.clone().requires_grad_() for t in post_inputs(3, 24, 37, BF16, kernel_device, g)]
+    gl = torch.randn(37, 24, generator=g).to(BF16)
+    gx = torch.randn(37, 3, 24, generator=g).to(BF16)
+    for retain in (False, True):
+        x_next, h_pre, _, _ = post_coeffs(*leaves, config=FAST)
+        li = layer_input(x_next, h_pre)
+        if retain:
+            x_next.retain_grad()
+            h_pre.retain_grad()
+            torch.autograd.backward((li, x_next), (gl, gx))
+            got = (x_next.grad, h_pre.grad)
+        else:
+            got = torch.autograd.grad((li, x_next), (x_next, h_pre), (gl, gx))
+        want = [t.detach().double().requires_grad_() for t in (x_next, h_pre)]
+        out64 = ref.apply_pre(*want)
+        w = torch.autograd.grad((out64, want[0]), want, (gl.double(), gx.double()))
+        for a, b in zip(got, w):
+            assert rel_err(a, b) <= tolerance(BF16), f"retain_grad={retain}"
+
+
+# ------------------------------------------------------------------ the chain
+CHAIN = [(4, 40, 37, BF16), (3, 24, 37, FP16)]
+
+
+@pytest.fixture
+def fast_coef_backward(monkeypatch):
+    monkeypatch.setenv("HCBENCH_MHC_PRE_B1_BT", "64")
+    monkeypatch.setenv("HCBENCH_POST_COEFFS_B1_BT", "64")
+
+
+@pytest.mark.parametrize("n,C,T,dtype", CHAIN, ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}"
+                                                    for c in CHAIN])
+def test_chain_matches_reference(kernel_device, monkeypatch, fast_coef_backward, n, C, T, dtype):
+    """Three sites: mhc_pre, two fused boundaries, post. Every layer input, x_L and every
+    gradient; both links engaged (site 0's dx into mhc_pre, each layer_input's gradient into its
+    boundary)."""
+    boundary_puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)
+    site_puts = _count_puts(monkeypatch, site_link.SiteLink)
+    g = torch.Generator().manual_seed(n + C)
+    ops = kernels.get("mhc", "triton")
+    errs = check_chain(ops, *chain_inputs(n, C, T, 3, dtype, kernel_device, g), g)
+    assert not failures(errs, dtype), f"{failures(errs, dtype)} (all {errs})"
+    assert boundary_puts == [(T, C)] * 2 and site_puts == [(T, n, C)]
+
+
+def test_mismatched_boundary_fails_the_check(kernel_device, fast_coef_backward):
+    """The check can fail: boundaries fed the parameters of the site before (site l's phi, b,
+    alpha at l -> l+1), or h_res transposed, fail it already in the forward outputs."""
+    ops = kernels.get("mhc", "triton")
+    g = torch.Generator().manual_seed(11)
+    x0, fs, params = chain_inputs(3, 24, 37, 3, FP16, kernel_device, g)
+    last = {}
+
+    def pre(x, *site_params, **kw):
+        last["params"] = site_params
+        return ops.pre(x, *site_params, **kw)
+
+    def stale_params(x, f, h_post, h_res, *next_params, **kw):
+        site_params, last["params"] = last["params"], next_params
+        return ops.post_coeffs(x, f, h_post, h_res, *site_params, **kw)
+
+    def transposed(x, f, h_post, h_res, *next_params, **kw):
+        return ops.post_coeffs(x, f, h_post, h_res.transpose(1, 2), *next_params, **kw)
+
+    for name, wrong in (("stale params", dataclasses.replace(ops, pre=pre, post_coeffs=stale_params)),
+                        ("h_res transposed", dataclasses.replace(ops, post_coeffs=transposed))):
+        bad = failures(check_chain(wrong, x0, fs, params, g), FP16)
+        assert any(k.startswith(("layer_input", "x[")) for k in bad), f"{name}: {bad}"
+
+
+# ------------------------------------------------------------------ determinism, config, inputs
+def test_reductions_have_no_atomics():
+    """Deterministic by construction: every partial sum has one writer and is summed in a fixed
+    order, so no kernel of the fused boundary uses an atomic (the GPU test below runs it twice)."""
+    for mod in (post_coeffs_fwd, post_coeffs_bwd):
+        assert "atomic" not in inspect.getsource(mod), mod.__name__
+
+
+def test_an_unknown_environment_setting_is_refused(monkeypatch, kernel_device):
+    monkeypatch.setenv("HCBENCH_POST_COEFFS_SPLIT", "2")
+    with pytest.raises(ValueError, match="unknown setting HCBENCH_POST_COEFFS_SPLIT"):
+        post_coeffs(*post_inputs(2, 24, 3, BF16, kernel_device, torch.Generator().manual_seed(1)))
+
+
+def test_input_errors(kernel_device):
+    x, f, h_post, h_res, phi, b, alpha = post_inputs(2, 24, 3, BF16, kernel_device,
+                                                     torch.Generator().manual_seed(1))
+    cases = [
+        ("x", (x.float(), f, h_post, h_res, phi, b, alpha)),
+        ("f", (x, f.half(), h_post, h_res, phi, b, alpha)),
+        ("h_post", (x, f, h_post[:, :1], h_res, phi, b, alpha)),
+        ("h_res", (x, f, h_post, h_res.double(), phi, b, alpha)),
+        ("phi", (x, f, h_post, h_res, phi[:24], b, alpha)),
+        ("b", (x, f, h_post, h_res, phi, b[:3], alpha)),
+        ("alpha", (x, f, h_post, h_res, phi, b, alpha[:2])),
+    ]
+    for name, args in cases:
+        with pytest.raises(ValueError, match=rf"\b{name}\b"):
+            post_coeffs(*args)
+    with pytest.raises(ValueError, match="sinkhorn_iters"):
+        post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters=0)
+    with pytest.raises(ValueError, match="h_pre"):
+        layer_input(x, h_post[:, :1])
+
+
+def test_empty_tokens(kernel_device):
+    ins = post_inputs(3, 24, 0, BF16, kernel_device, torch.Generator().manual_seed(2))
+    leaves = [t.clone().requires_grad_() for t in ins]
+    x_next, h_pre, h_post, h_res = post_coeffs(*leaves)
+    li = layer_input(x_next, h_pre)
+    assert x_next.shape == (0, 3, 24) and li.shape == (0, 24) and h_res.shape == (0, 3, 3)
+    (li.float().sum() + x_next.float().sum() + h_res.sum()).backward()
+    assert leaves[0].grad.shape == (0, 3, 24) and leaves[4].grad.abs().sum().item() == 0
+
+
+# ------------------------------------------------------------------ GPU, model-sized
+GPU_BOUNDARY = [(n, C, T, dt) for n in (1, 2, 3, 4, 8) for C in (2560, 7168)
+                for T, dt in ((4097, BF16), (17, FP16))] + [(4, 4096, 16384, BF16), (6, 264, 1, FP16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,C,T,dtype", GPU_BOUNDARY,
+                         ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}" for c in GPU_BOUNDARY])
+def test_gpu_boundary(n, C, T, dtype):
+    g = torch.Generator().manual_seed(n + C + T)
+    errs = check_boundary(*_fn(None), post_inputs(n, C, T, dtype, "cuda", g), g)
+    assert not failures(errs, dtype), f"{failures(errs, dtype)} (all {errs})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,C", [(4, 2560), (8, 1024), (1, 4096)])
+def test_gpu_chain(n, C):
+    g = torch.Generator().manual_seed(n + C)
+    errs = check_chain(kernels.get("mhc", "triton"), *chain_inputs(n, C, 4097, 4, BF16, "cuda", g), g)
+    assert not failures(errs, BF16), f"{failures(errs, BF16)} (all {errs})"
+
+
+@pytest.mark.gpu
+def test_gpu_two_runs_are_bitwise_identical():
+    g = torch.Generator().manual_seed(5)
+    ins = post_inputs(4, 4096, 16384, BF16, "cuda", g)
+    ups = None
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        out = list(post_coeffs(*leaves))
+        out.append(layer_input(out[0], out[1]))
+        if ups is None:
+            ups = [torch.randn(o.shape, generator=g).to(o.dtype).cuda() for o in out]
+        grads = torch.autograd.grad([out[i] for i in (0, 2, 3, 4)], leaves, [ups[i] for i in (0, 2, 3, 4)])
+        runs.append([o.detach() for o in out] + list(grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
