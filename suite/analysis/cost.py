@@ -45,11 +45,39 @@ class Cost:
 
 
 def case_cost(method: str, op: str, mode: str, n: int, C: int, T: int, dtype: str,
-              sinkhorn_iters: int | None = 20) -> Cost:
+              sinkhorn_iters: int | None = 20, sites: int | None = None) -> Cost:
+    """The floor of one call of the case; for op chain, of the whole chain of `sites` sites."""
+    if op == "chain":
+        return chain_cost(method, mode, n, C, T, dtype, sinkhorn_iters or 0, sites)
     fwd = forward_cost(method, op, n, C, T, dtype, sinkhorn_iters or 0)
     if mode == "fwd":
         return fwd
     return fwd + backward_cost(method, op, n, C, T, dtype, sinkhorn_iters or 0)
+
+
+def chain_cost(method, mode, n, C, T, dtype, iters, sites) -> Cost:
+    """L consecutive sites, each boundary fused (MATH.md, "A chain of sites"). Per site forward:
+    read (2n+1)C, write (n+1)C, i.e. (3n+2)C, plus the coefficients (n^2 + 2n fp32) written
+    once and read once; the first site also reads x0 for its coefficients (nC). Per site
+    backward: read (4n+3)C, write (n+1)C, plus the coefficients and their gradients; the chain
+    also reads the gradient of x_L and writes that of x0 (nC each). Parameters and their
+    gradients once per site. The residual's chain is L residual sites."""
+    L = sites
+    if method == "residual":
+        one = forward_cost(method, "site", n, C, T, dtype, iters)
+        if mode != "fwd":
+            one = one + backward_cost(method, "site", n, C, T, dtype, iters)
+        return Cost(one.read * L, one.write * L, one.flops * L)
+    s = ELEMENT_BYTES[dtype]
+    coef = (n * n + 2 * n) * COEF
+    params = param_bytes(method, n, C)
+    flops = _coeff_flops(method, n, C, iters) + 2 * n * C + 2 * n * (n + 1) * C
+    cost = Cost((n * C * s + L * ((2 * n + 1) * C * s + coef)) * T + L * params,
+                L * ((n + 1) * C * s + coef) * T, L * flops * T)
+    if mode == "fwd":
+        return cost
+    return cost + Cost((n * C * s + L * ((4 * n + 3) * C * s + 2 * coef)) * T + L * params,
+                       (n * C * s + L * ((n + 1) * C * s + coef)) * T + L * params, 2 * L * flops * T)
 
 
 def forward_cost(method, op, n, C, T, dtype, iters) -> Cost:

@@ -30,7 +30,9 @@ from suite.core.recompute_size import RECOMPUTE
 MODES = ("fwd", "fwd+bwd")
 SCOPES = ("site", "layer", "model")
 FAMILIES = ("dense", "deepseek")
-OPS = ("site", "coeffs", "pre", "post")
+OPS = ("site", "coeffs", "pre", "post", "chain")
+CHAIN_SITES = 4                 # op chain: consecutive sites when `sites` is not given
+MAX_CHAIN_SITES = 64
 DEVICES = ("cuda", "cpu")
 MAX_N = 16
 TOP_KEYS = ("name", "description", "defaults", "sweep", "exclude", "include")
@@ -79,6 +81,8 @@ class Case:
     parallel: str | None = None         # p2p | pipeline | data
     microbatches: int | None = None     # pipeline: micro-batches per step
     overlap: str | None = None          # pipeline, data: none or techniques joined by '+'
+    # op chain (kernels/chain.py): consecutive sites, F absent; None for every other op.
+    sites: int | None = None
 
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
     RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s", "traffic")
@@ -87,11 +91,13 @@ class Case:
     # Values that stay out of the id, so cases written before these fields existed keep theirs.
     ID_OMITTED = {"family": "dense", "accum": 1, "cuda_graph": False}
     PARALLEL_FIELDS = ("parallel", "microbatches", "overlap")
+    CHAIN_FIELDS = ("sites",)
 
     @property
     def case_id(self) -> str:
         what = {k: v for k, v in asdict(self).items() if k not in self.RUN_CONTROL
-                and not (k in self.MODEL_FIELDS + self.PARALLEL_FIELDS and v is None)
+                and not (k in self.MODEL_FIELDS + self.PARALLEL_FIELDS + self.CHAIN_FIELDS
+                         and v is None)
                 and not (k in self.ID_OMITTED and v == self.ID_OMITTED[k])}
         if self.recompute in ("mhc", "full"):
             # L_r counted transformer layers in records written before it counted sites: the
@@ -107,6 +113,7 @@ class Case:
         n = "" if self.method == "residual" else f" n={self.n}"
         n += sinkhorn_label(self.sinkhorn_iters)
         op = "" if self.op == "site" else f" {self.op}"
+        op += f" L={self.sites}" if self.op == "chain" else ""
         model = ""
         if self.scope != "site":
             rc = "" if self.recompute == "none" else f" recompute={self.recompute} L_r={self.L_r}"
@@ -185,6 +192,8 @@ def _check_value(key: str, v: Any) -> str | None:
         return choice(PARALLEL)
     if key == "microbatches":
         return int_range(1)
+    if key == "sites":
+        return int_range(2, MAX_CHAIN_SITES)
     if key == "overlap":
         return _check_overlap(v)
     return f"unknown field; allowed: {', '.join(CASE_FIELDS)}"
@@ -396,6 +405,10 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
                             "means nothing for scope site (one connection site); allowed with "
                             "scope layer or model")
             continue
+        if "sites" in own and values.get("sites") is not None and values.get("op", "site") != "chain":
+            problems.append(f"{label}: case {i + 1} ({_short(values)}): sites: means nothing for "
+                            f"op {values.get('op', 'site')!r}; allowed with op chain")
+            continue
         missing = [k for k in REQUIRED if k not in values]
         if missing:
             problems.append(f"{label}: case {i + 1} ({_short(values)}): missing {', '.join(missing)}; "
@@ -422,6 +435,10 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
 def normalise(case: Case) -> Case:
     """Fields that do not apply to a method are fixed, so equivalent cases share one id."""
     case = normalise_parallel(normalise_model(case))
+    if case.op == "chain":
+        case = replace(case, sites=case.sites or CHAIN_SITES)
+    elif case.sites is not None:
+        case = replace(case, sites=None)
     if case.method == "residual":
         return replace(case, n=1, sinkhorn_iters=None)
     if case.method == "hc":

@@ -70,6 +70,8 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         if c.get("scope", "site") != "site":   # a whole layer or step: say so where op would be
             lr = f"/{c['L_r']}" if c.get("L_r") else ""
             row[COLUMNS.index("op")] = f"{c['scope']} L={c.get('layers')} rc={c.get('recompute')}{lr}"
+        if c.get("op") == "chain":             # a chain: its sites; the time is the whole chain's
+            row[COLUMNS.index("op")] = f"chain L={c.get('sites')}"
         if c.get("parallel"):
             row[COLUMNS.index("op")] = dist_report.op_label(c)
         if r["status"] == "ok":
@@ -104,6 +106,7 @@ def case_label(r: dict) -> str:
     n = "" if c["method"] == "residual" else f" n={c['n']}"
     n += sinkhorn_label(c.get("sinkhorn_iters"))
     op = "" if c["op"] == "site" else f" {c['op']}"
+    op += f" L={c.get('sites')}" if c["op"] == "chain" else ""
     if c.get("scope", "site") != "site":
         lr = f" L_r={c['L_r']}" if c.get("L_r") else ""
         op = f" {c['scope']} L={c.get('layers')} recompute={c.get('recompute')}{lr}"

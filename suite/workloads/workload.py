@@ -6,6 +6,8 @@ Inputs are never zeros: f and upstream gradients ~ N(0, 1) in the case dtype; x 
 per token and stream by exp(N(0, 1)), so the RMS norms differ from 1 and a kernel that skipped
 them would fail the check; parameters from kernels.reference.random_params (logits of order 1);
 for op=post, h_post = 2*sigmoid(N(0,1)) and h_res = Sinkhorn(N(0,1)) in fp32.
+op=chain (kernels/chain.py) has one fresh f and one parameter set per site (f0, phi0, b0, ...),
+and its outputs are every site's layer_input and the last x_next.
 The site op also returns its coefficients h_post and h_res, so the check compares them at the
 fp32 tolerance: in bf16 state outputs a truncated Sinkhorn would hide under rounding.
 """
@@ -15,6 +17,7 @@ import torch
 
 import kernels
 from kernels import Ops, reference
+from kernels.chain import chain
 from suite.core.dtypes import TORCH_DTYPES
 from suite.core.scenario import Case
 
@@ -43,13 +46,19 @@ def make_inputs(case: Case, device: str, seed: int, T: int | None = None) -> dic
     layout = _state_layout(case)
     if layout is not None:       # the backend's own memory layout, converted outside any timing
         inputs["x"] = layout(inputs["x"])
-    if case.op in ("site", "post"):
+    if case.op == "chain":
+        for l in range(case.sites):
+            inputs[f"f{l}"] = randn(T, C)
+            params = reference.random_params(case.method, n, C, cpu_gen, device)
+            inputs.update((f"{name}{l}", t) for name, t in zip(PARAM_NAMES[case.method], params))
+    elif case.op == "post":
         inputs["f"] = randn(T, C)
-    if case.op == "post":
         if case.method != "residual":
             inputs["h_post"] = 2 * torch.sigmoid(randn(T, n, dt=torch.float32))
             inputs["h_res"] = reference.sinkhorn(randn(T, n, n, dt=torch.float32))
     else:
+        if case.op == "site":
+            inputs["f"] = randn(T, C)
         params = reference.random_params(case.method, n, C, cpu_gen, device)
         inputs.update(zip(PARAM_NAMES[case.method], params))
     backward = case.mode == "fwd+bwd"
@@ -59,7 +68,10 @@ def make_inputs(case: Case, device: str, seed: int, T: int | None = None) -> dic
         shapes = {"layer_input": (T, C), "x_next": (T, n, C)}
         small = {"h_pre": (T, n), "h_post": (T, n), "h_res": (T, n, n)}
         grad_out = {}
-        for name in OUTPUTS[case.op]:
+        if case.op == "chain":
+            grad_out.update((f"layer_input{l}", randn(T, C)) for l in range(case.sites))
+            grad_out["x_next"] = randn(T, n, C)
+        for name in OUTPUTS.get(case.op, ()):
             if case.op == "site" and name not in shapes:
                 continue            # the site's coefficients are internal: F sees only its outputs
             if name in shapes:
@@ -95,7 +107,15 @@ def run(ops: Ops, case: Case, inputs: dict) -> dict:
     x = inputs["x"]
     params = [inputs[p] for p in PARAM_NAMES[case.method] if p in inputs]
     opts = {"sinkhorn_iters": case.sinkhorn_iters} if case.method == "mhc" else {}
-    if case.op == "coeffs":
+    if case.op == "chain":
+        L = case.sites
+        per_site = [tuple(inputs[f"{name}{l}"] for name in PARAM_NAMES[case.method])
+                    for l in range(L)]
+        layer_inputs, x_last = chain(ops, x, [inputs[f"f{l}"] for l in range(L)], per_site,
+                                     **opts)
+        outs = {f"layer_input{l}": li for l, li in enumerate(layer_inputs)}
+        outs["x_next"] = x_last
+    elif case.op == "coeffs":
         outs = dict(zip(OUTPUTS["coeffs"], ops.coeffs(x, *params, **opts)))
     elif case.op == "pre":
         outs = dict(zip(OUTPUTS["pre"], ops.pre(x, *params, **opts)))
