@@ -41,7 +41,8 @@ CASE_COLUMNS = (
     ("sinkhorn_iters", "int"), ("gpus", "int"), ("layers", "int"), ("heads", "int"),
     ("seq", "int"), ("vocab", "int"), ("recompute", "text"), ("L_r", "int"), ("family", "text"),
     ("accum", "int"), ("depth", "int"), ("cuda_graph", "bool"), ("parallel", "text"),
-    ("microbatches", "int"), ("overlap", "text"), ("sites", "int"))
+    ("microbatches", "int"), ("overlap", "text"), ("sites", "int"),
+    ("boundary_fusion", "bool"))
 
 COLUMNS = (
     ("case_id", "text"), ("scenario", "text"), ("status", "text"), ("reason", "text"),

@@ -77,6 +77,7 @@ class Case:
     accum: int | None = None            # micro-batches of T tokens per optimizer step
     depth: int | None = None            # the full model's layers when `layers` runs fewer
     cuda_graph: bool | None = None      # scope model: the whole step replayed as a CUDA graph
+    boundary_fusion: bool | None = None  # scope layer/model: adjacent sites' boundaries fused
     # Distributed fields (suite.workloads.dist.bench); None for single-process cases, so their ids stay.
     parallel: str | None = None         # p2p | pipeline | data
     microbatches: int | None = None     # pipeline: micro-batches per step
@@ -87,9 +88,9 @@ class Case:
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
     RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s", "traffic")
     MODEL_FIELDS = ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r",
-                    "family", "accum", "depth", "cuda_graph")
+                    "family", "accum", "depth", "cuda_graph", "boundary_fusion")
     # Values that stay out of the id, so cases written before these fields existed keep theirs.
-    ID_OMITTED = {"family": "dense", "accum": 1, "cuda_graph": False}
+    ID_OMITTED = {"family": "dense", "accum": 1, "cuda_graph": False, "boundary_fusion": True}
     PARALLEL_FIELDS = ("parallel", "microbatches", "overlap")
     CHAIN_FIELDS = ("sites",)
 
@@ -121,6 +122,7 @@ class Case:
             depth = f"/{self.depth}" if self.depth else ""
             acc = f" accum={self.accum}" if self.accum and self.accum > 1 else ""
             graph = " graph" if self.cuda_graph else ""
+            graph += " unfused-boundaries" if self.boundary_fusion is False else ""
             model = f"{fam} {self.scope} L={self.layers}{depth} seq={self.seq}{acc}{rc}{graph}"
         return (f"{self.method}/{self.backend}{op}{n}{model} C={self.C} T={self.T} {self.dtype} "
                 f"{self.mode} on {self.device}{parallel_label(self)}")
@@ -171,7 +173,7 @@ def _check_value(key: str, v: Any) -> str | None:
         return choice(DEVICES)
     if key == "n":
         return int_range(1, MAX_N)
-    if key == "cuda_graph":
+    if key in ("cuda_graph", "boundary_fusion"):
         return None if isinstance(v, bool) else f"{v!r} is not allowed; allowed: true | false"
     if key in ("layers", "heads", "mlp_ratio", "seq", "vocab", "L_r", "accum", "depth"):
         return int_range(1)
@@ -448,7 +450,7 @@ def normalise(case: Case) -> Case:
 
 # Defaults of the whole-model fields; they enter the id only for scope layer and model.
 MODEL_DEFAULTS = {"mlp_ratio": 4, "vocab": 8192, "recompute": "none", "family": "dense",
-                  "accum": 1, "cuda_graph": False}
+                  "accum": 1, "cuda_graph": False, "boundary_fusion": True}
 HEAD_DIM = 128
 
 

@@ -146,6 +146,7 @@ def overhead_table(records: list[dict], env: dict) -> list[str]:
             name = c["method"] + ("" if c["recompute"] in (None, "none")
                                   else f", recompute L_r = {c['L_r']}")
             name += ", CUDA graph" if c.get("cuda_graph") else ""
+            name += ", boundaries unfused" if c.get("boundary_fusion") is False else ""
             host = (f"{d['host_step_ms'] / d['step_ms']:.2f}"
                     if d.get("host_step_ms") and d.get("step_ms") else "")
             wod = f"{r['wall_over_device']:.2f}" if r.get("wall_over_device") else ""

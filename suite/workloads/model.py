@@ -64,6 +64,9 @@ class ModelConfig:
     identity_init: bool = False
     family: str = "dense"
     op_backends: tuple | None = None  # backend auto: (pre's backend, post's backend)
+    # Adjacent sites run post(l) fused with the coefficients of l+1 (kernels/chain.py's boundary)
+    # where the connection's backend has that kernel.
+    boundary_fusion: bool = True
 
     @property
     def streams(self) -> int:
@@ -114,6 +117,7 @@ class Site(nn.Module):
                                      identity_init=cfg.identity_init, generator=generator)
         self.conn = nn.ParameterList([nn.Parameter(p.float()) for p in init])
         self.f_dtype = DTYPES[cfg.f_dtype] if cfg.f_dtype else None
+        self.boundary_fusion = cfg.boundary_fusion
 
     def pre(self, x):
         return self.ops.pre(x, *self.conn, **self.opts)
@@ -253,5 +257,6 @@ def model_config(case, **over) -> ModelConfig:
                       seq=case.seq, vocab=case.vocab or 1, n=case.n, backend=case.backend,
                       mlp_ratio=case.mlp_ratio or 4, dtype=case.dtype,
                       sinkhorn_iters=case.sinkhorn_iters or 20, recompute=case.recompute,
-                      L_r=case.L_r or 1, family=case.family or "dense")
+                      L_r=case.L_r or 1, family=case.family or "dense",
+                      boundary_fusion=case.boundary_fusion is not False)
     return replace(cfg, **over)

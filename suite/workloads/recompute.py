@@ -75,9 +75,32 @@ def run_layers(layers: list, x: torch.Tensor, mode: str, L_r: int) -> torch.Tens
 
 
 def _run_block(block, x):
-    for site in block:
-        x = site(x)
+    if not fused_boundaries(block):
+        for site in block:
+            x = site(x)
+        return x
+    # Each boundary l -> l+1 is one fused call (post of l with the coefficients of l+1), then
+    # l+1's layer_input from the x it wrote: x_{l+1} is read once for its coefficients.
+    ops = block[0].ops
+    layer_input, h_post, h_res = block[0].pre(x)
+    for i, site in enumerate(block):
+        f = site.F(layer_input)
+        if i + 1 == len(block):
+            return site.post(x, f, h_post, h_res)
+        nxt = block[i + 1]
+        x, h_pre, h_post, h_res = ops.post_coeffs(x, f, h_post, h_res, *nxt.conn, **nxt.opts)
+        layer_input = ops.apply_pre(x, h_pre)
     return x
+
+
+def fused_boundaries(block) -> bool:
+    """Whether a block's adjacent sites run their boundaries fused: every site asks for it and
+    shares one backend that has the fused boundary (kernels.Ops.post_coeffs and apply_pre)."""
+    ops = getattr(block[0], "ops", None) if block else None
+    return (len(block) > 1 and ops is not None and ops.post_coeffs is not None
+            and ops.apply_pre is not None
+            and all(getattr(s, "boundary_fusion", False) and getattr(s, "ops", None) is ops
+                    for s in block))
 
 
 class _ConnectionRecompute(torch.autograd.Function):
