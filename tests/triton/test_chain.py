@@ -75,6 +75,19 @@ def test_boundary_gradient_paths(kernel_device, use):
     assert not failures(errs, FP16), f"{use}: {failures(errs, FP16)}"
 
 
+@pytest.mark.parametrize("needs", [(True, False, False, False, True, False, False),
+                                   (False, True, False, True, False, True, False),
+                                   (False, False, True, False, False, False, True)],
+                         ids=["x-phi", "f-h_res-b", "h_post-alpha"])
+def test_boundary_partial_gradients(kernel_device, needs):
+    """Only the inputs that require a gradient get one, and it is right (the backward kernel
+    without dx, df, the dh partials or dphi)."""
+    g = torch.Generator().manual_seed(9)
+    inputs = post_inputs(2, 24, 37, BF16, kernel_device, g)
+    errs = check_boundary(*_fn(FAST), inputs, g, needs=needs)
+    assert not failures(errs, BF16), f"{needs}: {failures(errs, BF16)}"
+
+
 def test_layer_input_alone(kernel_device):
     """layer_input on a tensor no post_coeffs made: its own backward."""
     g = torch.Generator().manual_seed(3)
