@@ -33,3 +33,20 @@ def check_tensor(op: str, t: torch.Tensor, name: str, shape: tuple, dtype, devic
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, x is on {device}")
     return t.contiguous()
+
+
+def _any_device(op, t, name):
+    """A peer runs where its library puts it; the inputs only have to agree with x's device."""
+
+
+def check_mhc_inputs(op: str, x: torch.Tensor, phi, b, alpha, sinkhorn_iters: int,
+                     supports: Callable) -> tuple[int, int, int]:
+    """A peer's mhc inputs (x [T, n, C]; phi [nC, n*n + 2n], b [n*n + 2n], alpha [3], fp32, on
+    x's device; at least one Sinkhorn iteration); returns (T, n, C)."""
+    T, n, C = check_state(op, x, "x", supports, _any_device)
+    k = n * n + 2 * n
+    for name, t, shape in (("phi", phi, (n * C, k)), ("b", b, (k,)), ("alpha", alpha, (3,))):
+        check_tensor(op, t, name, shape, torch.float32, x.device)
+    if int(sinkhorn_iters) < 1:
+        raise ValueError(f"{op}: sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+    return T, n, C

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import Ops, reference
-from kernels.reference import EPS_RMS, EPS_SK, n_coeffs
+from kernels import Ops, checks, reference
+from kernels.reference import EPS_RMS, EPS_SK
 
 from liger_kernel.transformers.functional import (liger_mhc_coeffs, liger_mhc_post_res,  # noqa: E402
                                                   liger_mhc_pre)
@@ -64,27 +64,11 @@ def supports(n: int, C: int, dtype) -> str | None:
 
 
 def _check_state(op: str, x: torch.Tensor):
-    if x.dim() != 3:
-        raise ValueError(f"liger {op}: x must be [T, n, C], got shape {list(x.shape)}")
-    T, n, C = x.shape
-    reason = supports(n, C, x.dtype)
-    if reason:
-        raise ValueError(f"liger {op}: {reason} (x shape {list(x.shape)})")
-    return T, n, C
+    return checks.check_state(f"liger {op}", x, "x", supports, checks._any_device)
 
 
 def _check_params(x, phi, b, alpha, sinkhorn_iters):
-    T, n, C = _check_state("mhc", x)
-    k = n_coeffs(n)
-    for name, t, shape in (("phi", phi, (n * C, k)), ("b", b, (k,)), ("alpha", alpha, (3,))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"liger mhc: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"liger mhc: {name} must be float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"liger mhc: {name} is on {t.device}, x is on {x.device}")
-    if int(sinkhorn_iters) < 1:
-        raise ValueError(f"liger mhc: sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+    return checks.check_mhc_inputs("liger mhc", x, phi, b, alpha, sinkhorn_iters, supports)
 
 
 def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20):

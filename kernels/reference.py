@@ -40,12 +40,13 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = EPS_SK) -> torc
 
 
 # ---------------------------------------------------------------- mHC (Eqs. 14-19)
-def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None):
-    """sinkhorn_fn replaces Eq. 19's iteration only to state a peer's declared variant."""
+def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None, eps_rms=EPS_RMS):
+    """sinkhorn_fn and eps_rms replace Eq. 19's iteration and the norm's eps only to state a
+    peer's declared variant."""
     T, n, C = x.shape
     cd = compute_dtype(x)
     v = x.reshape(T, n * C).to(cd)
-    r = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + EPS_RMS)
+    r = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + eps_rms)
     m = (v @ phi.to(cd)) / r
     b = b.to(cd)
     alpha = alpha.to(cd)

@@ -67,8 +67,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import Ops, reference
-from kernels.reference import n_coeffs
+from kernels import Ops, checks, reference
 
 TE_VERSION = "2.20"
 N_STREAMS = 4
@@ -247,28 +246,11 @@ def _state_for_post(x: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
 
 
 def _check_state(op: str, x: torch.Tensor):
-    if x.dim() != 3:
-        raise ValueError(f"te {op}: x must be [T, n, C], got shape {list(x.shape)}")
-    T, n, C = x.shape
-    reason = supports(n, C, x.dtype)
-    if reason:
-        raise ValueError(f"te {op}: {reason} (x shape {list(x.shape)})")
-    return T, n, C
+    return checks.check_state(f"te {op}", x, "x", supports, checks._any_device)
 
 
 def _check_params(x, phi, b, alpha, sinkhorn_iters):
-    T, n, C = _check_state("mhc", x)
-    k = n_coeffs(n)
-    for name, t, shape in (("phi", phi, (n * C, k)), ("b", b, (k,)), ("alpha", alpha, (3,))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"te mhc: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"te mhc: {name} must be float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"te mhc: {name} is on {t.device}, x is on {x.device}")
-    if int(sinkhorn_iters) < 1:
-        raise ValueError(f"te mhc: sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-    return T, n, C
+    return checks.check_mhc_inputs("te mhc", x, phi, b, alpha, sinkhorn_iters, supports)
 
 
 def _te_coeffs(x_te, phi_te, alpha, beta, iters: int):
@@ -334,17 +316,8 @@ def te_sinkhorn(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
 
 def te_mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20):
     """MATH.md's coefficients with TE's eps_rms and Sinkhorn (fp32, or fp64 for fp64 inputs)."""
-    T, n, C = x.shape
-    cd = reference.compute_dtype(x)
-    v = x.reshape(T, n * C).to(cd)
-    r = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + TE_EPS_RMS)
-    m = (v @ phi.to(cd)) / r
-    b = b.to(cd)
-    alpha = alpha.to(cd)
-    h_pre = torch.sigmoid(alpha[0] * m[:, :n] + b[:n])
-    h_post = 2.0 * torch.sigmoid(alpha[1] * m[:, n:2 * n] + b[n:2 * n])
-    res_logit = (alpha[2] * m[:, 2 * n:] + b[2 * n:]).view(T, n, n)
-    return h_pre, h_post, te_sinkhorn(res_logit, sinkhorn_iters)
+    return reference.mhc_coeffs(x, phi, b, alpha, sinkhorn_iters, sinkhorn_fn=te_sinkhorn,
+                                eps_rms=TE_EPS_RMS)
 
 
 def te_mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20):
