@@ -35,7 +35,7 @@ def check_tensor(op: str, t: torch.Tensor, name: str, shape: tuple, dtype, devic
     return t.contiguous()
 
 
-def _any_device(op, t, name):
+def any_device(op, t, name):
     """A peer runs where its library puts it; the inputs only have to agree with x's device."""
 
 
@@ -43,7 +43,7 @@ def check_mhc_inputs(op: str, x: torch.Tensor, phi, b, alpha, sinkhorn_iters: in
                      supports: Callable) -> tuple[int, int, int]:
     """A peer's mhc inputs (x [T, n, C]; phi [nC, n*n + 2n], b [n*n + 2n], alpha [3], fp32, on
     x's device; at least one Sinkhorn iteration); returns (T, n, C)."""
-    T, n, C = check_state(op, x, "x", supports, _any_device)
+    T, n, C = check_state(op, x, "x", supports, any_device)
     k = n * n + 2 * n
     for name, t, shape in (("phi", phi, (n * C, k)), ("b", b, (k,)), ("alpha", alpha, (3,))):
         check_tensor(op, t, name, shape, torch.float32, x.device)

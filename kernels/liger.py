@@ -64,7 +64,7 @@ def supports(n: int, C: int, dtype) -> str | None:
 
 
 def _check_state(op: str, x: torch.Tensor):
-    return checks.check_state(f"liger {op}", x, "x", supports, checks._any_device)
+    return checks.check_state(f"liger {op}", x, "x", supports, checks.any_device)
 
 
 def _check_params(x, phi, b, alpha, sinkhorn_iters):

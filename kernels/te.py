@@ -246,7 +246,7 @@ def _state_for_post(x: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
 
 
 def _check_state(op: str, x: torch.Tensor):
-    return checks.check_state(f"te {op}", x, "x", supports, checks._any_device)
+    return checks.check_state(f"te {op}", x, "x", supports, checks.any_device)
 
 
 def _check_params(x, phi, b, alpha, sinkhorn_iters):
