@@ -110,7 +110,7 @@ def test_overlap_normalised_and_ids_of_old_cases_unchanged():
     import hashlib
     from dataclasses import asdict
     old = {k: v for k, v in asdict(plain).items() if k not in plain.RUN_CONTROL
-           and k not in plain.PARALLEL_FIELDS and not (k in plain.MODEL_FIELDS and v is None)}
+           and k not in plain.PARALLEL_FIELDS + plain.CHAIN_FIELDS and not (k in plain.MODEL_FIELDS and v is None)}
     blob = json.dumps(old, sort_keys=True, separators=(",", ":"))
     assert plain.case_id == hashlib.sha1(blob.encode()).hexdigest()[:12]
 
