@@ -40,13 +40,14 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = EPS_SK) -> torc
 
 
 # ---------------------------------------------------------------- mHC (Eqs. 14-19)
-def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None):
-    """sinkhorn_fn replaces Eq. 19's iteration only to state a peer's declared variant."""
+def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None, project=None):
+    """sinkhorn_fn replaces Eq. 19's iteration and project(v, phi) Eq. 14's product v @ phi, only
+    to state a backend's declared variant (Ops.deviation)."""
     T, n, C = x.shape
     cd = compute_dtype(x)
     v = x.reshape(T, n * C).to(cd)
     r = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + EPS_RMS)
-    m = (v @ phi.to(cd)) / r
+    m = (project or torch.matmul)(v, phi.to(cd)) / r
     b = b.to(cd)
     alpha = alpha.to(cd)
     h_pre = torch.sigmoid(alpha[0] * m[:, :n] + b[:n])
@@ -61,12 +62,18 @@ def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None):
 
 
 # ---------------------------------------------------------------- HC (HC paper Eqs. 10-14)
-def hc_coeffs(x, w, b, s):
+def hc_coeffs(x, w, b, s, project=None):
+    """project(x, w) replaces the product of x with w, only to state a backend's declared
+    variant (Ops.deviation); it takes x itself and the norm divides its result, which is the
+    same function (the norm is one scalar per stream)."""
     T, n, C = x.shape
     cd = compute_dtype(x)
     xc = x.to(cd)
-    xn = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + EPS_RMS)
-    proj = torch.tanh(xn @ w.to(cd))                      # [T, n(src), n+2]
+    scale = torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + EPS_RMS)
+    if project is None:
+        proj = torch.tanh((xc * scale) @ w.to(cd))        # [T, n(src), n+2]
+    else:
+        proj = torch.tanh(project(xc, w.to(cd)) * scale)
     b = b.to(cd)
     s = s.to(cd)
     h_pre = s[0] * proj[..., 0] + b[:n]
