@@ -209,3 +209,34 @@ def test_the_scenarios_cpu_cases_run_end_to_end(tmp_path):
     report = (run / "report.md").read_text()
     assert "## Stability: composite gain over depth and training loss" in report
     assert "| hc | torch | paper | 0.01 | 4 |" in report
+
+
+def test_no_corpus_skips_with_the_reason_and_a_wrong_backend_fails_its_gate(tmp_path, monkeypatch):
+    """The one lifecycle: a machine without the sources skips the case; a backend that computes
+    the wrong function fails the model gate with one line, and the run goes on."""
+    import kernels
+    from kernels import reference as ref
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(corpus, "stdlib_root", lambda: empty)
+    out = tmp_path / "skip"
+    only = ["--only", "device=cpu", "--only", "method=residual"]
+    assert cli.main(["run", str(ROOT / "scenarios/stability.yaml"), *only, "--out", str(out)]) == 3
+    (record,) = read_records(next(out.iterdir()))
+    assert record["status"] == "skipped" and "no Python standard library sources" in record["reason"]
+    monkeypatch.undo()
+
+    wrong = kernels.Ops("hc", "fake", pre=ref.hc_pre,
+                        post=lambda x, f, hp, hr: ref.post(x, f, hp, hr) * 1.1)
+    monkeypatch.setitem(kernels.BACKENDS, "fake", kernels.Backend("fake", "unused"))
+    monkeypatch.setitem(kernels._LOADED, "fake", {"hc": wrong, "mhc": kernels.get("mhc", "torch")})
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndefaults: {scope: stability, mode: fwd+bwd, device: cpu, dtype: fp32,\n"
+                    "  backend: fake, C: 32, heads: 2, layers: 2, seq: 16, T: 32, steps: 2}\n"
+                    "sweep: {method: [hc, mhc]}\n")
+    out = tmp_path / "fail"
+    assert cli.main(["run", str(path), "--out", str(out)]) == 1
+    records = {r["case"]["method"]: r for r in read_records(next(out.iterdir()))}
+    assert records["hc"]["status"] == "failed" and records["hc"]["reason"].startswith("check failed")
+    assert "stability" not in records["hc"] and records["mhc"]["status"] == "ok"
