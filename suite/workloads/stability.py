@@ -4,10 +4,11 @@ stability metric measured on it as the paper defines it (section 3.1, Figs. 3 an
 The metric, Amax Gain Magnitude. Sites are counted separately (attention and FFN, two per layer),
 as the paper's x-axis does. For site l of L, the composite mapping from site l to the output is
 
-    P_l = H_res(L) @ H_res(L-1) @ ... @ H_res(l)        (PAPERS.md B.2: prod_{i=1}^{L-l} H_res_{L-i})
+    P_l = H_res(L) @ H_res(L-1) @ ... @ H_res(l)        (sites counted 1..L)
 
-i.e. a signal entering at site l meets H_res(l) first and H_res(L) last: x_L = P_l x_l + (the
-branch terms). Forward gain = max_i |sum_j P_l[i, j]| (the largest absolute row sum), backward
+which is PAPERS.md B.2's prod_{i=1}^{L-l} H_res_{L-i} (Eq. 4, layers counted from 0 there): a
+signal entering at site l meets H_res(l) first and H_res(L) last, x_L = P_l x_l + (the branch
+terms). Forward gain = max_i |sum_j P_l[i, j]| (the largest absolute row sum), backward
 gain = max_j |sum_i P_l[i, j]| (the largest absolute column sum). Per token in fp64, then
 averaged over the tokens of one sequence (the first validation window): the paper averages "over
 all tokens in a selected sequence" without saying whether before or after the max; this takes
