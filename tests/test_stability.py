@@ -13,6 +13,12 @@ from suite.workloads import corpus, stability
 from tests.conftest import ROOT
 
 
+def run_dir(out):
+    """The one run folder under --out (history.sqlite lies beside it)."""
+    (run,) = [d for d in out.iterdir() if d.is_dir()]
+    return run
+
+
 def tokens_of(matrices):
     """[T, n, n] copies of each matrix, T = 3 tokens."""
     return [torch.tensor(m, dtype=torch.float64).expand(3, *torch.tensor(m).shape) for m in matrices]
@@ -173,7 +179,7 @@ def test_the_scenarios_cpu_cases_run_end_to_end(tmp_path):
     code = cli.main(["run", str(ROOT / "scenarios/stability.yaml"), "--only", "device=cpu",
                      "--out", str(out)])
     assert code == 0
-    (run,) = [d for d in out.iterdir() if d.is_dir()]
+    run = run_dir(out)
     records = {(r["case"]["method"], r["case"]["init"]): r for r in read_records(run)}
     assert set(records) == {("residual", None), ("hc", "paper"), ("mhc", "paper"),
                             ("mhc", "identity")}
@@ -223,7 +229,7 @@ def test_no_corpus_skips_with_the_reason_and_a_wrong_backend_fails_its_gate(tmp_
     out = tmp_path / "skip"
     only = ["--only", "device=cpu", "--only", "method=residual"]
     assert cli.main(["run", str(ROOT / "scenarios/stability.yaml"), *only, "--out", str(out)]) == 3
-    (record,) = read_records(next(out.iterdir()))
+    (record,) = read_records(run_dir(out))
     assert record["status"] == "skipped" and "no Python standard library sources" in record["reason"]
     monkeypatch.undo()
 
@@ -237,6 +243,6 @@ def test_no_corpus_skips_with_the_reason_and_a_wrong_backend_fails_its_gate(tmp_
                     "sweep: {method: [hc, mhc]}\n")
     out = tmp_path / "fail"
     assert cli.main(["run", str(path), "--out", str(out)]) == 1
-    records = {r["case"]["method"]: r for r in read_records(next(out.iterdir()))}
+    records = {r["case"]["method"]: r for r in read_records(run_dir(out))}
     assert records["hc"]["status"] == "failed" and records["hc"]["reason"].startswith("check failed")
     assert "stability" not in records["hc"] and records["mhc"]["status"] == "ok"
