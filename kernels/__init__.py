@@ -85,6 +85,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("tilelang", "kernels.tilelang", devices=("cuda",), requires=("tilelang",),
                 pip_name="tilelang==0.1.15", description="this suite's TileLang kernels",
                 probe="kernels.tilelang.probe:unavailable"),
+        Backend("unfused", "kernels.unfused",
+                description="plain bf16 PyTorch, one op per step (the paper's Table 2 design)"),
     )
 }
 

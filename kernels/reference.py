@@ -40,14 +40,15 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = EPS_SK) -> torc
 
 
 # ---------------------------------------------------------------- mHC (Eqs. 14-19)
-def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None, eps_rms=EPS_RMS):
-    """sinkhorn_fn and eps_rms replace Eq. 19's iteration and the norm's eps only to state a
-    peer's declared variant."""
+def mhc_coeffs(x, phi, b, alpha, sinkhorn_iters: int = 20, sinkhorn_fn=None, project=None,
+               eps_rms=EPS_RMS):
+    """sinkhorn_fn replaces Eq. 19's iteration, project(v, phi) Eq. 14's product v @ phi and
+    eps_rms the norm's eps, only to state a backend's declared variant (Ops.deviation)."""
     T, n, C = x.shape
     cd = compute_dtype(x)
     v = x.reshape(T, n * C).to(cd)
     r = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + eps_rms)
-    m = (v @ phi.to(cd)) / r
+    m = (project or torch.matmul)(v, phi.to(cd)) / r
     b = b.to(cd)
     alpha = alpha.to(cd)
     h_pre = torch.sigmoid(alpha[0] * m[:, :n] + b[:n])
@@ -71,12 +72,18 @@ def mhc_post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters: int = 20
 
 
 # ---------------------------------------------------------------- HC (HC paper Eqs. 10-14)
-def hc_coeffs(x, w, b, s):
+def hc_coeffs(x, w, b, s, project=None):
+    """project(x, w) replaces the product of x with w, only to state a backend's declared
+    variant (Ops.deviation); it takes x itself and the norm divides its result, which is the
+    same function (the norm is one scalar per stream)."""
     T, n, C = x.shape
     cd = compute_dtype(x)
     xc = x.to(cd)
-    xn = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + EPS_RMS)
-    proj = torch.tanh(xn @ w.to(cd))                      # [T, n(src), n+2]
+    scale = torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + EPS_RMS)
+    if project is None:
+        proj = torch.tanh((xc * scale) @ w.to(cd))        # [T, n(src), n+2]
+    else:
+        proj = torch.tanh(project(xc, w.to(cd)) * scale)
     b = b.to(cd)
     s = s.to(cd)
     h_pre = s[0] * proj[..., 0] + b[:n]
@@ -145,9 +152,21 @@ def random_params(method: str, n: int, C: int, generator: torch.Generator, devic
     raise ValueError(f"unknown method {method!r}")
 
 
+# mHC's b_res diagonal at the identity init. The paper gives no init for b; with these logits
+# alone Sinkhorn keeps the matrix (its row and column sums are already equal), so h_res starts
+# with e^4 / (e^4 + n - 1) on the diagonal: 0.948 at n = 4 (0.982 at n = 2, 0.886 at n = 8),
+# near I like HC's b_res = I, while every entry keeps a gradient (0.017 off the diagonal at
+# n = 4: far from saturated).
+IDENTITY_LOGIT = 4.0
+
+
 def init_params(method: str, n: int, C: int, site_index: int = 0, identity_init: bool = False,
                 generator: torch.Generator | None = None, device="cpu"):
-    """The papers' initialisation (MATH.md), for models and the init-equivalence tests."""
+    """The papers' initialisation (MATH.md), for models and the init-equivalence tests.
+
+    mHC's b is not published: b = 0 by default (h_res near uniform 1/n), or with
+    identity_init b_res = IDENTITY_LOGIT * I (h_res near I). HC's init is its paper's (b_res = I)
+    either way."""
     k = n_coeffs(n)
     if method == "hc":
         b = torch.zeros(k)
@@ -160,7 +179,7 @@ def init_params(method: str, n: int, C: int, site_index: int = 0, identity_init:
         phi = torch.randn(n * C, k, generator=generator) * 0.02
         b = torch.zeros(k)
         if identity_init:
-            b[2 * n:] = (4.0 * torch.eye(n)).flatten()
+            b[2 * n:] = (IDENTITY_LOGIT * torch.eye(n)).flatten()
         return (phi.to(device), b.to(device), torch.full((3,), 0.01, device=device))
     if method == "residual":
         return ()

@@ -25,10 +25,10 @@ def tokens(batch=2, seq=16, vocab=64, seed=3):
 
 @pytest.mark.parametrize("method", ["residual", "hc", "mhc"])
 def test_model_trains_and_loss_falls(method):
-    cfg = ModelConfig(method=method, **{**TINY, "layers": 2, "vocab": 32})
-    model = Transformer(cfg, seed=0)
-    losses = stability.train(model, steps=25, batch=8, lr=3e-3, seed=0)
-    assert all(torch.isfinite(torch.tensor(losses)))
+    case = normalise(Case(method=method, scope="stability", mode="fwd+bwd", device="cpu",
+                          dtype="fp32", C=32, heads=4, layers=2, seq=16, T=128, steps=25, lr=3e-3))
+    losses = stability.train(case, "cpu")["stability"]["loss"]
+    assert len(losses) == 25 and all(x is not None for x in losses)
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
 
 

@@ -1,10 +1,8 @@
-"""Overhead arithmetic and interval, the step cost model and its predictions, the gain metric."""
+"""Overhead arithmetic and interval, the step cost model and its predictions."""
 import pytest
-import torch
 
 from suite.analysis import overhead, predict
 from suite.core.scenario import Case, normalise
-from suite.workloads import stability
 
 
 def interleaved(times_a, times_b, rounds=8, per_round=4):
@@ -91,16 +89,3 @@ def test_predicted_overhead_falls_with_width_and_with_faster_memory():
     assert h200_cpu["copy_gbps"] == pytest.approx(predict.TYPICAL_COPY_FRACTION * 4800)
     assert b200_cpu["matmul_tflops"] == pytest.approx(predict.TYPICAL_MATMUL_FRACTION * 2250)
     assert h200_cpu["scaled_from"] is None
-
-
-def test_amax_gain_of_composite_products():
-    T, n = 5, 3
-    eye = torch.eye(n).expand(T, n, n)
-    g = stability.amax_gains([eye, eye], seq=T)
-    assert g["forward"] == [1.0, 1.0] and g["backward"] == [1.0, 1.0]
-    scale = torch.diag(torch.tensor([2.0, 1.0, 1.0])).expand(T, n, n)
-    upper = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).expand(T, n, n)
-    g = stability.amax_gains([scale, scale, upper], seq=T)
-    assert g["forward"] == [2.0, 4.0, 5.0]        # row 0 of upper @ diag(4,1,1) sums to 5
-    assert g["backward"] == [2.0, 4.0, 4.0]
-    assert g["single_forward"] == [2.0, 2.0, 2.0]

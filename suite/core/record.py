@@ -42,7 +42,7 @@ CASE_COLUMNS = (
     ("seq", "int"), ("vocab", "int"), ("recompute", "text"), ("L_r", "int"), ("family", "text"),
     ("accum", "int"), ("depth", "int"), ("cuda_graph", "bool"), ("parallel", "text"),
     ("microbatches", "int"), ("overlap", "text"), ("sites", "int"),
-    ("boundary_fusion", "bool"))
+    ("boundary_fusion", "bool"), ("steps", "int"), ("lr", "real"), ("init", "text"))
 
 COLUMNS = (
     ("case_id", "text"), ("scenario", "text"), ("status", "text"), ("reason", "text"),
@@ -51,7 +51,9 @@ COLUMNS = (
     ("samples", "int"), ("b2b_ms", "real"), ("time_kind", "text"), ("gbps", "real"),
     ("pct_of_copy", "real"), ("copy_gbps", "real"), ("peak_mem_bytes", "int"),
     ("tokens_per_s", "real"), ("mfu", "real"), ("optimizer_share", "real"), ("bound", "text"),
-    ("device_step_ms", "real"), ("overlap_efficiency", "real"), ("amplification", "real"), ("flags", "text"), ("started_utc", "time"), ("gpu_uuid", "text"),
+    ("device_step_ms", "real"), ("overlap_efficiency", "real"), ("amplification", "real"),
+    ("train_loss", "real"), ("val_loss", "real"), ("max_gain_fwd", "real"), ("max_gain_bwd", "real"),
+    ("spikes", "int"), ("flags", "text"), ("started_utc", "time"), ("gpu_uuid", "text"),
     ("code_commit", "text"), ("code_dirty", "bool"), ("kernel_settings", "text"))
 NAMES = tuple(name for name, _ in COLUMNS)
 
@@ -89,11 +91,23 @@ def flat(record: dict) -> dict:
         if isinstance(record.get("device"), dict) else None,
         "overlap_efficiency": record.get("overlap_efficiency"),
         "amplification": record.get("amplification"),
+        **_stability_columns(record.get("stability")),
         "flags": ";".join(record.get("flags") or []) or None,
         "started_utc": record.get("started_utc"), "gpu_uuid": record.get("gpu_uuid"),
         "code_commit": code.get("commit"), "code_dirty": code.get("dirty"),
         "kernel_settings": None if knobs is None else json.dumps(knobs, sort_keys=True)})
     return out
+
+
+def _stability_columns(st) -> dict:
+    """Scope stability's headline numbers (docs/records.md): final losses, the largest composite
+    gain over depth at the end of training, and the count of loss spikes."""
+    st = st if isinstance(st, dict) else {}
+    final = st.get("final") or {}
+    end = (st.get("max_gain") or {}).get("end") or {}
+    return {"train_loss": final.get("train_loss"), "val_loss": final.get("val_loss"),
+            "max_gain_fwd": end.get("forward"), "max_gain_bwd": end.get("backward"),
+            "spikes": st.get("spikes")}
 
 
 def throughput(read: int, write: int, flops: int, seconds: float, copy: dict | None) -> dict:

@@ -28,11 +28,12 @@ from suite.core.dtypes import DTYPES
 from suite.core.recompute_size import RECOMPUTE
 
 MODES = ("fwd", "fwd+bwd")
-SCOPES = ("site", "layer", "model")
+SCOPES = ("site", "layer", "model", "stability")
 FAMILIES = ("dense", "deepseek")
 OPS = ("site", "coeffs", "pre", "post", "chain")
 CHAIN_SITES = 4                 # op chain: consecutive sites when `sites` is not given
 MAX_CHAIN_SITES = 64
+INITS = ("paper", "identity")           # scope stability: mHC's b (suite.workloads.stability)
 DEVICES = ("cuda", "cpu")
 MAX_N = 16
 TOP_KEYS = ("name", "description", "defaults", "sweep", "exclude", "include")
@@ -78,6 +79,10 @@ class Case:
     depth: int | None = None            # the full model's layers when `layers` runs fewer
     cuda_graph: bool | None = None      # scope model: the whole step replayed as a CUDA graph
     boundary_fusion: bool | None = None  # scope layer/model: adjacent sites' boundaries fused
+    # Scope stability (a training run, suite.workloads.stability); None elsewhere, so ids stay.
+    steps: int | None = None            # optimizer steps
+    lr: float | None = None             # peak learning rate
+    init: str | None = None             # paper | identity (mHC's b; HC has its paper's own)
     # Distributed fields (suite.workloads.dist.bench); None for single-process cases, so their ids stay.
     parallel: str | None = None         # p2p | pipeline | data
     microbatches: int | None = None     # pipeline: micro-batches per step
@@ -88,7 +93,8 @@ class Case:
     # Fields that say how to measure, not what: they stay out of the id so runs join across them.
     RUN_CONTROL = ("seed", "warmup_ms", "rep_ms", "timeout_s", "traffic")
     MODEL_FIELDS = ("layers", "heads", "mlp_ratio", "seq", "vocab", "recompute", "L_r",
-                    "family", "accum", "depth", "cuda_graph", "boundary_fusion")
+                    "family", "accum", "depth", "cuda_graph", "boundary_fusion", "steps", "lr",
+                    "init")
     # Values that stay out of the id, so cases written before these fields existed keep theirs.
     ID_OMITTED = {"family": "dense", "accum": 1, "cuda_graph": False, "boundary_fusion": True}
     PARALLEL_FIELDS = ("parallel", "microbatches", "overlap")
@@ -123,7 +129,12 @@ class Case:
             acc = f" accum={self.accum}" if self.accum and self.accum > 1 else ""
             graph = " graph" if self.cuda_graph else ""
             graph += " unfused-boundaries" if self.boundary_fusion is False else ""
-            model = f"{fam} {self.scope} L={self.layers}{depth} seq={self.seq}{acc}{rc}{graph}"
+            train = ""
+            if self.scope == "stability":
+                init = f" init={self.init}" if self.init else ""
+                train = f" steps={self.steps} lr={self.lr:g}{init}"
+            model = (f"{fam} {self.scope} L={self.layers}{depth} seq={self.seq}{acc}{rc}{graph}"
+                     f"{train}")
         return (f"{self.method}/{self.backend}{op}{n}{model} C={self.C} T={self.T} {self.dtype} "
                 f"{self.mode} on {self.device}{parallel_label(self)}")
 
@@ -175,8 +186,17 @@ def _check_value(key: str, v: Any) -> str | None:
         return int_range(1, MAX_N)
     if key in ("cuda_graph", "boundary_fusion"):
         return None if isinstance(v, bool) else f"{v!r} is not allowed; allowed: true | false"
-    if key in ("layers", "heads", "mlp_ratio", "seq", "vocab", "L_r", "accum", "depth"):
+    if key in ("layers", "heads", "mlp_ratio", "seq", "vocab", "L_r", "accum", "depth", "steps"):
         return int_range(1)
+    if key == "init":
+        return choice(INITS)
+    if key == "lr":
+        if (_is_int(v) or isinstance(v, float)) and v > 0 and math.isfinite(v):
+            return None
+        if isinstance(v, str) and _is_number(v):
+            # YAML 1.1 reads an exponent without a dot (3e-3) as text
+            return f"{v!r} is text to YAML; allowed: a positive number written with a dot (3.0e-3)"
+        return f"{v!r} is not allowed; allowed: a positive number"
     if key == "recompute":
         return choice(RECOMPUTE)
     if key in ("C", "T", "gpus", "sinkhorn_iters"):
@@ -199,6 +219,13 @@ def _check_value(key: str, v: Any) -> str | None:
     if key == "overlap":
         return _check_overlap(v)
     return f"unknown field; allowed: {', '.join(CASE_FIELDS)}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _check_partial(path: str, mapping: Any, problems: list[str], lists_ok: bool) -> dict:
@@ -401,11 +428,14 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
     cases, seen = [], set()
     for i, (values, own) in enumerate(raw):
         values = {**values, **overrides}
-        stray = sorted(k for k in own & set(Case.MODEL_FIELDS) if values.get(k) is not None)
-        if values.get("scope", "site") == "site" and stray:
+        scope = values.get("scope", "site")
+        stray = sorted(k for k in own & set(Case.MODEL_FIELDS)
+                       if values.get(k) is not None and scope not in field_scopes(k))
+        if stray:
+            allowed = [s for s in SCOPES if all(s in field_scopes(k) for k in stray)]
             problems.append(f"{label}: case {i + 1} ({_short(values)}): {', '.join(stray)}: "
-                            "means nothing for scope site (one connection site); allowed with "
-                            "scope layer or model")
+                            f"means nothing for scope {scope}{SCOPE_WHAT.get(scope, '')}; "
+                            f"allowed with scope {' or '.join(allowed)}")
             continue
         if "sites" in own and values.get("sites") is not None and values.get("op", "site") != "chain":
             problems.append(f"{label}: case {i + 1} ({_short(values)}): sites: means nothing for "
@@ -434,6 +464,20 @@ def parse(doc: dict, label: str, overrides: dict | None = None) -> Scenario:
                     warnings=warnings)
 
 
+TRAINING_FIELDS = ("steps", "lr", "init")
+SCOPE_WHAT = {"site": " (one connection site)", "stability": " (a training run)"}
+
+
+def field_scopes(key: str) -> tuple[str, ...]:
+    """The scopes a whole-model field means something for. Scope layer drops accum, depth and
+    cuda_graph quietly (it always did); scope stability refuses them."""
+    if key in TRAINING_FIELDS:
+        return ("stability",)
+    if key in ("accum", "depth", "cuda_graph"):
+        return ("layer", "model")
+    return ("layer", "model", "stability")
+
+
 def normalise(case: Case) -> Case:
     """Fields that do not apply to a method are fixed, so equivalent cases share one id."""
     case = normalise_parallel(normalise_model(case))
@@ -448,17 +492,28 @@ def normalise(case: Case) -> Case:
     return case
 
 
-# Defaults of the whole-model fields; they enter the id only for scope layer and model.
+# Defaults of the whole-model fields; they enter the id only for scopes layer, model and stability.
 MODEL_DEFAULTS = {"mlp_ratio": 4, "vocab": 8192, "recompute": "none", "family": "dense",
                   "accum": 1, "cuda_graph": False, "boundary_fusion": True}
+# Scope stability trains on bytes (suite.workloads.corpus): the vocabulary is theirs.
+BYTE_VOCAB = 256
+STABILITY_DEFAULTS = {"vocab": BYTE_VOCAB, "steps": 1000, "lr": 1e-3, "init": "paper"}
 HEAD_DIM = 128
 
 
 def normalise_model(case: Case) -> Case:
     if case.scope == "site":
         return replace(case, **{k: None for k in Case.MODEL_FIELDS})
-    fill = {k: v for k, v in MODEL_DEFAULTS.items() if getattr(case, k) is None}
+    defaults = MODEL_DEFAULTS
+    if case.scope == "stability":
+        defaults = {**MODEL_DEFAULTS, **STABILITY_DEFAULTS}
+    fill = {k: v for k, v in defaults.items() if getattr(case, k) is None}
     case = replace(case, **fill)
+    if case.scope != "stability":
+        case = replace(case, **{k: None for k in TRAINING_FIELDS})
+    elif case.method != "mhc":
+        # HC's paper init already starts h_res at I, and residual has no h_res: one case each
+        case = replace(case, init="paper" if case.method == "hc" else None)
     if case.family == "deepseek":
         case = replace(case, mlp_ratio=None)      # MLA and MoE sublayers have no MLP ratio
     if case.depth is not None and case.depth == case.layers:
@@ -485,7 +540,7 @@ def normalise_model(case: Case) -> Case:
 
 
 def model_problems(case: Case) -> str | None:
-    """Cross-field rules of scope layer and model: one line, or None."""
+    """Cross-field rules of scopes layer, model and stability: one line, or None."""
     if case.scope == "site":
         return None
     if case.op != "site":
@@ -506,6 +561,22 @@ def model_problems(case: Case) -> str | None:
         return "backend: 'auto' picks per op inside a model; allowed with scope layer or model"
     if case.family == "deepseek" and case.scope == "model" and case.depth and case.layers < 2:
         return "layers: a partial deepseek model needs at least 2 layers (the dense one and an MoE one)"
+    if case.scope == "stability":
+        return stability_problems(case)
+    return None
+
+
+def stability_problems(case: Case) -> str | None:
+    """Cross-field rules of scope stability (a training run): one line, or None."""
+    if case.mode != "fwd+bwd":
+        return (f"mode: {case.mode!r} is not allowed with scope stability (a training run); "
+                "allowed: fwd+bwd")
+    if case.vocab != BYTE_VOCAB:
+        return (f"vocab: {case.vocab} is not allowed with scope stability (byte-level tokens); "
+                f"allowed: {BYTE_VOCAB}")
+    if case.backend == kernels.AUTO:
+        return ("backend: 'auto' chooses by timing; a stability case names its backend; "
+                f"allowed: {' | '.join(kernels.BACKENDS)}")
     return None
 
 

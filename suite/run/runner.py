@@ -1,4 +1,5 @@
-"""Runs cases: availability -> correctness gate -> timing -> record, one case at a time.
+"""Runs cases: availability -> correctness gate -> timing -> record, one case at a time (scope
+stability: gate -> training run -> record, suite.run.stability).
 
 A case the machine cannot run is recorded as skipped with the reason; an exception or an
 out-of-memory in one case is recorded as failed and the sweep goes on; Ctrl-C stops the sweep
@@ -23,7 +24,8 @@ from suite.core.record import throughput
 from suite.core.scenario import Case, Scenario
 from suite.measure import env as environment, telemetry
 from suite.measure.timing import Timer, copy_rate_gbps
-from suite.run import check as checking, distributed as dist_run, groups, lifecycle, traffic
+from suite.run import (check as checking, distributed as dist_run, groups, lifecycle,
+                       stability as stability_run, traffic)
 from suite.store.runs import RunStore, new_record, new_run_dir, read_env, read_records, write_json
 from suite.workloads import workload
 from suite.workloads.availability import unavailable
@@ -57,7 +59,11 @@ class Session:
 
     def run_case(self, case: Case, scenario: str) -> dict:
         record = new_record(case, scenario, self.gpu_uuid, self.env)
-        lifecycle.attempt(case, record, lambda: self._measure(case, record))
+        if case.scope == "stability":
+            work = lambda: stability_run.measure(self, case, record)  # noqa: E731
+        else:
+            work = lambda: self._measure(case, record)  # noqa: E731
+        lifecycle.attempt(case, record, work)
         self.store.add(record)
         return record
 
@@ -236,13 +242,13 @@ def _run_into(store: RunStore, scenarios: list[Scenario], env: dict, retry_faile
         # Distributed cases first: the other ranks wait for them (suite.run.distributed).
         dist_run.run_cases(session, [(n, c) for n, c in todo if c.parallel], view)
         for name, case in todo:
-            if case.scope != "site" or case.parallel:
+            if case.scope not in ("site", "stability") or case.parallel:
                 continue    # layer and model: below, timed interleaved with their group
             view.starting(case)
             record = session.run_case(case, name)
             view.finished(case, record)
         for group in groups.groups([(n, c) for n, c in todo
-                                   if c.scope != "site" and not c.parallel]):
+                                   if c.scope in ("layer", "model") and not c.parallel]):
             groups.run_group(session, group, view)
     except KeyboardInterrupt:       # Ctrl-C, or SIGTERM through the command line's handler
         interrupted = True

@@ -6,6 +6,7 @@ import torch
 import kernels
 from suite.core.dtypes import TORCH_DTYPES
 from suite.core.scenario import Case
+from suite.workloads import corpus
 from suite.workloads.dist import launch
 
 
@@ -34,6 +35,10 @@ def unavailable(case: Case) -> str | None:
         return f"backend {case.backend} has no coeffs op for {case.method}"
     if case.op in ("pre", "site") and ops.pre is None:
         return f"backend {case.backend} has no pre op for {case.method} yet"
+    if case.scope == "stability":
+        reason = corpus.unavailable(case.seq)
+        if reason:
+            return reason
     return ops.supports(case.n, case.C, TORCH_DTYPES[case.dtype])
 
 
