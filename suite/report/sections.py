@@ -1,8 +1,6 @@
 """Report sections beside the main table, from records and env.json only: measured memory traffic
-(analytic vs measured vs the paper's figure), scope stability's table (suite.report.stability)
-and the GPU's state (the pre-run check, each case's telemetry and flags).
-suite/report/tables.py appends them to report.md and to the terminal output; the stability table
-comes with the traffic section's two entry points, `traffic_markdown` and `print_traffic`.
+(analytic vs measured vs the paper's figure) and the GPU's state (the pre-run check, each case's
+telemetry and flags). suite/report/tables.py appends them to report.md and to the terminal output.
 """
 from __future__ import annotations
 
@@ -10,7 +8,6 @@ from rich.console import Console
 from rich.table import Table
 
 from suite.analysis.paper_traffic import paper_figure
-from suite.report import stability as stability_report
 
 GB = 1e9
 
@@ -77,11 +74,6 @@ def traffic_rows(records: list[dict]) -> list[list[str]]:
 
 
 def traffic_markdown(records: list[dict]) -> list[str]:
-    """The traffic section, then the stability section (each only where records have it)."""
-    return _traffic_markdown(records) + stability_report.markdown_lines(records)
-
-
-def _traffic_markdown(records: list[dict]) -> list[str]:
     body = traffic_rows(records)
     if not body:
         return []
@@ -105,12 +97,6 @@ TERMINAL_COLUMNS = ("method", "backend", "op", "n", "C", "analytic GB r/w", "mea
 
 
 def print_traffic(records: list[dict], console: Console) -> None:
-    """The traffic table, then the stability table (each only where records have it)."""
-    _print_traffic(records, console)
-    stability_report.print_table(records, console)
-
-
-def _print_traffic(records: list[dict], console: Console) -> None:
     """A narrower table than report.md's; the reasons for unmeasured rows are listed below it."""
     body = traffic_rows(records)
     if not body:

@@ -12,7 +12,8 @@ from rich.table import Table
 from suite.analysis import overhead, regression
 from suite.core.scenario import sinkhorn_label
 from suite.measure import telemetry
-from suite.report import distributed as dist_report, sections as report_sections, terminal
+from suite.report import (distributed as dist_report, sections as report_sections,
+                          stability as stability_report, terminal)
 from suite.store.runs import atomic_write, device_model, not_run, read_env, read_records
 
 COLUMNS = ("method", "backend", "op", "n", "C", "T", "dtype", "mode", "device", "sinkhorn_iters")
@@ -110,6 +111,10 @@ def case_label(r: dict) -> str:
     if c.get("scope", "site") != "site":
         lr = f" L_r={c['L_r']}" if c.get("L_r") else ""
         op = f" {c['scope']} L={c.get('layers')} recompute={c.get('recompute')}{lr}"
+        if c.get("boundary_fusion") is False:
+            op += " unfused-boundaries"
+        if c["scope"] == "stability":
+            op += f" lr={c.get('lr'):g}" + (f" init={c['init']}" if c.get("init") else "")
     if c.get("parallel"):
         op = " " + dist_report.op_label(c)
     return f"{c['method']}/{c['backend']}{op}{n} C={c['C']} T={c['T']} {c['dtype']} {c['mode']} {c['device']}"
@@ -145,6 +150,7 @@ def print_run(run_dir: Path, console: Console | None = None) -> None:
         for r in recs[:50]:
             console.print(f"    {case_label(r)}", highlight=False, markup=False)
     report_sections.print_traffic(records, console)
+    stability_report.print_table(records, console)
     dist_report.print_tables(records, console)
     flags = report_sections.flags_line(records)
     if flags:
@@ -280,6 +286,7 @@ def markdown(run_dir: Path) -> str:
         lines += ["", "## Backends checked against a declared variant of MATH.md", ""]
         lines += [f"- **{backend}**: {what}" for backend, what in variants]
     lines += report_sections.traffic_markdown(records)
+    lines += stability_report.markdown_lines(records)
     lines += report_sections.state_markdown(records, env)
     lines += overhead.markdown_lines(records, env)
     lines += dist_report.markdown_lines(records)
