@@ -144,6 +144,7 @@ def _gate(args, found: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _TERMINATED["flag"] = False          # a process may call main more than once
     if argv[:1] == ["prewarm"]:          # its own parser (suite.run.prewarm), options and --help
         return prewarm.main(argv[1:])
     if argv[:1] == ["site-kernels"]:     # its own parser (suite.run.site_kernels)

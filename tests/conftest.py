@@ -45,3 +45,4 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE
+

@@ -159,10 +159,10 @@ def test_run_store_keeps_one_record_per_case_and_history_upserts(tmp_path):
     store.add(_record("a", median=2.0))          # a rerun replaces, never duplicates
     recs = read_records(tmp_path / "run1")
     assert [r["case_id"] for r in recs] == ["b", "a"] and recs[1]["time_ms"]["median"] == 2.0
+    store.close()          # the history takes records in batches, and all of them at close
     con = sqlite3.connect(tmp_path / "history.sqlite")
     rows = con.execute("SELECT case_id, status, median_ms FROM records ORDER BY case_id").fetchall()
     assert rows == [("a", "ok", 2.0), ("b", "failed", 1.0)]
-    store.close()
     again = RunStore(tmp_path / "run1")
     assert {r["case_id"] for r in again.records} == {"a", "b"}
     again.close()
