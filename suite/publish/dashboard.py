@@ -758,6 +758,16 @@ def hardware_page(runs: list[Run]) -> str:
     return _page("Hardware comparison", "\n".join(parts))
 
 
+def _judged(p, zs: bool, envs: bool) -> list[str]:
+    """The cells of a point's judgement: its z-score where the table has the column, the noise
+    band, the verdict and the environment change where the table has that column."""
+    cells = [_f(p.z, "{:+.2f}")] if zs else []
+    cells += [f"{_f(p.band[0])}-{_f(p.band[1])}" if p.band else "", _verdict(p.verdict)]
+    if envs:
+        cells.append(escape("; ".join(p.env_change)))
+    return cells
+
+
 def history_page(runs: list[Run], hist) -> str:
     parts = [f'<p class="note">Each case\'s median over runs on the same GPU model, in time order. '
              f"{escape(RULE)}</p>"]
@@ -791,12 +801,7 @@ def history_page(runs: list[Run], hist) -> str:
             cells = [_link(escape(_label(p.record)), trend_href(gpu, jk)), str(len(pts)),
                      _link(spark, trend_href(gpu, jk)), _link(escape(p.run_id), href),
                      _link(_f(p.median), href), _f(p.baseline), _f(p.change_pct, "{:+.1f}")]
-            if zs:
-                cells.append(_f(getattr(p, "z", None), "{:+.2f}"))
-            cells += [f"{_f(p.band[0])}-{_f(p.band[1])}" if p.band else "", _verdict(p.verdict)]
-            if envs:
-                cells.append(escape("; ".join(getattr(p, "env_change", ()))))
-            body.append((verdict_class(p.verdict), cells))
+            body.append((verdict_class(p.verdict), cells + _judged(p, zs, envs)))
         parts.append('<section class="history-index"><h3>Cases</h3>' + _table(header, body, left=2)
                      + "</section>")
     if not hist:
@@ -837,12 +842,7 @@ def trend_page(gpu: str, join_key: str, pts: list) -> str:
         cells = [_link(escape(p.run_id), f"../../runs/{slug(p.run_id)}.html"),
                  escape(p.record.get("started_utc") or p.started), _link(_f(p.median), href),
                  _link(f"{_f(p.p10)}-{_f(p.p90)}", href), _f(p.baseline), _f(p.change_pct, "{:+.1f}")]
-        if zs:
-            cells.append(_f(getattr(p, "z", None), "{:+.2f}"))
-        cells += [f"{_f(p.band[0])}-{_f(p.band[1])}" if p.band else "", _verdict(p.verdict)]
-        if envs:
-            cells.append(escape("; ".join(getattr(p, "env_change", ()))))
-        body.append((verdict_class(p.verdict), cells))
+        body.append((verdict_class(p.verdict), cells + _judged(p, zs, envs)))
     parts = [f'<p>{escape(gpu)} · {len(pts)} run(s) · newest: {_verdict(last.verdict)} · '
              f'<a href="../../history.html#{slug(gpu)}">all cases on this GPU model</a> '
              f"(the rule is explained there) · case id {escape(join_key)}</p>",
