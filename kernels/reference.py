@@ -84,8 +84,12 @@ def hc_coeffs(x, w, b, s, project=None):
         proj = torch.tanh((xc * scale) @ w.to(cd))        # [T, n(src), n+2]
     else:
         proj = torch.tanh(project(xc, w.to(cd)) * scale)
-    b = b.to(cd)
-    s = s.to(cd)
+    return hc_gates(proj, b.to(cd), s.to(cd))
+
+
+def hc_gates(proj, b, s):
+    """HC's coefficients from the tanh projections proj [T, n(src), n+2] (Eqs. 11-13)."""
+    n = proj.shape[-2]
     h_pre = s[0] * proj[..., 0] + b[:n]
     h_post = s[1] * proj[..., 1] + b[n:2 * n]
     # Source i's projection fills column i of h_res[dst, src].

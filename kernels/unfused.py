@@ -72,10 +72,7 @@ def hc_coeffs(x, w, b, s):
     T, n, C = x.shape
     scale = torch.rsqrt(_mean_square(x) + ref.EPS_RMS)            # [T, n, 1]: per stream
     proj = torch.tanh((x @ w.to(x.dtype)).float() * scale)        # [T, n(src), n+2]
-    h_pre = s[0] * proj[..., 0] + b[:n]
-    h_post = s[1] * proj[..., 1] + b[n:2 * n]
-    h_res = s[0] * proj[..., 2:].transpose(-1, -2) + b[2 * n:].view(n, n)
-    return h_pre, h_post, h_res
+    return ref.hc_gates(proj, b, s)
 
 
 def hc_pre(x, w, b, s):
