@@ -50,3 +50,14 @@ def check_mhc_inputs(op: str, x: torch.Tensor, phi, b, alpha, sinkhorn_iters: in
     if int(sinkhorn_iters) < 1:
         raise ValueError(f"{op}: sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
     return T, n, C
+
+
+def check_post_inputs(op: str, x: torch.Tensor, f, h_post, h_res,
+                      supports: Callable) -> tuple[int, int, int]:
+    """A peer's post inputs (x [T, n, C]; f [T, C] in x's dtype; h_post [T, n] and h_res
+    [T, n, n] fp32; all on x's device); returns (T, n, C)."""
+    T, n, C = check_state(op, x, "x", supports, any_device)
+    for name, t, shape, dtype in (("f", f, (T, C), x.dtype), ("h_post", h_post, (T, n), torch.float32),
+                                  ("h_res", h_res, (T, n, n), torch.float32)):
+        check_tensor(op, t, name, shape, dtype, x.device)
+    return T, n, C

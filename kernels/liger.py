@@ -63,10 +63,6 @@ def supports(n: int, C: int, dtype) -> str | None:
     return None
 
 
-def _check_state(op: str, x: torch.Tensor):
-    return checks.check_state(f"liger {op}", x, "x", supports, checks.any_device)
-
-
 def _check_params(x, phi, b, alpha, sinkhorn_iters):
     return checks.check_mhc_inputs("liger mhc", x, phi, b, alpha, sinkhorn_iters, supports)
 
@@ -87,15 +83,7 @@ def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20):
 
 def mhc_post(x, f, h_post, h_res):
     """x_next [T,n,C] = h_res @ x + h_post * f, Liger's fused post-res kernel."""
-    T, n, C = _check_state("post", x)
-    for name, t, shape, dtype in (("f", f, (T, C), x.dtype), ("h_post", h_post, (T, n), torch.float32),
-                                  ("h_res", h_res, (T, n, n), torch.float32)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"liger post: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if t.dtype != dtype:
-            raise ValueError(f"liger post: {name} must be {dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"liger post: {name} is on {t.device}, x is on {x.device}")
+    T, n, C = checks.check_post_inputs("liger post", x, f, h_post, h_res, supports)
     return liger_mhc_post_res(x, f, h_post, h_res)
 
 

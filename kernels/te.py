@@ -245,10 +245,6 @@ def _state_for_post(x: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
     return to_te_state(x)
 
 
-def _check_state(op: str, x: torch.Tensor):
-    return checks.check_state(f"te {op}", x, "x", supports, checks.any_device)
-
-
 def _check_params(x, phi, b, alpha, sinkhorn_iters):
     return checks.check_mhc_inputs("te mhc", x, phi, b, alpha, sinkhorn_iters, supports)
 
@@ -292,15 +288,7 @@ def mhc_pre(x, phi, b, alpha, sinkhorn_iters: int = 20):
 def mhc_post(x, f, h_post, h_res):
     """x_next [T,n,C] = h_res @ x + h_post * f, TE's expand-combine kernel; x_next is a view of
     TE's streams-innermost output (so a following te pre takes it without a copy)."""
-    T, n, C = _check_state("post", x)
-    for name, t, shape, dtype in (("f", f, (T, C), x.dtype), ("h_post", h_post, (T, n), torch.float32),
-                                  ("h_res", h_res, (T, n, n), torch.float32)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"te post: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if t.dtype != dtype:
-            raise ValueError(f"te post: {name} must be {dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"te post: {name} is on {t.device}, x is on {x.device}")
+    T, n, C = checks.check_post_inputs("te post", x, f, h_post, h_res, supports)
     out = TE.mhc_fused_expand_combine(f.view(T, 1, C), None, h_post.view(T, 1, n),
                                       _state_for_post(x, h_res), to_te_h_res(h_res), n)
     return from_te_state(out)
