@@ -90,3 +90,20 @@ def test_baseline_table_pivots_backends_per_width_and_names_missing_cells():
                          "| mhc | 1 | 4.10 / timed out | 5.21 / not run |",
                          "| mhc | 4 | 6.84 / 3.03 | not run / not run |"]
     assert lines[-1].endswith("(torch / compile); GPU X.")
+
+
+def test_chain_table_gives_per_site_time_and_te_over_triton():
+    from suite.report import results_tables
+    def rec(backend, n, mode, chain_ms, pct, status="ok"):
+        return {"case": {"method": "mhc", "op": "chain", "sites": 4, "n": n, "C": 4096, "mode": mode,
+                         "backend": backend}, "status": status,
+                "time_ms": {"median": chain_ms}, "per_site_ms": chain_ms / 4, "pct_of_copy": pct}
+    lines = results_tables.chain_table(
+        [rec("triton", 4, "fwd", 2.8, 90.2), rec("te", 4, "fwd", 3.5, 72.0),
+         rec("triton", 4, "fwd+bwd", 8.0, 70.0), rec("te", 4, "fwd+bwd", 0, 0, status="failed"),
+         rec("triton", 2, "fwd", 1.6, 88.0)], {"gpus": [{"name": "GPU X"}]})
+    assert lines[:2] == ["| n | C | mode | triton | te | te / triton |", "|---|---|---|---|---|---|"]
+    assert lines[2] == "| 2 | 4096 | fwd | 0.400 (88%) | - | - |"
+    assert lines[3] == "| 4 | 4096 | fwd | 0.700 (90%) | 0.875 (72%) | 1.25 |"
+    assert lines[4] == "| 4 | 4096 | fwd+bwd | 2.000 (70%) | failed | - |"
+    assert "a chain of 4 sites" in lines[-1] and lines[-1].endswith("GPU X.")

@@ -14,6 +14,9 @@ KIND is one of TABLES:
 - `baseline`: median device ms per (method, n) and width C, one "a / b" cell per backend pair
   present (eager torch / compile); a case that failed on its time limit reads "timed out", one
   that has no record "not run";
+- `chain`: op chain, one row per (n, C, mode), one column per backend: the time of one site
+  (chain time / sites) with its share of the copy-rate floor of (3n+2)C forward and (8n+6)C
+  forward+backward per site, and TE over Triton where both ran;
 - `overhead`: the whole-step verdict per width (suite.analysis.overhead.verdict): wall clock per
   step, overhead against the residual with its interval, the device-only and no-optimizer
   overheads, and how far the host bounds the step.
@@ -113,6 +116,42 @@ def baseline_table(records: list[dict], env: dict) -> list[str]:
                   f"({' / '.join(present)}); {gpu}."]
 
 
+def chain_table(records: list[dict], env: dict) -> list[str]:
+    """Rows (n, C, mode) of op chain, columns the backends present: per-site ms (% of floor)."""
+    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    sites = set()
+    for r in records:
+        c = r["case"]
+        if c.get("op") == "chain":
+            cells[(c["n"], c["C"], c["mode"])][c["backend"]] = r
+            sites.add(c.get("sites"))
+    present = [b for b in BACKENDS if any(b in row for row in cells.values())]
+    ratio = "te" in present and "triton" in present
+    head = ["n", "C", "mode", *present] + (["te / triton"] if ratio else [])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(cells, key=lambda k: (k[2] != "fwd", k[0], k[1])):
+        row = cells[key]
+        line = [*map(str, key)]
+        for b in present:
+            r = row.get(b)
+            if r is None or r.get("status") != "ok":
+                line.append("-" if r is None else r.get("status") or "-")
+                continue
+            pct = r.get("pct_of_copy")
+            line.append(f"{r['per_site_ms']:.3f}" + (f" ({pct:.0f}%)" if pct is not None else ""))
+        if ratio:
+            te, tr = row.get("te"), row.get("triton")
+            ok = te and tr and te.get("status") == tr.get("status") == "ok"
+            line.append(f"{te['per_site_ms'] / tr['per_site_ms']:.2f}" if ok else "-")
+        out.append("| " + " | ".join(line) + " |")
+    gpu = (env.get("gpus") or [{}])[0].get("name", "CPU")
+    copy = ((env.get("copy_rate") or {}).get("cuda") or {}).get("gbps")
+    L = ", ".join(str(s) for s in sorted(x for x in sites if x))
+    return out + ["", f"Median ms of device time per site (a chain of {L} sites, L2 flushed, divided "
+                  "by its sites; share of the copy-rate floor of (3n+2)C forward, (8n+6)C "
+                  f"forward+backward per site); {gpu}" + (f", copy rate {copy:.0f} GB/s." if copy else ".")]
+
+
 def _pct(v) -> str:
     return "" if v is None else f"{v:.1f}%"
 
@@ -163,7 +202,8 @@ def overhead_table(records: list[dict], env: dict) -> list[str]:
                   "to the full depth (suite/analysis/overhead.py)."]
 
 
-TABLES = {"kernels": kernels_table, "baseline": baseline_table, "overhead": overhead_table}
+TABLES = {"kernels": kernels_table, "baseline": baseline_table, "chain": chain_table,
+          "overhead": overhead_table}
 
 
 def render(doc_text: str, root: Path) -> str:
