@@ -375,3 +375,22 @@ def test_ticks_of_a_narrow_range_are_told_apart():
                          "points": [{"x": 0, "y": 20.40}, {"x": 1, "y": 20.43}]}], "x", "y", y_zero=False)
     ticks = re.findall(r'text-anchor="end" font-size="11">([^<]+)<', svg)
     assert len(ticks) > 2 and len(set(ticks)) == len(ticks), ticks
+
+
+# ---------------------------------------------------------------- hardware: predicted from the reference
+def test_hardware_page_predicts_another_gpu_from_the_reference_alone():
+    """An H200 kernel time predicted from the H100's by the datasheets' bandwidth ratio (4800 / 3350),
+    beside the measurement with its error; a whole-model case is not predicted."""
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    ids = ["k0", "k1", "m0"]
+    cases = [_case(1), _case(2), _case(2, scope="model", op="model")]
+    ref = Run("h100-a", _gpu_env(h100), [_rec(i, c, 1.0, _stamp(0)) for i, c in zip(ids, cases)]
+              + [_rec("only-here", _case(4), 1.0, _stamp(0))])
+    other = Run("h200-a", _gpu_env(h200), [_rec(i, c, m, _stamp(1)) for i, c, m in zip(ids, cases, (0.75, 0.70, 0.9))])
+    html = dashboard.hardware_page([ref, other])
+    text = _text(html)
+    assert f"{h200} predicted ms" in text and f"{h200} error" in text
+    guess = 3350 / 4800
+    assert f"{guess:.4g}" in text
+    assert f"{100 * (0.75 / guess - 1):+.1f}%" in text and f"{100 * (0.70 / guess - 1):+.1f}%" in text
+    assert "over 2 cases" in text       # the model case is left out

@@ -165,6 +165,21 @@ def predicted_overhead(case: Case, residual: Case, copy_gbps: float, matmul_tflo
     return 100.0 * (t - t0) / t0
 
 
+def datasheet_row(gpu_name: str | None) -> str | None:
+    """The PUBLISHED row a measured GPU name matches, or None."""
+    return next((row for key, row in NAME_MATCH.items() if gpu_name and key in gpu_name), None)
+
+
+def memory_bound_ms(ms: float, measured_gpu: str, target_gpu: str) -> float | None:
+    """A memory-bound kernel's time on `target_gpu`, predicted from its time on `measured_gpu`
+    alone: the same fraction of the datasheet bandwidth on both (the memory term of the model
+    above, the only one a connection kernel has). None where either GPU has no datasheet row."""
+    base, target = datasheet_row(measured_gpu), datasheet_row(target_gpu)
+    if base is None or target is None:
+        return None
+    return ms * PUBLISHED[base]["bandwidth_gbps"] / PUBLISHED[target]["bandwidth_gbps"]
+
+
 def rates_for(gpu: str, measured_gpu: str | None, copy_gbps: float, matmul_tflops: float) -> dict:
     """Rates on a published GPU, scaled from this run's measured rates (same fraction of the
     datasheet), or the datasheet's own figures times a typical fraction when no base matches."""

@@ -38,7 +38,7 @@ from html import escape
 from pathlib import Path
 
 import suite
-from suite.analysis import overhead
+from suite.analysis import overhead, predict
 from suite.analysis.regression import RULE
 from suite.measure import telemetry
 from suite.publish import export as publish_export, svgplot
@@ -699,6 +699,17 @@ def scenarios_index(runs: list[Run]) -> str:
     return _page("Scenarios", _table(["scenario", "GPU models", "runs"], rows, left=2))
 
 
+def _kernel_prediction(row: dict, ref: str, gpu: str) -> float | None:
+    """The time predicted on `gpu` from the reference GPU's record, for a kernel case measured
+    on both (scopes model and step are left out: their matmuls do not scale with bandwidth)."""
+    if ref not in row["per_gpu"] or gpu not in row["per_gpu"]:
+        return None
+    r = row["per_gpu"][ref][1]
+    if r["case"].get("scope", "site") != "site":
+        return None
+    return predict.memory_bound_ms(r["time_ms"]["median"], ref, gpu)
+
+
 def hardware_page(runs: list[Run]) -> str:
     runs = _gpu_runs(runs)
     gpus, rows = hardware(runs)
@@ -736,8 +747,12 @@ def hardware_page(runs: list[Run]) -> str:
     parts.append(_legend(list(recs_by_id.values())))
     parts.append(_section("Time ratio against C", f"Reference: {escape(ref)}. One panel per GPU model, op, "
                           "mode and n; each point links to the record on that GPU.", plots, "plot-hardware"))
-    header = ["case"] + [f"{g} ms" for g in gpus] + [f"{g} / {ref}" for g in gpus[1:]] + [f"{g} % copy" for g in gpus]
+    predicted = [g for g in gpus[1:] if predict.memory_bound_ms(1.0, ref, g) is not None]
+    header = (["case"] + [f"{g} ms" for g in gpus] + [f"{g} / {ref}" for g in gpus[1:]]
+              + [h for g in predicted for h in (f"{g} predicted ms", f"{g} error")]
+              + [f"{g} % copy" for g in gpus])
     body = []
+    errors: dict[str, list[float]] = defaultdict(list)
     for row in sorted(rows, key=lambda row: sort_key(next(iter(row["per_gpu"].values()))[1])):
         first = next(iter(row["per_gpu"].values()))[1]
         cells = [escape(_label(first))]
@@ -751,9 +766,26 @@ def hardware_page(runs: list[Run]) -> str:
             v = row["ratio"].get(g)
             cells.append(_link(_f(v, "{:.3f}"), _rec_href(row["per_gpu"][g][0].run_id, row["case_id"]))
                          if g in row["per_gpu"] else "")
+        for g in predicted:
+            guess = _kernel_prediction(row, ref, g)
+            if guess is None:
+                cells += ["", ""]
+                continue
+            err = row["per_gpu"][g][1]["time_ms"]["median"] / guess - 1
+            errors[g].append(err)
+            cells += [_f(guess), f"{100 * err:+.1f}%"]
         for g in gpus:
             cells.append(_f(row["per_gpu"][g][1].get("pct_of_copy"), "{:.1f}") if g in row["per_gpu"] else "")
         body.append(("", cells))
+    for g in predicted:
+        e = sorted(errors[g])
+        if e:
+            parts.append(f'<p class="note">{escape(g)} predicted from {escape(ref)} alone, for kernel '
+                         "cases (the connection is memory-bound): time there x the datasheets' "
+                         "bandwidth ratio (suite/analysis/predict.py memory_bound_ms). Error = "
+                         f"measured / predicted - 1 over {len(e)} cases: median {100 * statistics.median(e):+.1f}%, "
+                         f"range {100 * e[0]:+.1f}% to {100 * e[-1]:+.1f}%. Whole models and steps "
+                         "are not predicted here (their matmuls scale with another rate).</p>")
     parts.append("<h3>Table</h3>" + _table(header, body, left=1))
     return _page("Hardware comparison", "\n".join(parts))
 
