@@ -107,3 +107,53 @@ def test_chain_table_gives_per_site_time_and_te_over_triton():
     assert lines[3] == "| 4 | 4096 | fwd | 0.700 (90%) | 0.875 (72%) | 1.25 |"
     assert lines[4] == "| 4 | 4096 | fwd+bwd | 2.000 (70%) | failed | - |"
     assert "a chain of 4 sites" in lines[-1] and lines[-1].endswith("GPU X.")
+
+
+def _stability_record(method, init, lr, gain_end, diverged=None):
+    return {"scenario": "stability", "status": "ok", "case_id": f"{method}{init}{lr}",
+            "case": {"scope": "stability", "method": method, "init": init, "lr": lr, "device": "cuda",
+                     "family": "dense", "C": 512, "layers": 30, "T": 8192, "backend": "triton"},
+            "stability": {"max_gain": {"init": {"forward": 1.0}, "end": {"forward": gain_end}},
+                          "steps_run": 2000, "diverged_at": diverged}}
+
+
+def _traffic_record(method, C, read, write, backend="unfused"):
+    return {"scenario": "traffic", "status": "ok", "case_id": f"{method}{C}{backend}", "bytes_measured": {"read": read, "write": write},
+            "case": {"method": method, "backend": backend, "op": "site", "mode": "fwd", "n": 4,
+                     "C": C, "T": 1000, "dtype": "bf16"}}
+
+
+def test_verdict_has_a_row_per_claim_from_the_runs_and_names_what_is_not_measured():
+    from suite.analysis import paper_traffic
+    from suite.report import verdict
+    env = {"gpus": [{"name": "GPU X"}]}
+    stab = [_stability_record("hc", "paper", 1e-3, 12.5), _stability_record("hc", "paper", 1e-2, 40.0, diverged=900),
+            _stability_record("mhc", "paper", 1e-3, 1.0), _stability_record("mhc", "identity", 1e-3, 1.31),
+            _stability_record("residual", "paper", 1e-3, 1.0)]
+    fig = paper_traffic.paper_figure("hc", "site", "fwd", 4, 2560, 1000, "bf16")
+    traffic = [_traffic_record("hc", 2560, 2 * fig.read, fig.write),
+               _traffic_record("hc", 2560, 1, 1, backend="torch")]       # the fp32 reference: no row
+    lines = verdict.table([("results/s", stab, env), ("results/t", traffic, env)])
+    assert lines[0] == "| claim | paper | ours | setup difference that matters |"
+    rows = lines[2:]
+    assert rows[0].startswith("| mHC training overhead | 6.7% | not measured yet")
+    assert "| HC composite gain" in rows[1] and "12.5 to 40 over lr 0.001, 0.01; 1 run(s) diverged" in rows[1]
+    assert "b = 0: 1; identity-leaning b_res: 1.31" in rows[2] and "at most about 1.6" in rows[2]
+    assert "| Table 2 memory access, HC site, C = 2560" in rows[3]
+    assert f"{(2 * fig.read + fig.write) / fig.total:.2f}x the paper's (read 2.00x, write 1.00x)" in rows[3]
+    assert "(`results/t`)" in rows[3] and len(rows) == 4
+
+
+def test_verdict_block_joins_several_runs_and_refuses_a_run_that_makes_no_row(tmp_path):
+    import pytest
+    from suite.report import results_tables
+    for name, recs in (("s", [_stability_record("hc", "paper", 1e-3, 3.0)]),
+                       ("k", [dict(_traffic_record("hc", 2560, 1, 1), scenario="kernels")])):
+        run = tmp_path / "results" / name
+        run.mkdir(parents=True)
+        (run / "env.json").write_text(json.dumps({"gpus": [{"name": "GPU X"}]}))
+        (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = results_tables.render("<!-- BEGIN table verdict results/s -->\n<!-- END table -->", tmp_path)
+    assert "HC composite gain" in text and "not measured yet" in text
+    with pytest.raises(results_tables.TableError, match="kernels"):
+        results_tables.render("<!-- BEGIN table verdict results/s,results/k -->\n<!-- END table -->", tmp_path)

@@ -20,6 +20,8 @@ KIND is one of TABLES:
 - `overhead`: the whole-step verdict per width (suite.analysis.overhead.verdict): wall clock per
   step, overhead against the residual with its interval, the device-only and no-optimizer
   overheads, and how far the host bounds the step.
+- `verdict`: the README's claim-by-claim verdict (suite.report.verdict) from several run folders,
+  comma-separated (`results/A,results/B`): the overhead, stability and traffic runs.
 A block naming a folder that is not there, or a kind that is not known, is an error (the page
 would cite what does not exist).
 """
@@ -30,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from suite.analysis import overhead
+from suite.report import verdict
 from suite.store.runs import read_env, read_records
 
 BLOCK = re.compile(r"(<!-- BEGIN table (?P<kind>[\w-]+) (?P<run>\S+)(?P<filters>(?: [\w]+=\S+)*) -->\n)"
@@ -206,12 +209,25 @@ TABLES = {"kernels": kernels_table, "baseline": baseline_table, "chain": chain_t
           "overhead": overhead_table}
 
 
+def _verdict(m: re.Match, root: Path) -> str:
+    runs = []
+    for name in m["run"].split(","):
+        records, env = _load(Path(root) / name)
+        runs.append((name, records, env))
+    try:
+        return "\n".join(verdict.table(runs))
+    except ValueError as e:
+        raise TableError(str(e)) from None
+
+
 def render(doc_text: str, root: Path) -> str:
     """The page with every table block rewritten from its run folder (paths from `root`)."""
     def one(m: re.Match) -> str:
         kind = m["kind"]
+        if kind == "verdict":
+            return m.group(1) + _verdict(m, root) + "\n" + m.group(6)
         if kind not in TABLES:
-            raise TableError(f"table kind {kind!r} is not one of {', '.join(TABLES)}")
+            raise TableError(f"table kind {kind!r} is not one of {', '.join([*TABLES, 'verdict'])}")
         records, env = _load(Path(root) / m["run"])
         want = dict(f.split("=", 1) for f in m["filters"].split())
         records = [r for r in records
