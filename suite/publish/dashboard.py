@@ -4,8 +4,10 @@ Pages: index.html (overview per GPU model, and the CPU smoke runs apart), scenar
 (table and plots of each scenario, per GPU model, from its newest run), hardware.html (same case
 ids across GPU models as ratios), history.html (an index of the cases: newest verdict, change,
 sparkline) and trend/GPU/CASE.html (one case on one GPU model over runs: medians, p10-p90 band,
-verdict of each run), runs/RUN.html (environment and every record of a run) and r/RUN/CASE.html
-(one record: case, environment link, raw samples). data/ holds the tidy CSV, the
+verdict of each run), stability.html (the runs with scope stability records) and
+stability/RUN.html (a run's training curves: gains over depth, loss, gradient norm, per learning
+rate), runs/RUN.html (environment and every record of a run) and r/RUN/CASE.html (one record:
+case, environment link, raw samples). data/ holds the tidy CSV, the
 github-action-benchmark JSON, Markdown tables and each run's records.jsonl and env.json. Plots
 are inline SVG (suite/publish/svgplot.py); the one script is inline (sortable tables). Nothing is
 fetched from the network, and the same records give the same bytes: no build time is written
@@ -41,15 +43,15 @@ import suite
 from suite.analysis import overhead, predict
 from suite.analysis.regression import RULE
 from suite.measure import telemetry
-from suite.publish import export as publish_export, svgplot
+from suite.publish import export as publish_export, stability_plots, svgplot
 from suite.publish.published import (PublishError, Run, hardware, history,
                                      latest_per_gpu)
+from suite.report import stability as stability_report
+from suite.report.distributed import STANDIN_MARK, STANDIN_NOTE, link_label
 from suite.report.tables import IDENTITY, baseline_backend, ratios_to, sort_key
 from suite.store.runs import lock_beside, umask
 
 PAPER_OVERHEAD_PCT = 6.7
-# More lines than this on one plot cannot be told apart: a plot with more is split in parts.
-MAX_SERIES = 12
 # The distributed scenario's case fields: shown where a table's records set them.
 DIST_FIELDS = ("gpus", "parallel", "microbatches", "overlap")
 
@@ -110,7 +112,7 @@ def _page(title: str, body: str, depth: int = 0) -> str:
     up = "../" * depth
     nav = " ".join(f'<a href="{up}{href}">{label}</a>' for href, label in (
         ("index.html", "Overview"), ("scenarios.html", "Scenarios"), ("hardware.html", "Hardware"),
-        ("history.html", "History"), ("data/index.html", "Data")))
+        ("history.html", "History"), ("stability.html", "Stability"), ("data/index.html", "Data")))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f'<title>{escape(title)} - hcbench</title><style>{CSS}</style></head>\n<body>'
@@ -142,7 +144,20 @@ def _link(v: str, href: str) -> str:
 
 
 def _label(r: dict) -> str:
-    return publish_export.case_name(r)
+    return _marked(publish_export.case_name(r), r.get("standin"))
+
+
+def _marked(name: str, standin: bool) -> str:
+    """A stand-in's name starts with its mark: a plot's end label keeps a name's first characters,
+    so the mark stays visible there too."""
+    return f"{STANDIN_MARK} {name}" if standin else name
+
+
+def _standin_note(records: list[dict]) -> str:
+    """The one-line note beside a table or plot that shows a stand-in record."""
+    if not any(r.get("standin") for r in records):
+        return ""
+    return f'<p class="note standin"><b>{escape(STANDIN_MARK)}</b>: {escape(STANDIN_NOTE)}.</p>'
 
 
 def _with_recompute(c: dict) -> bool:
@@ -164,7 +179,7 @@ def _series_name(r: dict) -> str:
     name = f"{c['method']}/{c['backend']}"
     if _with_recompute(c):
         name += f" recompute={c['recompute']}" + (f" L_r={c['L_r']}" if c.get("L_r") else "")
-    return name + _dist_name(c)
+    return _marked(name + _dist_name(c), r.get("standin"))
 
 
 def verdict_class(verdict: str) -> str:
@@ -223,6 +238,7 @@ def record_page(run: Run, r: dict, trend: str | None = None) -> str:
     status = r.get("status", "")
     why = f" - {escape(r['reason'])}" if r.get("reason") else ""
     parts.append(f'<p>Status: <b class="{"bad" if status == "failed" else ""}">{escape(status)}</b>{why}</p>')
+    parts.append(_standin_note([r]))
     parts.append("<h2>Case</h2>" + _kv([(k, escape(str(c[k]))) for k in sorted(c)]
                                        + [("case id", escape(r["case_id"])),
                                           ("scenario", escape(str(r.get("scenario"))))]))
@@ -257,6 +273,9 @@ def run_page(run: Run) -> str:
         '<h2 id="env">Environment</h2>', _kv(_env_rows(run)),
         '<details><summary>env.json</summary><pre>' + escape(json.dumps(
             _strip_samples(run.env), indent=1, sort_keys=True, default=str)) + "</pre></details>"]
+    if _has_stability(run):
+        parts.insert(1, f'<p><a href="../{stability_href(run)}">Stability: gains over depth, '
+                        "loss and gradient norm curves</a></p>")
     for sc in run.scenarios:
         recs = [r for r in run.records if (r.get("scenario") or "unnamed") == sc]
         missing = [x for x in run.not_run if (x.get("scenario") or "unnamed") == sc]
@@ -285,7 +304,9 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
     has = {k: any(r.get(k) not in (None, [], {}) for r in records)
            for k in ("amplification", "flags", "tokens_per_s", "activation_peak_bytes")}
     cols = _ident_columns(records + not_run)
-    header = list(cols) + ["median ms", "p10-p90 ms", "CV %", "GB/s", "% copy", "peak MiB"]
+    link = any(r.get("link") or r.get("standin") for r in records)
+    header = list(cols) + (["link"] if link else []) + ["median ms", "p10-p90 ms", "CV %", "GB/s",
+                                                        "% copy", "peak MiB"]
     if base:
         header.append(f"x {base}")
     if has["tokens_per_s"]:
@@ -299,7 +320,7 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
     for r in sorted(records, key=sort_key):
         c, t = r["case"], r.get("time_ms") or {}
         href = _rec_href(run.run_id, r["case_id"], depth)
-        cells = _ident_cells(c, cols)
+        cells = _ident_cells(c, cols) + ([escape(link_label(r))] if link else [])
         ok = _ok(r)
         spread = telemetry.relative_spread(t) if ok else None
         noisy = " !" if spread is not None and spread > telemetry.SPREAD_LIMIT else ""
@@ -330,7 +351,7 @@ def records_table(run: Run, records: list[dict], not_run: list[dict], depth: int
             f"run. A p10-p90 range marked ! is wider than {100 * telemetry.SPREAD_LIMIT:.0f}% of the median. Each number links to its record (case, "
             "environment, raw samples)." + (f" x {base} is the time over backend {base} on the same case."
                                              if base else "") + "</p>")
-    return note + _table(header, rows, left=len(cols))
+    return note + _standin_note(records) + _table(header, rows, left=len(cols) + (1 if link else 0))
 
 
 def _ident_columns(records: list[dict]) -> list[str]:
@@ -406,11 +427,11 @@ def _series(records: list[dict], y, depth: int, run_id: str | None, label=None) 
 
 
 def _plots(series: list[dict], x_label: str, y_label: str, title: str, **kw) -> list[str]:
-    """One plot, or parts of at most MAX_SERIES series each (in the series' order, so the
+    """One plot, or parts of at most svgplot.MAX_SERIES series each (in the series' order, so the
     methods stay together): the lines of one part can still be told apart."""
-    if len(series) <= MAX_SERIES:
+    if len(series) <= svgplot.MAX_SERIES:
         return [svgplot.plot(series, x_label, y_label, title, **kw)]
-    parts = math.ceil(len(series) / MAX_SERIES)
+    parts = math.ceil(len(series) / svgplot.MAX_SERIES)
     size = math.ceil(len(series) / parts)
     return [svgplot.plot(series[i * size:(i + 1) * size], x_label, y_label,
                          f"{title} ({i + 1}/{parts})", **kw) for i in range(parts)]
@@ -444,7 +465,7 @@ def scenario_plots(run: Run, records: list[dict], depth: int = 0) -> str:
     site = [r for r in ok if r["case"].get("scope", "site") == "site"]
     whole = [r for r in ok if r["case"].get("scope", "site") != "site"]
     rid = run.run_id
-    out = [_legend(ok)]
+    out = [_legend(ok), _standin_note(ok)]
     C_label = "C (hidden size)"
     for subset, what in ((site, "site"), (whole, "whole step")):
         if not subset:
@@ -518,16 +539,18 @@ def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
         by = defaultdict(list)
         for row in rows:
             c, r = row["case"], row["record"]
-            by[(c.scope, c.method, c.backend, c.recompute, c.L_r, _dist_name(r["case"]))].append(
+            by[(c.scope, c.method, c.backend, c.recompute, c.L_r, _dist_name(r["case"]),
+                bool(r.get("standin")))].append(
                 {"x": c.C, "y": row["overhead"], "lo": row["low"], "hi": row["high"],
                  "href": _rec_href(rid, r["case_id"], depth),
                  "title": f"{_label(r)}: {row['overhead']:.1f}% [{row['low']:.1f}, {row['high']:.1f}]"})
         plots = []
         for scope in sorted({k[0] for k in by}):
-            series = [{"name": f"{m}/{b}" + (f" rc={rc}" if rc not in (None, "none") else "")
-                       + (f" L_r={lr}" if lr else "") + dist, **svgplot.style(m, b), "points": pts,
-                       "hollow": rc not in (None, "none")}
-                      for (s, m, b, rc, lr, dist), pts in sorted(by.items(), key=str) if s == scope]
+            series = [{"name": _marked(f"{m}/{b}" + (f" rc={rc}" if rc not in (None, "none") else "")
+                                       + (f" L_r={lr}" if lr else "") + dist, standin),
+                       **svgplot.style(m, b), "points": pts, "hollow": rc not in (None, "none")}
+                      for (s, m, b, rc, lr, dist, standin), pts in sorted(by.items(), key=str)
+                      if s == scope]
             plots += _plots(series, "C (hidden size)", "overhead over residual (%)",
                             f"{scope}: overhead %", y_zero=True, end_labels=True,
                             hlines=[(PAPER_OVERHEAD_PCT, f"paper {PAPER_OVERHEAD_PCT}%")])
@@ -541,17 +564,20 @@ def _model_sections(run: Run, records: list[dict], depth: int) -> list[str]:
         rc = []
     rc = [x for x in rc if x["activation_bytes"] is not None]
     if rc:
+        standins = {r["case_id"] for r in records if r.get("standin")}
         by = defaultdict(list)
         for x in rc:
             c = x["case"]
-            by[(c.method, c.backend, c.recompute, c.C, c.layers, _dist_name(c.to_dict()))].append(
+            by[(c.method, c.backend, c.recompute, c.C, c.layers, _dist_name(c.to_dict()),
+                c.case_id in standins)].append(
                 {"x": x["time_cost_pct"], "y": x["activation_bytes"] / 2**20,
                  "label": ("full" if c.recompute == "full" else f"L_r={c.L_r}")
                           if len({y["case"].C for y in rc}) == 1 else f"C={c.C}",
                  "title": f"{c.method} recompute={c.recompute} L_r={c.L_r} C={c.C}: "
                           f"{x['time_cost_pct']:.1f}% time, {x['activation_bytes'] / 2**20:.0f} MiB"})
-        series = [{"name": f"{m}/{b} {r} C={C} L={L}{dist}", **svgplot.style(m, b), "points": pts}
-                  for (m, b, r, C, L, dist), pts in sorted(by.items(), key=str)]
+        series = [{"name": _marked(f"{m}/{b} {r} C={C} L={L}{dist}", standin),
+                   **svgplot.style(m, b), "points": pts}
+                  for (m, b, r, C, L, dist, standin), pts in sorted(by.items(), key=str)]
         out.append(_section("Recompute: memory against time",
                             "Each point is one L_r: activation memory of the step against its time cost "
                             "over the same method without recompute.",
@@ -611,6 +637,9 @@ def scenario_page(name: str, runs: list[Run]) -> str:
         parts.append(f'<h2>{escape(gpu)}</h2><p>Run <a href="runs/{slug(run.run_id)}.html">{escape(run.run_id)}</a>, '
                      f'started {escape(run.started)}, copy rate {_f(run.copy_gbps, "{:.0f}")} GB/s: '
                      f'{c["ok"]} ok, {c["skipped"]} skipped, {c["failed"]} failed, {len(missing)} not run.{prev}</p>')
+        if stability_plots.curves(recs):
+            parts.append(f'<p><a href="{stability_href(run)}">Stability: gains over depth, loss and '
+                         "gradient norm curves of this run</a></p>")
         parts.append(_problems(run, recs, missing, 0))
         parts.append(scenario_plots(run, recs))
         parts.append(f"<h3>Table</h3>{records_table(run, recs, missing)}")
@@ -745,6 +774,7 @@ def hardware_page(runs: list[Run]) -> str:
                             "C (hidden size)", "time / time on reference (x)", f"{g[:30]}: {title}",
                             hlines=h, width=460)
     parts.append(_legend(list(recs_by_id.values())))
+    parts.append(_standin_note(list(recs_by_id.values())))
     parts.append(_section("Time ratio against C", f"Reference: {escape(ref)}. One panel per GPU model, op, "
                           "mode and n; each point links to the record on that GPU.", plots, "plot-hardware"))
     predicted = [g for g in gpus[1:] if predict.memory_bound_ms(1.0, ref, g) is not None]
@@ -834,7 +864,9 @@ def history_page(runs: list[Run], hist) -> str:
                      _link(spark, trend_href(gpu, jk)), _link(escape(p.run_id), href),
                      _link(_f(p.median), href), _f(p.baseline), _f(p.change_pct, "{:+.1f}")]
             body.append((verdict_class(p.verdict), cells + _judged(p, zs, envs)))
-        parts.append('<section class="history-index"><h3>Cases</h3>' + _table(header, body, left=2)
+        parts.append('<section class="history-index"><h3>Cases</h3>'
+                     + _standin_note([pts[-1].record for pts in cases.values()])
+                     + _table(header, body, left=2)
                      + "</section>")
     if not hist:
         parts.append('<p class="note">No ok record to follow over time.</p>')
@@ -878,6 +910,7 @@ def trend_page(gpu: str, join_key: str, pts: list) -> str:
     parts = [f'<p>{escape(gpu)} · {len(pts)} run(s) · newest: {_verdict(last.verdict)} · '
              f'<a href="../../history.html#{slug(gpu)}">all cases on this GPU model</a> '
              f"(the rule is explained there) · case id {escape(join_key)}</p>",
+             _standin_note([last.record]),
              _section("Median over runs", "Each point is one run's median, the shaded band its "
                       "p10-p90 of single calls; red: regression, green: improvement; each point "
                       "links to its record.", [plot], "plot-trend"),
@@ -910,6 +943,60 @@ def data_index(runs: list[Run]) -> str:
     lis += "".join(f'<li><a href="runs/{slug(r.run_id)}/records.jsonl">{escape(r.run_id)}/records.jsonl</a>, '
                    f'<a href="runs/{slug(r.run_id)}/env.json">env.json</a></li>' for r in runs)
     return _page("Data", f"<ul>{lis}</ul>", depth=1)
+
+
+# ---------------------------------------------------------------- stability runs
+def _has_stability(run: Run) -> bool:
+    return bool(stability_report.rows(run.records))
+
+
+def stability_href(run: Run) -> str:
+    """The site path of a run's stability page."""
+    return f"stability/{slug(run.run_id)}.html"
+
+
+def stability_index(runs: list[Run]) -> str:
+    """The runs with scope stability records, newest first, each linking to its page."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.started, r.run_id), reverse=True):
+        recs = stability_plots.curves(run.records)
+        device = escape(run.gpu) + (" (CPU smoke run)" if run.is_cpu else "")
+        lrs = sorted({r["case"].get("lr") for r in recs} - {None})
+        rows.append(("", [_link(escape(run.run_id), stability_href(run)), device, escape(run.started),
+                          str(len(recs)), escape(", ".join(f"{lr:g}" for lr in lrs)),
+                          str(sum(r["stability"].get("spikes") or 0 for r in recs)),
+                          str(sum(r["stability"].get("diverged_at") is not None for r in recs))]))
+    if not rows:
+        body = ('<p class="note">No published run has records of scope stability (training runs '
+                "of scenarios/stability.yaml).</p>")
+    else:
+        body = ('<p class="note">Runs with records of scope stability: each trains residual, HC '
+                "and mHC and records the loss, the gradient norm and the composite gain over depth "
+                "during training. Each run opens its page of curves.</p>"
+                + _table(["run", "device", "started (UTC)", "training runs", "learning rates",
+                          "spikes", "diverged"], rows, left=3))
+    return _page("Stability", body)
+
+
+def stability_page(run: Run) -> str:
+    """A run's stability records: the report's table, then per training set-up (one learning
+    rate) the gains over depth, the loss and the gradient norm."""
+    recs = [r for r in run.records if r["case"].get("scope") == "stability"]
+    rid = slug(run.run_id)
+    parts = [f'<p class="note">Run <a href="../runs/{rid}.html">{escape(run.run_id)}</a> on '
+             f'{escape(run.gpu)} · started {escape(run.started)} · '
+             f'<a href="../data/runs/{rid}/records.jsonl">records.jsonl</a> (every curve in full, '
+             "in each record's <code>stability</code>)</p>",
+             "<h2>Table</h2><ul class=\"note\">"
+             + "".join(f"<li>{escape(n)}</li>" for n in stability_report.NOTES) + "</ul>"
+             + _table(stability_report.HEADER,
+                      [("", [escape(cell) for cell in row]) for row in stability_report.rows(recs)],
+                      left=3)]
+    for title, rs in stability_plots.setups(recs):
+        parts.append(f'<h2 id="{slug(title)}">{escape(title)}</h2>' + stability_plots.legend(rs))
+        parts += [_section(head, escape(caption), plots, cls)
+                  for head, caption, plots, cls in stability_plots.sections(rs)]
+    return _page(f"Stability: run {run.run_id}", "\n".join(parts), depth=1)
 
 
 # ---------------------------------------------------------------- the site
@@ -978,6 +1065,10 @@ def _plan(runs: list[Run]) -> dict[str, tuple[str, Callable[[], str]]]:
             lambda s=s: scenario_page(s, runs))
     add("hardware.html", every, lambda: hardware_page(runs))
     add("history.html", every, lambda: history_page(runs, hist))
+    trained = [r for r in runs if _has_stability(r)]
+    add("stability.html", [run_key[r.run_id] for r in trained], lambda: stability_index(trained))
+    for run in trained:
+        add(stability_href(run), run_key[run.run_id], lambda run=run: stability_page(run))
     trend = {}
     for gpu, cases in hist.items():
         for jk, pts in cases.items():
@@ -1008,10 +1099,11 @@ def _plan(runs: list[Run]) -> dict[str, tuple[str, Callable[[], str]]]:
     return out
 
 
-# What a site written before the manifest existed held: with no manifest to say which files the
-# suite wrote, these names are taken for its own and everything else for a user's.
-_SUITE_TOP = ("index.html", "scenarios.html", "hardware.html", "history.html")
-_SUITE_FOLDERS = ("runs", "r", "trend", "data")
+# The suite's own names: with no readable manifest to say which files the suite wrote (a site
+# written before the manifest existed, or a damaged one), these are taken for its own and
+# everything else for a user's.
+_SUITE_TOP = ("index.html", "scenarios.html", "hardware.html", "history.html", "stability.html")
+_SUITE_FOLDERS = ("runs", "r", "trend", "stability", "data")
 
 
 def _theirs(site: Path, earlier: dict) -> list[str]:

@@ -13,6 +13,8 @@ BACKEND_COLOURS = {"torch": "#0072B2", "compile": "#E69F00", "triton": "#009E73"
                    "tilelang": "#CC79A7", "liger": "#D55E00", "reference": "#555555"}
 EXTRA_COLOURS = ("#56B4E9", "#F0E442", "#000000", "#999999")
 METHOD_STYLE = {"residual": ("square", "2,3"), "hc": ("triangle", "7,3"), "mhc": ("circle", "")}
+# More lines than this on one plot cannot be told apart: a plot with more is split in parts.
+MAX_SERIES = 12
 
 
 def _frame(width: int, height: int, title: str | None, y_label: str) -> list[str]:
@@ -119,11 +121,13 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
          x_ticks: list[float] | None = None, x_tick_labels: list[str] | None = None,
          width: int = 420, height: int = 280, markers: bool = True, log_y: bool = False,
          end_labels: bool = False) -> str:
-    """series: [{"name", "colour", "marker", "dash", "hollow"?, "band"?, "points": [{"x", "y",
-    "href"?, "title"?, "label"?, "fill"?, "lo"?, "hi"?}]}]. Returns one <svg> element; an empty
-    string when no series has a point. A point's label is drawn beside it; a hollow series has
-    outlined markers; a band series shades its points' lo-hi range instead of drawing a bar at
-    each point."""
+    """series: [{"name", "colour", "marker", "dash", "hollow"?, "band"?, "line"?, "markers"?,
+    "points": [{"x", "y", "href"?, "title"?, "label"?, "fill"?, "lo"?, "hi"?}]}]. Returns one
+    <svg> element; an empty string when no series has a point. A point's label is drawn beside
+    it; a hollow series has outlined markers; a band series shades its points' lo-hi range
+    instead of drawing a bar at each point. A series' "line" (False: markers alone, no end label)
+    and "markers" override the plot's `lines` and `markers` for that series: a long curve drawn
+    without markers can carry a few marked events."""
     pts = [p for s in series for p in s["points"] if p.get("y") is not None]
     if not pts:
         return ""
@@ -186,13 +190,13 @@ def plot(series: list[dict], x_label: str, y_label: str, title: str = "", *,
                     + [f"{X(p['x']):.1f},{Y(p['lo']):.1f}" for p in reversed(ranged)])
             out.append(f'<polygon class="band" points="{" ".join(edge)}" fill="{s["colour"]}" '
                        f'fill-opacity="0.15" stroke="none"/>')
-        if lines and len(p_s) > 1:
+        if lines and s.get("line", True) and len(p_s) > 1:
             d = " ".join(f"{X(p['x']):.1f},{Y(p['y']):.1f}" for p in p_s)
             dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
             out.append(f'<polyline points="{d}" fill="none" stroke="{s["colour"]}" stroke-width="2"{dash}/>')
-        if end_labels and p_s:
+        if end_labels and s.get("line", True) and p_s:
             tags.append([Y(p_s[-1]["y"]) + 4, X(p_s[-1]["x"]) + 8, s])
-        for p in (p_s if markers else []):
+        for p in (p_s if s.get("markers", markers) else []):
             if p.get("lo") is not None and p.get("hi") is not None and not s.get("band"):
                 out.append(f'<line x1="{X(p["x"]):.1f}" x2="{X(p["x"]):.1f}" y1="{Y(p["lo"]):.1f}" '
                            f'y2="{Y(p["hi"]):.1f}" stroke="{s["colour"]}" stroke-width="1.5"/>')

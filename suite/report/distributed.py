@@ -9,6 +9,9 @@ from rich.table import Table
 from suite.report import terminal
 
 STANDIN_MARK = "stand-in (H2D/D2H copies)"
+# What a stand-in measures, in one line: said beside every table or plot that shows one.
+STANDIN_NOTE = ("one GPU; host-device copies over PCIe stand in for the link between GPUs "
+                "(not NVLink or a network)")
 P2P_HEADER = ["method", "n", "C", "T", "dtype", "gpus", "link", "message MiB", "us / message",
               "algbw GB/s", "rank spread us"]
 OVERLAP_HEADER = ["parallel", "method", "n", "C", "T", "L", "gpus", "link", "mb", "recompute",
@@ -25,7 +28,8 @@ def op_label(c: dict) -> str:
     return f"{c['parallel']} {where} L={c.get('layers')}{mb} ov={c.get('overlap')}"
 
 
-def _link(r: dict) -> str:
+def link_label(r: dict) -> str:
+    """The `link` column of a distributed record: the stand-in mark, or the link's first word."""
     if r.get("standin"):
         return STANDIN_MARK
     return (r.get("link") or "").split(" ")[0]
@@ -49,7 +53,7 @@ def p2p_rows(records: list[dict]) -> list[list[str]]:
         c = r["case"]
         spread = (r.get("rank_spread_ms") or {}).get("message")
         out.append([c["method"], str(c["n"]), str(c["C"]), str(c["T"]), c["dtype"],
-                    str(c["gpus"]), _link(r), _f(r["message_bytes"], "{:.2f}", 2**-20),
+                    str(c["gpus"]), link_label(r), _f(r["message_bytes"], "{:.2f}", 2**-20),
                     _f(r["time_ms"]["median"], "{:.1f}", 1e3), _f(r["algbw_gbps"], "{:.1f}"),
                     _f(spread, "{:.1f}", 1e3)])
     return out
@@ -63,7 +67,7 @@ def overlap_rows(records: list[dict]) -> list[list[str]]:
         nbytes = r.get("bytes_per_step") or r.get("allreduce_bytes")
         spread = (r.get("rank_spread_ms") or {}).get("step")
         out.append([c["parallel"], c["method"], str(c["n"]), str(c["C"]), str(c["T"]),
-                    str(c.get("layers")), str(c["gpus"]), _link(r),
+                    str(c.get("layers")), str(c["gpus"]), link_label(r),
                     str(c.get("microbatches") or ""), str(c.get("recompute")),
                     str(c.get("overlap")), _f(r["t_step_ms"], "{:.4g}"),
                     _f(r["t_compute_ms"], "{:.4g}"), _f(r["t_comm_ms"], "{:.4g}"),
@@ -130,5 +134,5 @@ def print_tables(records: list[dict], console: Console) -> None:
         if note:
             console.print(note, highlight=False, markup=False, soft_wrap=False)
     if any(r.get("standin") for r in records):
-        console.print(f"rows with link `{STANDIN_MARK}`: one GPU; host-device copies stand in "
-                      "for the link (not NVLink or a network)", highlight=False, markup=False)
+        console.print(f"rows with link `{STANDIN_MARK}`: {STANDIN_NOTE}", highlight=False,
+                      markup=False)
