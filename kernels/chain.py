@@ -1,7 +1,7 @@
 """L consecutive sites of one method with F absent: what a model's residual stream goes through
 between its sublayers, for timing and checking the boundaries between sites.
 
-    chain(ops, x0, fs, params, sinkhorn_iters=20) -> (layer_inputs, x_L)
+    chain(ops, x0, fs, params, sinkhorn_iters=20, stored_dtype=None) -> (layer_inputs, x_L)
 
 computes, for l = 0 .. L-1 (MATH.md; x0 [T, n, C], fs[l] [T, C], params[l] site l's parameters):
 
@@ -21,6 +21,11 @@ How each backend runs it, with its own ops (so that backends compare fairly):
   - site L-1 ends with ops.post.
 mhc passes sinkhorn_iters to its ops; hc and residual take no options. Differentiable whenever
 the ops are.
+
+stored_dtype (for the fp64 reference only): each state x_{l+1} between sites, and its gradient
+in the backward, take the values they have once stored in that dtype (rounded to nearest), as in
+a model that keeps its residual stream and its gradient in bf16. The correctness gate runs the
+reference both ways to measure what the state dtype alone does to each output (suite/run/check.py).
 """
 from __future__ import annotations
 
@@ -29,14 +34,32 @@ from typing import Sequence
 import torch
 
 
+class _Stored(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
+def as_stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded to `dtype` and back, its gradient rounded the same way in the backward."""
+    return _Stored.apply(x, dtype)
+
+
 def chain(ops, x0: torch.Tensor, fs: Sequence[torch.Tensor], params: Sequence[tuple],
-          sinkhorn_iters: int = 20):
+          sinkhorn_iters: int = 20, stored_dtype: torch.dtype | None = None):
     L = len(fs)
     if L < 1 or len(params) != L:
         raise ValueError(f"chain: needs one f and one parameter tuple per site, got {L} fs and "
                          f"{len(params)} parameter tuples")
     opts = {"sinkhorn_iters": sinkhorn_iters} if ops.method == "mhc" else {}
-    fused = ops.post_coeffs is not None and ops.apply_pre is not None
+    # the rounding sits between post and pre, so a reference that rounds runs them apart (the
+    # same function as its fused boundary)
+    fused = ops.post_coeffs is not None and ops.apply_pre is not None and stored_dtype is None
     li, h_post, h_res = ops.pre(x0, *params[0], **opts)
     layer_inputs = [li]
     x = x0
@@ -46,6 +69,8 @@ def chain(ops, x0: torch.Tensor, fs: Sequence[torch.Tensor], params: Sequence[tu
             li = ops.apply_pre(x, h_pre)
         else:
             x = ops.post(x, fs[l], h_post, h_res)
+            if stored_dtype is not None:
+                x = as_stored(x, stored_dtype)
             li, h_post, h_res = ops.pre(x, *params[l + 1], **opts)
         layer_inputs.append(li)
     return layer_inputs, ops.post(x, fs[L - 1], h_post, h_res)

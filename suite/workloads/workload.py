@@ -102,8 +102,10 @@ def upcast(inputs: dict, dtype=torch.float64) -> dict:
     return out
 
 
-def run(ops: Ops, case: Case, inputs: dict) -> dict:
-    """One call: the op's outputs, plus d<input> gradients in fwd+bwd mode."""
+def run(ops: Ops, case: Case, inputs: dict, stored_dtype: torch.dtype | None = None) -> dict:
+    """One call: the op's outputs, plus d<input> gradients in fwd+bwd mode. stored_dtype: a chain's
+    states between sites rounded to it, as a backend stores them (the reference's declared
+    rounding, kernels/chain.py)."""
     x = inputs["x"]
     params = [inputs[p] for p in PARAM_NAMES[case.method] if p in inputs]
     opts = {"sinkhorn_iters": case.sinkhorn_iters} if case.method == "mhc" else {}
@@ -112,7 +114,7 @@ def run(ops: Ops, case: Case, inputs: dict) -> dict:
         per_site = [tuple(inputs[f"{name}{l}"] for name in PARAM_NAMES[case.method])
                     for l in range(L)]
         layer_inputs, x_last = chain(ops, x, [inputs[f"f{l}"] for l in range(L)], per_site,
-                                     **opts)
+                                     stored_dtype=stored_dtype, **opts)
         outs = {f"layer_input{l}": li for l, li in enumerate(layer_inputs)}
         outs["x_next"] = x_last
     elif case.op == "coeffs":
