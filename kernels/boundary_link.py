@@ -11,7 +11,11 @@ reaches memory.
   - apply_pre given exactly that x_next and that h_pre claims it (`claim`; once per link);
   - apply_pre's backward stores g_li in the link and returns no gradients (`hand_over`), but only
     when autograd will run post_coeffs' backward in the same call; else it computes its own;
-  - post_coeffs' backward takes it (`take`) on every path.
+  - post_coeffs' backward takes it (`take`) on every path;
+  - a caller that walks the backward itself may put g_li in the link (`link_of`) instead of
+    differentiating layer_input, and must then run post_coeffs' backward in its next call
+    (suite.workloads.recompute's mhc backward: there every input of the boundary is a leaf under
+    torch.autograd.grad, where apply_pre's own hand-over stays off).
 apply_pre's backward always runs first: post_coeffs' node consumes the gradients of x_next and h_pre
 that apply_pre's node returns (None included). Anything that breaks the chain (another x or h_pre,
 a second apply_pre, a backend without links) leaves both sides on the ordinary path, so a missing
@@ -58,6 +62,12 @@ def attach(x_next: torch.Tensor, h_pre: torch.Tensor) -> BoundaryLink:
     link = BoundaryLink(x_next, h_pre)
     setattr(x_next, _ATTR, link)
     return link
+
+
+def link_of(x_next: torch.Tensor) -> Optional[BoundaryLink]:
+    """The link post_coeffs tagged x_next with, claimed or not (None when there is none): for a
+    caller that hands layer_input's gradient over itself (suite.workloads.recompute's backprop)."""
+    return getattr(x_next, _ATTR, None)
 
 
 def claim(x: torch.Tensor, h_pre: torch.Tensor) -> Optional[BoundaryLink]:

@@ -40,16 +40,24 @@ def counted(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("mode,L_r", [("none", 1), ("full", 2)])
+@pytest.mark.parametrize("mode,L_r", [("none", 1), ("full", 2), ("mhc", 1), ("mhc", 2), ("mhc", 3),
+                                      ("mhc", 4)])
 def test_fused_boundaries_give_the_same_loss_and_gradients(counted, mode, L_r):
+    """Every gradient (the embedding's is x0's, F's weights, each site's phi, b and alpha) against
+    the same mode with the boundaries apart and against no recompute with them apart."""
+    loss_ref, g_ref = _loss_and_grads(False)
     loss0, g0 = _loss_and_grads(False, mode, L_r)
     assert counted["n"] == 0
     loss1, g1 = _loss_and_grads(True, mode, L_r)
-    # 4 sites, 3 boundaries in the forward; under `full` the checkpoint reruns each block's one
-    assert counted["n"] == (3 if mode == "none" else 2 + 2)
-    assert loss1 == pytest.approx(loss0, rel=1e-12)
-    for name in g0:
-        assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12), name
+    # 4 sites: fused are all 3 boundaries without recompute, those inside a block under full and
+    # mhc, each run twice there (the checkpoint's rerun, mhc's replay)
+    blocks = recompute.site_blocks(range(4), 4 if mode == "none" else L_r)
+    assert counted["n"] == sum(len(b) - 1 for b in blocks) * (1 if mode == "none" else 2)
+    assert g_ref.keys() == g0.keys() == g1.keys()
+    for loss, g in ((loss0, g0), (loss1, g1)):
+        assert loss == pytest.approx(loss_ref, rel=1e-12)
+        for name in g_ref:
+            assert torch.allclose(g[name], g_ref[name], rtol=1e-10, atol=1e-12), name
 
 
 def test_a_backend_without_the_fused_boundary_runs_post_and_pre_apart():

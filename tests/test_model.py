@@ -191,8 +191,9 @@ def test_triton_recompute_gives_the_same_gradients():
     tiny = {**TINY, "dtype": "bf16"}
 
     def grads(mode):
-        # boundaries apart in both: recompute does not fuse them yet, and the comparison is of
-        # recompute, not of two roundings of the state
+        # boundaries apart in both: this is the path of post and pre under recompute, and the
+        # comparison is of recompute, not of two roundings of a block edge (fused boundaries:
+        # tests/triton/test_recompute.py)
         cfg = ModelConfig(method="mhc", recompute=mode, L_r=2, backend="triton",
                           boundary_fusion=False, **tiny)
         model = Transformer(cfg, seed=1)

@@ -14,9 +14,18 @@ Modes (`RECOMPUTE`):
   and recomputed in the backward, without rerunning F. The coefficients are recomputed too (the
   paper leaves out whether DeepSeek stores them; recomputing them is the smaller-memory choice).
   In the backward every connection op runs its backward exactly once per site (see `replay` and
-  `backprop`), as without recompute: only the forwards of pre and post run twice. With a fused
-  backend the site link (kernels/site_link.py) still sums post's and pre's x gradients inside
-  pre's backward kernel, so the gradients are those of no recompute, bit for bit.
+  `backprop`), as without recompute: only the forwards of the connection ops run twice (a linked
+  boundary's layer_input only once, see `Replayed`). With a fused backend the site link
+  (kernels/site_link.py) still sums post's and pre's x gradients inside pre's backward kernel,
+  and a fused boundary takes layer_input's gradient into its own backward
+  (kernels/boundary_link.py), as without recompute: where both run the same ops the gradients are
+  those of no recompute, bit for bit.
+  Adjacent sites of one block run their boundary fused where `fused_boundaries` says so, in the
+  forward, the replay and the backward alike, and the fused node's backward runs once per boundary.
+  A boundary between two blocks runs post and pre apart (without recompute it is fused): blocks
+  are joined by x alone (the next block keeps x_l0 and replays from it; a pipeline stage sends x
+  and receives its gradient). Fused, the edge would compute the next block's first coefficients
+  and layer_input in the block before, and their gradients would have to cross the edge beside x's.
 - `full`: ordinary activation checkpointing (torch.utils.checkpoint) of each block of L_r sites:
   F is rerun as well.
 
@@ -30,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kernels import site_link
+from kernels import boundary_link, site_link
 from suite.core.recompute_size import RECOMPUTE
 
 
@@ -81,15 +90,14 @@ def _run_block(block, x):
         return x
     # Each boundary l -> l+1 is one fused call (post of l with the coefficients of l+1), then
     # l+1's layer_input from the x it wrote: x_{l+1} is read once for its coefficients.
-    ops = block[0].ops
     layer_input, h_post, h_res = block[0].pre(x)
     for i, site in enumerate(block):
         f = site.F(layer_input)
         if i + 1 == len(block):
             return site.post(x, f, h_post, h_res)
         nxt = block[i + 1]
-        x, h_pre, h_post, h_res = ops.post_coeffs(x, f, h_post, h_res, *nxt.conn, **nxt.opts)
-        layer_input = ops.apply_pre(x, h_pre)
+        x, h_pre, h_post, h_res = _boundary_into(nxt, x, f, h_post, h_res)
+        layer_input = nxt.ops.apply_pre(x, h_pre)
     return x
 
 
@@ -101,6 +109,12 @@ def fused_boundaries(block) -> bool:
             and ops.apply_pre is not None
             and all(getattr(s, "boundary_fusion", False) and getattr(s, "ops", None) is ops
                     for s in block))
+
+
+def _boundary_into(nxt, x, f, h_post, h_res):
+    """The fused boundary into site `nxt`: post of the site before (x, f, h_post, h_res) with
+    nxt's coefficients. Returns (x_next, h_pre, h_post, h_res), the last three nxt's."""
+    return nxt.ops.post_coeffs(x, f, h_post, h_res, *nxt.conn, **nxt.opts)
 
 
 class _ConnectionRecompute(torch.autograd.Function):
@@ -131,36 +145,55 @@ class _ConnectionRecompute(torch.autograd.Function):
 # ---------------------------------------------------------------- the three phases of `mhc`
 def keep_forward(sites, x0):
     """Forward of one block without autograd for the connection: (x out, each F's output
-    with F's own graph, each F's input leaf). Pre and post run once here, F once."""
+    with F's own graph, each F's input leaf). Each connection op runs once here, F once; the
+    block's boundaries are fused where `fused_boundaries` says so."""
     _note_retained(x0, None)
+    # the block's own boundaries only: its edges stay post and pre (module docstring)
+    fused = fused_boundaries(sites)
     x = x0
     f_graphs, li_leaves = [], []
     with torch.no_grad():
-        for site in sites:
-            layer_input, h_post, h_res = site.pre(x)
+        for i, site in enumerate(sites):
+            if i == 0 or not fused:
+                layer_input, h_post, h_res = site.pre(x)
             li = layer_input.detach().requires_grad_(True)
             with torch.enable_grad():
                 f = site.F(li)
-            x = site.post(x, f.detach(), h_post, h_res)
             f_graphs.append(f)
             li_leaves.append(li)
+            if fused and i + 1 < len(sites):
+                nxt = sites[i + 1]
+                x, h_pre, h_post, h_res = _boundary_into(nxt, x, f.detach(), h_post, h_res)
+                layer_input = nxt.ops.apply_pre(x, h_pre)
+            else:
+                x = site.post(x, f.detach(), h_post, h_res)
     _note_retained(None, f_graphs)
     return x, f_graphs, li_leaves
 
 
 class Replayed:
-    """One site's recomputed connection, cut into two graphs joined only by leaves:
-    pre:  x_in -> (layer_input, h_post, h_res)                 [+ the connection parameters]
-    post: (x_in, f_leaf, hp_leaf, hr_leaf) -> x_out
-    hp_leaf / hr_leaf are detached copies of h_post / h_res (None where pre returns None, as for
-    residual), so a backward through post stops at them and never enters pre's graph."""
+    """One site's recomputed connection, cut into graphs joined only by leaves. The site's input
+    op makes (layer_input, h_post, h_res), one of
+      pre:       x_in -> (layer_input, h_post, h_res)                       [+ the site's parameters]
+      boundary:  (x_in, f_leaf, hp_leaf, hr_leaf of the site before) -> (x_made, h_pre, h_post,
+                 h_res), then layer_input from (x_made, h_pre)              [+ the site's parameters]
+    where x_in is x_made detached at a fused boundary into the site. The site's output op is
+      post:      (x_in, f_leaf, hp_leaf, hr_leaf) -> x_out
+    or, when the next site's input op is a fused boundary, that boundary (x_out None).
+    hp_leaf / hr_leaf are detached copies of h_post / h_res (None where the input op returns None,
+    as for residual), so a backward through the output op stops at them and never enters the
+    input op's graph. At a boundary with a boundary link (kernels/boundary_link.py) `link` is that
+    link and layer_input None: the boundary's backward takes layer_input's gradient from the
+    link, so layer_input's own backward, and with it its recomputed forward, is not needed."""
 
     __slots__ = ("x_in", "layer_input", "h_post", "h_res", "f_leaf", "hp_leaf", "hr_leaf",
-                 "x_out")
+                 "x_out", "x_made", "link")
 
-    def __init__(self, x_in, layer_input, h_post, h_res, f_leaf, hp_leaf, hr_leaf, x_out):
+    def __init__(self, x_in, layer_input, h_post, h_res, f_leaf, hp_leaf, hr_leaf, x_out,
+                 x_made=None, link=None):
         self.x_in, self.layer_input, self.h_post, self.h_res = x_in, layer_input, h_post, h_res
         self.f_leaf, self.hp_leaf, self.hr_leaf, self.x_out = f_leaf, hp_leaf, hr_leaf, x_out
+        self.x_made, self.link = x_made, link
 
 
 def _leaf(t):
@@ -171,19 +204,32 @@ def _leaf(t):
 
 def replay(sites, x0, f_graphs) -> list:
     """Reruns the connection ops from the block input x0 with autograd (F is not rerun): one
-    Replayed per site. The same leaf x_in feeds pre and post; the two graphs share no node."""
+    Replayed per site, the block's boundaries fused where `fused_boundaries` says so (as
+    keep_forward ran them). The graphs are joined only by leaves."""
+    fused = fused_boundaries(sites)
     recomputed = []
     with torch.enable_grad():
         x = x0.detach()
-        for site, f in zip(sites, f_graphs):
-            x_in = x.detach().requires_grad_(True)
-            layer_input, h_post, h_res = site.pre(x_in)
+        for i, (site, f) in enumerate(zip(sites, f_graphs)):
+            x_made = link = None
+            if i == 0 or not fused:
+                x_in = x.detach().requires_grad_(True)
+                layer_input, h_post, h_res = site.pre(x_in)
+            else:
+                prev = recomputed[-1]
+                x_made, h_pre, h_post, h_res = _boundary_into(site, prev.x_in, prev.f_leaf,
+                                                              prev.hp_leaf, prev.hr_leaf)
+                link = boundary_link.link_of(x_made)
+                layer_input = site.ops.apply_pre(x_made, h_pre) if link is None else None
+                x_in = x_made.detach().requires_grad_(True)
             hp_leaf, hr_leaf = _leaf(h_post), _leaf(h_res)
             f_leaf = f.detach().requires_grad_(True)
-            x_out = site.post(x_in, f_leaf, hp_leaf, hr_leaf)
+            x_out = None
+            if not fused or i + 1 == len(sites):
+                x_out = site.post(x_in, f_leaf, hp_leaf, hr_leaf)
+                x = x_out.detach()
             recomputed.append(Replayed(x_in, layer_input, h_post, h_res, f_leaf, hp_leaf,
-                                       hr_leaf, x_out))
-            x = x_out.detach()
+                                       hr_leaf, x_out, x_made, link))
     return recomputed
 
 
@@ -218,44 +264,77 @@ def _joined(link, g_x_post, g_x_pre):
     return g_x_pre if g_x_pre is not None else g_x_post
 
 
+def _coefficients(rec):
+    """(output, leaf) of the coefficients that reach the site's output op with a gradient."""
+    return [(out, leaf) for out, leaf in ((rec.h_post, rec.hp_leaf), (rec.h_res, rec.hr_leaf))
+            if leaf is not None and leaf.requires_grad]
+
+
+def _output_inputs(rec):
+    """What a backward through the site's output op differentiates for: f, x_in, coefficients."""
+    return [rec.f_leaf, rec.x_in] + [leaf for _, leaf in _coefficients(rec)]
+
+
 def backprop(sites, f_graphs, li_leaves, recomputed, grad_x):
     """Walks the sites in reverse: returns (the gradient at the block input, the connection
     parameters' gradients in the order of [p for s in sites for p in s.conn], None for a
     parameter that gets none). F's parameter gradients accumulate into .grad. Per site:
-      1. one autograd call through post: d/d(f, x_in, h_post, h_res) of x_out;
+      1. the output op's backward once: one autograd call through post for d/d(f, x_in, h_post,
+         h_res) of x_out, or, where the next site's input op is a fused boundary, what that
+         boundary's backward gave in step 3 of the next site;
       2. F's backward once, through the graph keep_forward kept: fills li.grad and F's weights;
-      3. one autograd call through pre with (li.grad, g_h_post, g_h_res): d/d(x_in, params);
-    the gradient into the site's input is the sum of post's and pre's x_in gradients (added by a
-    linked pre's own kernel when the backend has site links, see _handed_over). Each
-    site's entry of `recomputed` is set to None once used, so its graph is freed as the walk
-    goes on."""
+      3. the input op's backward once:
+         pre, with (li.grad, g_h_post, g_h_res): d/d(x_in, params); the gradient into the site's
+         input is the sum of post's and pre's x_in gradients (added by a linked pre's own kernel
+         when the backend has site links, see _handed_over);
+         a fused boundary, with (x_in's gradient from step 1, li.grad, g_h_post, g_h_res):
+         d/d(params) and step 1 of the site before; li.grad goes in through the boundary link
+         where there is one, as layer_input's own backward hands it over without recompute
+         (kernels/boundary_link.py; here every input of the boundary is a leaf, where
+         torch.autograd.grad keeps layer_input from handing it over itself).
+    Each site's entry of `recomputed` is set to None once used, so its graph is freed as the
+    walk goes on."""
     g = grad_x
     param_grads: list = []
+    out_grads = None        # step 1 of the site, when the next site's boundary did it
     for i in range(len(sites) - 1, -1, -1):
         site, f, li, rec = sites[i], f_graphs[i], li_leaves[i], recomputed[i]
         recomputed[i] = None
-        coef = [(out, leaf) for out, leaf in ((rec.h_post, rec.hp_leaf), (rec.h_res, rec.hr_leaf))
-                if leaf is not None and leaf.requires_grad]
-        # 1. post, once
-        got = torch.autograd.grad(rec.x_out, [rec.f_leaf, rec.x_in] + [lf for _, lf in coef], g,
-                                  allow_unused=True)
-        g_f, g_x = got[0], got[1]
+        coef = _coefficients(rec)
+        # 1. post, once (unless the next site's boundary was it)
+        if out_grads is None:
+            out_grads = torch.autograd.grad(rec.x_out, _output_inputs(rec), g, allow_unused=True)
+        g_f, g_x, *g_coef = out_grads
+        out_grads = None
         # 2. F, once
         if g_f is not None and f.requires_grad:
             torch.autograd.backward(f, g_f)
-        # 3. pre, once
+        # 3. the input op, once
         outs, grads = [], []
+        if rec.x_made is not None:
+            # x_made always gets a gradient, so the boundary's backward runs in this call and
+            # takes what the link holds
+            outs.append(rec.x_made)
+            grads.append(g_x if g_x is not None else torch.zeros_like(rec.x_made))
         if li.grad is not None:
-            outs.append(rec.layer_input)
-            grads.append(li.grad)
-        for (out, _), gc in zip(coef, got[2:]):
+            if rec.link is not None:
+                rec.link.put(li.grad)
+            else:
+                outs.append(rec.layer_input)
+                grads.append(li.grad)
+        for (out, _), gc in zip(coef, g_coef):
             if gc is not None and out.requires_grad:
                 outs.append(out)
                 grads.append(gc)
         params = list(site.conn)
         wanted = [p for p in params if p.requires_grad]
         g_params = {}
-        if outs:
+        if rec.x_made is not None:
+            inputs = _output_inputs(recomputed[i - 1])
+            got = torch.autograd.grad(outs, inputs + wanted, grads, allow_unused=True)
+            out_grads = got[:len(inputs)]
+            g_params = {id(p): gp for p, gp in zip(wanted, got[len(inputs):])}
+        elif outs:
             link = _handed_over(rec.h_res, g_x)
             pre_got = torch.autograd.grad(outs, [rec.x_in] + wanted, grads, allow_unused=True)
             g_x = _joined(link, g_x, pre_got[0])
