@@ -69,3 +69,11 @@ def test_data_parallel_rows_show_busbw_as_nccl_tests_defines_it():
     (row,) = dist_report.overlap_rows([rec])
     header = dist_report.OVERLAP_HEADER
     assert row[header.index("algbw GB/s")] == "100.0" and row[header.index("busbw GB/s")] == "150.0"
+
+
+def test_priority_runs_every_boundary_unfused_so_each_post_can_move():
+    cfg = ModelConfig(method="mhc", C=32, layers=2, heads=2, seq=8, vocab=32, n=4, dtype="fp32")
+    model = Transformer(cfg, seed=5, device="cpu")
+    assert all(s.boundary_fusion for layer in model.layers for s in (layer.attn, layer.mlp))
+    pp.post_on_stream(model, stream=None)       # only wraps: no stream is touched until a call
+    assert not any(s.boundary_fusion for layer in model.layers for s in (layer.attn, layer.mlp))

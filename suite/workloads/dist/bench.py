@@ -416,6 +416,8 @@ def labels(case: Case) -> dict:
             out["standin_stage"] = (f"stage {STANDIN_STAGE} of {STANDIN_STAGES}: all "
                                     f"{case.layers} layers, neighbours in host memory")
     techniques = pp.parse_overlap(case.overlap)
+    if "priority" in techniques:
+        out["boundaries"] = "unfused (priority moves each post kernel to its stream)"
     if "priority" in techniques and case.device != "cuda":
         out["overlap_note"] = "priority has no effect on a CPU (no streams)"
     if "stream" in techniques and case.device != "cuda":

@@ -171,8 +171,11 @@ def post_on_stream(model, stream) -> None:
     """Runs the MLP sites' post op on `stream` (the paper's high-priority stream). The stream
     waits for everything enqueued before, and the compute stream waits for it after, so every
     tensor is used in order on both streams; autograd runs the backward of those ops on the
-    same stream."""
+    same stream. Every site's boundary runs unfused here: a post fused into the next site's
+    coefficients is no longer a post kernel of its own that could move to the stream."""
     for layer in model.layers:
+        for site in (layer.attn, layer.mlp):
+            site.boundary_fusion = False
         site = layer.mlp
         plain = site.post
 
