@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import kernels
 from kernels import reference as ref
@@ -79,3 +80,29 @@ def test_the_chain_floor_per_site_tends_to_3n_plus_2_c_forward():
     fb = cost.case_cost("mhc", "chain", "fwd+bwd", n, C, T, "bf16", 20, L)
     state = (fb.total - 3 * L * cost.param_bytes("mhc", n, C)) / (L * T)
     assert state == pytest.approx((8 * n + 6) * C * s, rel=0.01)    # MATH.md: 38C at n = 4
+
+
+def test_stored_states_round_value_and_gradient_to_the_dtype():
+    from kernels.chain import as_stored
+    x = (torch.tensor([1.0 + 2 ** -10, 3.0], dtype=torch.float64)).requires_grad_()
+    y = as_stored(x, torch.bfloat16)
+    assert y.tolist() == [1.0, 3.0]
+    y.backward(torch.tensor([1.0 + 2 ** -10, 0.5], dtype=torch.float64))
+    assert x.grad.tolist() == [1.0, 0.5]
+
+
+def test_a_bf16_chain_gate_allows_what_the_dtype_does_and_no_more():
+    """The eager reference in bf16 passes with each tolerance at least its dtype's; a boundary with
+    mismatched parameters still fails by far."""
+    case = _case(dtype="bf16", C=64, T=128, n=4, mode="fwd+bwd")
+    good = kernels.get("mhc", "torch")
+    result = checking.check(good, case, "cpu")
+    assert result["passed"], result["worst"]
+    assert set(result["dtype_effect"]) == set(result["errors"])
+    assert all(result["tols"][k] >= 0.01 for k in result["tols"])
+    assert any(result["tols"][k] > 0.01 for k in result["tols"])     # some gradient needed more
+
+    def stale(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters=20):
+        return ref.mhc_post_coeffs(x, f, h_post, h_res, phi, -b, alpha, sinkhorn_iters)
+    bad = checking.check(dataclasses.replace(good, post_coeffs=stale), case, "cpu")
+    assert not bad["passed"] and bad["errors"]["layer_input1"] > 5 * bad["tols"]["layer_input1"]
