@@ -1,0 +1,281 @@
+"""The fused boundary of a chain of mHC sites (kernels/chain.py) in TileLang: F_post,res of site l
+fused with the coefficients of site l+1, the layer_input op that goes with it, and their backward.
+Same contract as kernels/triton/post_coeffs.py.
+
+Public functions (same results as kernels.reference, autograd-enabled):
+    post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters=20, *, config=None)
+        -> (x_next [T,n,C] x.dtype, h_pre, h_post [T,n] fp32, h_res [T,n,n] fp32)
+       x, f, h_post, h_res: site l's post inputs; phi, b, alpha and the coefficients returned:
+       site l+1's (reference.mhc_post_coeffs)
+    layer_input(x, h_pre) -> layer_input [T,C] x.dtype    (Ops.apply_pre)
+`config=` (a dict of Config's fields) overrides the launch sizes below.
+
+Forward, per token (e = bytes of x's dtype), fused as the Triton version is:
+  `build_fwd` (post_coeffs_kernels.py), grid (column slices of cw columns of every stream, token
+  blocks of bt), one thread per token: reads x [n rows] and f of its slice column by column,
+  writes x_next = h_res x + h_post f, and with each value of x_next still in registers (as
+  stored, rounded to x's dtype) adds its products with phi's row (fp32 FMAs, phi in fp32: every
+  thread of a warp reads the same row, one broadcast load) and its square into K + 1 fp32
+  accumulators. Each slice writes them to row (s, t) of a [S, T, K+1] buffer: every row has one
+  writer, no atomics. Reads (n+1)C*e, writes nC*e + S(K+1)*4.
+  `build_finish`, one thread per token: the S partials summed in slice order (deterministic),
+  r, m = products / r, then the gates and the Sinkhorn iterations of mhc_pre's own macro
+  (coef_kernels.sinkhorn_macros); writes h_pre, h_post, h_res and m [T,K], r [T] (the backward's).
+  layer_input: mhc_pre's apply kernel (stream_kernels.build_apply) reads x_next once: nC*e in,
+  C*e out. A site then moves (3n+2)C*e: MATH.md's floor for a chain site.
+  What is not done yet: the products run on CUDA cores, not tensor cores (K FMAs per element of
+  x_next: 24 at n = 4, 80 at n = 8), and a thread per token reads and writes its rows one element
+  at a time, nC*e apart from its neighbours' (each warp load touches 32 lines; L1 keeps them for
+  the next columns). Compiled for sm_90a (nvcc), not yet run or timed on a GPU.
+
+Backward, per boundary: NOT FUSED. It is composed of TileLang kernels, and the gradient of
+x_next makes a round trip through memory in x's dtype (as it does in an unfused chain, where
+autograd adds the next pre's and the next post's x gradients in x's dtype). g_x is the next
+post's gradient of x_next, g_li layer_input's (handed over by kernels/boundary_link.py, so
+layer_input's own backward does nothing; that module says when the hand-over stays off):
+  1. dh_pre = sum_c g_li x_next (stream_kernels.build_dhpre, mhc_pre's): reads x_next, g_li.
+  2. the gate and Sinkhorn backward from the saved m and r (coef_kernels.build_coef_bwd,
+     mhc_pre's): du = dm / r [T,K], coef [T]; db, dalpha summed by torch (kernels.colsum).
+  3. `build_grad_state`, one thread per column of [n, C] over a token range:
+        G = g_x + du @ phi^T + coef x_next + h_pre g_li
+     written in x's dtype, and dphi = x_next^T du into fp32 partials [ranges, nC, K] (summed by
+     torch in range order). Reads g_x, x_next (nC*e each), g_li (C*e), writes G (nC*e).
+  4. post's own backward (kernels/tilelang/post.py) with G as x_next's gradient: dx = h_res^T G,
+     df = h_post . G, dh_post, dh_res. Reads G, x (nC*e each), f (C*e); writes dx (nC*e), df (C*e).
+  Per site the backward moves (7n+4)C*e: reads x_next twice, g_x, G, x (5nC) and g_li twice, f
+  (3C); writes G, dx (2nC) and df (C). MATH.md's floor for a chain site, which the Triton
+  backward reaches by keeping G on chip, is (5n+4)C*e: 32C against 24C at n = 4. Fusing steps 3
+  and 4 needs the per-token C-sums dh_post, dh_res and the per-column token sums of dphi in one
+  kernel (tensor-core tiles, as the Triton kernel does): not built yet.
+  dx of site l is post(l)'s share only; site l's own coefficient and layer_input shares join it
+  in boundary l-1 -> l (step 3 of that boundary). At site 0 dx goes through the site link
+  (kernels/site_link.py) into mhc_pre's dx kernel.
+Both directions are deterministic: every partial has one writer and is summed in a fixed order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from kernels import boundary_link, site_link
+from kernels.colsum import column_sums, segment_sums
+from kernels.tilelang.common import (TL_DTYPES, check_state, check_tensor, on_device,
+                                     pow2_at_least)
+from kernels.tilelang.mhc_pre import apply_pre, coeffs_backward, dh_pre_of
+from kernels.tilelang.post import post_backward
+from kernels.tilelang.post_coeffs_kernels import build_finish, build_fwd, build_grad_state
+
+OP = "post_coeffs"
+F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class Config:
+    # forward: a CTA is bt tokens (one thread each) x one slice of cw columns of every stream;
+    # cw is halved (down to min_cw) until there are min_items CTAs per SM (cdiv(C, cw) partials
+    # of (K + 1) * 4 bytes a token)
+    bt: int = 128
+    cw: int = 512
+    min_cw: int = 64
+    min_items: int = 2
+    # backward's state-gradient kernel: nt columns (threads) per CTA, the tokens cut into
+    # ranges of a power of two >= bwd_min_tps tokens so there are >= bwd_items CTAs per SM
+    nt: int = 128
+    bwd_min_tps: int = 16
+    bwd_items: int = 4
+
+
+def _config(config) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(config) - names)
+    if unknown:     # a knob that does nothing must not pass for a tuned run
+        raise ValueError(f"{OP}: unknown setting {', '.join(unknown)}; config takes "
+                         f"{', '.join(sorted(names))}")
+    return replace(Config(), **dict(config))
+
+
+def _sms(device) -> int:
+    # the CPU target has no SMs: 4, so that small test shapes still split into several slices
+    return torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 4
+
+
+def _forward(x, f, h_post, h_res, phi, b, alpha, iters, cfg: Config):
+    T, n, C = x.shape
+    K = n * n + 2 * n
+    dev = x.device
+    cpu = dev.type == "cpu"
+    x_next = torch.empty_like(x)
+    h_pre = torch.empty(T, n, device=dev, dtype=F32)
+    h_post_n = torch.empty(T, n, device=dev, dtype=F32)
+    h_res_n = torch.empty(T, n, n, device=dev, dtype=F32)
+    m = torch.empty(T, K, device=dev, dtype=F32)
+    r = torch.empty(T, device=dev, dtype=F32)
+    if T == 0:
+        return x_next, h_pre, h_post_n, h_res_n, m, r
+    bt = pow2_at_least(max(1, cfg.bt))
+    groups = -(-T // bt)
+    cw = max(1, min(cfg.cw, C))
+    while cw > cfg.min_cw and groups * -(-C // cw) < cfg.min_items * _sms(dev):
+        cw = max(cfg.min_cw, cw // 2)
+    S = -(-C // cw)
+    ws = torch.empty(S, T, K + 1, device=dev, dtype=F32)
+    with on_device(x):
+        build_fwd(n, C, TL_DTYPES[x.dtype], bt, cw, cpu)(x, f, h_post, h_res, phi, x_next, ws)
+        build_finish(n, C, S, iters, cpu)(ws, b, alpha, m, r, h_pre, h_post_n, h_res_n)
+    return x_next, h_pre, h_post_n, h_res_n, m, r
+
+
+def _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost, g_hres, needs_sums):
+    """du [T, K], coef [T] and the db / dalpha sums of the next site's coefficients."""
+    T, n, C = x_next.shape
+    dev = x_next.device
+    dh = dh_pre_of(x_next, g_li) if g_li is not None else torch.zeros(T, n, device=dev, dtype=F32)
+    if g_hpre is not None:      # h_pre also feeds something besides layer_input
+        dh = dh + g_hpre.to(F32)
+    gp = g_hpost.to(F32).contiguous() if g_hpost is not None else torch.zeros(T, n, device=dev,
+                                                                              dtype=F32)
+    gr = g_hres.to(F32).contiguous() if g_hres is not None else torch.zeros(T, n, n, device=dev,
+                                                                            dtype=F32)
+    dlogit, du, coef = coeffs_backward(m, r, b, alpha, dh.contiguous(), gp, gr, C, iters)
+    K = m.shape[1]
+    need_b, need_alpha = needs_sums
+    db = dalpha = None
+    if need_b or need_alpha:
+        sums = column_sums(dlogit, dlogit * m) if need_alpha else column_sums(dlogit)
+        db = sums[:K] if need_b else None
+        dalpha = segment_sums(sums[K:], (n, n, n * n)) if need_alpha else None
+    return du, coef, db, dalpha
+
+
+def _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_phi, cfg: Config):
+    """(G [T,n,C] x's dtype, dphi or None): step 3 of the backward."""
+    T, n, C = x_next.shape
+    K = phi.shape[1]
+    dev = x_next.device
+    nt = pow2_at_least(max(1, cfg.nt))
+    cbs = -(-(n * C) // nt)
+    want = max(1, -(-cfg.bwd_items * _sms(dev) // cbs))
+    tps = pow2_at_least(max(cfg.bwd_min_tps, -(-T // want)))
+    R = -(-T // tps)
+    G = torch.empty_like(x_next)
+    ws = torch.empty(R, n * C, K, device=dev, dtype=F32) if need_phi else phi.view(1, n * C, K)
+    kern = build_grad_state(n, C, TL_DTYPES[x_next.dtype], nt, tps, g_x is not None,
+                            g_li is not None, need_phi, dev.type == "cpu")
+    with on_device(x_next):
+        kern(g_x if g_x is not None else x_next, x_next, phi, du, coef, h_pre,
+             g_li if g_li is not None else x_next.new_empty(T, C), G, ws)
+    dphi = (ws[0] if R == 1 else ws.sum(0)) if need_phi else None
+    return G, dphi
+
+
+def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Config):
+    x, f, h_post, h_res, phi, b, alpha, x_next, m, r, h_pre = saved
+    need_x, need_f, need_hpost, need_hres, need_phi, need_b, need_alpha = needs
+    T = x.shape[0]
+    if T == 0:
+        zeros = (torch.zeros_like(x), torch.zeros_like(f), torch.zeros_like(h_post),
+                 torch.zeros_like(h_res), torch.zeros_like(phi), torch.zeros_like(b),
+                 torch.zeros_like(alpha))
+        return tuple(z if nd else None for z, nd in zip(zeros, needs))
+    g_li = g_li.to(x.dtype).contiguous() if g_li is not None else None
+    g_x = g_x.to(x.dtype).contiguous() if g_x is not None else None
+    du, coef, db, dalpha = _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost,
+                                          g_hres, (need_b, need_alpha))
+    dx = df = dh_post = dh_res = dphi = None
+    need_post = need_x or need_f or need_hpost or need_hres
+    if need_post or need_phi:
+        G, dphi = _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_phi, cfg)
+        if need_post:
+            # post's backward forms all four gradients from the same reads
+            dx, df, dh_post, dh_res = post_backward(G, x, f, h_post, h_res)
+    return (dx if need_x else None, df if need_f else None, dh_post if need_hpost else None,
+            dh_res if need_hres else None, dphi, db, dalpha)
+
+
+class _PostCoeffsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, h_post, h_res, phi, b, alpha, iters, cfg, grad_mode, site, boundary):
+        # (forward runs with grad mode off: the caller's grad mode comes in as an argument)
+        save = grad_mode and any(ctx.needs_input_grad[:7])
+        x_next, h_pre, h_post_n, h_res_n, m, r = _forward(x, f, h_post, h_res, phi, b, alpha,
+                                                          iters, cfg)
+        ctx.set_materialize_grads(False)
+        ctx.iters, ctx.cfg, ctx.site, ctx.boundary = iters, cfg, site, boundary
+        if save:
+            ctx.save_for_backward(x, f, h_post, h_res, phi, b, alpha, x_next, m, r, h_pre)
+        return x_next, h_pre, h_post_n, h_res_n
+
+    @staticmethod
+    def backward(ctx, g_x, g_hpre, g_hpost, g_hres):
+        # layer_input's gradient, when the linked layer_input handed it over
+        link = ctx.boundary[0]
+        g_li = link.take() if link is not None else None
+        needs = tuple(ctx.needs_input_grad[:7])
+        if g_x is None and g_hpre is None and g_hpost is None and g_hres is None and g_li is None:
+            return (None,) * 12
+        dx, df, dhp, dhr, dphi, db, dalpha = _backward(
+            ctx.saved_tensors, g_x, g_hpre, g_hpost, g_hres, g_li, needs, ctx.iters, ctx.cfg)
+        dx = site_link.hand_over(ctx, ctx.site, dx, 3)   # to a linked mhc_pre's backward, if any
+        return dx, df, dhp, dhr, dphi, db, dalpha, None, None, None, None, None
+
+
+class _LayerInputFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h_pre, link):
+        ctx.set_materialize_grads(False)
+        ctx.link = link
+        ctx.save_for_backward(x, h_pre)
+        return apply_pre(x, h_pre)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None or boundary_link.hand_over(ctx, ctx.link, g):
+            return None, None, None
+        # Not at a linked boundary: layer_input's own backward (x read again, its gradient written).
+        x, h_pre = ctx.saved_tensors
+        g = g.to(x.dtype).contiguous()
+        dx = (h_pre.unsqueeze(-1) * g.float().unsqueeze(1)).to(x.dtype) \
+            if ctx.needs_input_grad[0] else None
+        dh = dh_pre_of(x, g) if ctx.needs_input_grad[1] else None
+        return dx, dh, None
+
+
+def post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters: int = 20, *, config=None):
+    """(x_next [T,n,C] x.dtype, h_pre [T,n], h_post [T,n], h_res [T,n,n] fp32): F_post,res of a
+    site, then the next site's mHC coefficients from x_next (phi, b, alpha are the next site's).
+    x [T,n,C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T,C] x's dtype, h_post [T,n] and
+    h_res [T,n,n] fp32 [token, dst, src], phi [n*C, n*n+2n], b [n*n+2n], alpha [3] fp32."""
+    T, n, C = check_state(OP, x, "x")
+    K = n * n + 2 * n
+    site = site_link.claim(h_res, x)
+    x = x.contiguous()
+    f = check_tensor(OP, f, "f", (T, C), x.dtype, x.device)
+    h_post = check_tensor(OP, h_post, "h_post", (T, n), F32, x.device)
+    h_res = check_tensor(OP, h_res, "h_res", (T, n, n), F32, x.device)
+    phi = check_tensor(OP, phi, "phi", (n * C, K), F32, x.device)
+    b = check_tensor(OP, b, "b", (K,), F32, x.device)
+    alpha = check_tensor(OP, alpha, "alpha", (3,), F32, x.device)
+    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
+        raise ValueError(f"{OP}: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
+    holder = [None]
+    out = _PostCoeffsFn.apply(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, _config(config),
+                              torch.is_grad_enabled(), site, holder)
+    if torch.is_grad_enabled() and out[0].requires_grad:
+        holder[0] = boundary_link.attach(out[0], out[1])
+    return out
+
+
+def layer_input(x, h_pre):
+    """layer_input [T,C] = sum_i h_pre[:, i] x[:, i] in x's dtype (fp32 accumulation),
+    differentiable. Given post_coeffs' own x_next and h_pre, its backward is done inside
+    post_coeffs' backward (kernels/boundary_link.py)."""
+    T, n, C = check_state("layer_input", x, "x")
+    link = boundary_link.claim(x, h_pre)
+    h_pre = check_tensor("layer_input", h_pre, "h_pre", (T, n), F32, x.device)
+    return _LayerInputFn.apply(x.contiguous(), h_pre, link)
