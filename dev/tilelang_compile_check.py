@@ -1,4 +1,4 @@
-"""Compiles every TileLang mHC and HC coefficient kernel for sm_90a on a machine without a GPU (needs nvcc),
+"""Compiles every TileLang mHC and HC coefficient kernel and the chain boundary's kernels for sm_90a on a machine without a GPU (needs nvcc),
 so lowering and nvcc errors show before a device session.
 
 Usage: PYTHONPATH=<tilelang site> python dev/tilelang_compile_check.py [n C] ...   (default 4 264 8 4096)
@@ -15,6 +15,7 @@ os.environ.setdefault("HCBENCH_TILELANG_TARGET", '{"kind": "cuda", "arch": "sm_9
 def main() -> int:
     from kernels.tilelang import hc_pre as h
     from kernels.tilelang import mhc_pre as m
+    from kernels.tilelang import post_coeffs_kernels as pc
     args = [int(a) for a in sys.argv[1:]] or [4, 264, 8, 4096]
     bad = 0
     for n, C in zip(args[::2], args[1::2]):
@@ -31,6 +32,10 @@ def main() -> int:
             "hc dx_dw (coeffs)": lambda n=n, C=C: m.build_dx_dphi(n, C, "float16", 1, False, True),
             "hc coef": lambda n=n, C=C: h._build_coef(n, False),
             "hc coef_bwd": lambda n=n, C=C: h._build_coef_bwd(n, C, False),
+            "boundary fwd": lambda n=n, C=C: pc.build_fwd(n, C, "bfloat16", 128, 512, False),
+            "boundary finish": lambda n=n, C=C: pc.build_finish(n, C, 8, 20, False),
+            "boundary grad_state": lambda n=n, C=C: pc.build_grad_state(n, C, "bfloat16", 128, 64,
+                                                                        True, True, True, False),
         }
         for name, build in builds.items():
             try:

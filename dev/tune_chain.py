@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Times a chain of mHC sites with Triton's fused boundary (kernels/triton/post_coeffs.py) against
-the unfused chain (post, then mhc_pre) on a CUDA GPU and prints one table (last).
+"""Times a chain of mHC sites with a fused boundary (Triton's kernels/triton/post_coeffs.py, or
+with --backend tilelang TileLang's kernels/tilelang/post_coeffs.py) against the same backend's
+unfused chain (post, then mhc_pre) on a CUDA GPU and prints one table (last).
 
     .venv/bin/python dev/tune_chain.py                      # bf16, n=4, T=16384, C=4096,7168, L=4
     .venv/bin/python dev/tune_chain.py --C 4096 --fwd "bt=64;cw=256" --bwd "b2_br=32;b2_bt=32"
     .venv/bin/python dev/tune_chain.py --kernels            # adds each timing's kernels (profiler)
+    .venv/bin/python dev/tune_chain.py --backend tilelang --fwd "cw=256;bt=64"
     TRITON_INTERPRET=1 .venv/bin/python dev/tune_chain.py --dry   # the script itself, tiny, on CPU
 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written (suite.measure.timing, L2 flushed).
@@ -15,7 +17,9 @@ the unfused chain (post, then mhc_pre) on a CUDA GPU and prints one table (last)
      chain fwd, chain fwd+bwd   chain() of --L sites (site 0 mhc_pre, the last a plain post),
                    reported per site
    --fwd / --bwd "cfg;cfg" time the fused boundary with other launch configurations
-   (kernels/triton/post_coeffs_config.py fields, "k=v,..."; "" is the default).
+   ("k=v,..."; "" is the default): fields of kernels/triton/post_coeffs_config.py's Config, or
+   with --backend tilelang of kernels/tilelang/post_coeffs.py's. --dry runs Triton only (TileLang's
+   mhc_pre, the unfused chain's, is GPU only).
 Floors per site and token (MATH.md, chain of sites; e = 2 bytes): forward (3n+2)C*e, forward +
 backward (8n+6)C*e (backward (5n+4)C*e). The coefficient bytes (O(n^2) fp32 a token, under 1% at
 C = 4096) are left out. "%floor" is floor bytes / time over the measured copy rate; the unfused
@@ -49,10 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--kernels", action="store_true", help="each timing's kernels (torch.profiler)")
     p.add_argument("--budget", type=float, default=float(os.environ.get("TUNE_BUDGET_S", "300")),
                    help="seconds; the sweeps stop early past it")
+    p.add_argument("--backend", choices=("triton", "tilelang"), default="triton",
+                   help="whose fused boundary and unfused ops")
     p.add_argument("--dry", action="store_true",
                    help="tiny shapes on the CPU interpreter: checks the script, its times mean nothing")
     args = p.parse_args(argv)
     if args.dry:
+        if args.backend != "triton":
+            p.error("--dry runs the Triton interpreter only")
         args.C, args.T, args.L, args.check_T = "64", 37, 3, 37
     args.widths = [int(c) for c in args.C.split(",") if c]
     return args
@@ -70,8 +78,7 @@ import triton  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.chain import chain  # noqa: E402
-from kernels.triton.post_coeffs import layer_input, post_coeffs  # noqa: E402
-from kernels.triton.post_coeffs_config import Config  # noqa: E402
+from kernels.triton import post_coeffs_config  # noqa: E402
 from suite.core.tolerance import tolerance  # noqa: E402
 from suite.measure.kernel_profile import print_kernels  # noqa: E402
 from suite.measure.timing import Timer, copy_rate_gbps  # noqa: E402
@@ -83,6 +90,14 @@ T0 = time.time()
 ROWS = []          # (C, what, variant, ms, floor bytes)
 COPY = None
 ARGS = DT = None   # set by main()
+
+
+def config_class(backend: str):
+    """The backend's launch configuration (a dataclass whose fields --fwd / --bwd set)."""
+    if backend == "tilelang":
+        from kernels.tilelang.post_coeffs import Config
+        return Config
+    return post_coeffs_config.Config
 
 
 def left() -> float:
@@ -110,9 +125,9 @@ def record(C, what, variant, ms, mode):
           flush=True)
 
 
-def parse_cfgs(text):
-    """'k=v,...;k=v,...' -> list of dicts typed by Config's fields ('' is the default)."""
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
+def parse_cfgs(text, backend="triton"):
+    """'k=v,...;k=v,...' -> list of dicts typed by the backend's Config fields ('' is the default)."""
+    types = {f.name: f.type for f in dataclasses.fields(config_class(backend))}
     out = []
     for item in text.split(";"):
         cfg = {}
@@ -140,14 +155,16 @@ def site_fns(C, cfg_fwd, cfg_bwd):
     leaves = [t.clone().requires_grad_() for t in ins]
     ups = None
 
+    ops = kernels.get("mhc", ARGS.backend)
+
     def fused(x, f, hp, hr, phi, b, alpha):
-        x_next, h_pre, h_post, h_res = post_coeffs(x, f, hp, hr, phi, b, alpha, ARGS.iters,
-                                                   config={**cfg_fwd, **cfg_bwd})
-        return x_next, layer_input(x_next, h_pre), h_post, h_res
+        x_next, h_pre, h_post, h_res = ops.post_coeffs(x, f, hp, hr, phi, b, alpha, ARGS.iters,
+                                                       config={**cfg_fwd, **cfg_bwd})
+        return x_next, ops.apply_pre(x_next, h_pre), h_post, h_res
 
     def plain(x, f, hp, hr, phi, b, alpha):
-        x_next = kernels.get("mhc", "triton").post(x, f, hp, hr)
-        li, h_post, h_res = kernels.get("mhc", "triton").pre(x_next, phi, b, alpha, ARGS.iters)
+        x_next = ops.post(x, f, hp, hr)
+        li, h_post, h_res = ops.pre(x_next, phi, b, alpha, ARGS.iters)
         return x_next, li, h_post, h_res
 
     def fwd(fn):
@@ -194,7 +211,7 @@ def chain_fns(C, ops):
 def check(C) -> bool:
     g = torch.Generator().manual_seed(7)
     T = min(ARGS.check_T, ARGS.T)
-    errs = check_chain(kernels.get("mhc", "triton"), *chain_inputs(ARGS.n, C, T, 3, DT, DEV, g), g,
+    errs = check_chain(kernels.get("mhc", ARGS.backend), *chain_inputs(ARGS.n, C, T, 3, DT, DEV, g), g,
                        ARGS.iters)
     bad = failures(errs, DT)
     worst = max(errs, key=errs.get)
@@ -227,10 +244,11 @@ def main(argv=None) -> int:
         return 1
     COPY = 1e12 if ARGS.dry else copy_rate_gbps(Timer(DEV))["gbps"] * 1e9
     print(f"device {'cpu (dry)' if ARGS.dry else torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}; copy rate {COPY / 1e9:.0f} GB/s", flush=True)
-    fwd_cfgs = parse_cfgs(ARGS.fwd) if ARGS.fwd is not None else [{}]
-    bwd_cfgs = parse_cfgs(ARGS.bwd) if ARGS.bwd is not None else [{}]
-    ops = kernels.get("mhc", "triton")
+          f"triton {triton.__version__}; backend {ARGS.backend}; copy rate {COPY / 1e9:.0f} GB/s",
+          flush=True)
+    fwd_cfgs = parse_cfgs(ARGS.fwd, ARGS.backend) if ARGS.fwd is not None else [{}]
+    bwd_cfgs = parse_cfgs(ARGS.bwd, ARGS.backend) if ARGS.bwd is not None else [{}]
+    ops = kernels.get("mhc", ARGS.backend)
     for C in ARGS.widths:
         if left() < 10:
             print(f"(time budget spent, C={C} skipped)")
@@ -256,7 +274,7 @@ def main(argv=None) -> int:
                 record(C, what, variant, ms, mode)
         if not ARGS.dry:
             torch.cuda.empty_cache()
-    print(f"\nchain of mHC sites, {ARGS.dtype}, n={ARGS.n}, T={ARGS.T}, {ARGS.iters} Sinkhorn "
+    print(f"\nchain of mHC sites ({ARGS.backend}), {ARGS.dtype}, n={ARGS.n}, T={ARGS.T}, {ARGS.iters} Sinkhorn "
           f"iterations; copy {COPY / 1e9:.0f} GB/s; floors per site (3n+2)C / (8n+6)C elements; "
           f"{time.time() - T0:.0f} s")
     print(f"{'C':>5} {'what':22s} {'variant':40s} {'ms':>8} {'GB/s':>6} {'%floor':>7}")

@@ -13,3 +13,15 @@ def test_arguments_and_configurations():
     assert mod.parse_args(["--dry"]).widths == [64]
     with pytest.raises(SystemExit, match="unknown config field 'split'"):
         mod.parse_cfgs("split=2")
+
+
+def test_tilelang_configurations():
+    """--backend tilelang reads the fields of TileLang's boundary Config (and has no --dry)."""
+    pytest.importorskip("tilelang")
+    mod = load("tune_chain")
+    assert mod.parse_args(["--backend", "tilelang"]).backend == "tilelang"
+    assert mod.parse_cfgs("cw=256,bt=64;", "tilelang") == [{"cw": 256, "bt": 64}, {}]
+    with pytest.raises(SystemExit, match="unknown config field 'b2_br'"):
+        mod.parse_cfgs("b2_br=32", "tilelang")
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--backend", "tilelang", "--dry"])
