@@ -35,7 +35,7 @@ def main() -> int:
             "boundary fwd": lambda n=n, C=C: pc.build_fwd(n, C, "bfloat16", 128, 512, False),
             "boundary finish": lambda n=n, C=C: pc.build_finish(n, C, 8, 20, False),
             "boundary grad_state": lambda n=n, C=C: pc.build_grad_state(n, C, "bfloat16", 128, 64,
-                                                                        True, True, True, False),
+                                                                        True, True, True, True, False),
         }
         for name, build in builds.items():
             try:

@@ -153,8 +153,8 @@ def _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost, g_hres,
     return du, coef, db, dalpha
 
 
-def _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_phi, cfg: Config):
-    """(G [T,n,C] x's dtype, dphi or None): step 3 of the backward."""
+def _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_state, need_phi, cfg: Config):
+    """(G [T,n,C] x's dtype or None, dphi or None): step 3 of the backward."""
     T, n, C = x_next.shape
     K = phi.shape[1]
     dev = x_next.device
@@ -163,15 +163,18 @@ def _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_phi, cfg: Config):
     want = max(1, -(-cfg.bwd_items * _sms(dev) // cbs))
     tps = pow2_at_least(max(cfg.bwd_min_tps, -(-T // want)))
     R = -(-T // tps)
-    G = torch.empty_like(x_next)
+    # (x_next stands in for an output or input the variant leaves alone)
+    G = torch.empty_like(x_next) if need_state else x_next
+    if not need_state:
+        g_x = g_li = None
     ws = torch.empty(R, n * C, K, device=dev, dtype=F32) if need_phi else phi.view(1, n * C, K)
     kern = build_grad_state(n, C, TL_DTYPES[x_next.dtype], nt, tps, g_x is not None,
-                            g_li is not None, need_phi, dev.type == "cpu")
+                            g_li is not None, need_state, need_phi, dev.type == "cpu")
     with on_device(x_next):
         kern(g_x if g_x is not None else x_next, x_next, phi, du, coef, h_pre,
              g_li if g_li is not None else x_next.new_empty(T, C), G, ws)
     dphi = (ws[0] if R == 1 else ws.sum(0)) if need_phi else None
-    return G, dphi
+    return (G if need_state else None), dphi
 
 
 def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Config):
@@ -190,7 +193,7 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
     dx = df = dh_post = dh_res = dphi = None
     need_post = need_x or need_f or need_hpost or need_hres
     if need_post or need_phi:
-        G, dphi = _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_phi, cfg)
+        G, dphi = _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_post, need_phi, cfg)
         if need_post:
             # post's backward forms all four gradients from the same reads
             dx, df, dh_post, dh_res = post_backward(G, x, f, h_post, h_res)

@@ -121,10 +121,10 @@ def build_finish(n: int, C: int, S: int, iters: int, cpu: bool):
 
 @functools.cache
 def build_grad_state(n: int, C: int, dtype: str, nt: int, tps: int, has_gx: bool, has_li: bool,
-                     dphi: bool, cpu: bool):
+                     state: bool, dphi: bool, cpu: bool):
     """The whole gradient of x_next,
         G[t, w] = g_x[t, w] + du[t] . phi[w] + coef[t] x_next[t, w] + h_pre[t, w // C] g_li[t, w % C]
-    over the flattened columns w of [n, C], written in x's dtype, and the next site's dphi
+    over the flattened columns w of [n, C], written in x's dtype (state), and the next site's dphi
     partials ws[R, nC, K] += x_next[t, w] du[t] over token range R of tps tokens. Grid (column
     blocks of nt, R), one thread per column: its phi row and its dphi row stay in registers while
     it walks the tokens (adjacent threads, adjacent columns: coalesced)."""
@@ -146,16 +146,18 @@ def build_grad_state(n: int, C: int, dtype: str, nt: int, tps: int, has_gx: bool
             for tt in T.serial(tps):
                 if ts * tps + tt < Tn:
                     v[1] = T.Cast(f32, x1[ts * tps + tt, w // C, w % C])
-                    v[0] = coef[ts * tps + tt] * v[1]
-                    if has_gx:
-                        v[0] += T.Cast(f32, gx[ts * tps + tt, w // C, w % C])
-                    if has_li:
-                        v[0] += h_pre[ts * tps + tt, w // C] * T.Cast(f32, gli[ts * tps + tt, w % C])
-                    for k in T.unroll(K):
-                        v[0] += du[ts * tps + tt, k] * ph[k]
-                        if dphi:
+                    if state:
+                        v[0] = coef[ts * tps + tt] * v[1]
+                        if has_gx:
+                            v[0] += T.Cast(f32, gx[ts * tps + tt, w // C, w % C])
+                        if has_li:
+                            v[0] += h_pre[ts * tps + tt, w // C] * T.Cast(f32, gli[ts * tps + tt, w % C])
+                        for k in T.unroll(K):
+                            v[0] += du[ts * tps + tt, k] * ph[k]
+                        G[ts * tps + tt, w // C, w % C] = T.Cast(dtype, v[0])
+                    if dphi:
+                        for k in T.unroll(K):
                             acc[k] += v[1] * du[ts * tps + tt, k]
-                    G[ts * tps + tt, w // C, w % C] = T.Cast(dtype, v[0])
             if dphi:
                 for k in T.unroll(K):
                     ws[ts, w, k] = acc[k]

@@ -71,11 +71,12 @@ def test_boundary_gradient_paths(use):
 
 @pytest.mark.parametrize("needs", [(True, False, False, False, True, False, False),
                                    (False, True, False, True, False, True, False),
-                                   (False, False, True, False, False, False, True)],
-                         ids=["x-phi", "f-h_res-b", "h_post-alpha"])
+                                   (False, False, True, False, False, False, True),
+                                   (False, False, False, False, True, True, False)],
+                         ids=["x-phi", "f-h_res-b", "h_post-alpha", "phi-b"])
 def test_boundary_partial_gradients(needs):
     """Only the inputs that require a gradient get one, and it is right (without dphi, without
-    the post backward's gradients)."""
+    the post backward's gradients, without x_next's gradient: dphi alone)."""
     g = torch.Generator().manual_seed(9)
     inputs = post_inputs(3, 40, 37, FP16, DEV, g)
     errs = check_boundary(*_fn(SPLITS), inputs, g, needs=needs)
@@ -225,7 +226,7 @@ def test_kernels_compile_for_sm90a(monkeypatch):
     for build in (lambda: k.build_fwd.__wrapped__(4, 264, "bfloat16", 128, 64, False),
                   lambda: k.build_finish.__wrapped__(8, 264, 5, 20, False),
                   lambda: k.build_grad_state.__wrapped__(4, 264, "bfloat16", 128, 64, True, True,
-                                                         True, False)):
+                                                         True, True, False)):
         assert "__global__" in build().get_kernel_source()
 
 
