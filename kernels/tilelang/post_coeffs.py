@@ -12,7 +12,8 @@ Public functions (same results as kernels.reference, autograd-enabled):
 
 Forward, per token (e = bytes of x's dtype), fused as the Triton version is:
   `build_fwd` (post_coeffs_kernels.py), grid (column slices of cw columns of every stream, token
-  blocks of bt), one thread per token: reads x [n rows] and f of its slice column by column,
+  blocks of bt), one thread per token: reads x [n rows] and f of its slice 8 columns (a 16-byte
+  vector of each row) at a time,
   writes x_next = h_res x + h_post f, and with each value of x_next still in registers (as
   stored, rounded to x's dtype) adds its products with phi's row (fp32 FMAs, phi in fp32: every
   thread of a warp reads the same row, one broadcast load) and its square into K + 1 fp32
@@ -24,9 +25,10 @@ Forward, per token (e = bytes of x's dtype), fused as the Triton version is:
   layer_input: mhc_pre's apply kernel (stream_kernels.build_apply) reads x_next once: nC*e in,
   C*e out. A site then moves (3n+2)C*e: MATH.md's floor for a chain site.
   What is not done yet: the products run on CUDA cores, not tensor cores (K FMAs per element of
-  x_next: 24 at n = 4, 80 at n = 8), and a thread per token reads and writes its rows one element
-  at a time, nC*e apart from its neighbours' (each warp load touches 32 lines; L1 keeps them for
-  the next columns). Compiled for sm_90a (nvcc), not yet run or timed on a GPU.
+  x_next: 24 at n = 4, 80 at n = 8), and a thread per token moves 16 bytes of a row at a time, nC*e
+  apart from its neighbours' (a warp's load touches 32 lines and uses half of each 32-byte sector;
+  L1 keeps the other half for the next 8 columns). Compiled for sm_90a (nvcc), not yet run or
+  timed on a GPU.
 
 Backward, per boundary: NOT FUSED. It is composed of TileLang kernels, and the gradient of
 x_next makes a round trip through memory in x's dtype (as it does in an unfused chain, where
@@ -120,9 +122,10 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, cfg: Config):
         return x_next, h_pre, h_post_n, h_res_n, m, r
     bt = pow2_at_least(max(1, cfg.bt))
     groups = -(-T // bt)
-    cw = max(1, min(cfg.cw, C))
+    # (multiples of 8: the kernel moves 16-byte vectors, 8 columns of a row)
+    cw = max(8, min(cfg.cw, C) // 8 * 8)
     while cw > cfg.min_cw and groups * -(-C // cw) < cfg.min_items * _sms(dev):
-        cw = max(cfg.min_cw, cw // 2)
+        cw = max(cfg.min_cw, cw // 2) // 8 * 8 or 8
     S = -(-C // cw)
     ws = torch.empty(S, T, K + 1, device=dev, dtype=F32)
     with on_device(x):

@@ -13,16 +13,18 @@ from kernels.tilelang.common import TOK_PER_CTA, compile_kernel
 def build_fwd(n: int, C: int, dtype: str, bt: int, cw: int, cpu: bool):
     """x [T,n,C], f [T,C], h_post [T,n], h_res [T,n,n], phi [nC,K] -> x_next [T,n,C] and the
     partials ws [S,T,K+1] (column K: the sum of squares) of column slice s = cw columns of every
-    stream. Grid (S, token blocks of bt), one thread per token."""
+    stream (cw a multiple of 8). Grid (S, token blocks of bt), one thread per token, 8 columns
+    (one 16-byte vector of every row: C is a multiple of 8) at a time."""
     import tilelang.language as T
 
     K = n * n + 2 * n
+    V = 8
     S = -(-C // cw)
     Tn = T.dynamic("T")
     f32 = "float32"
 
     @T.macro
-    def token(t, s, x, f, h_post, h_res, phi, out, ws, hr, hp, xv, acc, v):
+    def token(t, s, x, f, h_post, h_res, phi, out, ws, hr, hp, xr, fr, xf, orow, acc, v):
         if t < Tn:
             # the token's mixing stays in registers for the whole slice
             for k in T.unroll(n * n):
@@ -31,23 +33,30 @@ def build_fwd(n: int, C: int, dtype: str, bt: int, cw: int, cpu: bool):
                 hp[i] = h_post[t, i]
             for k in T.unroll(K + 1):
                 acc[k] = 0.0
-            for cc in T.serial(cw):
-                if s * cw + cc < C:
+            for c8 in T.serial(cw // V):
+                if s * cw + c8 * V < C:
                     for j in T.unroll(n):
-                        xv[j] = T.Cast(f32, x[t, j, s * cw + cc])
-                    v[1] = T.Cast(f32, f[t, s * cw + cc])
+                        for e in T.vectorized(V):
+                            xr[j * V + e] = x[t, j, s * cw + c8 * V + e]
+                    for e in T.vectorized(V):
+                        fr[e] = f[t, s * cw + c8 * V + e]
+                    for k in T.unroll(n * V):
+                        xf[k] = T.Cast(f32, xr[k])
                     for i in T.unroll(n):
-                        v[0] = hp[i] * v[1]
-                        for j in T.unroll(n):
-                            v[0] += hr[i * n + j] * xv[j]
-                        out[t, i, s * cw + cc] = T.Cast(dtype, v[0])
-                        # the next site's coefficients are those of x_next as stored (rounded),
-                        # as in the unfused post then pre
-                        v[0] = T.Cast(f32, T.Cast(dtype, v[0]))
-                        acc[K] += v[0] * v[0]
-                        # every thread reads the same phi row: one broadcast load per warp
-                        for k in T.unroll(K):
-                            acc[k] += v[0] * phi[i * C + s * cw + cc, k]
+                        for e in T.unroll(V):
+                            v[0] = hp[i] * T.Cast(f32, fr[e])
+                            for j in T.unroll(n):
+                                v[0] += hr[i * n + j] * xf[j * V + e]
+                            orow[e] = T.Cast(dtype, v[0])
+                            # the next site's coefficients are those of x_next as stored
+                            # (rounded), as in the unfused post then pre
+                            v[0] = T.Cast(f32, orow[e])
+                            acc[K] += v[0] * v[0]
+                            # every thread reads the same phi row: one broadcast load per warp
+                            for k in T.unroll(K):
+                                acc[k] += v[0] * phi[i * C + s * cw + c8 * V + e, k]
+                        for e in T.vectorized(V):
+                            out[t, i, s * cw + c8 * V + e] = orow[e]
             for k in T.unroll(K + 1):
                 ws[s, t, k] = acc[k]
 
@@ -59,15 +68,19 @@ def build_fwd(n: int, C: int, dtype: str, bt: int, cw: int, cpu: bool):
         with T.Kernel(S, T.ceildiv(Tn, bt), threads=1 if cpu else bt) as (s, g):
             hr = T.alloc_local((n * n,), f32)
             hp = T.alloc_local((n,), f32)
-            xv = T.alloc_local((n,), f32)
+            xr = T.alloc_local((n * V,), dtype)
+            fr = T.alloc_local((V,), dtype)
+            xf = T.alloc_local((n * V,), f32)
+            orow = T.alloc_local((V,), dtype)
             acc = T.alloc_local((K + 1,), f32)
-            v = T.alloc_local((2,), f32)
+            v = T.alloc_local((1,), f32)
             if cpu:
                 for tx in T.serial(bt):
-                    token(g * bt + tx, s, x, f, h_post, h_res, phi, out, ws, hr, hp, xv, acc, v)
+                    token(g * bt + tx, s, x, f, h_post, h_res, phi, out, ws, hr, hp, xr, fr, xf,
+                          orow, acc, v)
             else:
                 token(g * bt + T.get_thread_binding(0), s, x, f, h_post, h_res, phi, out, ws,
-                      hr, hp, xv, acc, v)
+                      hr, hp, xr, fr, xf, orow, acc, v)
 
     return compile_kernel(post_coeffs_fwd, cpu)
 
