@@ -57,6 +57,13 @@ def jobs():
                 ("hc_coef_bwd", n, 40, "")]
     for n, C in ((1, 264), (4, 40), (3, 264)):
         mhc += [("mhc_apply", n, C, "bfloat16"), ("mhc_dhpre", n, C, "bfloat16")]
+    # the chain boundary (tests/tilelang/test_tilelang_chain.py's GPU tests): (n, C, dtype, T)
+    for n, C, dt, T in ([(n, C, dt, T) for n in (1, 4, 8)
+                         for C, T, dt in ((2560, 4097, "bfloat16"), (264, 17, "float16"))]
+                        + [(4, 2560, "bfloat16", 4097), (8, 1024, "bfloat16", 4097),
+                           (1, 4096, "bfloat16", 4097), (3, 40, "float16", 37)]):
+        mhc += [("boundary", n, C, dt, T), ("mhc_coef_bwd", n, C, 20), ("mhc_apply", n, C, dt),
+                ("mhc_dhpre", n, C, dt), ("post", n, C, dt)]
     out += list(dict.fromkeys(mhc))
     return out
 
@@ -68,11 +75,13 @@ def shape_jobs(n: int, C: int, T: int) -> list:
             ("mhc_apply", n, C, dt), ("mhc_dhpre", n, C, dt), ("mhc_dx", n, C, dt, T, True),
             ("mhc_dx", n, C, dt, T, False),
             ("hc_gemm", n, C, dt), ("hc_coef", n, 0, ""), ("hc_coef_bwd", n, C, ""),
-            ("hc_dx", n, C, dt, T, True), ("hc_dx", n, C, dt, T, False)]
+            ("hc_dx", n, C, dt, T, True), ("hc_dx", n, C, dt, T, False),
+            ("boundary", n, C, dt, T)]
 
 
 def compile_one(job):
     sys.path.insert(0, str(ROOT))
+    import torch
     kind, n, C, dtype = job[:4]
     t0 = time.time()
     try:
@@ -109,6 +118,19 @@ def compile_one(job):
                 m.build_dx_dphi(n, C, dtype, nblk, job[5])
                 if job[5]:       # a site: post's x gradient comes in through the link (acc)
                     m.build_dx_dphi(n, C, dtype, nblk, True, False, True)
+        elif kind == "boundary":
+            # what kernels/tilelang/post_coeffs.py picks at T tokens on this GPU: the forward,
+            # its finish (20 Sinkhorn iterations) and the state-gradient kernel in the variants
+            # a chain (every input present) and a lone boundary without x_next's gradient use
+            from kernels.tilelang import post_coeffs as pc
+            from kernels.tilelang import post_coeffs_kernels as pk
+            sms = pc.sm_count(torch.device("cuda"))
+            bt, cw, S = pc.fwd_sizes(C, job[4], sms)
+            nt, tps, _ = pc.bwd_sizes(n, C, job[4], sms)
+            pk.build_fwd(n, C, dtype, bt, cw, False)
+            pk.build_finish(n, C, S, 20, False)
+            for has_gx in (True, False):
+                pk.build_grad_state(n, C, dtype, nt, tps, has_gx, True, True, True, False)
         elif kind == "post":
             from kernels.tilelang import post
             post._build_fwd(n, C, dtype, False)

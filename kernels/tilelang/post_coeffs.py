@@ -101,10 +101,31 @@ def _config(config) -> Config:
     return replace(Config(), **dict(config))
 
 
-def _sms(device) -> int:
+def sm_count(device) -> int:
     # the CPU target has no SMs: 4, so that small test shapes still split into several slices
     return torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 4
+
+
+def fwd_sizes(C: int, T: int, sms: int, cfg: Config = Config()) -> tuple[int, int, int]:
+    """(bt, cw, S) of the forward kernel for T tokens on `sms` SMs (dev/tilelang_precompile.py
+    compiles what this picks)."""
+    bt = pow2_at_least(max(1, cfg.bt))
+    groups = -(-T // bt)
+    # (multiples of 8: the kernel moves 16-byte vectors, 8 columns of a row)
+    cw = max(8, min(cfg.cw, C) // 8 * 8)
+    while cw > cfg.min_cw and groups * -(-C // cw) < cfg.min_items * sms:
+        cw = max(cfg.min_cw, cw // 2) // 8 * 8 or 8
+    return bt, cw, -(-C // cw)
+
+
+def bwd_sizes(n: int, C: int, T: int, sms: int, cfg: Config = Config()) -> tuple[int, int, int]:
+    """(nt, tps, R) of the state-gradient kernel: threads per CTA, tokens per range, ranges."""
+    nt = pow2_at_least(max(1, cfg.nt))
+    cbs = -(-(n * C) // nt)
+    want = max(1, -(-cfg.bwd_items * sms // cbs))
+    tps = pow2_at_least(max(cfg.bwd_min_tps, -(-T // want)))
+    return nt, tps, -(-T // tps)
 
 
 def _forward(x, f, h_post, h_res, phi, b, alpha, iters, cfg: Config):
@@ -120,13 +141,7 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, cfg: Config):
     r = torch.empty(T, device=dev, dtype=F32)
     if T == 0:
         return x_next, h_pre, h_post_n, h_res_n, m, r
-    bt = pow2_at_least(max(1, cfg.bt))
-    groups = -(-T // bt)
-    # (multiples of 8: the kernel moves 16-byte vectors, 8 columns of a row)
-    cw = max(8, min(cfg.cw, C) // 8 * 8)
-    while cw > cfg.min_cw and groups * -(-C // cw) < cfg.min_items * _sms(dev):
-        cw = max(cfg.min_cw, cw // 2) // 8 * 8 or 8
-    S = -(-C // cw)
+    bt, cw, S = fwd_sizes(C, T, sm_count(dev), cfg)
     ws = torch.empty(S, T, K + 1, device=dev, dtype=F32)
     with on_device(x):
         build_fwd(n, C, TL_DTYPES[x.dtype], bt, cw, cpu)(x, f, h_post, h_res, phi, x_next, ws)
@@ -161,11 +176,7 @@ def _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_state, need_phi, c
     T, n, C = x_next.shape
     K = phi.shape[1]
     dev = x_next.device
-    nt = pow2_at_least(max(1, cfg.nt))
-    cbs = -(-(n * C) // nt)
-    want = max(1, -(-cfg.bwd_items * _sms(dev) // cbs))
-    tps = pow2_at_least(max(cfg.bwd_min_tps, -(-T // want)))
-    R = -(-T // tps)
+    nt, tps, R = bwd_sizes(n, C, T, sm_count(dev), cfg)
     # (x_next stands in for an output or input the variant leaves alone)
     G = torch.empty_like(x_next) if need_state else x_next
     if not need_state:
