@@ -34,8 +34,9 @@ def main() -> int:
             "hc coef_bwd": lambda n=n, C=C: h._build_coef_bwd(n, C, False),
             "boundary fwd": lambda n=n, C=C: pc.build_fwd(n, C, "bfloat16", 128, 512, False),
             "boundary finish": lambda n=n, C=C: pc.build_finish(n, C, 8, 20, False),
-            "boundary grad_state": lambda n=n, C=C: pc.build_grad_state(n, C, "bfloat16", 128, 64,
-                                                                        True, True, True, True, False),
+            "boundary bwd": lambda n=n, C=C: pc.build_bwd(n, C, "bfloat16", 128, 512, True, True,
+                                                          True, True, True, False),
+            "boundary dphi": lambda n=n, C=C: pc.build_dphi(n, C, "bfloat16", 128, 64, False),
         }
         for name, build in builds.items():
             try:

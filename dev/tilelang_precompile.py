@@ -63,7 +63,7 @@ def jobs():
                         + [(4, 2560, "bfloat16", 4097), (8, 1024, "bfloat16", 4097),
                            (1, 4096, "bfloat16", 4097), (3, 40, "float16", 37)]):
         mhc += [("boundary", n, C, dt, T), ("mhc_coef_bwd", n, C, 20), ("mhc_apply", n, C, dt),
-                ("mhc_dhpre", n, C, dt), ("post", n, C, dt)]
+                ("mhc_dhpre", n, C, dt)]
     out += list(dict.fromkeys(mhc))
     return out
 
@@ -120,8 +120,8 @@ def compile_one(job):
                     m.build_dx_dphi(n, C, dtype, nblk, True, False, True)
         elif kind == "boundary":
             # what kernels/tilelang/post_coeffs.py picks at T tokens on this GPU: the forward,
-            # its finish (20 Sinkhorn iterations) and the state-gradient kernel in the variants
-            # a chain (every input present) and a lone boundary without x_next's gradient use
+            # its finish (20 Sinkhorn iterations), the backward with every gradient (with and
+            # without x_next's own: a chain's boundaries, a lone one's) and dphi
             from kernels.tilelang import post_coeffs as pc
             from kernels.tilelang import post_coeffs_kernels as pk
             sms = pc.sm_count(torch.device("cuda"))
@@ -130,7 +130,8 @@ def compile_one(job):
             pk.build_fwd(n, C, dtype, bt, cw, False)
             pk.build_finish(n, C, S, 20, False)
             for has_gx in (True, False):
-                pk.build_grad_state(n, C, dtype, nt, tps, has_gx, True, True, True, False)
+                pk.build_bwd(n, C, dtype, bt, cw, has_gx, True, True, True, True, False)
+            pk.build_dphi(n, C, dtype, nt, tps, False)
         elif kind == "post":
             from kernels.tilelang import post
             post._build_fwd(n, C, dtype, False)

@@ -7,8 +7,8 @@ probe.py     availability: can a TileLang kernel compile and run on this GPU (th
 
 mhc_pre.py   mHC coefficients (norm + GEMM + Sinkhorn) with F_pre, and their backward
 post_coeffs.py  F_post,res of one mHC site fused with the next site's coefficients, the
-             layer_input op that goes with it, and their backward (a chain's boundary; the
-             backward is composed, not fused: its docstring says how)
+             layer_input op that goes with it, and their backward (a chain's boundary; dphi
+             in a pass of its own: its docstring says why)
 hc_pre.py    HC coefficients (per-stream norm + projections, tanh) with F_pre, and their backward
 Importing this package imports tilelang; the registry only does so after checking it is installed.
 """

@@ -12,9 +12,8 @@ Public functions (same results as kernels.reference, autograd-enabled):
 
 Forward, per token (e = bytes of x's dtype), fused as the Triton version is:
   `build_fwd` (post_coeffs_kernels.py), grid (column slices of cw columns of every stream, token
-  blocks of bt), one thread per token: reads x [n rows] and f of its slice 8 columns (a 16-byte
-  vector of each row) at a time,
-  writes x_next = h_res x + h_post f, and with each value of x_next still in registers (as
+  blocks of bt), one thread per token: reads x [n rows] and f of its slice V columns at a time
+  (post_coeffs_kernels.vector_width: a 16-byte vector of each row, 8 bytes at n > 4), writes x_next = h_res x + h_post f, and with each value of x_next still in registers (as
   stored, rounded to x's dtype) adds its products with phi's row (fp32 FMAs, phi in fp32: every
   thread of a warp reads the same row, one broadcast load) and its square into K + 1 fp32
   accumulators. Each slice writes them to row (s, t) of a [S, T, K+1] buffer: every row has one
@@ -25,30 +24,31 @@ Forward, per token (e = bytes of x's dtype), fused as the Triton version is:
   layer_input: mhc_pre's apply kernel (stream_kernels.build_apply) reads x_next once: nC*e in,
   C*e out. A site then moves (3n+2)C*e: MATH.md's floor for a chain site.
   What is not done yet: the products run on CUDA cores, not tensor cores (K FMAs per element of
-  x_next: 24 at n = 4, 80 at n = 8), and a thread per token moves 16 bytes of a row at a time, nC*e
-  apart from its neighbours' (a warp's load touches 32 lines and uses half of each 32-byte sector;
-  L1 keeps the other half for the next 8 columns). Compiled for sm_90a (nvcc), not yet run or
+  x_next: 24 at n = 4, 80 at n = 8), and a thread per token moves a vector of a row at a time, nC*e apart
+  from its neighbours' (a warp's load touches 32 lines and uses part of each 32-byte sector; L1
+  keeps the rest for the next columns). Compiled for sm_90a (nvcc), not yet run or
   timed on a GPU.
 
-Backward, per boundary: NOT FUSED. It is composed of TileLang kernels, and the gradient of
-x_next makes a round trip through memory in x's dtype (as it does in an unfused chain, where
-autograd adds the next pre's and the next post's x gradients in x's dtype). g_x is the next
-post's gradient of x_next, g_li layer_input's (handed over by kernels/boundary_link.py, so
-layer_input's own backward does nothing; that module says when the hand-over stays off):
+Backward, per boundary, fused but for dphi; g_x is the next post's gradient of x_next, g_li
+layer_input's (handed over by kernels/boundary_link.py, so layer_input's own backward does
+nothing; that module says when the hand-over stays off):
   1. dh_pre = sum_c g_li x_next (stream_kernels.build_dhpre, mhc_pre's): reads x_next, g_li.
   2. the gate and Sinkhorn backward from the saved m and r (coef_kernels.build_coef_bwd,
      mhc_pre's): du = dm / r [T,K], coef [T]; db, dalpha summed by torch (kernels.colsum).
-  3. `build_grad_state`, one thread per column of [n, C] over a token range:
+  3. `build_bwd`, the forward's grid and threads (one per token, slices of cw columns): per V
+     columns it forms the whole gradient of x_next in registers, never written,
         G = g_x + du @ phi^T + coef x_next + h_pre g_li
-     written in x's dtype, and dphi = x_next^T du into fp32 partials [ranges, nC, K] (summed by
-     torch in range order). Reads g_x, x_next (nC*e each), g_li (C*e), writes G (nC*e).
-  4. post's own backward (kernels/tilelang/post.py) with G as x_next's gradient: dx = h_res^T G,
-     df = h_post . G, dh_post, dh_res. Reads G, x (nC*e each), f (C*e); writes dx (nC*e), df (C*e).
-  Per site the backward moves (7n+4)C*e: reads x_next twice, g_x, G, x (5nC) and g_li twice, f
-  (3C); writes G, dx (2nC) and df (C). MATH.md's floor for a chain site, which the Triton
-  backward reaches by keeping G on chip, is (5n+4)C*e: 32C against 24C at n = 4. Fusing steps 3
-  and 4 needs the per-token C-sums dh_post, dh_res and the per-column token sums of dphi in one
-  kernel (tensor-core tiles, as the Triton kernel does): not built yet.
+     (phi's rows read by all threads of a warp at once, as in the forward), and runs F_post,res's
+     backward on it: dx = h_res^T G, df = h_post . G, and the slice's partial C-sums
+     dh_post = G . f, dh_res = G . x into fp32 [S, T, n + n*n] (summed over slices by torch, in
+     order). Reads g_x, x_next, x (nC*e each), f, g_li (C*e each); writes dx (nC*e), df (C*e).
+  4. `build_dphi`, one thread per column of [n, C] over a token range: dphi = x_next^T du into
+     fp32 partials [ranges, nC, K] (summed by torch in range order). Reads x_next (nC*e).
+  Per site the backward moves (6n+4)C*e: x_next three times, g_x, x (5nC) and g_li twice, f
+  (3C) read; dx, df (n+1)C written. MATH.md's floor for a chain site is (5n+4)C*e (28C against
+  24C at n = 4): the Triton kernel adds dphi's x_next^T du on the tiles of step 3, a sum over
+  tokens, with tensor-core dots over a token block. Here a thread holds one token, so that sum
+  would cross threads; step 4 reads x_next once more instead.
   dx of site l is post(l)'s share only; site l's own coefficient and layer_input shares join it
   in boundary l-1 -> l (step 3 of that boundary). At site 0 dx goes through the site link
   (kernels/site_link.py) into mhc_pre's dx kernel.
@@ -65,8 +65,7 @@ from kernels.colsum import column_sums, segment_sums
 from kernels.tilelang.common import (TL_DTYPES, check_state, check_tensor, on_device,
                                      pow2_at_least)
 from kernels.tilelang.mhc_pre import apply_pre, coeffs_backward, dh_pre_of
-from kernels.tilelang.post import post_backward
-from kernels.tilelang.post_coeffs_kernels import build_finish, build_fwd, build_grad_state
+from kernels.tilelang.post_coeffs_kernels import build_bwd, build_dphi, build_finish, build_fwd
 
 OP = "post_coeffs"
 F32 = torch.float32
@@ -81,8 +80,9 @@ class Config:
     cw: int = 512
     min_cw: int = 64
     min_items: int = 2
-    # backward's state-gradient kernel: nt columns (threads) per CTA, the tokens cut into
-    # ranges of a power of two >= bwd_min_tps tokens so there are >= bwd_items CTAs per SM
+    # (the backward's step 3 runs on the forward's grid)
+    # backward's dphi kernel: nt columns (threads) per CTA, the tokens cut into ranges of a
+    # power of two >= bwd_min_tps tokens so there are >= bwd_items CTAs per SM
     nt: int = 128
     bwd_min_tps: int = 16
     bwd_items: int = 4
@@ -120,7 +120,7 @@ def fwd_sizes(C: int, T: int, sms: int, cfg: Config = Config()) -> tuple[int, in
 
 
 def bwd_sizes(n: int, C: int, T: int, sms: int, cfg: Config = Config()) -> tuple[int, int, int]:
-    """(nt, tps, R) of the state-gradient kernel: threads per CTA, tokens per range, ranges."""
+    """(nt, tps, R) of the dphi kernel: threads per CTA, tokens per range, ranges."""
     nt = pow2_at_least(max(1, cfg.nt))
     cbs = -(-(n * C) // nt)
     want = max(1, -(-cfg.bwd_items * sms // cbs))
@@ -171,24 +171,38 @@ def _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost, g_hres,
     return du, coef, db, dalpha
 
 
-def _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_state, need_phi, cfg: Config):
-    """(G [T,n,C] x's dtype or None, dphi or None): step 3 of the backward."""
+def _dphi(x_next, du, cfg: Config):
     T, n, C = x_next.shape
-    K = phi.shape[1]
-    dev = x_next.device
-    nt, tps, R = bwd_sizes(n, C, T, sm_count(dev), cfg)
-    # (x_next stands in for an output or input the variant leaves alone)
-    G = torch.empty_like(x_next) if need_state else x_next
-    if not need_state:
-        g_x = g_li = None
-    ws = torch.empty(R, n * C, K, device=dev, dtype=F32) if need_phi else phi.view(1, n * C, K)
-    kern = build_grad_state(n, C, TL_DTYPES[x_next.dtype], nt, tps, g_x is not None,
-                            g_li is not None, need_state, need_phi, dev.type == "cpu")
+    K = du.shape[1]
+    nt, tps, R = bwd_sizes(n, C, T, sm_count(x_next.device), cfg)
+    ws = torch.empty(R, n * C, K, device=x_next.device, dtype=F32)
     with on_device(x_next):
-        kern(g_x if g_x is not None else x_next, x_next, phi, du, coef, h_pre,
-             g_li if g_li is not None else x_next.new_empty(T, C), G, ws)
-    dphi = (ws[0] if R == 1 else ws.sum(0)) if need_phi else None
-    return (G if need_state else None), dphi
+        build_dphi(n, C, TL_DTYPES[x_next.dtype], nt, tps, x_next.device.type == "cpu")(
+            x_next, du, ws)
+    return ws[0] if R == 1 else ws.sum(0)
+
+
+def _post_backward(g_x, x_next, x, f, h_post, h_res, phi, du, coef, h_pre, g_li, needs,
+                   cfg: Config):
+    """(dx, df, dh_post, dh_res), each None where not needed: step 3 of the backward."""
+    need_x, need_f, need_hpost, need_hres = needs
+    need_dh = need_hpost or need_hres
+    T, n, C = x.shape
+    dev = x.device
+    bt, cw, S = fwd_sizes(C, T, sm_count(dev), cfg)
+    # (x or f stands in for an output or input the variant leaves alone)
+    dx = torch.empty_like(x) if need_x else x
+    df = torch.empty_like(f) if need_f else f
+    dh = torch.empty(S, T, n + n * n, device=dev, dtype=F32) if need_dh else du.new_empty(1, T, n + n * n)
+    kern = build_bwd(n, C, TL_DTYPES[x.dtype], bt, cw, g_x is not None, g_li is not None,
+                     need_x, need_f, need_dh, dev.type == "cpu")
+    with on_device(x):
+        kern(g_x if g_x is not None else x, x_next, x, f, h_post, h_res, phi, du, coef, h_pre,
+             g_li if g_li is not None else f, dx, df, dh)
+    dh_sum = (dh[0] if S == 1 else dh.sum(0)) if need_dh else None
+    return (dx if need_x else None, df if need_f else None,
+            dh_sum[:, :n] if need_hpost else None,
+            dh_sum[:, n:].reshape(T, n, n) if need_hres else None)
 
 
 def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Config):
@@ -204,15 +218,12 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
     g_x = g_x.to(x.dtype).contiguous() if g_x is not None else None
     du, coef, db, dalpha = _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost,
                                           g_hres, (need_b, need_alpha))
-    dx = df = dh_post = dh_res = dphi = None
-    need_post = need_x or need_f or need_hpost or need_hres
-    if need_post or need_phi:
-        G, dphi = _grad_state(g_x, x_next, phi, du, coef, h_pre, g_li, need_post, need_phi, cfg)
-        if need_post:
-            # post's backward forms all four gradients from the same reads
-            dx, df, dh_post, dh_res = post_backward(G, x, f, h_post, h_res)
-    return (dx if need_x else None, df if need_f else None, dh_post if need_hpost else None,
-            dh_res if need_hres else None, dphi, db, dalpha)
+    dx = df = dh_post = dh_res = None
+    if need_x or need_f or need_hpost or need_hres:
+        dx, df, dh_post, dh_res = _post_backward(g_x, x_next, x, f, h_post, h_res, phi, du, coef,
+                                                 h_pre, g_li, needs[:4], cfg)
+    dphi = _dphi(x_next, du, cfg) if need_phi else None
+    return dx, df, dh_post, dh_res, dphi, db, dalpha
 
 
 class _PostCoeffsFn(torch.autograd.Function):

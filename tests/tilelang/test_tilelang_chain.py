@@ -225,8 +225,9 @@ def test_kernels_compile_for_sm90a(monkeypatch):
     # __wrapped__: not memoised, so nothing compiled for another target stays in the cache
     for build in (lambda: k.build_fwd.__wrapped__(4, 264, "bfloat16", 128, 64, False),
                   lambda: k.build_finish.__wrapped__(8, 264, 5, 20, False),
-                  lambda: k.build_grad_state.__wrapped__(4, 264, "bfloat16", 128, 64, True, True,
-                                                         True, True, False)):
+                  lambda: k.build_bwd.__wrapped__(4, 264, "bfloat16", 128, 64, True, True, True,
+                                                  True, True, False),
+                  lambda: k.build_dphi.__wrapped__(8, 264, "bfloat16", 128, 64, False)):
         assert "__global__" in build().get_kernel_source()
 
 
