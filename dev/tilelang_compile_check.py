@@ -16,6 +16,7 @@ def main() -> int:
     from kernels.tilelang import hc_pre as h
     from kernels.tilelang import mhc_pre as m
     from kernels.tilelang import post_coeffs_kernels as pc
+    from kernels.tilelang.post_coeffs import minb_of
     args = [int(a) for a in sys.argv[1:]] or [4, 264, 8, 4096]
     bad = 0
     for n, C in zip(args[::2], args[1::2]):
@@ -32,10 +33,11 @@ def main() -> int:
             "hc dx_dw (coeffs)": lambda n=n, C=C: m.build_dx_dphi(n, C, "float16", 1, False, True),
             "hc coef": lambda n=n, C=C: h._build_coef(n, False),
             "hc coef_bwd": lambda n=n, C=C: h._build_coef_bwd(n, C, False),
-            "boundary fwd": lambda n=n, C=C: pc.build_fwd(n, C, "bfloat16", 128, 512, False),
+            "boundary fwd": lambda n=n, C=C: pc.build_fwd(n, C, "bfloat16", 128, 512, False,
+                                                          minb_of(n)[0]),
             "boundary finish": lambda n=n, C=C: pc.build_finish(n, C, 8, 20, False),
             "boundary bwd": lambda n=n, C=C: pc.build_bwd(n, C, "bfloat16", 128, 512, True, True,
-                                                          True, True, True, False),
+                                                          True, True, True, False, minb_of(n)[1]),
             "boundary dphi": lambda n=n, C=C: pc.build_dphi(n, C, "bfloat16", 128, 64, False),
         }
         for name, build in builds.items():

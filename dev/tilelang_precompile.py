@@ -127,10 +127,11 @@ def compile_one(job):
             sms = pc.sm_count(torch.device("cuda"))
             bt, cw, S = pc.fwd_sizes(C, job[4], sms)
             nt, tps, _ = pc.bwd_sizes(n, C, job[4], sms)
-            pk.build_fwd(n, C, dtype, bt, cw, False)
+            fmin, bmin = pc.minb_of(n)
+            pk.build_fwd(n, C, dtype, bt, cw, False, fmin)
             pk.build_finish(n, C, S, 20, False)
             for has_gx in (True, False):
-                pk.build_bwd(n, C, dtype, bt, cw, has_gx, True, True, True, True, False)
+                pk.build_bwd(n, C, dtype, bt, cw, has_gx, True, True, True, True, False, bmin)
             pk.build_dphi(n, C, dtype, nt, tps, False)
         elif kind == "post":
             from kernels.tilelang import post

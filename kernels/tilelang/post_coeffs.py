@@ -80,6 +80,10 @@ class Config:
     cw: int = 512
     min_cw: int = 64
     min_items: int = 2
+    # CTAs per SM the forward / the backward's main kernel are compiled for (registers per
+    # thread <= 65536 / (128 * minb)); 0: from n (minb_of)
+    fwd_minb: int = 0
+    bwd_minb: int = 0
     # (the backward's step 3 runs on the forward's grid)
     # backward's dphi kernel: nt columns (threads) per CTA, the tokens cut into ranges of a
     # power of two >= bwd_min_tps tokens so there are >= bwd_items CTAs per SM
@@ -99,6 +103,22 @@ def _config(config) -> Config:
         raise ValueError(f"{OP}: unknown setting {', '.join(unknown)}; config takes "
                          f"{', '.join(sorted(names))}")
     return replace(Config(), **dict(config))
+
+
+# Registers of the sm_90a compile (ptxas -v, C = 4096, bf16): one thread holds a token's mixing
+# and K or more fp32 accumulators, and unrolled, the compiler keeps many phi loads in flight.
+# Unbounded, the forward takes 255 registers from n = 4 on (2 CTAs per SM); these bounds keep
+# every kernel free of spills: forward 128 registers at n <= 4, 168 at n = 5; backward 128 at
+# n <= 2, 168 at n = 4 (n = 3 spills at 168: 255). n >= 6 keeps 255 (n = 8's backward spills
+# 392 bytes even there). Not timed: fewer registers mean more tokens in flight, but fewer phi
+# loads ahead.
+FWD_MINB = {1: 4, 2: 4, 3: 4, 4: 4, 5: 3}
+BWD_MINB = {1: 4, 2: 4, 4: 3}
+
+
+def minb_of(n: int, cfg: Config = Config()) -> tuple[int, int]:
+    """(forward, backward) CTAs per SM the kernels are compiled for."""
+    return cfg.fwd_minb or FWD_MINB.get(n, 1), cfg.bwd_minb or BWD_MINB.get(n, 1)
 
 
 def sm_count(device) -> int:
@@ -144,7 +164,8 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, cfg: Config):
     bt, cw, S = fwd_sizes(C, T, sm_count(dev), cfg)
     ws = torch.empty(S, T, K + 1, device=dev, dtype=F32)
     with on_device(x):
-        build_fwd(n, C, TL_DTYPES[x.dtype], bt, cw, cpu)(x, f, h_post, h_res, phi, x_next, ws)
+        build_fwd(n, C, TL_DTYPES[x.dtype], bt, cw, cpu, 1 if cpu else minb_of(n, cfg)[0])(
+            x, f, h_post, h_res, phi, x_next, ws)
         build_finish(n, C, S, iters, cpu)(ws, b, alpha, m, r, h_pre, h_post_n, h_res_n)
     return x_next, h_pre, h_post_n, h_res_n, m, r
 
@@ -194,8 +215,9 @@ def _post_backward(g_x, x_next, x, f, h_post, h_res, phi, du, coef, h_pre, g_li,
     dx = torch.empty_like(x) if need_x else x
     df = torch.empty_like(f) if need_f else f
     dh = torch.empty(S, T, n + n * n, device=dev, dtype=F32) if need_dh else du.new_empty(1, T, n + n * n)
+    cpu = dev.type == "cpu"
     kern = build_bwd(n, C, TL_DTYPES[x.dtype], bt, cw, g_x is not None, g_li is not None,
-                     need_x, need_f, need_dh, dev.type == "cpu")
+                     need_x, need_f, need_dh, cpu, 1 if cpu else minb_of(n, cfg)[1])
     with on_device(x):
         kern(g_x if g_x is not None else x, x_next, x, f, h_post, h_res, phi, du, coef, h_pre,
              g_li if g_li is not None else f, dx, df, dh)

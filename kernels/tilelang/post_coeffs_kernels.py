@@ -18,7 +18,7 @@ def vector_width(n: int) -> int:
 
 
 @functools.cache
-def build_fwd(n: int, C: int, dtype: str, bt: int, cw: int, cpu: bool):
+def build_fwd(n: int, C: int, dtype: str, bt: int, cw: int, cpu: bool, minb: int = 1):
     """x [T,n,C], f [T,C], h_post [T,n], h_res [T,n,n], phi [nC,K] -> x_next [T,n,C] and the
     partials ws [S,T,K+1] (column K: the sum of squares) of column slice s = cw columns of every
     stream (cw a multiple of 8). Grid (S, token blocks of bt), one thread per token, V columns
@@ -74,6 +74,8 @@ def build_fwd(n: int, C: int, dtype: str, bt: int, cw: int, cpu: bool):
                         phi: T.Tensor((n * C, K), f32), out: T.Tensor((Tn, n, C), dtype),
                         ws: T.Tensor((S, Tn, K + 1), f32)):
         with T.Kernel(S, T.ceildiv(Tn, bt), threads=1 if cpu else bt) as (s, g):
+            if not cpu and minb > 1:
+                T.annotate_min_blocks_per_sm(minb)
             hr = T.alloc_local((n * n,), f32)
             hp = T.alloc_local((n,), f32)
             xr = T.alloc_local((n * V,), dtype)
@@ -142,7 +144,7 @@ def build_finish(n: int, C: int, S: int, iters: int, cpu: bool):
 
 @functools.cache
 def build_bwd(n: int, C: int, dtype: str, bt: int, cw: int, has_gx: bool, has_li: bool,
-              need_dx: bool, need_df: bool, need_dh: bool, cpu: bool):
+              need_dx: bool, need_df: bool, need_dh: bool, cpu: bool, minb: int = 1):
     """The boundary's backward on x_next's whole gradient, formed in registers and never written,
         G[i] = g_x[i] + du . phi[i*C + c] + coef x_next[i] + h_pre[i] g_li          (per column c)
     and F_post,res's backward on it: dx[j] = sum_i h_res[i, j] G[i], df = sum_i h_post[i] G[i],
@@ -240,6 +242,8 @@ def build_bwd(n: int, C: int, dtype: str, bt: int, cw: int, has_gx: bool, has_li
                         gli: T.Tensor((Tn, C), dtype), dx: T.Tensor((Tn, n, C), dtype),
                         df: T.Tensor((Tn, C), dtype), dh: T.Tensor((Sd, Tn, n + n * n), f32)):
         with T.Kernel(S, T.ceildiv(Tn, bt), threads=1 if cpu else bt) as (s, g):
+            if not cpu and minb > 1:
+                T.annotate_min_blocks_per_sm(minb)
             dl = T.alloc_local((K,), f32)
             hr = T.alloc_local((n * n,), f32)
             hq = T.alloc_local((n,), f32)
