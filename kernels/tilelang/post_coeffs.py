@@ -84,7 +84,7 @@ class Config:
     # thread <= 65536 / (128 * minb)); 0: from n (minb_of)
     fwd_minb: int = 0
     bwd_minb: int = 0
-    # (the backward's step 3 runs on the forward's grid)
+    # (the backward's main kernel runs on the forward's grid, bt and cw)
     # backward's dphi kernel: nt columns (threads) per CTA, the tokens cut into ranges of a
     # power of two >= bwd_min_tps tokens so there are >= bwd_items CTAs per SM
     nt: int = 128
@@ -107,10 +107,10 @@ def _config(config) -> Config:
 
 # Registers of the sm_90a compile (ptxas -v, C = 4096, bf16): one thread holds a token's mixing
 # and K or more fp32 accumulators, and unrolled, the compiler keeps many phi loads in flight.
-# Unbounded, the forward takes 255 registers from n = 4 on (2 CTAs per SM); these bounds keep
-# every kernel free of spills: forward 128 registers at n <= 4, 168 at n = 5; backward 128 at
-# n <= 2, 168 at n = 4 (n = 3 spills at 168: 255). n >= 6 keeps 255 (n = 8's backward spills
-# 392 bytes even there). Not timed: fewer registers mean more tokens in flight, but fewer phi
+# Unbounded, the forward takes 255 registers from n = 4 on (2 CTAs per SM). The bounds below are
+# the tightest without spills: forward 128 registers at n <= 4, 168 at n = 5; backward 128 at
+# n <= 2, 168 at n = 4 (n = 3 spills at 168, so it keeps 255, as n >= 6 does; n = 8's backward
+# spills 392 bytes even at 255). Not timed: fewer registers mean more tokens in flight, but fewer phi
 # loads ahead.
 FWD_MINB = {1: 4, 2: 4, 3: 4, 4: 4, 5: 3}
 BWD_MINB = {1: 4, 2: 4, 4: 3}
