@@ -20,7 +20,9 @@ from kernels import boundary_link, site_link
 from kernels import reference as ref
 from kernels.tilelang import post_coeffs_kernels
 from kernels.tilelang.post_coeffs import layer_input, post_coeffs
+from suite.core.scenario import Case, normalise
 from suite.core.tolerance import rel_err, tolerance
+from suite.run import check as checking
 from tests.chain_check import chain_inputs, check_boundary, check_chain, failures, post_inputs
 
 HAS_CUDA = torch.cuda.is_available()
@@ -163,6 +165,26 @@ def test_mismatched_boundary_fails_the_check():
                         ("h_res transposed", dataclasses.replace(ops, post_coeffs=transposed))):
         bad = failures(check_chain(wrong, x0, fs, params, g), FP16)
         assert any(k.startswith(("layer_input", "x[")) for k in bad), f"{name}: {bad}"
+
+
+def test_the_suite_gate_passes_the_chain_and_fails_a_mismatched_boundary():
+    """The correctness gate of an op=chain case (suite.run.check), as a run applies it: the chain
+    on TileLang's boundaries passes in fwd+bwd; boundaries fed the next site's b negated (still
+    well-formed coefficients) fail it after the first boundary."""
+    ops = _chain_ops()
+    dtype = "bf16" if HAS_CUDA else "fp16"
+    case = normalise(Case(method="mhc", C=40, T=37, n=3, op="chain", sites=3, dtype=dtype,
+                          device=DEV, mode="fwd+bwd"))
+    result = checking.check(ops, case, DEV)
+    assert result["passed"], result
+
+    def negated_b(x, f, h_post, h_res, phi, b, alpha, **kw):
+        return ops.post_coeffs(x, f, h_post, h_res, phi, -b, alpha, **kw)
+    bad = checking.check(dataclasses.replace(ops, post_coeffs=negated_b),
+                         normalise(dataclasses.replace(case, mode="fwd")), DEV)
+    assert not bad["passed"]
+    assert bad["errors"]["layer_input0"] <= bad["tols"]["layer_input0"]
+    assert bad["errors"]["layer_input1"] > bad["tols"]["layer_input1"]
 
 
 def test_the_backend_offers_the_fused_boundary():
