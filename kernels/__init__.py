@@ -20,6 +20,8 @@ fastest of `candidates(...)` per op at a case's shapes, chosen by measurement in
 """
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import importlib.util
 import shutil
@@ -150,11 +152,16 @@ def candidates(method: str, device: str) -> list[str]:
     return out
 
 
-def compose(method: str, pre_backend: str, post_backend: str) -> Ops:
+def compose(method: str, pre_backend: str, post_backend: str, boundary: str = "fused") -> Ops:
     """One Ops whose pre comes from one backend and post from another (same tensor contract).
-    A fused boundary (post_coeffs, apply_pre) belongs to neither alone, so a mixed Ops has none."""
+    A fused boundary (post_coeffs, apply_pre) belongs to neither alone, so a mixed Ops has none;
+    boundary "unfused" drops it from a single backend's Ops too (backend auto found it slower)."""
+    if boundary not in ("fused", "unfused"):
+        raise ValueError(f"compose: boundary is 'fused' or 'unfused', not {boundary!r}")
     pre, post = get(method, pre_backend), get(method, post_backend)
     if pre_backend == post_backend:
+        if boundary == "unfused" and pre.post_coeffs is not None:
+            return dataclasses.replace(pre, post_coeffs=None, apply_pre=None)
         return pre
     return Ops(method, f"{pre_backend}+{post_backend}", pre=pre.pre, post=post.post,
                coeffs=pre.coeffs,

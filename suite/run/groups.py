@@ -116,7 +116,7 @@ def run_group(session, items: list, view=None) -> None:
             if case.backend == kernels.AUTO:
                 choice = fastest.choose(case, session.timer(case.device))
                 record["op_backends"] = choice
-                backends = (choice["pre"], choice["post"])
+                backends = (choice["pre"], choice["post"], choice["boundary"])
             if lifecycle.gate(record, check(case, case.device, backends)):
                 passing.append(case)
 

@@ -4,7 +4,9 @@ For each op (pre, post) every candidate backend (kernels.candidates: MATH.md exa
 once per shape, runnable here) is timed forward+backward at the case's method, n, C, T and
 dtype, on the site workload's random inputs (suite.workloads.workload), with the suite's timer (padded
 device time). The fastest per op is kept; its pre and post are composed into one Ops
-(kernels.compose). Correctness is not assumed: the model's fp64 gate (suite.workloads.steps.check) runs
+(kernels.compose). Where both come from one backend that has a fused boundary (post of a site
+with the coefficients of the next), two adjacent sites are timed with it and without, and the
+faster is kept (`boundary`: "fused" or "unfused"); a fused boundary never runs untimed. Correctness is not assumed: the model's fp64 gate (suite.workloads.steps.check) runs
 the composed ops before anything is timed. A choice is made once per process and shape.
 """
 from __future__ import annotations
@@ -51,7 +53,33 @@ def choose(case: Case, timer: Timer) -> dict:
                 continue
             times[op][name] = round(t.median, 4)
     pick = {op: (min(times[op], key=times[op].get) if times[op] else names[0]) for op in OPS}
-    _CHOSEN[key] = {"pre": pick["pre"], "post": pick["post"], "times_ms": times,
-                    "not_timed": reasons, "candidates": names}
+    # one candidate: nothing was timed, so its boundary stays as the backend has it
+    boundary = "fused" if len(names) == 1 else "unfused"
+    ops = kernels.get(case.method, pick["pre"])
+    if (len(names) > 1 and pick["pre"] == pick["post"] and ops.post_coeffs is not None
+            and ops.apply_pre is not None):
+        times["boundary"] = _boundary_times(case, ops, timer, reasons)
+        if "fused" in times["boundary"] and "unfused" in times["boundary"]:
+            boundary = min(times["boundary"], key=times["boundary"].get)
+    _CHOSEN[key] = {"pre": pick["pre"], "post": pick["post"], "boundary": boundary,
+                    "times_ms": times, "not_timed": reasons, "candidates": names}
     return _CHOSEN[key]
+
+
+def _boundary_times(case: Case, ops, timer: Timer, reasons: dict) -> dict:
+    """Two adjacent sites (op chain, sites 2, forward+backward) with their boundary fused and run
+    apart (post, then pre), with the backend both ops came from."""
+    chain = replace(case, scope="site", op="chain", sites=2, mode="fwd+bwd",
+                    **{k: None for k in Case.MODEL_FIELDS})
+    inputs = workload.make_inputs(chain, case.device, case.seed)
+    out = {}
+    for how, variant in (("fused", ops), ("unfused", replace(ops, post_coeffs=None, apply_pre=None))):
+        try:
+            t = timer.time(lambda: workload.run(variant, chain, inputs), warmup_ms=10,
+                           rep_ms=30, min_samples=10, b2b_calls=0)
+        except Exception as exc:  # noqa: BLE001  (a boundary that breaks is not chosen)
+            reasons[f"boundary/{how}"] = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        out[how] = round(t.median, 4)
+    return out
 

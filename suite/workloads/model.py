@@ -23,8 +23,9 @@ Recompute (suite.workloads.recompute): `none`; `mhc` keeps x at the start of eac
 every sublayer output, and reruns the connection ops in backward; `full` checkpoints whole
 blocks of L_r sites.
 
-Backend `auto` (ModelConfig.op_backends = (pre backend, post backend)) composes the ops that
-suite.workloads.fastest measured fastest at the case's shapes.
+Backend `auto` (ModelConfig.op_backends = (pre backend, post backend[, boundary])) composes the
+ops that suite.workloads.fastest measured fastest at the case's shapes, the boundary between
+adjacent sites fused only where that measured faster.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class ModelConfig:
     L_r: int = 1
     identity_init: bool = False
     family: str = "dense"
-    op_backends: tuple | None = None  # backend auto: (pre's backend, post's backend)
+    op_backends: tuple | None = None  # backend auto: (pre's backend, post's backend, "fused"/"unfused" boundary)
     # Adjacent sites run post(l) fused with the coefficients of l+1 (kernels/chain.py's boundary)
     # where the connection's backend has that kernel.
     boundary_fusion: bool = True
