@@ -61,3 +61,22 @@ def check_post_inputs(op: str, x: torch.Tensor, f, h_post, h_res,
                                   ("h_res", h_res, (T, n, n), torch.float32)):
         check_tensor(op, t, name, shape, dtype, x.device)
     return T, n, C
+
+
+def check_boundary_inputs(op: str, x: torch.Tensor, f, h_post, h_res, phi, b, alpha,
+                          sinkhorn_iters, supports: Callable, check_device: Callable) -> tuple:
+    """A fused boundary's inputs (post of one site with the next site's mHC coefficients: x
+    [T, n, C], f [T, C] in x's dtype; h_post [T, n], h_res [T, n, n], phi [nC, n*n + 2n],
+    b [n*n + 2n], alpha [3] fp32; all on x's device; an int number of Sinkhorn iterations >= 1).
+    Returns (x, f, h_post, h_res, phi, b, alpha), each contiguous."""
+    T, n, C = check_state(op, x, "x", supports, check_device)
+    k = n * n + 2 * n
+    out = [x.contiguous()]
+    for name, t, shape, dtype in (("f", f, (T, C), x.dtype), ("h_post", h_post, (T, n), torch.float32),
+                                  ("h_res", h_res, (T, n, n), torch.float32),
+                                  ("phi", phi, (n * C, k), torch.float32), ("b", b, (k,), torch.float32),
+                                  ("alpha", alpha, (3,), torch.float32)):
+        out.append(check_tensor(op, t, name, shape, dtype, x.device))
+    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
+        raise ValueError(f"{op}: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
+    return tuple(out)

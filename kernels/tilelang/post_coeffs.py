@@ -62,8 +62,9 @@ import torch
 
 from kernels import boundary_link, site_link
 from kernels.colsum import column_sums, segment_sums
-from kernels.tilelang.common import (TL_DTYPES, check_state, check_tensor, on_device,
-                                     pow2_at_least)
+from kernels.checks import check_boundary_inputs
+from kernels.tilelang.common import (TL_DTYPES, check_device, check_state, check_tensor, on_device,
+                                     pow2_at_least, supports)
 from kernels.tilelang.mhc_pre import apply_pre, coeffs_backward, dh_pre_of
 from kernels.tilelang.post_coeffs_kernels import build_bwd, build_dphi, build_finish, build_fwd
 
@@ -301,18 +302,9 @@ def post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters: int = 20, *,
     site, then the next site's mHC coefficients from x_next (phi, b, alpha are the next site's).
     x [T,n,C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T,C] x's dtype, h_post [T,n] and
     h_res [T,n,n] fp32 [token, dst, src], phi [n*C, n*n+2n], b [n*n+2n], alpha [3] fp32."""
-    T, n, C = check_state(OP, x, "x")
-    K = n * n + 2 * n
     site = site_link.claim(h_res, x)
-    x = x.contiguous()
-    f = check_tensor(OP, f, "f", (T, C), x.dtype, x.device)
-    h_post = check_tensor(OP, h_post, "h_post", (T, n), F32, x.device)
-    h_res = check_tensor(OP, h_res, "h_res", (T, n, n), F32, x.device)
-    phi = check_tensor(OP, phi, "phi", (n * C, K), F32, x.device)
-    b = check_tensor(OP, b, "b", (K,), F32, x.device)
-    alpha = check_tensor(OP, alpha, "alpha", (3,), F32, x.device)
-    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
-        raise ValueError(f"{OP}: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
+    x, f, h_post, h_res, phi, b, alpha = check_boundary_inputs(
+        OP, x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, supports, check_device)
     holder = [None]
     out = _PostCoeffsFn.apply(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, _config(config),
                               torch.is_grad_enabled(), site, holder)

@@ -60,7 +60,9 @@ from kernels.colsum import column_sums
 from kernels.hilo import split_weight_hi_lo
 from kernels.reference import EPS_RMS, EPS_SK
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import check_state, check_tensor, interpreting, num_sms, resident_ctas
+from kernels.checks import check_boundary_inputs
+from kernels.triton.common import (check_device, check_state, check_tensor, interpreting, num_sms,
+                                   resident_ctas, supports)
 from kernels.triton.mhc_pre_bwd import bwd_coef_kernel
 from kernels.triton.post_coeffs_bwd import post_coeffs_bwd_kernel
 from kernels.triton.post_coeffs_config import Config, config_of
@@ -283,18 +285,9 @@ def post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters: int = 20, *,
     site, then the next site's mHC coefficients from x_next (phi, b, alpha are the next site's).
     x [T,n,C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T,C] x's dtype, h_post [T,n] and
     h_res [T,n,n] fp32 [token, dst, src], phi [n*C, n*n+2n], b [n*n+2n], alpha [3] fp32."""
-    T, n, C = check_state(OP, x, "x")
-    K = n * n + 2 * n
     site = site_link.claim(h_res, x)
-    x = x.contiguous()
-    f = check_tensor(OP, f, "f", (T, C), x.dtype, x.device)
-    h_post = check_tensor(OP, h_post, "h_post", (T, n), F32, x.device)
-    h_res = check_tensor(OP, h_res, "h_res", (T, n, n), F32, x.device)
-    phi = check_tensor(OP, phi, "phi", (n * C, K), F32, x.device)
-    b = check_tensor(OP, b, "b", (K,), F32, x.device)
-    alpha = check_tensor(OP, alpha, "alpha", (3,), F32, x.device)
-    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
-        raise ValueError(f"{OP}: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
+    x, f, h_post, h_res, phi, b, alpha = check_boundary_inputs(
+        OP, x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, supports, check_device)
     holder = [None]
     out = _PostCoeffsFn.apply(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, config_of(config),
                               torch.is_grad_enabled(), site, holder)
