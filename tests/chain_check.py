@@ -149,3 +149,23 @@ def check_chain(ops, x0, fs, params, g, iters=20):
               *(f"d{p}[{l}]" for l in range(L) for p in ("phi", "b", "alpha"))]
     errs.update(_errors(gnames, grads, grads64))
     return errs
+
+
+def mismatched_boundaries(ops) -> dict:
+    """Two wrong variants of a backend's chain ops, by name: boundaries fed the parameters of the
+    site before (site l's phi, b, alpha at l -> l+1), and boundaries fed h_res transposed."""
+    last = {}
+
+    def pre(x, *site_params, **kw):
+        last["params"] = site_params
+        return ops.pre(x, *site_params, **kw)
+
+    def stale_params(x, f, h_post, h_res, *next_params, **kw):
+        site_params, last["params"] = last["params"], next_params
+        return ops.post_coeffs(x, f, h_post, h_res, *site_params, **kw)
+
+    def transposed(x, f, h_post, h_res, *next_params, **kw):
+        return ops.post_coeffs(x, f, h_post, h_res.transpose(1, 2), *next_params, **kw)
+
+    return {"stale params": dataclasses.replace(ops, pre=pre, post_coeffs=stale_params),
+            "h_res transposed": dataclasses.replace(ops, post_coeffs=transposed)}

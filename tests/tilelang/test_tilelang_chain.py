@@ -23,7 +23,8 @@ from kernels.tilelang.post_coeffs import layer_input, post_coeffs
 from suite.core.scenario import Case, normalise
 from suite.core.tolerance import rel_err, tolerance
 from suite.run import check as checking
-from tests.chain_check import chain_inputs, check_boundary, check_chain, failures, post_inputs
+from tests.chain_check import (chain_inputs, check_boundary, check_chain, failures,
+                               mismatched_boundaries, post_inputs)
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -148,21 +149,7 @@ def test_mismatched_boundary_fails_the_check():
     ops = _chain_ops()
     g = torch.Generator().manual_seed(11)
     x0, fs, params = chain_inputs(3, 40, 37, 3, FP16, DEV, g)
-    last = {}
-
-    def pre(x, *site_params, **kw):
-        last["params"] = site_params
-        return ops.pre(x, *site_params, **kw)
-
-    def stale_params(x, f, h_post, h_res, *next_params, **kw):
-        site_params, last["params"] = last["params"], next_params
-        return ops.post_coeffs(x, f, h_post, h_res, *site_params, **kw)
-
-    def transposed(x, f, h_post, h_res, *next_params, **kw):
-        return ops.post_coeffs(x, f, h_post, h_res.transpose(1, 2), *next_params, **kw)
-
-    for name, wrong in (("stale params", dataclasses.replace(ops, pre=pre, post_coeffs=stale_params)),
-                        ("h_res transposed", dataclasses.replace(ops, post_coeffs=transposed))):
+    for name, wrong in mismatched_boundaries(ops).items():
         bad = failures(check_chain(wrong, x0, fs, params, g), FP16)
         assert any(k.startswith(("layer_input", "x[")) for k in bad), f"{name}: {bad}"
 

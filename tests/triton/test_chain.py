@@ -5,7 +5,6 @@ gradient (tests/chain_check.py says how, and why the stored state enters the ref
 CPU runs go through TRITON_INTERPRET=1 (tests/conftest.py) on small odd shapes; the coefficient
 backward runs 64 tokens per program there (FAST), since its Sinkhorn backward costs the
 interpreter about 0.4 s per program. The @pytest.mark.gpu tests cover model-sized shapes."""
-import dataclasses
 import inspect
 
 import pytest
@@ -17,7 +16,7 @@ from kernels import reference as ref
 from kernels.triton import post_coeffs_bwd, post_coeffs_fwd
 from kernels.triton.post_coeffs import layer_input, post_coeffs
 from suite.core.tolerance import rel_err, tolerance
-from tests.chain_check import (chain_inputs, check_boundary, check_chain, failures,
+from tests.chain_check import (chain_inputs, check_boundary, check_chain, failures, mismatched_boundaries,
                                post_inputs)
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -156,21 +155,7 @@ def test_mismatched_boundary_fails_the_check(kernel_device, fast_coef_backward):
     ops = kernels.get("mhc", "triton")
     g = torch.Generator().manual_seed(11)
     x0, fs, params = chain_inputs(3, 24, 37, 3, FP16, kernel_device, g)
-    last = {}
-
-    def pre(x, *site_params, **kw):
-        last["params"] = site_params
-        return ops.pre(x, *site_params, **kw)
-
-    def stale_params(x, f, h_post, h_res, *next_params, **kw):
-        site_params, last["params"] = last["params"], next_params
-        return ops.post_coeffs(x, f, h_post, h_res, *site_params, **kw)
-
-    def transposed(x, f, h_post, h_res, *next_params, **kw):
-        return ops.post_coeffs(x, f, h_post, h_res.transpose(1, 2), *next_params, **kw)
-
-    for name, wrong in (("stale params", dataclasses.replace(ops, pre=pre, post_coeffs=stale_params)),
-                        ("h_res transposed", dataclasses.replace(ops, post_coeffs=transposed))):
+    for name, wrong in mismatched_boundaries(ops).items():
         bad = failures(check_chain(wrong, x0, fs, params, g), FP16)
         assert any(k.startswith(("layer_input", "x[")) for k in bad), f"{name}: {bad}"
 
