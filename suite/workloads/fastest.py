@@ -53,11 +53,11 @@ def choose(case: Case, timer: Timer) -> dict:
                 continue
             times[op][name] = round(t.median, 4)
     pick = {op: (min(times[op], key=times[op].get) if times[op] else names[0]) for op in OPS}
-    # one candidate: nothing was timed, so its boundary stays as the backend has it
-    boundary = "fused" if len(names) == 1 else "unfused"
     ops = kernels.get(case.method, pick["pre"])
-    if (len(names) > 1 and pick["pre"] == pick["post"] and ops.post_coeffs is not None
-            and ops.apply_pre is not None):
+    has_fused = ops.post_coeffs is not None and ops.apply_pre is not None
+    # one candidate: nothing was timed, so its boundary stays as the backend has it
+    boundary = "fused" if len(names) == 1 and has_fused else "unfused"
+    if len(names) > 1 and pick["pre"] == pick["post"] and has_fused:
         times["boundary"] = _boundary_times(case, ops, timer, reasons)
         if "fused" in times["boundary"] and "unfused" in times["boundary"]:
             boundary = min(times["boundary"], key=times["boundary"].get)
