@@ -32,10 +32,13 @@ outputs of a node it captures); ask for those in two calls.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from kernels import site_link
 
 _ATTR = "_hcbench_boundary_link"
 
@@ -111,3 +114,46 @@ def _will_run(node) -> bool:
         # layer_input's own backward under autograd.grad; .backward() and a boundary fed by
         # another op link as usual)
         return False
+
+
+def boundary_function(forward: Callable, backward: Callable,
+                      on_device: Callable = lambda device: contextlib.nullcontext()) -> type:
+    """The autograd node of a backend's fused boundary, with this module's link and the site link
+    wired in the same way for every backend:
+      forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg)
+          -> (x_next, h_pre, h_post_n, h_res_n, m, r)   (m, r: what the backward needs of the norm)
+      backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg)
+          -> the gradients of x, f, h_post, h_res, phi, b, alpha (None where not needed)
+    on_device(device): the context the backend's kernels launch in. Applied as
+    Fn.apply(x, f, h_post, h_res, phi, b, alpha, iters, cfg, grad_mode, site, holder), where
+    `holder` is a one-element list the caller fills with `attach`'s link after the call."""
+
+    class PostCoeffsFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, f, h_post, h_res, phi, b, alpha, iters, cfg, grad_mode, site, holder):
+            # (forward runs with grad mode off: the caller's grad mode comes in as an argument)
+            save = grad_mode and any(ctx.needs_input_grad[:7])
+            with on_device(x.device):
+                x_next, h_pre, h_post_n, h_res_n, m, r = forward(x, f, h_post, h_res, phi, b, alpha,
+                                                                 iters, save, cfg)
+            ctx.set_materialize_grads(False)
+            ctx.iters, ctx.cfg, ctx.site, ctx.holder = iters, cfg, site, holder
+            if save:
+                ctx.save_for_backward(x, f, h_post, h_res, phi, b, alpha, x_next, m, r, h_pre)
+            return x_next, h_pre, h_post_n, h_res_n
+
+        @staticmethod
+        def backward(ctx, g_x, g_hpre, g_hpost, g_hres):
+            # layer_input's gradient, when the linked layer_input handed it over
+            link = ctx.holder[0]
+            g_li = link.take() if link is not None else None
+            needs = tuple(ctx.needs_input_grad[:7])
+            if g_x is None and g_hpre is None and g_hpost is None and g_hres is None and g_li is None:
+                return (None,) * 12
+            with on_device(g_x.device if g_x is not None else ctx.saved_tensors[0].device):
+                dx, df, dhp, dhr, dphi, db, dalpha = backward(
+                    ctx.saved_tensors, g_x, g_hpre, g_hpost, g_hres, g_li, needs, ctx.iters, ctx.cfg)
+            dx = site_link.hand_over(ctx, ctx.site, dx, 3)   # to a linked mhc_pre's backward, if any
+            return dx, df, dhp, dhr, dphi, db, dalpha, None, None, None, None, None
+
+    return PostCoeffsFn

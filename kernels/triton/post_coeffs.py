@@ -226,33 +226,7 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
     return (dx, df, dh_post, dh_res, dphi, db if need_b else None, dalpha if need_alpha else None)
 
 
-class _PostCoeffsFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, f, h_post, h_res, phi, b, alpha, iters, cfg, grad_mode, site, boundary):
-        # (forward runs with grad mode off: the caller's grad mode comes in as an argument)
-        save = grad_mode and any(ctx.needs_input_grad[:7])
-        with _on(x.device):
-            x_next, h_pre, h_post_n, h_res_n, m, r = _forward(x, f, h_post, h_res, phi, b, alpha,
-                                                              iters, save, cfg)
-        ctx.set_materialize_grads(False)
-        ctx.iters, ctx.cfg, ctx.site, ctx.boundary = iters, cfg, site, boundary
-        if save:
-            ctx.save_for_backward(x, f, h_post, h_res, phi, b, alpha, x_next, m, r, h_pre)
-        return x_next, h_pre, h_post_n, h_res_n
-
-    @staticmethod
-    def backward(ctx, g_x, g_hpre, g_hpost, g_hres):
-        # layer_input's gradient, when the linked layer_input handed it over
-        link = ctx.boundary[0]
-        g_li = link.take() if link is not None else None
-        needs = tuple(ctx.needs_input_grad[:7])
-        if g_x is None and g_hpre is None and g_hpost is None and g_hres is None and g_li is None:
-            return (None,) * 12
-        with _on(g_x.device if g_x is not None else ctx.saved_tensors[0].device):
-            dx, df, dhp, dhr, dphi, db, dalpha = _backward(
-                ctx.saved_tensors, g_x, g_hpre, g_hpost, g_hres, g_li, needs, ctx.iters, ctx.cfg)
-        dx = site_link.hand_over(ctx, ctx.site, dx, 3)   # to a linked mhc_pre's backward, if any
-        return dx, df, dhp, dhr, dphi, db, dalpha, None, None, None, None, None
+_PostCoeffsFn = boundary_link.boundary_function(_forward, _backward, _on)
 
 
 class _LayerInputFn(torch.autograd.Function):
