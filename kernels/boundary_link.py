@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from kernels import site_link
+from kernels.checks import check_boundary_inputs
 
 _ATTR = "_hcbench_boundary_link"
 
@@ -116,17 +117,19 @@ def _will_run(node) -> bool:
         return False
 
 
-def boundary_function(forward: Callable, backward: Callable,
-                      on_device: Callable = lambda device: contextlib.nullcontext()) -> type:
-    """The autograd node of a backend's fused boundary, with this module's link and the site link
-    wired in the same way for every backend:
+def boundary_function(op: str, forward: Callable, backward: Callable, supports: Callable,
+                      check_device: Callable,
+                      on_device: Callable = lambda device: contextlib.nullcontext()) -> Callable:
+    """A backend's fused boundary as one differentiable call
+        run(x, f, h_post, h_res, phi, b, alpha, iters, cfg) -> (x_next, h_pre, h_post, h_res),
+    its inputs checked (kernels.checks.check_boundary_inputs with the backend's `supports` and
+    `check_device`), with this module's link and the site link wired in the same way for every
+    backend:
       forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg)
           -> (x_next, h_pre, h_post_n, h_res_n, m, r)   (m, r: what the backward needs of the norm)
       backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg)
           -> the gradients of x, f, h_post, h_res, phi, b, alpha (None where not needed)
-    on_device(device): the context the backend's kernels launch in. Applied as
-    Fn.apply(x, f, h_post, h_res, phi, b, alpha, iters, cfg, grad_mode, site, holder), where
-    `holder` is a one-element list the caller fills with `attach`'s link after the call."""
+    on_device(device): the context the backend's kernels launch in."""
 
     class PostCoeffsFn(torch.autograd.Function):
         @staticmethod
@@ -156,4 +159,15 @@ def boundary_function(forward: Callable, backward: Callable,
             dx = site_link.hand_over(ctx, ctx.site, dx, 3)   # to a linked mhc_pre's backward, if any
             return dx, df, dhp, dhr, dphi, db, dalpha, None, None, None, None, None
 
-    return PostCoeffsFn
+    def run(x, f, h_post, h_res, phi, b, alpha, iters, cfg):
+        site = site_link.claim(h_res, x)
+        x, f, h_post, h_res, phi, b, alpha = check_boundary_inputs(
+            op, x, f, h_post, h_res, phi, b, alpha, iters, supports, check_device)
+        holder = [None]     # filled with the link once x_next exists
+        out = PostCoeffsFn.apply(x, f, h_post, h_res, phi, b, alpha, iters, cfg,
+                                 torch.is_grad_enabled(), site, holder)
+        if torch.is_grad_enabled() and out[0].requires_grad:
+            holder[0] = attach(out[0], out[1])
+        return out
+
+    return run

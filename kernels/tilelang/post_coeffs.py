@@ -60,9 +60,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from kernels import boundary_link, site_link
+from kernels import boundary_link
 from kernels.colsum import column_sums, segment_sums
-from kernels.checks import check_boundary_inputs
 from kernels.tilelang.common import (TL_DTYPES, check_device, check_state, check_tensor, on_device,
                                      pow2_at_least, supports)
 from kernels.tilelang.mhc_pre import apply_pre, coeffs_backward, dh_pre_of
@@ -250,9 +249,9 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
 
 
 # (TileLang's forward always keeps the norm's m and r: they cost O(K) a token)
-_PostCoeffsFn = boundary_link.boundary_function(
-    lambda x, f, h_post, h_res, phi, b, alpha, iters, save, cfg:
-        _forward(x, f, h_post, h_res, phi, b, alpha, iters, cfg), _backward)
+_boundary = boundary_link.boundary_function(
+    OP, lambda x, f, h_post, h_res, phi, b, alpha, iters, save, cfg:
+        _forward(x, f, h_post, h_res, phi, b, alpha, iters, cfg), _backward, supports, check_device)
 
 
 class _LayerInputFn(torch.autograd.Function):
@@ -281,15 +280,7 @@ def post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters: int = 20, *,
     site, then the next site's mHC coefficients from x_next (phi, b, alpha are the next site's).
     x [T,n,C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T,C] x's dtype, h_post [T,n] and
     h_res [T,n,n] fp32 [token, dst, src], phi [n*C, n*n+2n], b [n*n+2n], alpha [3] fp32."""
-    site = site_link.claim(h_res, x)
-    x, f, h_post, h_res, phi, b, alpha = check_boundary_inputs(
-        OP, x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, supports, check_device)
-    holder = [None]
-    out = _PostCoeffsFn.apply(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, _config(config),
-                              torch.is_grad_enabled(), site, holder)
-    if torch.is_grad_enabled() and out[0].requires_grad:
-        holder[0] = boundary_link.attach(out[0], out[1])
-    return out
+    return _boundary(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, _config(config))
 
 
 def layer_input(x, h_pre):

@@ -55,12 +55,11 @@ import math
 import torch
 import triton
 
-from kernels import boundary_link, site_link
+from kernels import boundary_link
 from kernels.colsum import column_sums
 from kernels.hilo import split_weight_hi_lo
 from kernels.reference import EPS_RMS, EPS_SK
 from kernels.triton.apply_pre import apply_pre
-from kernels.checks import check_boundary_inputs
 from kernels.triton.common import (check_device, check_state, check_tensor, interpreting, num_sms,
                                    resident_ctas, supports)
 from kernels.triton.mhc_pre_bwd import bwd_coef_kernel
@@ -226,7 +225,7 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
     return (dx, df, dh_post, dh_res, dphi, db if need_b else None, dalpha if need_alpha else None)
 
 
-_PostCoeffsFn = boundary_link.boundary_function(_forward, _backward, _on)
+_boundary = boundary_link.boundary_function(OP, _forward, _backward, supports, check_device, _on)
 
 
 class _LayerInputFn(torch.autograd.Function):
@@ -259,15 +258,7 @@ def post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters: int = 20, *,
     site, then the next site's mHC coefficients from x_next (phi, b, alpha are the next site's).
     x [T,n,C] bf16/fp16 (n in 1..8, C a multiple of 8), f [T,C] x's dtype, h_post [T,n] and
     h_res [T,n,n] fp32 [token, dst, src], phi [n*C, n*n+2n], b [n*n+2n], alpha [3] fp32."""
-    site = site_link.claim(h_res, x)
-    x, f, h_post, h_res, phi, b, alpha = check_boundary_inputs(
-        OP, x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, supports, check_device)
-    holder = [None]
-    out = _PostCoeffsFn.apply(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, config_of(config),
-                              torch.is_grad_enabled(), site, holder)
-    if torch.is_grad_enabled() and out[0].requires_grad:
-        holder[0] = boundary_link.attach(out[0], out[1])
-    return out
+    return _boundary(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters, config_of(config))
 
 
 def layer_input(x, h_pre, *, config=None):
