@@ -169,3 +169,27 @@ def mismatched_boundaries(ops) -> dict:
 
     return {"stale params": dataclasses.replace(ops, pre=pre, post_coeffs=stale_params),
             "h_res transposed": dataclasses.replace(ops, post_coeffs=transposed)}
+
+
+def assert_input_errors(post_coeffs, layer_input, dtype, device):
+    """A fused boundary refuses each wrong input with one line naming it."""
+    import pytest
+    x, f, h_post, h_res, phi, b, alpha = post_inputs(2, 24, 3, dtype, device,
+                                                     torch.Generator().manual_seed(1))
+    cases = [
+        ("x", (x.float(), f, h_post, h_res, phi, b, alpha)),
+        ("f", (x, f.float(), h_post, h_res, phi, b, alpha)),
+        ("h_post", (x, f, h_post[:, :1], h_res, phi, b, alpha)),
+        ("h_res", (x, f, h_post, h_res.double(), phi, b, alpha)),
+        ("phi", (x, f, h_post, h_res, phi[:24], b, alpha)),
+        ("b", (x, f, h_post, h_res, phi, b[:3], alpha)),
+        ("alpha", (x, f, h_post, h_res, phi, b, alpha[:2])),
+    ]
+    for name, args in cases:
+        with pytest.raises(ValueError, match=rf"\b{name}\b"):
+            post_coeffs(*args)
+    with pytest.raises(ValueError, match="sinkhorn_iters"):
+        post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters=0)
+    with pytest.raises(ValueError, match="h_pre"):
+        layer_input(x, h_post[:, :1])
+    return x, f, h_post, h_res, phi, b, alpha

@@ -23,7 +23,7 @@ from kernels.tilelang.post_coeffs import layer_input, post_coeffs
 from suite.core.scenario import Case, normalise
 from suite.core.tolerance import rel_err, tolerance
 from suite.run import check as checking
-from tests.chain_check import (chain_inputs, check_boundary, check_chain, failures,
+from tests.chain_check import (assert_input_errors, chain_inputs, check_boundary, check_chain, failures,
                                mismatched_boundaries, post_inputs)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -194,24 +194,7 @@ def test_an_unknown_setting_is_refused():
 
 
 def test_input_errors():
-    x, f, h_post, h_res, phi, b, alpha = post_inputs(2, 24, 3, FP16, DEV,
-                                                     torch.Generator().manual_seed(1))
-    cases = [
-        ("x", (x.float(), f, h_post, h_res, phi, b, alpha)),
-        ("f", (x, f.float(), h_post, h_res, phi, b, alpha)),
-        ("h_post", (x, f, h_post[:, :1], h_res, phi, b, alpha)),
-        ("h_res", (x, f, h_post, h_res.double(), phi, b, alpha)),
-        ("phi", (x, f, h_post, h_res, phi[:24], b, alpha)),
-        ("b", (x, f, h_post, h_res, phi, b[:3], alpha)),
-        ("alpha", (x, f, h_post, h_res, phi, b, alpha[:2])),
-    ]
-    for name, args in cases:
-        with pytest.raises(ValueError, match=rf"\b{name}\b"):
-            post_coeffs(*args)
-    with pytest.raises(ValueError, match="sinkhorn_iters"):
-        post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters=0)
-    with pytest.raises(ValueError, match="h_pre"):
-        layer_input(x, h_post[:, :1])
+    x, f, h_post, h_res, phi, b, alpha = assert_input_errors(post_coeffs, layer_input, FP16, DEV)
     with pytest.raises(ValueError, match="multiple of 8"):
         post_coeffs(x[..., :20], f[:, :20], h_post, h_res, phi[:40], b, alpha)
 

@@ -16,8 +16,8 @@ from kernels import reference as ref
 from kernels.triton import post_coeffs_bwd, post_coeffs_fwd
 from kernels.triton.post_coeffs import layer_input, post_coeffs
 from suite.core.tolerance import rel_err, tolerance
-from tests.chain_check import (chain_inputs, check_boundary, check_chain, failures, mismatched_boundaries,
-                               post_inputs)
+from tests.chain_check import (assert_input_errors, chain_inputs, check_boundary, check_chain, failures,
+                               mismatched_boundaries, post_inputs)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 FAST = {"b1_bt": 64}
@@ -175,24 +175,7 @@ def test_an_unknown_environment_setting_is_refused(monkeypatch, kernel_device):
 
 
 def test_input_errors(kernel_device):
-    x, f, h_post, h_res, phi, b, alpha = post_inputs(2, 24, 3, BF16, kernel_device,
-                                                     torch.Generator().manual_seed(1))
-    cases = [
-        ("x", (x.float(), f, h_post, h_res, phi, b, alpha)),
-        ("f", (x, f.half(), h_post, h_res, phi, b, alpha)),
-        ("h_post", (x, f, h_post[:, :1], h_res, phi, b, alpha)),
-        ("h_res", (x, f, h_post, h_res.double(), phi, b, alpha)),
-        ("phi", (x, f, h_post, h_res, phi[:24], b, alpha)),
-        ("b", (x, f, h_post, h_res, phi, b[:3], alpha)),
-        ("alpha", (x, f, h_post, h_res, phi, b, alpha[:2])),
-    ]
-    for name, args in cases:
-        with pytest.raises(ValueError, match=rf"\b{name}\b"):
-            post_coeffs(*args)
-    with pytest.raises(ValueError, match="sinkhorn_iters"):
-        post_coeffs(x, f, h_post, h_res, phi, b, alpha, sinkhorn_iters=0)
-    with pytest.raises(ValueError, match="h_pre"):
-        layer_input(x, h_post[:, :1])
+    assert_input_errors(post_coeffs, layer_input, BF16, kernel_device)
 
 
 def test_empty_tokens(kernel_device):
