@@ -14,6 +14,17 @@ STATE_DTYPES = (torch.bfloat16, torch.float16)
 MAX_N = 8
 
 
+def np2(v: int) -> int:
+    """The smallest power of two >= v (1 for v <= 1)."""
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def coef_shapes(n: int) -> tuple[int, int, int]:
+    """K coefficients, NP (n padded to a power of two >= 2), KP (K padded to a power of two >= 16)."""
+    K = n * n + 2 * n
+    return K, max(2, np2(n)), max(16, np2(K))
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

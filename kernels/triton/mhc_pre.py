@@ -87,16 +87,13 @@ from kernels.colsum import column_sums
 from kernels.hilo import split_hi_lo, split_weight_hi_lo
 from kernels.reference import EPS_RMS, EPS_SK
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import check_state, check_tensor, interpreting, num_sms, resident_ctas
+from kernels.triton.common import (check_state, check_tensor, coef_shapes, interpreting, np2, num_sms,
+                                   resident_ctas)
 from kernels.triton.mhc_pre_bwd import bwd_coef_kernel, bwd_dx_dphi_kernel
 from kernels.triton.mhc_pre_config import Config, config_of
 from kernels.triton.mhc_pre_fwd import fwd_kernel
 
 MAX_SPIN = 1 << 22     # bounded spin: a broken sync sets an error flag instead of hanging forever
-
-
-def _np2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
 
 
 def _num_sms(device) -> int:
@@ -112,11 +109,6 @@ def _check(op, x, phi, b, alpha, sinkhorn_iters):
     if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
         raise ValueError(f"{op}: sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
     return x.contiguous(), phi, b, alpha, T, n, C, K
-
-
-def _shapes(n):
-    K = n * n + 2 * n
-    return K, max(2, _np2(n)), max(16, _np2(K))
 
 
 def _hilo(cfg: Config) -> bool:
@@ -141,7 +133,7 @@ def phi_as_used(phi: torch.Tensor, dtype: torch.dtype, config=None) -> torch.Ten
 
 def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     T, n, C = x.shape
-    K, NP, KP = _shapes(n)
+    K, NP, KP = coef_shapes(n)
     dev = x.device
     f32 = torch.float32
     h_pre = torch.empty(T, n, device=dev, dtype=f32)
@@ -152,8 +144,8 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     li = torch.empty(T, C, device=dev, dtype=x.dtype) if apply else x
     if T == 0:
         return li, h_pre, h_post, h_res, m, r
-    bt = max(16, min(_np2(cfg.bt), _np2(T)))
-    bk = max(16, _np2(cfg.bk))
+    bt = max(16, min(np2(cfg.bt), np2(T)))
+    bk = max(16, np2(cfg.bk))
     warps = cfg.warps
     if KP >= 64 and "bk" not in cfg.explicit:      # n >= 5: wide phi tiles, keep registers in check
         bk, warps = min(bk, 32), max(warps, 8)
@@ -177,8 +169,8 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
         resident = min(grid, nsm * (cfg.persist if cfg.persist > 0 else 3))
         ring = min(G, 2 * triton.cdiv(resident, S) + lag + 4)
     # epilogue unroll: slices whose partials are loaded together ([BT, n*n] tiles cost registers)
-    eu = min(max(1, cfg.epi_unroll if NP <= 4 else cfg.epi_unroll // 2), _np2(S))
-    eu2 = min(max(1, cfg.epi_unroll // 2 if NP <= 4 else cfg.epi_unroll // 8), _np2(S))
+    eu = min(max(1, cfg.epi_unroll if NP <= 4 else cfg.epi_unroll // 2), np2(S))
+    eu2 = min(max(1, cfg.epi_unroll // 2 if NP <= 4 else cfg.epi_unroll // 8), np2(S))
     ws = torch.empty(ring * S * bt * K, device=dev, dtype=f32)
     wss = torch.empty(ring * S * bt, device=dev, dtype=f32)
     sync = torch.zeros(G + 2, device=dev, dtype=torch.int32)
@@ -194,7 +186,7 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
         num_warps=warps, num_stages=cfg.stages)
     _LAST["sync"] = sync
     if apply and not fused:
-        abt, abc = _np2(cfg.apply_bt), _np2(cfg.apply_bc)
+        abt, abc = np2(cfg.apply_bt), np2(cfg.apply_bc)
         apply_pre(x, h_pre, li, abt, abc)
     return li, h_pre, h_post, h_res, m, r
 
@@ -207,26 +199,15 @@ def sync_errors() -> int:
     return sum(int(v[1].item()) for v in _LAST.values())
 
 
-def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with_li, needs, cfg,
-              dx_acc=None):
-    need_x, need_phi, need_b, need_alpha = needs
+def coef_backward(x, g_li, g_hpre, g_post, g_res, m, r, b, alpha, iters, cfg):
+    """du [T, K], coef [T] and the per-program db / dalpha partials [g1, K], [g1, 3] of the mHC
+    coefficients of x (bwd_coef_kernel; cfg's b1_* fields size it). A gradient given as None is
+    absent; T >= 1."""
     T, n, C = x.shape
-    K, NP, KP = _shapes(n)
-    dev = x.device
-    f32 = torch.float32
-    has_li = with_li and g_first is not None
-    has_gpre = (not with_li) and g_first is not None
-    gli = g_first.contiguous() if has_li else x
-    gpre = g_first.contiguous() if has_gpre else m
-    gpost = g_post.contiguous() if g_post is not None else m
-    gres = g_res.contiguous() if g_res is not None else m
-    dx = dphi = db = dalpha = None
-    if T == 0:
-        dx0 = dx_acc if dx_acc is not None else torch.zeros_like(x)
-        return (dx0 if need_x else None, torch.zeros_like(phi) if need_phi else None,
-                torch.zeros_like(b) if need_b else None, torch.zeros_like(alpha) if need_alpha else None)
-    bt1 = max(1, min(_np2(cfg.b1_bt), _np2(T)))
-    bc1 = max(16, _np2(cfg.b1_bc))
+    K, NP, _ = coef_shapes(n)
+    dev, f32 = x.device, torch.float32
+    bt1 = max(1, min(np2(cfg.b1_bt), np2(T)))
+    bc1 = max(16, np2(cfg.b1_bc))
     while bc1 > 16 and bt1 * NP * bc1 > 4096:     # bound the [BT, NP, BC] fp32 accumulator
         bc1 //= 2
     g1 = triton.cdiv(T, bt1)
@@ -235,19 +216,44 @@ def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with
     dbp = torch.empty(g1, K, device=dev, dtype=f32)
     dap = torch.empty(g1, 3, device=dev, dtype=f32)
     Q = max(1, math.isqrt(iters - 1) + 1) if iters > 1 else 1
+    absent = m      # a pointer the kernel never reads
     bwd_coef_kernel[(g1,)](
-        x, gli, gpre, gpost, gres, m, r, b, alpha, du, coef, dbp, dap,
-        T, C, iters, Q,
-        N=n, NP=NP, K=K, BT=bt1, BC=bc1, STAGES=cfg.b1_stages, HAS_LI=has_li,
-        HAS_GPRE=has_gpre, HAS_GPOST=g_post is not None, HAS_GRES=g_res is not None,
+        x, g_li if g_li is not None else x, g_hpre if g_hpre is not None else absent,
+        g_post if g_post is not None else absent, g_res if g_res is not None else absent,
+        m, r, b, alpha, du, coef, dbp, dap, T, C, iters, Q,
+        N=n, NP=NP, K=K, BT=bt1, BC=bc1, STAGES=cfg.b1_stages, HAS_LI=g_li is not None,
+        HAS_GPRE=g_hpre is not None, HAS_GPOST=g_post is not None, HAS_GRES=g_res is not None,
         EPS_SK=EPS_SK, num_warps=cfg.b1_warps)
+    return du, coef, dbp, dap
+
+
+def _backward(x, phi, b, alpha, m, r, h_pre, iters, g_first, g_post, g_res, with_li, needs, cfg,
+              dx_acc=None):
+    need_x, need_phi, need_b, need_alpha = needs
+    T, n, C = x.shape
+    K, NP, KP = coef_shapes(n)
+    dev = x.device
+    f32 = torch.float32
+    has_li = with_li and g_first is not None
+    has_gpre = (not with_li) and g_first is not None
+    gli = g_first.contiguous() if has_li else x
+    gpre = g_first.contiguous() if has_gpre else None
+    gpost = g_post.contiguous() if g_post is not None else None
+    gres = g_res.contiguous() if g_res is not None else None
+    dx = dphi = db = dalpha = None
+    if T == 0:
+        dx0 = dx_acc if dx_acc is not None else torch.zeros_like(x)
+        return (dx0 if need_x else None, torch.zeros_like(phi) if need_phi else None,
+                torch.zeros_like(b) if need_b else None, torch.zeros_like(alpha) if need_alpha else None)
+    du, coef, dbp, dap = coef_backward(x, gli if has_li else None, gpre, gpost, gres, m, r, b, alpha,
+                                       iters, cfg)
     if need_b or need_alpha:
         sums = column_sums(dbp, dap)
         db = sums[:K] if need_b else None
         dalpha = sums[K:] if need_alpha else None
     if need_x or need_phi:
-        bt2 = max(16, min(_np2(cfg.b2_bt), _np2(T)))
-        br = max(16, _np2(cfg.b2_br))
+        bt2 = max(16, min(np2(cfg.b2_bt), np2(T)))
+        br = max(16, np2(cfg.b2_br))
         warps2 = cfg.b2_warps
         if KP >= 64:                  # n >= 5: [BR, KP] phi rows + dphi accumulator
             if "b2_br" not in cfg.explicit:

@@ -50,7 +50,6 @@ registers of the sm_90 compile; dev/tune_chain.py times them against the unfused
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
@@ -60,25 +59,15 @@ from kernels.colsum import column_sums
 from kernels.hilo import split_weight_hi_lo
 from kernels.reference import EPS_RMS, EPS_SK
 from kernels.triton.apply_pre import apply_pre
-from kernels.triton.common import (check_device, check_state, check_tensor, interpreting, num_sms,
-                                   resident_ctas, supports)
-from kernels.triton.mhc_pre_bwd import bwd_coef_kernel
+from kernels.triton.common import (check_device, check_state, check_tensor, coef_shapes, interpreting, np2,
+                                   num_sms, resident_ctas, supports)
+from kernels.triton.mhc_pre import coef_backward
 from kernels.triton.post_coeffs_bwd import post_coeffs_bwd_kernel
 from kernels.triton.post_coeffs_config import Config, config_of
 from kernels.triton.post_coeffs_fwd import coeffs_finish_kernel, post_coeffs_fwd_kernel
 
 OP = "post_coeffs"
 F32 = torch.float32
-
-
-def _np2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def _shapes(n):
-    """K coefficients, NP (n padded to a power of two >= 2), KP (K padded to a power of two >= 16)."""
-    K = n * n + 2 * n
-    return K, max(2, _np2(n)), max(16, _np2(K))
 
 
 def _on(device):
@@ -88,7 +77,7 @@ def _on(device):
 
 def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
     T, n, C = x.shape
-    K, NP, KP = _shapes(n)
+    K, NP, KP = coef_shapes(n)
     dev = x.device
     x_next = torch.empty_like(x)
     h_pre = torch.empty(T, n, device=dev, dtype=F32)
@@ -98,8 +87,8 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
     r = torch.empty(T, device=dev, dtype=F32) if save else h_pre
     if T == 0:
         return x_next, h_pre, h_post_n, h_res_n, m, r
-    bt = max(16, min(_np2(cfg.bt), _np2(T)))
-    bc = max(16, _np2(cfg.bc)) if cfg.bc > 0 else (64 if n <= 4 else 32)
+    bt = max(16, min(np2(cfg.bt), np2(T)))
+    bc = max(16, np2(cfg.bc)) if cfg.bc > 0 else (64 if n <= 4 else 32)
     cw = max(bc, cfg.cw // bc * bc)
     groups = triton.cdiv(T, bt)
     nsm = num_sms(dev, interpreter_sms=4)
@@ -113,7 +102,7 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
         x, f, h_post, h_res, phi_hi, phi_lo, x_next, ws, wss, T, C, S, cw // bc,
         N=n, K=K, KP=KP, BT=bt, BC=bc, STAGES=cfg.stages, DOT_F32=interpreting(),
         num_warps=cfg.warps)
-    fbt = max(1, min(_np2(cfg.fin_bt), _np2(T)))
+    fbt = max(1, min(np2(cfg.fin_bt), np2(T)))
     coeffs_finish_kernel[(triton.cdiv(T, fbt),)](
         ws, wss, b, alpha, h_pre, h_post_n, h_res_n, m, r, T, n * C, S, iters,
         N=n, NP=NP, K=K, BT=fbt, SAVE=save, EPS_RMS=EPS_RMS, EPS_SK=EPS_SK,
@@ -124,7 +113,7 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
 def _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost, g_hres, cfg: Config):
     """du [T, K], coef [T] and the db / dalpha sums of the next site's coefficients."""
     T, n, C = x_next.shape
-    K, NP, _ = _shapes(n)
+    K = n * n + 2 * n
     dev = x_next.device
     if g_li is None and g_hpre is None and g_hpost is None and g_hres is None:
         return (torch.zeros(T, K, device=dev, dtype=F32), torch.zeros(T, device=dev, dtype=F32),
@@ -133,31 +122,15 @@ def _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost, g_hres,
         # h_pre also feeds something besides layer_input: one h_pre gradient for the kernel
         g_hpre = g_hpre + torch.einsum("tc,tic->ti", g_li.float(), x_next.float())
         g_li = None
-    bt1 = max(1, min(_np2(cfg.b1_bt), _np2(T)))
-    bc1 = max(16, _np2(cfg.b1_bc))
-    while bc1 > 16 and bt1 * NP * bc1 > 4096:     # bound the [BT, NP, BC] fp32 accumulator
-        bc1 //= 2
-    g1 = triton.cdiv(T, bt1)
-    du = torch.empty(T, K, device=dev, dtype=F32)
-    coef = torch.empty(T, device=dev, dtype=F32)
-    dbp = torch.empty(g1, K, device=dev, dtype=F32)
-    dap = torch.empty(g1, 3, device=dev, dtype=F32)
-    Q = max(1, math.isqrt(iters - 1) + 1) if iters > 1 else 1
-    dummy = m
-    bwd_coef_kernel[(g1,)](
-        x_next, g_li if g_li is not None else x_next, g_hpre if g_hpre is not None else dummy,
-        g_hpost if g_hpost is not None else dummy, g_hres if g_hres is not None else dummy,
-        m, r, b, alpha, du, coef, dbp, dap, T, C, iters, Q,
-        N=n, NP=NP, K=K, BT=bt1, BC=bc1, STAGES=cfg.b1_stages, HAS_LI=g_li is not None,
-        HAS_GPRE=g_hpre is not None, HAS_GPOST=g_hpost is not None, HAS_GRES=g_hres is not None,
-        EPS_SK=EPS_SK, num_warps=cfg.b1_warps)
+    du, coef, dbp, dap = coef_backward(x_next, g_li, g_hpre, g_hpost, g_hres, m, r, b, alpha,
+                                       iters, cfg)
     sums = column_sums(dbp, dap)
     return du, coef, sums[:K], sums[K:]
 
 
 def _br(cfg: Config, NP: int, KP: int) -> int:
     if cfg.b2_br > 0:
-        return max(16, _np2(cfg.b2_br))
+        return max(16, np2(cfg.b2_br))
     # registers: the [NP * br, KP] dphi accumulator and phi^T tile live for the whole program and
     # the [BT, NP * br] tiles for a token block; NP * br <= 256 and NP * br * KP <= 8192 compile
     # to 142 / 172 / 169 registers at n = 1 / 4 / 8 (sm_90, 8 warps, no spills)
@@ -168,7 +141,7 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
     x, f, h_post, h_res, phi, b, alpha, x_next, m, r, h_pre = saved
     need_x, need_f, need_hpost, need_hres, need_phi, need_b, need_alpha = needs
     T, n, C = x.shape
-    K, NP, KP = _shapes(n)
+    K, NP, KP = coef_shapes(n)
     dev = x.device
     if T == 0:
         zeros = (torch.zeros_like(x), torch.zeros_like(f), torch.zeros_like(h_post),
@@ -182,7 +155,7 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
     dx = df = dh_post = dh_res = dphi = None
     need_dh = need_hpost or need_hres
     if need_x or need_f or need_dh or need_phi:
-        bt2 = max(16, min(_np2(cfg.b2_bt), _np2(T)))
+        bt2 = max(16, min(np2(cfg.b2_bt), np2(T)))
         br = _br(cfg, NP, KP)
         ncb = triton.cdiv(C, br)
         nblk = triton.cdiv(T, bt2)
@@ -235,7 +208,7 @@ class _LayerInputFn(torch.autograd.Function):
         li = torch.empty(T, C, device=x.device, dtype=x.dtype)
         if T:
             with _on(x.device):
-                apply_pre(x, h_pre, li, _np2(cfg.apply_bt), _np2(cfg.apply_bc))
+                apply_pre(x, h_pre, li, np2(cfg.apply_bt), np2(cfg.apply_bc))
         ctx.set_materialize_grads(False)
         ctx.link = link
         ctx.save_for_backward(x, h_pre)
