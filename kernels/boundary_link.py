@@ -128,7 +128,8 @@ def boundary_function(op: str, forward: Callable, backward: Callable, supports: 
       forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg)
           -> (x_next, h_pre, h_post_n, h_res_n, m, r)   (m, r: what the backward needs of the norm)
       backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg)
-          -> the gradients of x, f, h_post, h_res, phi, b, alpha (None where not needed)
+          -> the gradients of x, f, h_post, h_res, phi, b, alpha (None where not needed),
+          called with at least one token and g_li in x's dtype
     on_device(device): the context the backend's kernels launch in."""
 
     class PostCoeffsFn(torch.autograd.Function):
@@ -153,9 +154,16 @@ def boundary_function(op: str, forward: Callable, backward: Callable, supports: 
             needs = tuple(ctx.needs_input_grad[:7])
             if g_x is None and g_hpre is None and g_hpost is None and g_hres is None and g_li is None:
                 return (None,) * 12
-            with on_device(g_x.device if g_x is not None else ctx.saved_tensors[0].device):
-                dx, df, dhp, dhr, dphi, db, dalpha = backward(
-                    ctx.saved_tensors, g_x, g_hpre, g_hpost, g_hres, g_li, needs, ctx.iters, ctx.cfg)
+            saved = ctx.saved_tensors
+            x = saved[0]
+            if x.shape[0] == 0:     # no tokens: zero gradients, no launch
+                dx, df, dhp, dhr, dphi, db, dalpha = (torch.zeros_like(t) if nd else None
+                                                      for t, nd in zip(saved[:7], needs))
+            else:
+                g_li = g_li.to(x.dtype).contiguous() if g_li is not None else None
+                with on_device(g_x.device if g_x is not None else x.device):
+                    dx, df, dhp, dhr, dphi, db, dalpha = backward(
+                        saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, ctx.iters, ctx.cfg)
             dx = site_link.hand_over(ctx, ctx.site, dx, 3)   # to a linked mhc_pre's backward, if any
             return dx, df, dhp, dhr, dphi, db, dalpha, None, None, None, None, None
 

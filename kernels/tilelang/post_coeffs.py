@@ -230,13 +230,6 @@ def _post_backward(g_x, x_next, x, f, h_post, h_res, phi, du, coef, h_pre, g_li,
 def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Config):
     x, f, h_post, h_res, phi, b, alpha, x_next, m, r, h_pre = saved
     need_x, need_f, need_hpost, need_hres, need_phi, need_b, need_alpha = needs
-    T = x.shape[0]
-    if T == 0:
-        zeros = (torch.zeros_like(x), torch.zeros_like(f), torch.zeros_like(h_post),
-                 torch.zeros_like(h_res), torch.zeros_like(phi), torch.zeros_like(b),
-                 torch.zeros_like(alpha))
-        return tuple(z if nd else None for z, nd in zip(zeros, needs))
-    g_li = g_li.to(x.dtype).contiguous() if g_li is not None else None
     g_x = g_x.to(x.dtype).contiguous() if g_x is not None else None
     du, coef, db, dalpha = _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost,
                                           g_hres, (need_b, need_alpha))

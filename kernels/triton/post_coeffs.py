@@ -143,12 +143,6 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
     T, n, C = x.shape
     K, NP, KP = coef_shapes(n)
     dev = x.device
-    if T == 0:
-        zeros = (torch.zeros_like(x), torch.zeros_like(f), torch.zeros_like(h_post),
-                 torch.zeros_like(h_res), torch.zeros_like(phi), torch.zeros_like(b),
-                 torch.zeros_like(alpha))
-        return tuple(z if nd else None for z, nd in zip(zeros, needs))
-    g_li = g_li.to(x.dtype).contiguous() if g_li is not None else None
     du, coef, db, dalpha = _coef_backward(
         x_next, m, r, b, alpha, iters, g_li,
         *(g.contiguous() if g is not None else None for g in (g_hpre, g_hpost, g_hres)), cfg)
