@@ -54,13 +54,13 @@ def _load(run: Path) -> tuple[list[dict], dict]:
     return records, env
 
 
-def _cell(r: dict | None) -> str:
+def _cell(r: dict | None, ms=lambda r: r["time_ms"]["median"]) -> str:
     if r is None:
         return "-"
     if r.get("status") != "ok":
         return r.get("status") or "-"
     pct = r.get("pct_of_copy")
-    return f"{r['time_ms']['median']:.3f}" + (f" ({pct:.0f}%)" if pct is not None else "")
+    return f"{ms(r):.3f}" + (f" ({pct:.0f}%)" if pct is not None else "")
 
 
 def kernels_table(records: list[dict], env: dict) -> list[str]:
@@ -134,14 +134,7 @@ def chain_table(records: list[dict], env: dict) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(cells, key=lambda k: (k[2] != "fwd", k[0], k[1])):
         row = cells[key]
-        line = [*map(str, key)]
-        for b in present:
-            r = row.get(b)
-            if r is None or r.get("status") != "ok":
-                line.append("-" if r is None else r.get("status") or "-")
-                continue
-            pct = r.get("pct_of_copy")
-            line.append(f"{r['per_site_ms']:.3f}" + (f" ({pct:.0f}%)" if pct is not None else ""))
+        line = [*map(str, key), *(_cell(row.get(b), lambda r: r["per_site_ms"]) for b in present)]
         if ratio:
             te, tr = row.get("te"), row.get("triton")
             ok = te and tr and te.get("status") == tr.get("status") == "ok"
