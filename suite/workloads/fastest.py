@@ -45,20 +45,16 @@ def choose(case: Case, timer: Timer) -> dict:
                 reasons[f"{op}/{name}"] = why
                 continue
             inputs = workload.make_inputs(site, case.device, case.seed)
-            try:
-                t = timer.time(lambda: workload.run(ops, site, inputs), warmup_ms=10,
-                               rep_ms=30, min_samples=10, b2b_calls=0)
-            except Exception as exc:  # noqa: BLE001  (a candidate that breaks is not chosen)
-                reasons[f"{op}/{name}"] = f"{type(exc).__name__}: {exc}"[:200]
-                continue
-            times[op][name] = round(t.median, 4)
+            t = _median(timer, ops, site, inputs, reasons, f"{op}/{name}")
+            if t is not None:
+                times[op][name] = t
     pick = {op: (min(times[op], key=times[op].get) if times[op] else names[0]) for op in OPS}
     ops = kernels.get(case.method, pick["pre"])
     has_fused = ops.post_coeffs is not None and ops.apply_pre is not None
     # one candidate: nothing was timed, so its boundary stays as the backend has it
     boundary = "fused" if len(names) == 1 and has_fused else "unfused"
     if len(names) > 1 and pick["pre"] == pick["post"] and has_fused:
-        times["boundary"] = _boundary_times(case, ops, timer, reasons)
+        times["boundary"] = _boundary_times(case, pick["pre"], timer, reasons)
         if "fused" in times["boundary"] and "unfused" in times["boundary"]:
             boundary = min(times["boundary"], key=times["boundary"].get)
     _CHOSEN[key] = {"pre": pick["pre"], "post": pick["post"], "boundary": boundary,
@@ -66,20 +62,27 @@ def choose(case: Case, timer: Timer) -> dict:
     return _CHOSEN[key]
 
 
-def _boundary_times(case: Case, ops, timer: Timer, reasons: dict) -> dict:
-    """Two adjacent sites (op chain, sites 2, forward+backward) with their boundary fused and run
-    apart (post, then pre), with the backend both ops came from."""
+def _median(timer: Timer, ops, case: Case, inputs: dict, reasons: dict, label: str) -> float | None:
+    """The median ms of one call of `case` with `ops`, or None with the reason under `label`."""
+    try:
+        t = timer.time(lambda: workload.run(ops, case, inputs), warmup_ms=10,
+                       rep_ms=30, min_samples=10, b2b_calls=0)
+    except Exception as exc:  # noqa: BLE001  (a candidate that breaks is not chosen)
+        reasons[label] = f"{type(exc).__name__}: {exc}"[:200]
+        return None
+    return round(t.median, 4)
+
+
+def _boundary_times(case: Case, backend: str, timer: Timer, reasons: dict) -> dict:
+    """Two adjacent sites (op chain, sites 2, forward+backward) of one backend with their boundary
+    fused and run apart (post, then pre)."""
     chain = replace(case, scope="site", op="chain", sites=2, mode="fwd+bwd",
                     **{k: None for k in Case.MODEL_FIELDS})
     inputs = workload.make_inputs(chain, case.device, case.seed)
     out = {}
-    for how, variant in (("fused", ops), ("unfused", replace(ops, post_coeffs=None, apply_pre=None))):
-        try:
-            t = timer.time(lambda: workload.run(variant, chain, inputs), warmup_ms=10,
-                           rep_ms=30, min_samples=10, b2b_calls=0)
-        except Exception as exc:  # noqa: BLE001  (a boundary that breaks is not chosen)
-            reasons[f"boundary/{how}"] = f"{type(exc).__name__}: {exc}"[:200]
-            continue
-        out[how] = round(t.median, 4)
+    for how in ("fused", "unfused"):
+        t = _median(timer, kernels.compose(case.method, backend, backend, how), chain, inputs,
+                    reasons, f"boundary/{how}")
+        if t is not None:
+            out[how] = t
     return out
-
