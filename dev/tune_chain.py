@@ -8,6 +8,7 @@ unfused chain (post, then mhc_pre) on a CUDA GPU and prints one table (last).
     .venv/bin/python dev/tune_chain.py --kernels            # adds each timing's kernels (profiler)
     .venv/bin/python dev/tune_chain.py --backend tilelang --fwd "cw=256;bt=64"
     TRITON_INTERPRET=1 .venv/bin/python dev/tune_chain.py --dry   # the script itself, tiny, on CPU
+    ncu --profile-from-start off ... .venv/bin/python dev/tune_chain.py --C 4096 --profile-once
 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written (suite.measure.timing, L2 flushed).
 2. Per C: the fused chain against the fp64 reference at --check-T tokens, every output and
@@ -20,6 +21,9 @@ unfused chain (post, then mhc_pre) on a CUDA GPU and prints one table (last).
    ("k=v,..."; "" is the default): fields of kernels/triton/post_coeffs_config.py's Config, or
    with --backend tilelang of kernels/tilelang/post_coeffs.py's. --dry runs Triton only (TileLang's
    mhc_pre, the unfused chain's, is GPU only).
+   --profile-once: no check, no timing; one fused site forward+backward per --fwd/--bwd
+   configuration inside cudaProfilerStart/Stop (after two warm-up calls), for Nsight Compute's
+   --profile-from-start off: its per-kernel DRAM bytes, occupancy and stall reasons.
 Floors per site and token (MATH.md, chain of sites; e = 2 bytes): forward (3n+2)C*e, forward +
 backward (8n+6)C*e (backward (5n+4)C*e). The coefficient bytes (O(n^2) fp32 a token, under 1% at
 C = 4096) are left out. "%floor" is floor bytes / time over the measured copy rate; the unfused
@@ -55,6 +59,8 @@ def parse_args(argv=None):
                    help="seconds; the sweeps stop early past it")
     p.add_argument("--backend", choices=("triton", "tilelang"), default="triton",
                    help="whose fused boundary and unfused ops")
+    p.add_argument("--profile-once", action="store_true",
+                   help="one fused site fwd+bwd per configuration inside a profiler range, nothing timed")
     p.add_argument("--dry", action="store_true",
                    help="tiny shapes on the CPU interpreter: checks the script, its times mean nothing")
     args = p.parse_args(argv)
@@ -235,6 +241,25 @@ def timed(C, what, variant, fn, mode):
         print_kernels(f"C={C} {what} {variant}", fn, DEV)
 
 
+def profile_once(fwd_cfgs, bwd_cfgs) -> int:
+    """Each configuration's fused site forward+backward once inside cudaProfilerStart/Stop."""
+    for C in ARGS.widths:
+        for cfg_f in fwd_cfgs:
+            for cfg_b in bwd_cfgs:
+                run = site_fns(C, cfg_f, cfg_b)["fused"][1]
+                run(), run()              # compiles and autotuning stay outside the range
+                if not ARGS.dry:
+                    torch.cuda.synchronize()
+                print(f"profiled: C={C} fwd {name(cfg_f)} bwd {name(cfg_b)}", flush=True)
+                if not ARGS.dry:
+                    torch.cuda.cudart().cudaProfilerStart()
+                run()
+                if not ARGS.dry:
+                    torch.cuda.synchronize()
+                    torch.cuda.cudart().cudaProfilerStop()
+    return 0
+
+
 def main(argv=None) -> int:
     global ARGS, COPY, DT
     ARGS = parse_args(argv)
@@ -249,6 +274,8 @@ def main(argv=None) -> int:
     fwd_cfgs = parse_cfgs(ARGS.fwd, ARGS.backend) if ARGS.fwd is not None else [{}]
     bwd_cfgs = parse_cfgs(ARGS.bwd, ARGS.backend) if ARGS.bwd is not None else [{}]
     ops = kernels.get("mhc", ARGS.backend)
+    if ARGS.profile_once:
+        return profile_once(fwd_cfgs, bwd_cfgs)
     for C in ARGS.widths:
         if left() < 10:
             print(f"(time budget spent, C={C} skipped)")
