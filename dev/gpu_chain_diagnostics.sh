@@ -3,15 +3,16 @@
 # (<= 9.5 minutes):   OUT=/some/dir bash dev/gpu_chain_diagnostics.sh   (carry .tilelang-site.tar.xz)
 # 1. Nsight Compute over one fused site forward+backward at C = 4096 (dev/tune_chain.py
 #    --profile-once): per kernel its time, DRAM throughput, occupancy, registers and stall reasons;
-# 2. dev/tune_chain.py --kernels, Triton: the launch configurations FWD_CFGS / BWD_CFGS against the
+# 2. dev/tune_chain.py --kernels, Triton: the launch configurations FWD_CFGS / BWD_CFGS (the
+#    forward ones chosen by their sm_90 registers: <= 128 lets two 8-warp programs share an SM) against the
 #    default and the unfused chain, each timing's kernels;
 # 3. the same for TileLang (TL_FWD_CFGS / TL_BWD_CFGS).
 # Each step has its own time limit; $OUT gets ncu.txt, tune_triton.log, tune_tilelang.log and
 # log.txt (everything), also after a failure. Reads GPU state only (ncu --clock-control none).
 set -u
 OUT=${OUT:-$PWD/out}
-FWD_CFGS=${FWD_CFGS:-";bt=64;cw=1024;cw=256;warps=4;stages=3;bt=64,warps=4"}
-BWD_CFGS=${BWD_CFGS:-";b2_br=32;b2_bt=32;b2_warps=4;b1_bt=8"}
+FWD_CFGS=${FWD_CFGS:-";bt=128,bc=16;bt=64,bc=16;bt=64,bc=32;bt=16,warps=4;bt=64,bc=16,warps=4;bt=64;warps=4;cw=1024;cw=256"}
+BWD_CFGS=${BWD_CFGS:-";b2_br=32;b2_br=32,b2_bt=32;b2_br=16,b2_warps=4;b1_bt=8"}
 TL_FWD_CFGS=${TL_FWD_CFGS:-""}
 TL_BWD_CFGS=${TL_BWD_CFGS:-""}
 mkdir -p "$OUT"
