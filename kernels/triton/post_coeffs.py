@@ -42,8 +42,12 @@ nothing; that module says when the hand-over stays off and layer_input computes 
   post(l)'s share only; site l's own coefficient and layer_input shares join it on chip in the
   boundary l-1 -> l. At site 0 (mhc_pre of kernels/triton/mhc_pre.py) dx goes through the site
   link (kernels/site_link.py) into mhc_pre's dx kernel.
-Both directions are deterministic: every partial has one writer and is summed in a fixed order.
-No atomic variant: one could only be faster on a GPU, where it is not measured yet.
+By default both directions are deterministic: every partial has one writer and is summed in a
+fixed order. `reduction="atomic"` (post_coeffs_config.py) instead adds the forward's slices, the
+backward's column blocks (dh) and token ranges (dphi) with fp32 atomics into one zeroed buffer
+each: no [S, T, K] buffer and no summing pass, but the order of the additions, so the last bits,
+may change between runs. Which one is faster is a GPU measurement (dev/tune_chain.py); a run's
+records name the one that ran (kernel_settings).
 Not yet timed on a GPU either: the launch defaults (post_coeffs_config.py) are sized from the
 registers of the sm_90 compile; dev/tune_chain.py times them against the unfused chain.
 """
@@ -95,16 +99,19 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
     while cw > bc and groups * triton.cdiv(C, cw) < cfg.min_items * nsm:
         cw = max(bc, cw // 2 // bc * bc)
     S = triton.cdiv(C, cw)
-    ws = torch.empty(S, T, K, device=dev, dtype=F32)
-    wss = torch.empty(S, T, device=dev, dtype=F32)
+    atomic = cfg.reduction == "atomic"
+    rows = 1 if atomic else S          # partial rows the finishing kernel sums
+    alloc = torch.zeros if atomic else torch.empty
+    ws = alloc(rows, T, K, device=dev, dtype=F32)
+    wss = alloc(rows, T, device=dev, dtype=F32)
     phi_hi, phi_lo = split_weight_hi_lo(phi, x.dtype, KP)
     post_coeffs_fwd_kernel[(groups * S,)](
         x, f, h_post, h_res, phi_hi, phi_lo, x_next, ws, wss, T, C, S, cw // bc,
-        N=n, K=K, KP=KP, BT=bt, BC=bc, STAGES=cfg.stages, DOT_F32=interpreting(),
+        N=n, K=K, KP=KP, BT=bt, BC=bc, STAGES=cfg.stages, ATOMIC=atomic, DOT_F32=interpreting(),
         num_warps=cfg.warps)
     fbt = max(1, min(np2(cfg.fin_bt), np2(T)))
     coeffs_finish_kernel[(triton.cdiv(T, fbt),)](
-        ws, wss, b, alpha, h_pre, h_post_n, h_res_n, m, r, T, n * C, S, iters,
+        ws, wss, b, alpha, h_pre, h_post_n, h_res_n, m, r, T, n * C, rows, iters,
         N=n, NP=NP, K=K, BT=fbt, SAVE=save, EPS_RMS=EPS_RMS, EPS_SK=EPS_SK,
         num_warps=cfg.fin_warps)
     return x_next, h_pre, h_post_n, h_res_n, m, r
@@ -155,10 +162,12 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
         nblk = triton.cdiv(T, bt2)
         if cfg.precision not in ("tf32", "tf32x3", "ieee"):
             raise ValueError(f"{OP}: precision must be 'tf32', 'tf32x3' or 'ieee', got {cfg.precision!r}")
+        atomic = cfg.reduction == "atomic"
+        alloc = torch.zeros if atomic else torch.empty
         dx = torch.empty_like(x) if need_x else x
         df = torch.empty_like(f) if need_f else f
-        dhp = torch.empty(ncb, T, n, device=dev, dtype=F32) if need_dh else du
-        dhr = torch.empty(ncb, T, n, n, device=dev, dtype=F32) if need_dh else du
+        dhp = alloc(1 if atomic else ncb, T, n, device=dev, dtype=F32) if need_dh else du
+        dhr = alloc(1 if atomic else ncb, T, n, n, device=dev, dtype=F32) if need_dh else du
         g_x = g_x.to(x.dtype).contiguous() if g_x is not None else None
         args = [g_x if g_x is not None else x, x_next, x, f, h_post, h_res, phi, du, coef, h_pre,
                 g_li if g_li is not None else f, dx, df, dhp, dhr]
@@ -166,7 +175,7 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
                   HAS_GX=g_x is not None, HAS_LI=g_li is not None, NEED_DX=need_x, NEED_DF=need_f,
                   NEED_DH=need_dh, DPHI=need_phi, PREC=cfg.precision,
                   DPHI_BF16=x.dtype == torch.bfloat16 and cfg.precision == "tf32",
-                  DOT_F32=interpreting(), num_warps=cfg.b2_warps)
+                  ATOMIC=atomic, DOT_F32=interpreting(), num_warps=cfg.b2_warps)
         if cfg.b2_ts > 0:
             ts = min(cfg.b2_ts, nblk)
         else:   # the fewest token ranges within 5% of the fewest waves x work per program, for
@@ -178,17 +187,17 @@ def _backward(saved, g_x, g_hpre, g_hpost, g_hres, g_li, needs, iters, cfg: Conf
             ts = min(k for k, v in t_k.items() if v <= 1.05 * min(t_k.values()))
         tps = triton.cdiv(nblk, ts) * bt2
         ts = triton.cdiv(T, tps)
-        dphi_ws = torch.empty(ts, n * C, K, device=dev, dtype=F32) if need_phi else du
+        dphi_ws = alloc(1 if atomic else ts, n * C, K, device=dev, dtype=F32) if need_phi else du
         post_coeffs_bwd_kernel[(ncb * ts,)](*args, dphi_ws, T, C, ncb, tps, ts, **kw)
         if not need_x:
             dx = None
         if not need_f:
             df = None
         if need_dh:
-            dh_post = (dhp[0] if ncb == 1 else dhp.sum(0)) if need_hpost else None
-            dh_res = (dhr[0] if ncb == 1 else dhr.sum(0)) if need_hres else None
+            dh_post = (dhp[0] if dhp.shape[0] == 1 else dhp.sum(0)) if need_hpost else None
+            dh_res = (dhr[0] if dhr.shape[0] == 1 else dhr.sum(0)) if need_hres else None
         if need_phi:
-            dphi = dphi_ws[0] if ts == 1 else dphi_ws.sum(0)
+            dphi = dphi_ws[0] if dphi_ws.shape[0] == 1 else dphi_ws.sum(0)
     return (dx, df, dh_post, dh_res, dphi, db if need_b else None, dalpha if need_alpha else None)
 
 

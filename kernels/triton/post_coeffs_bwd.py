@@ -17,7 +17,8 @@ def post_coeffs_bwd_kernel(gx_ptr, x1_ptr, x0_ptr, f_ptr, hpost_ptr, hres_ptr, p
                            BT: tl.constexpr, BR: tl.constexpr, STAGES: tl.constexpr,
                            HAS_GX: tl.constexpr, HAS_LI: tl.constexpr, NEED_DX: tl.constexpr,
                            NEED_DF: tl.constexpr, NEED_DH: tl.constexpr, DPHI: tl.constexpr,
-                           PREC: tl.constexpr, DPHI_BF16: tl.constexpr, DOT_F32: tl.constexpr):
+                           PREC: tl.constexpr, DPHI_BF16: tl.constexpr, ATOMIC: tl.constexpr,
+                           DOT_F32: tl.constexpr):
     # Program (column block cb: BR columns of every stream, token range ts). x1 = x_next, x0 = x.
     # The GEMM operands are "wide" tiles [BT, W], W = NP * BR (column w is stream w // BR, column
     # cb * BR + w % BR), so each of du @ phi^T and x1^T @ du is one product; the mixing works on
@@ -91,8 +92,13 @@ def post_coeffs_bwd_kernel(gx_ptr, x1_ptr, x0_ptr, f_ptr, hpost_ptr, hres_ptr, p
             tl.store(df_ptr + t064 * C + co, df.to(df_ptr.dtype.element_ty), mask=cm)
         if NEED_DH:
             f = tl.load(f_ptr + t064 * C + co, mask=cm, other=0.0).to(tl.float32)
-            pb = cb.to(tl.int64) * T + t064                  # first row of this block's partials
-            tl.store(dhp_ptr + pb * N + no, tl.sum(G3 * f[:, None, :], axis=2), mask=m2)
+            if ATOMIC:                                       # one [T, ...] that every block adds to
+                pb = t064
+                tl.atomic_add(dhp_ptr + pb * N + no, tl.sum(G3 * f[:, None, :], axis=2), mask=m2,
+                              sem="relaxed")
+            else:                                            # first row of this block's partials
+                pb = cb.to(tl.int64) * T + t064
+                tl.store(dhp_ptr + pb * N + no, tl.sum(G3 * f[:, None, :], axis=2), mask=m2)
             dhr = tl.zeros([BT, NP, NP], dtype=tl.float32)   # [token, dst i, src j]
         # sources in a loop, not unrolled (registers, as in the forward kernel)
         for j in range(N):
@@ -108,8 +114,14 @@ def post_coeffs_bwd_kernel(gx_ptr, x1_ptr, x0_ptr, f_ptr, hpost_ptr, hres_ptr, p
                 part = tl.sum(G3 * x0j.to(tl.float32)[:, None, :], axis=2)
                 dhr += tl.where(j3 == j, part[:, :, None], 0.0)
         if NEED_DH:
-            tl.store(dhr_ptr + pb * (N * N) + rows[:, None, None] * (N * N) + jn[None, :, None] * N
-                     + j3, dhr, mask=m2[:, :, None] & (j3 < N))
+            dhr_at = dhr_ptr + pb * (N * N) + rows[:, None, None] * (N * N) + jn[None, :, None] * N + j3
+            if ATOMIC:
+                tl.atomic_add(dhr_at, dhr, mask=m2[:, :, None] & (j3 < N), sem="relaxed")
+            else:
+                tl.store(dhr_at, dhr, mask=m2[:, :, None] & (j3 < N))
     if DPHI:
-        tl.store(dphi_ptr + ts.to(tl.int64) * nC * K + woff[:, None].to(tl.int64) * K + kk[None, :],
-                 acc, mask=wmask[:, None] & kmask[None, :])
+        dphi_at = woff[:, None].to(tl.int64) * K + kk[None, :]
+        if ATOMIC:      # every token range adds into one zeroed [nC, K]
+            tl.atomic_add(dphi_ptr + dphi_at, acc, mask=wmask[:, None] & kmask[None, :], sem="relaxed")
+        else:           # row block ts of [token ranges, nC, K], one writer
+            tl.store(dphi_ptr + ts.to(tl.int64) * nC * K + dphi_at, acc, mask=wmask[:, None] & kmask[None, :])

@@ -42,6 +42,12 @@ class Config:
     b2_warps: int = 8
     b2_stages: int = 2
     precision: str = "tf32"   # du @ phi^T and (fp16 x) the dphi product: "tf32", "tf32x3" or "ieee"
+    # how the split sums are reduced (the forward's [S, T, K] and [S, T], the backward's dphi over
+    # token ranges and dh over column blocks): "ordered" gives every partial one writer and sums
+    # them in a fixed order, so a run repeats bit for bit; "atomic" adds them with fp32 atomics
+    # into one zeroed buffer each (fewer bytes, no summing pass; the order, so the last bits, may
+    # differ between runs). A run's records name the one that ran (kernel_settings).
+    reduction: str = "ordered"
 
     def with_env(self) -> "Config":
         names = {f.name.upper() for f in fields(self)}
@@ -62,11 +68,21 @@ class Config:
 DEFAULT = Config()
 
 
+REDUCTIONS = ("ordered", "atomic")
+
+
+def checked(cfg: Config) -> Config:
+    if cfg.reduction not in REDUCTIONS:
+        raise ValueError(f"post_coeffs: reduction must be one of {', '.join(REDUCTIONS)} "
+                         f"({ENV_PREFIX}REDUCTION or config=), got {cfg.reduction!r}")
+    return cfg
+
+
 def config_of(config) -> Config:
     """DEFAULT with the environment's settings, then `config` (a dict or a Config) on top."""
     cfg = DEFAULT.with_env()
     if config is None:
-        return cfg
+        return checked(cfg)
     if isinstance(config, Config):
-        return config
-    return replace(cfg, **dict(config))
+        return checked(config)
+    return checked(replace(cfg, **dict(config)))

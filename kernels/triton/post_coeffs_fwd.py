@@ -13,7 +13,7 @@ def post_coeffs_fwd_kernel(x_ptr, f_ptr, hpost_ptr, hres_ptr, phi_ptr, plo_ptr, 
                            ws_ptr, wss_ptr, T, C, S, CHUNKS,
                            N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                            BT: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
-                           DOT_F32: tl.constexpr):
+                           ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):
     # Program (token block g, column slice s), s fastest: neighbouring programs share tokens.
     # Addresses: one 64-bit base per token block, 32-bit offsets inside it (a 64-bit address per
     # element costs two registers per element of every tile).
@@ -57,10 +57,15 @@ def post_coeffs_fwd_kernel(x_ptr, f_ptr, hpost_ptr, hres_ptr, phi_ptr, plo_ptr, 
                            cmask[:, None], acc, DOT_F32)
             yf = yq.to(tl.float32)
             ss += tl.sum(yf * yf, axis=1)
-    # this slice's partials: row (s, token) of [S, T, K] and [S, T], each written by one program
-    w = s.to(tl.int64) * T + t0 + rows
-    tl.store(ws_ptr + w[:, None] * K + kk[None, :], acc, mask=tmask[:, None] & (kk < K)[None, :])
-    tl.store(wss_ptr + w, ss, mask=tmask)
+    if ATOMIC:      # every slice adds into row t of one zeroed [T, K] and [T]
+        w = t0 + rows
+        tl.atomic_add(ws_ptr + w[:, None] * K + kk[None, :], acc, mask=tmask[:, None] & (kk < K)[None, :],
+                      sem="relaxed")
+        tl.atomic_add(wss_ptr + w, ss, mask=tmask, sem="relaxed")
+    else:           # this slice's partials: row (s, token) of [S, T, K] and [S, T], one writer each
+        w = s.to(tl.int64) * T + t0 + rows
+        tl.store(ws_ptr + w[:, None] * K + kk[None, :], acc, mask=tmask[:, None] & (kk < K)[None, :])
+        tl.store(wss_ptr + w, ss, mask=tmask)
 
 
 @triton.jit

@@ -5,6 +5,7 @@ gradient (tests/chain_check.py says how, and why the stored state enters the ref
 CPU runs go through TRITON_INTERPRET=1 (tests/conftest.py) on small odd shapes; the coefficient
 backward runs 64 tokens per program there (FAST), since its Sinkhorn backward costs the
 interpreter about 0.4 s per program. The @pytest.mark.gpu tests cover model-sized shapes."""
+import ast
 import inspect
 
 import pytest
@@ -24,6 +25,7 @@ FAST = {"b1_bt": 64}
 # two column slices of two chunks, three column blocks and three token ranges, partial last
 # ones (C = 40, T = 37)
 SPLITS = {**FAST, "cw": 32, "bc": 16, "min_items": 1, "b2_br": 16, "b2_ts": 3, "fin_bt": 8}
+ATOMIC = {**SPLITS, "reduction": "atomic"}
 
 
 def _fn(config):
@@ -44,6 +46,7 @@ BOUNDARY = [
     (3, 24, 37, BF16, FAST),
     (4, 40, 37, FP16, None),
     (4, 40, 37, BF16, SPLITS),
+    (3, 40, 37, FP16, ATOMIC),
     (6, 24, 37, FP16, FAST),
     (8, 24, 37, BF16, FAST),
 ]
@@ -51,7 +54,7 @@ BOUNDARY = [
 
 @pytest.mark.parametrize("n,C,T,dtype,config", BOUNDARY,
                          ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}-"
-                              f"{'splits' if c[4] is SPLITS else 'default' if c[4] is None else 'fast'}"
+                              f"{'splits' if c[4] is SPLITS else 'atomic' if c[4] is ATOMIC else 'default' if c[4] is None else 'fast'}"
                               for c in BOUNDARY])
 def test_boundary_matches_reference(kernel_device, monkeypatch, n, C, T, dtype, config):
     puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)
@@ -161,11 +164,43 @@ def test_mismatched_boundary_fails_the_check(kernel_device, fast_coef_backward):
 
 
 # ------------------------------------------------------------------ determinism, config, inputs
-def test_reductions_have_no_atomics():
-    """Deterministic by construction: every partial sum has one writer and is summed in a fixed
-    order, so no kernel of the fused boundary uses an atomic (the GPU test below runs it twice)."""
+def _atomics_outside_atomic_branches(source: str) -> list[int]:
+    """Lines of tl.atomic_* calls that are not inside an `if ATOMIC:` block."""
+    bad = []
+
+    def walk(node, guarded):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "ATOMIC":
+            for child in node.body:
+                walk(child, True)
+            for child in node.orelse:
+                walk(child, guarded)
+            return
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr.startswith("atomic") and not guarded):
+            bad.append(node.lineno)
+        for child in ast.iter_child_nodes(node):
+            walk(child, guarded)
+    walk(ast.parse(source), False)
+    return bad
+
+
+def test_the_default_reductions_have_no_atomics():
+    """Deterministic by default: every partial sum has one writer and is summed in a fixed order;
+    atomics are only in the `reduction="atomic"` branches (the GPU test below runs the default
+    twice and compares bits)."""
     for mod in (post_coeffs_fwd, post_coeffs_bwd):
-        assert "atomic" not in inspect.getsource(mod), mod.__name__
+        src = inspect.getsource(mod)
+        assert "atomic_add" in src and not _atomics_outside_atomic_branches(src), mod.__name__
+    assert _atomics_outside_atomic_branches("import triton.language as tl\ntl.atomic_add(p, 1)\n") == [2]
+
+
+def test_an_unknown_reduction_is_refused(kernel_device, monkeypatch):
+    ins = post_inputs(2, 24, 3, BF16, kernel_device, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="reduction must be one of ordered, atomic"):
+        post_coeffs(*ins, config={"reduction": "tree"})
+    monkeypatch.setenv("HCBENCH_POST_COEFFS_REDUCTION", "tree")
+    with pytest.raises(ValueError, match="HCBENCH_POST_COEFFS_REDUCTION"):
+        post_coeffs(*ins)
 
 
 def test_an_unknown_environment_setting_is_refused(monkeypatch, kernel_device):
@@ -199,6 +234,15 @@ GPU_BOUNDARY = [(n, C, T, dt) for n in (1, 2, 3, 4, 8) for C in (2560, 7168)
 def test_gpu_boundary(n, C, T, dtype):
     g = torch.Generator().manual_seed(n + C + T)
     errs = check_boundary(*_fn(None), post_inputs(n, C, T, dtype, "cuda", g), g)
+    assert not failures(errs, dtype), f"{failures(errs, dtype)} (all {errs})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,C,T,dtype", [(4, 4096, 16384, BF16), (8, 2560, 4097, FP16), (3, 7168, 17, BF16)])
+def test_gpu_boundary_atomic(n, C, T, dtype):
+    """The atomic reduction passes the same gate at model sizes."""
+    g = torch.Generator().manual_seed(n + C + T + 1)
+    errs = check_boundary(*_fn({"reduction": "atomic"}), post_inputs(n, C, T, dtype, "cuda", g), g)
     assert not failures(errs, dtype), f"{failures(errs, dtype)} (all {errs})"
 
 
