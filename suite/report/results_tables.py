@@ -182,6 +182,7 @@ def overhead_table(records: list[dict], env: dict) -> list[str]:
                                   else f", recompute L_r = {c['L_r']}")
             name += ", CUDA graph" if c.get("cuda_graph") else ""
             name += ", boundaries unfused" if c.get("boundary_fusion") is False else ""
+            name += f", {c['backend']} alone" if c.get("backend") not in (None, "auto") else ""
             host = (f"{d['host_step_ms'] / d['step_ms']:.2f}"
                     if d.get("host_step_ms") and d.get("step_ms") else "")
             wod = f"{r['wall_over_device']:.2f}" if r.get("wall_over_device") else ""
