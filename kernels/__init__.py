@@ -153,16 +153,34 @@ def candidates(method: str, device: str) -> list[str]:
 
 
 def compose(method: str, pre_backend: str, post_backend: str, boundary: str = "fused") -> Ops:
-    """One Ops whose pre comes from one backend and post from another (same tensor contract).
-    A fused boundary (post_coeffs, apply_pre) belongs to neither alone, so a mixed Ops has none;
-    boundary "unfused" drops it from a single backend's Ops too (backend auto found it slower)."""
-    if boundary not in ("fused", "unfused"):
-        raise ValueError(f"compose: boundary is 'fused' or 'unfused', not {boundary!r}")
+    """One Ops whose pre comes from one backend and post from another (same tensor contract), and
+    whose boundaries between adjacent sites (post_coeffs, apply_pre) are:
+      "fused"            the fused kernels of pre's backend when post's is the same one (a mixed
+                         pair has none: they belong to neither alone);
+      "fused:<backend>"  that backend's fused kernels, whatever pre and post are (backend auto
+                         times them against the pair's post and pre apart);
+      "unfused"          none: post, then pre."""
+    kind, _, source = boundary.partition(":")
+    if kind not in ("fused", "unfused") or (kind == "unfused" and source) or (":" in boundary and not source):
+        raise ValueError(f"compose: boundary is 'fused', 'fused:<backend>' or 'unfused', not {boundary!r}")
     pre, post = get(method, pre_backend), get(method, post_backend)
     if pre_backend == post_backend:
-        if boundary == "unfused" and pre.post_coeffs is not None:
-            return dataclasses.replace(pre, post_coeffs=None, apply_pre=None)
-        return pre
-    return Ops(method, f"{pre_backend}+{post_backend}", pre=pre.pre, post=post.post,
-               coeffs=pre.coeffs,
-               supports=lambda n, C, dtype: pre.supports(n, C, dtype) or post.supports(n, C, dtype))
+        ops = pre
+    else:
+        ops = Ops(method, f"{pre_backend}+{post_backend}", pre=pre.pre, post=post.post,
+                  coeffs=pre.coeffs,
+                  supports=lambda n, C, dtype: pre.supports(n, C, dtype) or post.supports(n, C, dtype))
+    if kind == "unfused" or (not source and pre_backend != post_backend):
+        if ops.post_coeffs is None:
+            return ops
+        return dataclasses.replace(ops, post_coeffs=None, apply_pre=None)
+    if not source or source == pre_backend == post_backend:
+        return ops
+    src = get(method, source)
+    if src.post_coeffs is None or src.apply_pre is None:
+        raise ValueError(f"compose: backend {source} has no fused boundary for {method}")
+    inner = ops.supports
+    return dataclasses.replace(
+        ops, backend=f"{ops.backend}, boundary {source}", post_coeffs=src.post_coeffs,
+        apply_pre=src.apply_pre,
+        supports=lambda n, C, dtype: inner(n, C, dtype) or src.supports(n, C, dtype))

@@ -153,7 +153,8 @@ def _build_steps(members: list[Case], records: dict) -> list:
     built, donors = [], {}
     for case in members:
         choice = records[id(case)][1].get("op_backends")
-        backends = (choice["pre"], choice["post"]) if choice else None
+        # the boundary auto chose too: the step runs exactly the ops the gate checked
+        backends = (choice["pre"], choice["post"], choice["boundary"]) if choice else None
         # Eager steps drop their gradients after each step, graphs keep theirs: each kind
         # shares weights, gradients and optimizer state only with its own kind.
         kind = bool(case.cuda_graph)

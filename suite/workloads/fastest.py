@@ -4,9 +4,11 @@ For each op (pre, post) every candidate backend (kernels.candidates: MATH.md exa
 once per shape, runnable here) is timed forward+backward at the case's method, n, C, T and
 dtype, on the site workload's random inputs (suite.workloads.workload), with the suite's timer (padded
 device time). The fastest per op is kept; its pre and post are composed into one Ops
-(kernels.compose). Where both come from one backend that has a fused boundary (post of a site
-with the coefficients of the next), two adjacent sites are timed with it and without, and the
-faster is kept (`boundary`: "fused" or "unfused"); a fused boundary never runs untimed. Correctness is not assumed: the model's fp64 gate (suite.workloads.steps.check) runs
+(kernels.compose). Then the boundary between adjacent sites: two adjacent sites are timed with
+the chosen pre and post apart, and with each candidate's fused boundary (post of a site with the
+coefficients of the next, whichever backends pre and post came from), and the fastest is kept
+(`boundary`: "unfused", "fused" for pre's and post's own backend, or "fused:<backend>"); a fused
+boundary never runs untimed. Correctness is not assumed: the model's fp64 gate (suite.workloads.steps.check) runs
 the composed ops before anything is timed. A choice is made once per process and shape.
 """
 from __future__ import annotations
@@ -49,17 +51,22 @@ def choose(case: Case, timer: Timer) -> dict:
             if t is not None:
                 times[op][name] = t
     pick = {op: (min(times[op], key=times[op].get) if times[op] else names[0]) for op in OPS}
-    ops = kernels.get(case.method, pick["pre"])
-    has_fused = ops.post_coeffs is not None and ops.apply_pre is not None
+    fused = [name for name in names if _has_fused_boundary(case, name)]
     # one candidate: nothing was timed, so its boundary stays as the backend has it
-    boundary = "fused" if len(names) == 1 and has_fused else "unfused"
-    if len(names) > 1 and pick["pre"] == pick["post"] and has_fused:
-        times["boundary"] = _boundary_times(case, pick["pre"], timer, reasons)
-        if "fused" in times["boundary"] and "unfused" in times["boundary"]:
+    boundary = "fused" if len(names) == 1 and fused else "unfused"
+    if len(names) > 1 and fused:
+        times["boundary"] = _boundary_times(case, pick["pre"], pick["post"], fused, timer, reasons)
+        if "unfused" in times["boundary"]:
             boundary = min(times["boundary"], key=times["boundary"].get)
     _CHOSEN[key] = {"pre": pick["pre"], "post": pick["post"], "boundary": boundary,
                     "times_ms": times, "not_timed": reasons, "candidates": names}
     return _CHOSEN[key]
+
+
+def _has_fused_boundary(case: Case, name: str) -> bool:
+    ops = kernels.get(case.method, name)
+    return (ops.post_coeffs is not None and ops.apply_pre is not None
+            and not ops.supports(case.n, case.C, TORCH_DTYPES[case.dtype]))
 
 
 def _median(timer: Timer, ops, case: Case, inputs: dict, reasons: dict, label: str) -> float | None:
@@ -73,15 +80,17 @@ def _median(timer: Timer, ops, case: Case, inputs: dict, reasons: dict, label: s
     return round(t.median, 4)
 
 
-def _boundary_times(case: Case, backend: str, timer: Timer, reasons: dict) -> dict:
-    """Two adjacent sites (op chain, sites 2, forward+backward) of one backend with their boundary
-    fused and run apart (post, then pre)."""
+def _boundary_times(case: Case, pre: str, post: str, fused: list[str], timer: Timer,
+                    reasons: dict) -> dict:
+    """Two adjacent sites (op chain, sites 2, forward+backward) with each backend's fused boundary
+    in `fused`, then with the chosen pre and post apart; keyed by kernels.compose's boundary."""
     chain = replace(case, scope="site", op="chain", sites=2, mode="fwd+bwd",
                     **{k: None for k in Case.MODEL_FIELDS})
     inputs = workload.make_inputs(chain, case.device, case.seed)
     out = {}
-    for how in ("fused", "unfused"):
-        t = _median(timer, kernels.compose(case.method, backend, backend, how), chain, inputs,
+    hows = ["fused" if name == pre == post else f"fused:{name}" for name in fused] + ["unfused"]
+    for how in hows:
+        t = _median(timer, kernels.compose(case.method, pre, post, how), chain, inputs,
                     reasons, f"boundary/{how}")
         if t is not None:
             out[how] = t

@@ -64,7 +64,7 @@ class ModelConfig:
     L_r: int = 1
     identity_init: bool = False
     family: str = "dense"
-    op_backends: tuple | None = None  # backend auto: (pre's backend, post's backend, "fused"/"unfused" boundary)
+    op_backends: tuple | None = None  # backend auto: (pre's backend, post's backend, boundary: kernels.compose's)
     # Adjacent sites run post(l) fused with the coefficients of l+1 (kernels/chain.py's boundary)
     # where the connection's backend has that kernel.
     boundary_fusion: bool = True

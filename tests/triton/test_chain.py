@@ -152,6 +152,16 @@ def test_chain_matches_reference(kernel_device, monkeypatch, fast_coef_backward,
     assert boundary_puts == [(T, C)] * 2 and site_puts == [(T, n, C)]
 
 
+@pytest.mark.parametrize("pre,post", [("torch", "torch"), ("triton", "torch"), ("torch", "triton")])
+def test_chain_with_the_boundary_of_another_backend(kernel_device, fast_coef_backward, pre, post):
+    """Backend auto may run Triton's fused boundary between another backend's pre and post
+    (kernels.compose "fused:triton"): the chain still matches the reference, every gradient."""
+    g = torch.Generator().manual_seed(13)
+    ops = kernels.compose("mhc", pre, post, "fused:triton")
+    errs = check_chain(ops, *chain_inputs(3, 24, 37, 3, FP16, kernel_device, g), g)
+    assert not failures(errs, FP16), f"{failures(errs, FP16)} (all {errs})"
+
+
 def test_mismatched_boundary_fails_the_check(kernel_device, fast_coef_backward):
     """The check can fail: boundaries fed the parameters of the site before (site l's phi, b,
     alpha at l -> l+1), or h_res transposed, fail it already in the forward outputs."""
