@@ -2,9 +2,10 @@
 # scenarios/stability.yaml on one GPU in one device command (<= BUDGET_S, default 560 s):
 #   OUT=/some/dir bash dev/gpu_stability.sh [harness args, e.g. --only lr=0.01]
 # A stability case measures losses, gradient norms and composite gains, not times, and one case at
-# C = 512 leaves most of an H100 idle, so its cases train side by side: one process per learning
-# rate and method group (METHOD_GROUPS, default "residual,hc" and "mhc"), each resuming its own copy of one
-# run folder, folded back with `harness.py merge` at the end. The records' step_ms are then wall
+# C = 512 leaves most of an H100 idle, so its cases train side by side: one process slot per learning
+# rate and method group (METHOD_GROUPS, default "hc+residual mhc": a slot runs hc, then residual; another
+# mHC's two inits, the paper's first), each resuming its own copy of one run folder, folded back with
+# `harness.py merge` at the end. A slot runs its most telling case first, so a call cut short keeps it. The records' step_ms are then wall
 # clock per step under that sharing, not a speed. Set-up: dev/device_env.sh. Whatever finished goes
 # to $OUT (records.jsonl, env.json, report.md, scenarios/, log.txt, one log per process), also when
 # the time limit cuts the run short: resume the rest from the committed folder with
@@ -13,7 +14,7 @@ set -u
 OUT=${OUT:-$PWD/out}
 BUDGET_S=${BUDGET_S:-560}
 LRS=${LRS:-"0.01 0.003 0.001"}
-METHOD_GROUPS=${METHOD_GROUPS:-"residual,hc mhc"}
+METHOD_GROUPS=${METHOD_GROUPS:-"hc+residual mhc"}
 SCEN=scenarios/stability.yaml
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -55,17 +56,22 @@ else
     "$PY" harness.py run "$SCEN" --out "$W/runs" --only device=cpu 2>&1 | tail -3
     RUN=$(ls -d "$W"/runs/*/ | head -1) && RUN=${RUN%/}
 fi
-left=$((BUDGET_S - SECONDS - 40))     # 40 s for merge, report and copies
+end=$((BUDGET_S - 40))     # 40 s for merge, report and copies
 k=0
 pids=()
 for lr in $LRS; do
     for g in $METHOD_GROUPS; do
         k=$((k + 1))
         mkdir -p "$W/copy-$k" && cp -r "$RUN" "$W/copy-$k/"
-        stamp "process $k: lr=$lr method=$g (limit ${left}s)"
-        timeout -k 10 "$left" "$PY" harness.py run "$SCEN" --resume "$W/copy-$k/$(basename "$RUN")" \
-            --only device=cuda --only lr="$lr" --only method="$g" "${args[@]+"${args[@]}"}" \
-            >"$OUT/process-$k.log" 2>&1 &
+        stamp "slot $k: lr=$lr methods ${g//+/, then } (until ${end}s)"
+        (
+            for m in ${g//+/ }; do
+                left=$((end - SECONDS))
+                [ "$left" -gt 30 ] || { echo "== no time left for method=$m"; break; }
+                timeout -k 10 "$left" "$PY" harness.py run "$SCEN" --resume "$W/copy-$k/$(basename "$RUN")" \
+                    --only device=cuda --only lr="$lr" --only method="$m" "${args[@]+"${args[@]}"}"
+            done
+        ) >"$OUT/process-$k.log" 2>&1 &
         pids+=($!)
     done
 done
