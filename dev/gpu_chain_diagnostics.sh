@@ -12,7 +12,7 @@
 set -u
 OUT=${OUT:-$PWD/out}
 FWD_CFGS=${FWD_CFGS:-";reduction=atomic;bt=128,bc=16;bt=64,bc=16;bt=64,bc=32;bt=16,warps=4;bt=64,bc=16,warps=4;bt=64;warps=4;cw=1024;cw=256"}
-BWD_CFGS=${BWD_CFGS:-";reduction=atomic;b2_br=32;b2_br=32,b2_bt=32;b2_br=16,b2_warps=4;b1_bt=8"}
+BWD_CFGS=${BWD_CFGS:-";reduction=atomic;b2_br=32;b2_br=32,b2_bt=32;b2_br=32,b2_bt=64;b2_br=16,b2_warps=4;b1_bt=8"}
 TL_FWD_CFGS=${TL_FWD_CFGS:-""}
 TL_BWD_CFGS=${TL_BWD_CFGS:-""}
 mkdir -p "$OUT"
