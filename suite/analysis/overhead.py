@@ -388,7 +388,10 @@ def markdown_lines(records: list[dict], env: dict) -> list[str]:
 
 def _backends(record: dict) -> str:
     ob = record.get("op_backends")
-    return f"{ob['pre']}, {ob['post']}" if ob else record["case"]["backend"]
+    if not ob:
+        return record["case"]["backend"]
+    boundary = ob.get("boundary")
+    return f"{ob['pre']}, {ob['post']}" + (f"; boundary {boundary}" if boundary and boundary != "unfused" else "")
 
 
 def _row_line(row) -> str:
