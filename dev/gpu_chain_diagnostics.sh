@@ -11,7 +11,7 @@
 # log.txt (everything), also after a failure. Reads GPU state only (ncu --clock-control none).
 set -u
 OUT=${OUT:-$PWD/out}
-FWD_CFGS=${FWD_CFGS:-";reduction=atomic;bt=128,bc=16;bt=64,bc=16;bt=64,bc=32;bt=16,warps=4;bt=64,bc=16,warps=4;bt=64;warps=4;cw=1024;cw=256"}
+FWD_CFGS=${FWD_CFGS:-";reduction=atomic;bt=128,bc=16;bt=64,bc=16;bt=64,bc=32;bt=16,warps=4;bt=16,bc=32,warps=4;bt=64,bc=16,warps=4;unroll=1,bt=64,bc=16;unroll=1,bt=32,bc=16,warps=4;bt=64;warps=4;cw=1024;cw=256"}
 BWD_CFGS=${BWD_CFGS:-";reduction=atomic;b2_br=32;b2_br=32,b2_bt=32;b2_br=32,b2_bt=64;b2_br=16,b2_warps=4;b1_bt=8"}
 TL_FWD_CFGS=${TL_FWD_CFGS:-""}
 TL_BWD_CFGS=${TL_BWD_CFGS:-""}
@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>
 NCU=${HCBENCH_NCU:-/usr/local/cuda/bin/ncu}
 
 stamp "Nsight Compute: one fused site fwd+bwd, C = 4096"
-timeout -k 5 ${NCU_S:-150} "$NCU" --clock-control none --profile-from-start off --target-processes all \
+timeout -k 5 ${NCU_S:-120} "$NCU" --clock-control none --profile-from-start off --target-processes all \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats \
     "$PY" dev/tune_chain.py --C 4096 --profile-once >"$OUT/ncu.txt" 2>&1
@@ -34,12 +34,12 @@ grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occu
     "$OUT/ncu.txt" | head -120
 
 stamp "tune_chain.py Triton"
-timeout -k 5 ${TUNE_S:-220} "$PY" dev/tune_chain.py --C 4096 --kernels --budget $(( ${TUNE_S:-220} - 30 )) \
+timeout -k 5 ${TUNE_S:-250} "$PY" dev/tune_chain.py --C 4096 --kernels --budget $(( ${TUNE_S:-250} - 30 )) \
     --fwd "$FWD_CFGS" --bwd "$BWD_CFGS" >"$OUT/tune_triton.log" 2>&1
 echo "exit $?"; tail -25 "$OUT/tune_triton.log"
 
 stamp "tune_chain.py TileLang"
-timeout -k 5 ${TL_TUNE_S:-150} "$PY" dev/tune_chain.py --C 4096 --kernels --backend tilelang \
-    --budget $(( ${TL_TUNE_S:-150} - 40 )) --fwd "$TL_FWD_CFGS" --bwd "$TL_BWD_CFGS" >"$OUT/tune_tilelang.log" 2>&1
+timeout -k 5 ${TL_TUNE_S:-110} "$PY" dev/tune_chain.py --C 4096 --kernels --backend tilelang \
+    --budget $(( ${TL_TUNE_S:-110} - 40 )) --fwd "$TL_FWD_CFGS" --bwd "$TL_BWD_CFGS" >"$OUT/tune_tilelang.log" 2>&1
 echo "exit $?"; tail -16 "$OUT/tune_tilelang.log"
 stamp "done: $(ls "$OUT" | tr '\n' ' ')"

@@ -107,7 +107,8 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
     phi_hi, phi_lo = split_weight_hi_lo(phi, x.dtype, KP)
     post_coeffs_fwd_kernel[(groups * S,)](
         x, f, h_post, h_res, phi_hi, phi_lo, x_next, ws, wss, T, C, S, cw // bc,
-        N=n, K=K, KP=KP, BT=bt, BC=bc, STAGES=cfg.stages, ATOMIC=atomic, DOT_F32=interpreting(),
+        N=n, K=K, KP=KP, BT=bt, BC=bc, STAGES=cfg.stages, ATOMIC=atomic, UNROLL=bool(cfg.unroll),
+        DOT_F32=interpreting(),
         num_warps=cfg.warps)
     fbt = max(1, min(np2(cfg.fin_bt), np2(T)))
     coeffs_finish_kernel[(triton.cdiv(T, fbt),)](

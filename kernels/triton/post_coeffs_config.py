@@ -22,6 +22,8 @@ class Config:
     min_items: int = 2    # halve cw until there are >= min_items * #SM items
     warps: int = 8
     stages: int = 2
+    unroll: int = 0       # 1: the n destinations of a chunk unrolled (their phi loads issued
+                          # together; small tiles only: 32 x 64 spills)
     # finishing kernel (sum of the S partials, norm, gates, Sinkhorn): tokens per program
     fin_bt: int = 16
     fin_warps: int = 4

@@ -9,11 +9,30 @@ from kernels.triton.sinkhorn import sk_init, sk_step
 
 
 @triton.jit
+def _destination(i, xs, f, hqb, hrb, ob, phi_ptr, plo_ptr, rows, tmask, c, cmask, lm, kk, acc, ss, nC, C,
+                 N: tl.constexpr, KP: tl.constexpr, DOT_F32: tl.constexpr):
+    """Row i of x_next on one chunk: mixed, stored, and added into the next site's partial
+    products (acc) and sum of squares (ss)."""
+    y = tl.load(hqb + rows * N + i, mask=tmask, other=0.0)[:, None] * f
+    for j in tl.static_range(N):
+        hr = tl.load(hrb + rows * (N * N) + i * N + j, mask=tmask, other=0.0)
+        y += hr[:, None] * xs[j].to(tl.float32)
+    # the next site's coefficients are those of x_next as stored (rounded), as in the unfused
+    # post then pre
+    yq = y.to(ob.dtype.element_ty)
+    tl.store(ob + rows[:, None] * nC + i * C + c[None, :], yq, mask=lm)
+    acc = dot_hilo(yq, phi_ptr, plo_ptr, ((i * C + c) * KP)[:, None] + kk[None, :], cmask[:, None], acc,
+                   DOT_F32)
+    yf = yq.to(tl.float32)
+    return acc, ss + tl.sum(yf * yf, axis=1)
+
+
+@triton.jit
 def post_coeffs_fwd_kernel(x_ptr, f_ptr, hpost_ptr, hres_ptr, phi_ptr, plo_ptr, out_ptr,
                            ws_ptr, wss_ptr, T, C, S, CHUNKS,
                            N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                            BT: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
-                           ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):
+                           ATOMIC: tl.constexpr, UNROLL: tl.constexpr, DOT_F32: tl.constexpr):
     # Program (token block g, column slice s), s fastest: neighbouring programs share tokens.
     # Addresses: one 64-bit base per token block, 32-bit offsets inside it (a 64-bit address per
     # element costs two registers per element of every tile).
@@ -43,20 +62,17 @@ def post_coeffs_fwd_kernel(x_ptr, f_ptr, hpost_ptr, hres_ptr, phi_ptr, plo_ptr, 
             xs = xs + (tl.load(xb + rows[:, None] * nC + j * C + c[None, :], mask=lm, other=0.0),)
         f = tl.load(fb + rows[:, None] * C + c[None, :], mask=lm, other=0.0).to(tl.float32)
         # destinations in a loop, not unrolled: unrolled, the compiler issues every destination's
-        # loads and products at once (255 registers and spills at n = 4, sm_90)
-        for i in range(N):
-            y = tl.load(hqb + rows * N + i, mask=tmask, other=0.0)[:, None] * f
-            for j in tl.static_range(N):
-                hr = tl.load(hrb + rows * (N * N) + i * N + j, mask=tmask, other=0.0)
-                y += hr[:, None] * xs[j].to(tl.float32)
-            # the next site's coefficients are those of x_next as stored (rounded), as in the
-            # unfused post then pre
-            yq = y.to(out_ptr.dtype.element_ty)
-            tl.store(ob + rows[:, None] * nC + i * C + c[None, :], yq, mask=lm)
-            acc = dot_hilo(yq, phi_ptr, plo_ptr, ((i * C + c) * KP)[:, None] + kk[None, :],
-                           cmask[:, None], acc, DOT_F32)
-            yf = yq.to(tl.float32)
-            ss += tl.sum(yf * yf, axis=1)
+        # loads and products at once (255 registers and spills at n = 4, sm_90, 32 x 64 tiles);
+        # UNROLL (small tiles) lets it issue the n destinations' phi loads together instead of
+        # one L2 round trip after another
+        if UNROLL:
+            for i in tl.static_range(N):
+                acc, ss = _destination(i, xs, f, hqb, hrb, ob, phi_ptr, plo_ptr, rows, tmask, c, cmask, lm,
+                                       kk, acc, ss, nC, C, N, KP, DOT_F32)
+        else:
+            for i in range(N):
+                acc, ss = _destination(i, xs, f, hqb, hrb, ob, phi_ptr, plo_ptr, rows, tmask, c, cmask, lm,
+                                       kk, acc, ss, nC, C, N, KP, DOT_F32)
     if ATOMIC:      # every slice adds into row t of one zeroed [T, K] and [T]
         w = t0 + rows
         tl.atomic_add(ws_ptr + w[:, None] * K + kk[None, :], acc, mask=tmask[:, None] & (kk < K)[None, :],

@@ -26,6 +26,7 @@ FAST = {"b1_bt": 64}
 # ones (C = 40, T = 37)
 SPLITS = {**FAST, "cw": 32, "bc": 16, "min_items": 1, "b2_br": 16, "b2_ts": 3, "fin_bt": 8}
 ATOMIC = {**SPLITS, "reduction": "atomic"}
+UNROLLED = {**SPLITS, "unroll": 1}
 
 
 def _fn(config):
@@ -47,6 +48,7 @@ BOUNDARY = [
     (4, 40, 37, FP16, None),
     (4, 40, 37, BF16, SPLITS),
     (3, 40, 37, FP16, ATOMIC),
+    (4, 40, 37, FP16, UNROLLED),
     (6, 24, 37, FP16, FAST),
     (8, 24, 37, BF16, FAST),
 ]
@@ -54,7 +56,7 @@ BOUNDARY = [
 
 @pytest.mark.parametrize("n,C,T,dtype,config", BOUNDARY,
                          ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}-"
-                              f"{'splits' if c[4] is SPLITS else 'atomic' if c[4] is ATOMIC else 'default' if c[4] is None else 'fast'}"
+                              f"{'splits' if c[4] is SPLITS else 'atomic' if c[4] is ATOMIC else 'unrolled' if c[4] is UNROLLED else 'default' if c[4] is None else 'fast'}"
                               for c in BOUNDARY])
 def test_boundary_matches_reference(kernel_device, monkeypatch, n, C, T, dtype, config):
     puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)

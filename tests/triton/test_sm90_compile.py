@@ -64,12 +64,14 @@ BR = max(16, min(256 // NP, 1 << (8192 // (NP * KP)).bit_length() - 1))
 fwd_state = ("x_ptr", "f_ptr", "phi_ptr", "plo_ptr", "out_ptr")
 bwd_state = ("gx_ptr", "x1_ptr", "x0_ptr", "f_ptr", "gli_ptr", "dx_ptr", "df_ptr")
 kernels = [
+    # the bf16 case lowers the atomic reduction and the unrolled destinations, the fp16 one the defaults
     (F.post_coeffs_fwd_kernel, fwd_state, dict(N=n, K=K, KP=KP, BT=32, BC=64 if n <= 4 else 32, STAGES=2,
-                                    DOT_F32=False)),
+                                    ATOMIC=dt == "bf16", UNROLL=dt == "bf16", DOT_F32=False)),
     (F.coeffs_finish_kernel, (), dict(N=n, NP=NP, K=K, BT=16, SAVE=True, EPS_RMS=1e-6, EPS_SK=1e-6)),
     (B.post_coeffs_bwd_kernel, bwd_state, dict(N=n, NP=NP, K=K, KP=KP, BT=16, BR=BR, STAGES=2, HAS_GX=True,
                                     HAS_LI=True, NEED_DX=True, NEED_DF=True, NEED_DH=True, DPHI=True,
-                                    PREC="tf32", DPHI_BF16=dt == "bf16", DOT_F32=False)),
+                                    PREC="tf32", DPHI_BF16=dt == "bf16", ATOMIC=dt == "bf16",
+                                    DOT_F32=False)),
 ]
 out = {}
 for fn, state, const in kernels:
