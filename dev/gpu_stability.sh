@@ -40,6 +40,8 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 stamp "set-up"
 source dev/device_env.sh
+# six processes share the card's memory: less held back by fragmentation
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
 if [ -n "$resume" ]; then
     [ -d "$resume" ] || { echo "gpu_stability: $resume is not a run folder" >&2; exit 2; }
