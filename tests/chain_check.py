@@ -193,3 +193,58 @@ def assert_input_errors(post_coeffs, layer_input, dtype, device):
     with pytest.raises(ValueError, match="h_pre"):
         layer_input(x, h_post[:, :1])
     return x, f, h_post, h_res, phi, b, alpha
+
+
+def count_puts(monkeypatch, cls) -> list:
+    """The shapes of the gradients handed over through a link class (BoundaryLink, SiteLink)."""
+    puts = []
+    real = cls.put
+    monkeypatch.setattr(cls, "put", lambda self, g: (puts.append(tuple(g.shape)), real(self, g)))
+    return puts
+
+
+def assert_layer_input_alone(layer_input, n, C, T, dtype, device):
+    """layer_input on a tensor no post_coeffs made: its own backward, against fp64."""
+    g = torch.Generator().manual_seed(3)
+    x, _, h_post, *_ = post_inputs(n, C, T, dtype, device, g)
+    xs, hs = x.clone().requires_grad_(), h_post.clone().requires_grad_()
+    gl = torch.randn(T, C, generator=g).to(dtype).to(device)
+    got = torch.autograd.grad(layer_input(xs, hs), (xs, hs), gl)
+    want = [t.detach().double().requires_grad_() for t in (x, h_post)]
+    for a, b in zip(got, torch.autograd.grad(ref.apply_pre(*want), want, gl.double())):
+        assert rel_err(a, b) <= tolerance(dtype)
+
+
+def assert_own_gradients_of_x_next_and_h_pre(post_coeffs, layer_input, config, n, C, T, dtype, device):
+    """Where x_next's or h_pre's own gradient is asked for, layer_input keeps its share of it:
+    torch.autograd.grad that stops at them (post_coeffs' backward does not run), and
+    retain_grad with a backward that runs through post_coeffs."""
+    g = torch.Generator().manual_seed(4)
+    leaves = [t.clone().requires_grad_() for t in post_inputs(n, C, T, dtype, device, g)]
+    gl = torch.randn(T, C, generator=g).to(dtype).to(device)
+    gx = torch.randn(T, n, C, generator=g).to(dtype).to(device)
+    for retain in (False, True):
+        x_next, h_pre, _, _ = post_coeffs(*leaves, config=config)
+        li = layer_input(x_next, h_pre)
+        if retain:
+            x_next.retain_grad()
+            h_pre.retain_grad()
+            torch.autograd.backward((li, x_next), (gl, gx))
+            got = (x_next.grad, h_pre.grad)
+        else:
+            got = torch.autograd.grad((li, x_next), (x_next, h_pre), (gl, gx))
+        want = [t.detach().double().requires_grad_() for t in (x_next, h_pre)]
+        out64 = ref.apply_pre(*want)
+        w = torch.autograd.grad((out64, want[0]), want, (gl.double(), gx.double()))
+        for a, b in zip(got, w):
+            assert rel_err(a, b) <= tolerance(dtype), f"retain_grad={retain}"
+
+
+def assert_mismatched_boundaries_fail(ops, n, C, T, dtype, device):
+    """The check can fail: boundaries fed the parameters of the site before (site l's phi, b,
+    alpha at l -> l+1), or h_res transposed, fail it already in the forward outputs."""
+    g = torch.Generator().manual_seed(11)
+    x0, fs, params = chain_inputs(n, C, T, 3, dtype, device, g)
+    for name, wrong in mismatched_boundaries(ops).items():
+        bad = failures(check_chain(wrong, x0, fs, params, g), dtype)
+        assert any(k.startswith(("layer_input", "x[")) for k in bad), f"{name}: {bad}"

@@ -80,14 +80,18 @@ def kernels_table(records: list[dict], env: dict) -> list[str]:
         row = cells[key]
         line = [*map(str, key), *(_cell(row.get(b)) for b in present)]
         if ratio:
-            tl, tr = row.get("tilelang"), row.get("triton")
-            ok = tl and tr and tl.get("status") == tr.get("status") == "ok"
-            line.append(f"{tl['time_ms']['median'] / tr['time_ms']['median']:.2f}" if ok else "-")
+            line.append(_ratio(row.get("tilelang"), row.get("triton"), lambda r: r["time_ms"]["median"]))
         out.append("| " + " | ".join(line) + " |")
     gpu = (env.get("gpus") or [{}])[0].get("name", "CPU")
     copy = ((env.get("copy_rate") or {}).get("cuda") or {}).get("gbps")
     return out + ["", f"Median ms of device time, L2 flushed (share of the copy-rate floor); {gpu}"
                   + (f", copy rate {copy:.0f} GB/s." if copy else ".")]
+
+
+def _ratio(a: dict | None, b: dict | None, ms) -> str:
+    """ms(a) / ms(b) where both records are ok, else "-"."""
+    ok = a and b and a.get("status") == b.get("status") == "ok"
+    return f"{ms(a) / ms(b):.2f}" if ok else "-"
 
 
 def _ms(r: dict | None) -> str:
@@ -136,9 +140,7 @@ def chain_table(records: list[dict], env: dict) -> list[str]:
         row = cells[key]
         line = [*map(str, key), *(_cell(row.get(b), lambda r: r["per_site_ms"]) for b in present)]
         if ratio:
-            te, tr = row.get("te"), row.get("triton")
-            ok = te and tr and te.get("status") == tr.get("status") == "ok"
-            line.append(f"{te['per_site_ms'] / tr['per_site_ms']:.2f}" if ok else "-")
+            line.append(_ratio(row.get("te"), row.get("triton"), lambda r: r["per_site_ms"]))
         out.append("| " + " | ".join(line) + " |")
     gpu = (env.get("gpus") or [{}])[0].get("name", "CPU")
     copy = ((env.get("copy_rate") or {}).get("cuda") or {}).get("gbps")

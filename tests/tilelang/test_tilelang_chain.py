@@ -17,14 +17,13 @@ import torch
 
 import kernels
 from kernels import boundary_link, site_link
-from kernels import reference as ref
 from kernels.tilelang import post_coeffs_kernels
 from kernels.tilelang.post_coeffs import layer_input, post_coeffs
 from suite.core.scenario import Case, normalise
-from suite.core.tolerance import rel_err, tolerance
 from suite.run import check as checking
-from tests.chain_check import (assert_input_errors, chain_inputs, check_boundary, check_chain, failures,
-                               mismatched_boundaries, post_inputs)
+from tests.chain_check import (assert_input_errors, assert_layer_input_alone, assert_mismatched_boundaries_fail,
+                               assert_own_gradients_of_x_next_and_h_pre, chain_inputs, check_boundary,
+                               check_chain, count_puts, failures, post_inputs)
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -37,13 +36,6 @@ def _fn(config):
     return (lambda *a, **k: post_coeffs(*a, **k, config=config)), layer_input
 
 
-def _count_puts(monkeypatch, cls):
-    puts = []
-    real = cls.put
-    monkeypatch.setattr(cls, "put", lambda self, g: (puts.append(tuple(g.shape)), real(self, g)))
-    return puts
-
-
 # (n, C, T, config): n from 1 to 8, C a multiple of 8 that no slice width divides
 BOUNDARY = [(1, 24, 37, None), (3, 40, 37, SPLITS), (4, 24, 37, None), (8, 16, 19, None)]
 
@@ -52,7 +44,7 @@ BOUNDARY = [(1, 24, 37, None), (3, 40, 37, SPLITS), (4, 24, 37, None), (8, 16, 1
                          ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{'splits' if c[3] else 'default'}"
                               for c in BOUNDARY])
 def test_boundary_matches_reference(monkeypatch, n, C, T, config):
-    puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)
+    puts = count_puts(monkeypatch, boundary_link.BoundaryLink)
     g = torch.Generator().manual_seed(100 * n + C)
     inputs = post_inputs(n, C, T, FP16, DEV, g)
     errs = check_boundary(*_fn(config), inputs, g)
@@ -88,37 +80,11 @@ def test_boundary_partial_gradients(needs):
 
 def test_layer_input_alone():
     """layer_input on a tensor no post_coeffs made: its own backward."""
-    g = torch.Generator().manual_seed(3)
-    x, _, h_post, *_ = post_inputs(3, 40, 37, FP16, DEV, g)
-    xs, hs = x.clone().requires_grad_(), h_post.clone().requires_grad_()
-    gl = torch.randn(37, 40, generator=g).to(FP16).to(DEV)
-    got = torch.autograd.grad(layer_input(xs, hs), (xs, hs), gl)
-    want = [t.detach().double().requires_grad_() for t in (x, h_post)]
-    for a, b in zip(got, torch.autograd.grad(ref.apply_pre(*want), want, gl.double())):
-        assert rel_err(a, b) <= tolerance(FP16)
+    assert_layer_input_alone(layer_input, 3, 40, 37, FP16, DEV)
 
 
 def test_gradients_of_x_next_and_h_pre_themselves():
-    """Where x_next's or h_pre's own gradient is asked for, layer_input keeps its share of it."""
-    g = torch.Generator().manual_seed(4)
-    leaves = [t.clone().requires_grad_() for t in post_inputs(3, 40, 37, FP16, DEV, g)]
-    gl = torch.randn(37, 40, generator=g).to(FP16).to(DEV)
-    gx = torch.randn(37, 3, 40, generator=g).to(FP16).to(DEV)
-    for retain in (False, True):
-        x_next, h_pre, _, _ = post_coeffs(*leaves, config=SPLITS)
-        li = layer_input(x_next, h_pre)
-        if retain:
-            x_next.retain_grad()
-            h_pre.retain_grad()
-            torch.autograd.backward((li, x_next), (gl, gx))
-            got = (x_next.grad, h_pre.grad)
-        else:
-            got = torch.autograd.grad((li, x_next), (x_next, h_pre), (gl, gx))
-        want = [t.detach().double().requires_grad_() for t in (x_next, h_pre)]
-        out64 = ref.apply_pre(*want)
-        w = torch.autograd.grad((out64, want[0]), want, (gl.double(), gx.double()))
-        for a, b in zip(got, w):
-            assert rel_err(a, b) <= tolerance(FP16), f"retain_grad={retain}"
+    assert_own_gradients_of_x_next_and_h_pre(post_coeffs, layer_input, SPLITS, 3, 40, 37, FP16, DEV)
 
 
 # ------------------------------------------------------------------ the chain
@@ -133,8 +99,8 @@ def test_chain_matches_reference(monkeypatch):
     """Three sites: pre, two fused boundaries, post. Every layer input, x_L and every gradient;
     each layer_input's gradient handed to its boundary (and, on a GPU, site 0's dx to mhc_pre)."""
     n, C, T = 3, 40, 37
-    boundary_puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)
-    site_puts = _count_puts(monkeypatch, site_link.SiteLink)
+    boundary_puts = count_puts(monkeypatch, boundary_link.BoundaryLink)
+    site_puts = count_puts(monkeypatch, site_link.SiteLink)
     dtype = BF16 if HAS_CUDA else FP16
     g = torch.Generator().manual_seed(n + C)
     errs = check_chain(_chain_ops(), *chain_inputs(n, C, T, 3, dtype, DEV, g), g)
@@ -144,14 +110,8 @@ def test_chain_matches_reference(monkeypatch):
 
 
 def test_mismatched_boundary_fails_the_check():
-    """The check can fail: boundaries fed the parameters of the site before (site l's phi, b,
-    alpha at l -> l+1), or h_res transposed, fail it already in the forward outputs."""
     ops = _chain_ops()
-    g = torch.Generator().manual_seed(11)
-    x0, fs, params = chain_inputs(3, 40, 37, 3, FP16, DEV, g)
-    for name, wrong in mismatched_boundaries(ops).items():
-        bad = failures(check_chain(wrong, x0, fs, params, g), FP16)
-        assert any(k.startswith(("layer_input", "x[")) for k in bad), f"{name}: {bad}"
+    assert_mismatched_boundaries_fail(ops, 3, 40, 37, FP16, DEV)
 
 
 def test_the_suite_gate_passes_the_chain_and_fails_a_mismatched_boundary():

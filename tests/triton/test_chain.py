@@ -13,12 +13,11 @@ import torch
 
 import kernels
 from kernels import boundary_link, site_link
-from kernels import reference as ref
 from kernels.triton import post_coeffs_bwd, post_coeffs_fwd
 from kernels.triton.post_coeffs import layer_input, post_coeffs
-from suite.core.tolerance import rel_err, tolerance
-from tests.chain_check import (assert_input_errors, chain_inputs, check_boundary, check_chain, failures,
-                               mismatched_boundaries, post_inputs)
+from tests.chain_check import (assert_input_errors, assert_layer_input_alone, assert_mismatched_boundaries_fail,
+                               assert_own_gradients_of_x_next_and_h_pre, chain_inputs, check_boundary,
+                               check_chain, count_puts, failures, post_inputs)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 FAST = {"b1_bt": 64}
@@ -31,13 +30,6 @@ UNROLLED = {**SPLITS, "unroll": 1}
 
 def _fn(config):
     return (lambda *a, **k: post_coeffs(*a, **k, config=config)), layer_input
-
-
-def _count_puts(monkeypatch, cls):
-    puts = []
-    real = cls.put
-    monkeypatch.setattr(cls, "put", lambda self, g: (puts.append(tuple(g.shape)), real(self, g)))
-    return puts
 
 
 # (n, C, T, dtype, config)
@@ -59,7 +51,7 @@ BOUNDARY = [
                               f"{'splits' if c[4] is SPLITS else 'atomic' if c[4] is ATOMIC else 'unrolled' if c[4] is UNROLLED else 'default' if c[4] is None else 'fast'}"
                               for c in BOUNDARY])
 def test_boundary_matches_reference(kernel_device, monkeypatch, n, C, T, dtype, config):
-    puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)
+    puts = count_puts(monkeypatch, boundary_link.BoundaryLink)
     g = torch.Generator().manual_seed(100 * n + C)
     inputs = post_inputs(n, C, T, dtype, kernel_device, g)
     errs = check_boundary(*_fn(config), inputs, g)
@@ -94,39 +86,11 @@ def test_boundary_partial_gradients(kernel_device, needs):
 
 def test_layer_input_alone(kernel_device):
     """layer_input on a tensor no post_coeffs made: its own backward."""
-    g = torch.Generator().manual_seed(3)
-    x, _, h_post, *_ = post_inputs(3, 24, 37, BF16, kernel_device, g)
-    xs, hs = x.clone().requires_grad_(), h_post.clone().requires_grad_()
-    gl = torch.randn(37, 24, generator=g).to(BF16)
-    got = torch.autograd.grad(layer_input(xs, hs), (xs, hs), gl)
-    want = [t.detach().double().requires_grad_() for t in (x, h_post)]
-    for a, b in zip(got, torch.autograd.grad(ref.apply_pre(*want), want, gl.double())):
-        assert rel_err(a, b) <= tolerance(BF16)
+    assert_layer_input_alone(layer_input, 3, 24, 37, BF16, kernel_device)
 
 
 def test_gradients_of_x_next_and_h_pre_themselves(kernel_device):
-    """Where x_next's or h_pre's own gradient is asked for, layer_input keeps its share of it:
-    torch.autograd.grad that stops at them (post_coeffs' backward does not run), and
-    retain_grad with a backward that runs through post_coeffs."""
-    g = torch.Generator().manual_seed(4)
-    leaves = [t.clone().requires_grad_() for t in post_inputs(3, 24, 37, BF16, kernel_device, g)]
-    gl = torch.randn(37, 24, generator=g).to(BF16)
-    gx = torch.randn(37, 3, 24, generator=g).to(BF16)
-    for retain in (False, True):
-        x_next, h_pre, _, _ = post_coeffs(*leaves, config=FAST)
-        li = layer_input(x_next, h_pre)
-        if retain:
-            x_next.retain_grad()
-            h_pre.retain_grad()
-            torch.autograd.backward((li, x_next), (gl, gx))
-            got = (x_next.grad, h_pre.grad)
-        else:
-            got = torch.autograd.grad((li, x_next), (x_next, h_pre), (gl, gx))
-        want = [t.detach().double().requires_grad_() for t in (x_next, h_pre)]
-        out64 = ref.apply_pre(*want)
-        w = torch.autograd.grad((out64, want[0]), want, (gl.double(), gx.double()))
-        for a, b in zip(got, w):
-            assert rel_err(a, b) <= tolerance(BF16), f"retain_grad={retain}"
+    assert_own_gradients_of_x_next_and_h_pre(post_coeffs, layer_input, FAST, 3, 24, 37, BF16, kernel_device)
 
 
 # ------------------------------------------------------------------ the chain
@@ -145,8 +109,8 @@ def test_chain_matches_reference(kernel_device, monkeypatch, fast_coef_backward,
     """Three sites: mhc_pre, two fused boundaries, post. Every layer input, x_L and every
     gradient; both links engaged (site 0's dx into mhc_pre, each layer_input's gradient into its
     boundary)."""
-    boundary_puts = _count_puts(monkeypatch, boundary_link.BoundaryLink)
-    site_puts = _count_puts(monkeypatch, site_link.SiteLink)
+    boundary_puts = count_puts(monkeypatch, boundary_link.BoundaryLink)
+    site_puts = count_puts(monkeypatch, site_link.SiteLink)
     g = torch.Generator().manual_seed(n + C)
     ops = kernels.get("mhc", "triton")
     errs = check_chain(ops, *chain_inputs(n, C, T, 3, dtype, kernel_device, g), g)
@@ -165,14 +129,8 @@ def test_chain_with_the_boundary_of_another_backend(kernel_device, fast_coef_bac
 
 
 def test_mismatched_boundary_fails_the_check(kernel_device, fast_coef_backward):
-    """The check can fail: boundaries fed the parameters of the site before (site l's phi, b,
-    alpha at l -> l+1), or h_res transposed, fail it already in the forward outputs."""
     ops = kernels.get("mhc", "triton")
-    g = torch.Generator().manual_seed(11)
-    x0, fs, params = chain_inputs(3, 24, 37, 3, FP16, kernel_device, g)
-    for name, wrong in mismatched_boundaries(ops).items():
-        bad = failures(check_chain(wrong, x0, fs, params, g), FP16)
-        assert any(k.startswith(("layer_input", "x[")) for k in bad), f"{name}: {bad}"
+    assert_mismatched_boundaries_fail(ops, 3, 24, 37, FP16, kernel_device)
 
 
 # ------------------------------------------------------------------ determinism, config, inputs
