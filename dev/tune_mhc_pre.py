@@ -3,7 +3,7 @@
 
     .venv/bin/python dev/tune_mhc_pre.py            # bf16, n=4, T=16384, 20 Sinkhorn iterations
     TUNE_BUDGET_S=60 .venv/bin/python dev/tune_mhc_pre.py
-    .venv/bin/python dev/tune_mhc_pre.py --fwd "cfg;cfg" [--C 4096,7168] [--kernels]
+    .venv/bin/python dev/tune_mhc_pre.py --fwd "cfg;cfg" [--C 4096,7168] [--n 8] [--kernels]
         forward sweep only: mhc_pre forward per configuration, each checked against the fp64
         reference before it is timed, then the site forward (mhc_pre + post) with each
     .venv/bin/python dev/tune_mhc_pre.py --bwd "cfg;cfg" [--C 4096,7168] [--kernels]
@@ -87,7 +87,11 @@ class _Site(torch.autograd.Function):
 DEV = "cpu" if DRY else "cuda"
 T0 = time.time()
 BUDGET = float(os.environ.get("TUNE_BUDGET_S", "75"))
-N, T, ITERS, DT = 4, (40 if DRY else 16384), 20, torch.bfloat16
+# --n: streams (default 4; 1..8, the held-out sweeps use 6 and 8)
+N = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv[:-1] else 4
+if not 1 <= N <= 8:
+    raise SystemExit(f"tune_mhc_pre: --n takes 1..8, got {N}")
+T, ITERS, DT = (40 if DRY else 16384), 20, torch.bfloat16
 E = 2
 CMAIN = 64 if DRY else 4096
 ROWS = []          # (C, what, config, ms, floor_bytes)

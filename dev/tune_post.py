@@ -1,11 +1,11 @@
 """Checks and times kernels/triton/post.py (F_post,res) and residual.py on a CUDA GPU.
 
-Usage: python dev/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..."] [--C 2560,4096,7168]
+Usage: python dev/tune_post.py [--configs "block_c=1024;block_c=512,vec=4;..."] [--C 2560,4096,7168] [--n 4]
        TRITON_INTERPRET=1 python dev/tune_post.py --smoke   (no GPU: tiny shapes on the CPU, to
        test the script itself; its timings mean nothing)
 
 1. Copy rate: 1 GiB device-to-device copy, bytes read + written / median time (the ceiling).
-2. For bf16, n = 4, T = 16384 and each C: post and residual_post against the reference (fp32 on
+2. For bf16, n = 4 (--n), T = 16384 and each C: post and residual_post against the reference (fp32 on
    the GPU), forward output and every gradient, for every configuration timed.
 3. Times, per configuration (one "key=value,..." string given to post(fwd=..., bwd=...); keys
    block_c and num_warps apply to both kernels, vec / num_stages / split to the backward, bt /
@@ -115,9 +115,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", help="';'-separated config strings (default: a built-in list)")
     ap.add_argument("--C", default="2560,4096,7168", help="comma-separated widths")
+    ap.add_argument("--n", type=int, default=4, choices=range(1, 9), metavar="1..8", help="streams")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
     args = ap.parse_args()
-    global T, DEVICE, SMOKE
+    global N, T, DEVICE, SMOKE
+    N = args.n
     if args.smoke:
         T, DEVICE, SMOKE = 8, "cpu", True
         args.C = "264" if args.C == ap.get_default("C") else args.C

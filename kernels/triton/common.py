@@ -106,6 +106,17 @@ RESIDENT_CTAS: dict = {}
 RESIDENT_FALLBACKS: dict = {}      # why resident_ctas fell back (diagnostics)
 
 
+SMEM_PER_SM = 233472      # bytes of shared memory an SM offers its CTAs (H100 and H200)
+
+
+def ctas_per_sm(regs: int, warps: int, shared: int, smem_sm: int = SMEM_PER_SM) -> int:
+    """CTAs of a kernel that fit on one SM of compute capability 9.0 by its registers a thread
+    (allocated per warp in 256s of 64K), warps (64 a SM) and shared memory (1 KB reserved per
+    CTA); at most 32. 0 when not even one fits."""
+    warp_regs = triton.cdiv(regs * 32, 256) * 256
+    return min(65536 // (warp_regs * warps), smem_sm // (shared + 1024), 64 // warps, 32)
+
+
 def resident_ctas(kernel, args, kwargs, fallback: int) -> int:
     """How many CTAs of `kernel`, compiled for these arguments (kernel.warmup: compiled, not
     launched), fit on one SM: registers (allocated per warp in 256s of 64K), shared memory (228
@@ -120,13 +131,10 @@ def resident_ctas(kernel, args, kwargs, fallback: int) -> int:
         try:
             k = kernel.warmup(*args, grid=(1,), **kwargs)
             k._init_handles()
-            warps = k.metadata.num_warps
-            warp_regs = triton.cdiv(k.n_regs * 32, 256) * 256
             props = torch.cuda.get_device_properties(args[0].device)
-            smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-            by_regs = 65536 // (warp_regs * warps)
-            by_smem = smem_sm // (k.metadata.shared + 1024)
-            RESIDENT_CTAS[key] = max(1, min(by_regs, by_smem, 64 // warps, 32))
+            smem_sm = getattr(props, "shared_memory_per_multiprocessor", SMEM_PER_SM)
+            RESIDENT_CTAS[key] = max(1, ctas_per_sm(k.n_regs, k.metadata.num_warps,
+                                                    k.metadata.shared, smem_sm))
         except Exception as exc:     # (an older or newer triton without these attributes)
             RESIDENT_CTAS[key] = fallback
             RESIDENT_FALLBACKS[key] = f"{type(exc).__name__}: {exc}"

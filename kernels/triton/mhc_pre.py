@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 
 import torch
 import triton
@@ -131,6 +132,41 @@ def phi_as_used(phi: torch.Tensor, dtype: torch.dtype, config=None) -> torch.Ten
     return phi.detach().float()
 
 
+# The forward's sizes at n >= 5 where the config does not set them. Compiled for sm_90 at C = 4096
+# (triton 3.9, dev/sm90_occupancy.py): the n <= 4 default (64 tokens x 64 columns, 4 warps) spills
+# at n = 5 and 7 and takes 175 registers at n = 6 and 8, two programs and 8 warps an SM; 64 x 32 at
+# 8 warps takes 184 at n = 5 and 7 and 141 at n = 8, one program an SM (128 at n = 6: two).
+# 32 x 32 at 4 warps takes 106-152 with no spills at n = 5-8: 3-4 programs, 12-16 warps an SM,
+# about the 16 of the n = 4 default that the H100 tuning picked. Chosen from the compile, not yet
+# timed on a GPU (dev/gpu_heldout_diagnostics.sh times the alternatives).
+WIDE = {"bt": 32, "bk": 32, "warps": 4}
+
+
+def fwd_sizes(n: int, T: int, C: int, sms: int, cfg: Config) -> tuple[int, int, int, int]:
+    """The forward's launch sizes (bt, bk, warps, cw) for x [T, n, C] on `sms` SMs: the config's,
+    made powers of two, with bk and warps from n where the config leaves them, and the slice
+    width halved until there are min_items * sms work items."""
+    if coef_shapes(n)[2] >= 64:     # n >= 5: phi tiles of 64 or 128 columns
+        cfg = replace(cfg, **{k: v for k, v in WIDE.items() if k not in cfg.explicit})
+    bt = max(16, min(np2(cfg.bt), np2(T)))
+    bk = max(16, np2(cfg.bk))
+    warps = cfg.warps
+    cw = max(bk, (cfg.cw // bk) * bk)
+    G = triton.cdiv(T, bt)
+    while cw > bk and G * triton.cdiv(C, cw) < cfg.min_items * sms:
+        cw = max(bk, (cw // 2 // bk) * bk)
+    return bt, bk, warps, cw
+
+
+def epilogue_unroll(n: int, S: int, cfg: Config) -> tuple[int, int]:
+    """Slices whose partial sums the group epilogue loads together: for h_pre, and for h_post /
+    h_res (their [BT, n*n] tiles cost registers, so fewer)."""
+    NP = coef_shapes(n)[1]
+    eu = min(max(1, cfg.epi_unroll if NP <= 4 else cfg.epi_unroll // 2), np2(S))
+    eu2 = min(max(1, cfg.epi_unroll // 2 if NP <= 4 else cfg.epi_unroll // 8), np2(S))
+    return eu, eu2
+
+
 def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     T, n, C = x.shape
     K, NP, KP = coef_shapes(n)
@@ -144,16 +180,9 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     li = torch.empty(T, C, device=dev, dtype=x.dtype) if apply else x
     if T == 0:
         return li, h_pre, h_post, h_res, m, r
-    bt = max(16, min(np2(cfg.bt), np2(T)))
-    bk = max(16, np2(cfg.bk))
-    warps = cfg.warps
-    if KP >= 64 and "bk" not in cfg.explicit:      # n >= 5: wide phi tiles, keep registers in check
-        bk, warps = min(bk, 32), max(warps, 8)
-    cw = max(bk, (cfg.cw // bk) * bk)
-    G = triton.cdiv(T, bt)
     nsm = _num_sms(dev)
-    while cw > bk and G * triton.cdiv(C, cw) < cfg.min_items * nsm:
-        cw = max(bk, (cw // 2 // bk) * bk)
+    bt, bk, warps, cw = fwd_sizes(n, T, C, nsm, cfg)
+    G = triton.cdiv(T, bt)
     S = triton.cdiv(C, cw)
     fused = apply and cfg.fused
     lag = max(1 if interpreting() else 0, cfg.lag) if fused else 0
@@ -168,9 +197,7 @@ def _forward(x, phi, b, alpha, iters, apply, save, cfg: Config):
     else:   # about twice the groups in flight: slots are overwritten in L2, never written back
         resident = min(grid, nsm * (cfg.persist if cfg.persist > 0 else 3))
         ring = min(G, 2 * triton.cdiv(resident, S) + lag + 4)
-    # epilogue unroll: slices whose partials are loaded together ([BT, n*n] tiles cost registers)
-    eu = min(max(1, cfg.epi_unroll if NP <= 4 else cfg.epi_unroll // 2), np2(S))
-    eu2 = min(max(1, cfg.epi_unroll // 2 if NP <= 4 else cfg.epi_unroll // 8), np2(S))
+    eu, eu2 = epilogue_unroll(n, S, cfg)
     ws = torch.empty(ring * S * bt * K, device=dev, dtype=f32)
     wss = torch.empty(ring * S * bt, device=dev, dtype=f32)
     sync = torch.zeros(G + 2, device=dev, dtype=torch.int32)

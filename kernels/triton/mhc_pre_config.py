@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 @dataclass(frozen=True)
 class Config:
     # forward
+    # bt, bk and warps at n >= 5: mhc_pre.WIDE (32, 32, 4) unless set
     bt: int = 64          # tokens per block (>= 16, power of two: tl.dot M dimension)
     bk: int = 64          # columns per chunk within a stream (power of two >= 16)
     cw: int = 256         # slice width in columns (multiple of bk); S = cdiv(C, cw)

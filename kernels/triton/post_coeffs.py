@@ -79,6 +79,28 @@ def _on(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def default_bc(n: int) -> int:
+    """Columns per chunk where the config leaves bc at 0, sized for two programs an SM at bt 32
+    and 8 warps (sm_90, C = 4096, triton 3.9, dev/sm90_occupancy.py): 64 at n <= 2 (91-118
+    registers); 32 at n = 3 and 5-7 (100-127; 64 takes 136 at n = 3); 16 at n = 8 (118; 32 takes
+    159). n = 4 keeps 64: 166 registers, one program an SM, against 96 and two at 16 columns, until
+    a GPU run compares them (dev/gpu_chain_diagnostics.sh times both)."""
+    return 64 if n <= 2 or n == 4 else 32 if n <= 7 else 16
+
+
+def fwd_sizes(n: int, T: int, C: int, sms: int, cfg: Config) -> tuple[int, int, int]:
+    """The forward's launch sizes (bt, bc, cw) for x [T, n, C] on `sms` SMs: the config's, made
+    powers of two, bc from n where the config leaves it at 0, and the slice width halved until
+    there are min_items * sms work items."""
+    bt = max(16, min(np2(cfg.bt), np2(T)))
+    bc = max(16, np2(cfg.bc)) if cfg.bc > 0 else default_bc(n)
+    cw = max(bc, cfg.cw // bc * bc)
+    groups = triton.cdiv(T, bt)
+    while cw > bc and groups * triton.cdiv(C, cw) < cfg.min_items * sms:
+        cw = max(bc, cw // 2 // bc * bc)
+    return bt, bc, cw
+
+
 def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
     T, n, C = x.shape
     K, NP, KP = coef_shapes(n)
@@ -91,13 +113,8 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
     r = torch.empty(T, device=dev, dtype=F32) if save else h_pre
     if T == 0:
         return x_next, h_pre, h_post_n, h_res_n, m, r
-    bt = max(16, min(np2(cfg.bt), np2(T)))
-    bc = max(16, np2(cfg.bc)) if cfg.bc > 0 else (64 if n <= 4 else 32)
-    cw = max(bc, cfg.cw // bc * bc)
+    bt, bc, cw = fwd_sizes(n, T, C, num_sms(dev, interpreter_sms=4), cfg)
     groups = triton.cdiv(T, bt)
-    nsm = num_sms(dev, interpreter_sms=4)
-    while cw > bc and groups * triton.cdiv(C, cw) < cfg.min_items * nsm:
-        cw = max(bc, cw // 2 // bc * bc)
     S = triton.cdiv(C, cw)
     atomic = cfg.reduction == "atomic"
     rows = 1 if atomic else S          # partial rows the finishing kernel sums

@@ -16,8 +16,8 @@ class Config:
     # walked in chunks of bc columns; S = cdiv(C, cw) slices write fp32 partial sums [S, T, K].
     # 32 x 64 at 8 warps: 162 registers at n = 4 (sm_90, no spills; 4 warps spill)
     bt: int = 32          # tokens per item (>= 16, power of two: tl.dot M dimension)
-    bc: int = 0           # columns per chunk (power of two >= 16); 0: 64 at n <= 4, else 32
-                          # (n = 8: 153 registers against 246 at 64)
+    bc: int = 0           # columns per chunk (power of two >= 16); 0: from n
+                          # (post_coeffs.default_bc: 64 at n = 1, 2, 4; 32 at n = 3, 5-7; 16 at n = 8)
     cw: int = 512         # slice width (multiple of bc); partial sums cost S * (K + 1) * 4 bytes a token
     min_items: int = 2    # halve cw until there are >= min_items * #SM items
     warps: int = 8

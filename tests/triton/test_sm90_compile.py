@@ -106,3 +106,21 @@ def test_chain_boundary_kernels_compile_for_sm90(n, dtype):
         pytest.skip(f"triton cannot compile for sm_90 here: {got['skip']}")
     assert set(got) == {"post_coeffs_fwd_kernel", "coeffs_finish_kernel", "post_coeffs_bwd_kernel"}
     assert all(size > 0 for size in got.values())
+
+
+def test_wide_forward_defaults_fit_several_programs_an_sm():
+    """At n = 5 and 8 the forwards' default sizes (mhc_pre.WIDE, post_coeffs.default_bc) were
+    chosen for occupancy from the sm_90 compile: no spills, and at least 3 (mhc_pre) or 2
+    (post_coeffs) programs an SM. dev/sm90_occupancy.py does the compile and the arithmetic."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "dev/sm90_occupancy.py", "--n", "5,8", "--json"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode == 3:
+        pytest.skip(out.stderr.strip().splitlines()[-1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {(r["kernel"], r["n"]) for r in rows} == {(k, n) for k in ("mhc_pre", "post_coeffs") for n in (5, 8)}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["spill_stores"] == 0 and r["local"] == 0, r
+        assert r["ctas_per_sm"] >= (3 if r["kernel"] == "mhc_pre" else 2), r
