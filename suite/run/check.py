@@ -11,9 +11,10 @@ are sums over tokens that cancel, so one such rounding can move d_alpha or d_b b
 bf16 tolerance for any backend, the eager reference in bf16 included. The gate measures that
 effect: the fp64 reference once more with the states and their gradients rounded to the case
 dtype between sites (kernels/chain.py, stored_dtype), and each chain output's tolerance is the
-larger of its dtype's and twice the difference that rounding alone makes (`dtype_effect` in the
-result). A backend is still held to the unrounded fp64 reference. Where the fp64 reference of the full case
-would not fit in device memory, the check runs on fewer tokens and says how many.
+larger of its dtype's and DTYPE_EFFECT_FACTOR (3) times the difference that rounding alone makes
+(`dtype_effect` in the result). A backend is still held to the unrounded fp64 reference. Where the
+fp64 reference of the full case would not fit in device memory, the check runs on fewer tokens and
+says how many.
 """
 from __future__ import annotations
 
