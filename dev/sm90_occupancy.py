@@ -3,13 +3,14 @@
 (H100, H200) on this machine, and the programs an SM then holds. No GPU is needed: Triton's
 compiler and the ptxas and cuobjdump in its wheel do the work.
 
-    .venv/bin/python dev/sm90_occupancy.py                 # both kernels, n = 1..8, their defaults
+    .venv/bin/python dev/sm90_occupancy.py                 # every kernel, n = 1..8, its defaults
     .venv/bin/python dev/sm90_occupancy.py --kernel post_coeffs --n 4,8 \\
         --config ";bt=64,bc=16;bt=16,bc=32,warps=4"
     .venv/bin/python dev/sm90_occupancy.py --n 5,8 --json   # one JSON object a row (for tests)
 
 Kernels: mhc_pre (kernels/triton/mhc_pre_fwd.py fwd_kernel, the site's coefficients and
-layer_input) and post_coeffs (kernels/triton/post_coeffs_fwd.py, the fused boundary's forward).
+layer_input), post_coeffs (kernels/triton/post_coeffs_fwd.py, the fused boundary's forward) and
+post_coeffs_bwd (kernels/triton/post_coeffs_bwd.py, its fused backward, every gradient asked for).
 Launch sizes come from the launchers' own fwd_sizes, residency from kernels.triton.common
 ctas_per_sm (the arithmetic resident_ctas applies on a GPU). C and T are marked divisible by 16
 when they are, as Triton's launcher specialises them; other integer arguments are not.
@@ -38,8 +39,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels.reference import EPS_RMS, EPS_SK  # noqa: E402
 from kernels.triton import mhc_pre as pre  # noqa: E402
 from kernels.triton import mhc_pre_config, post_coeffs, post_coeffs_config  # noqa: E402
-from kernels.triton.common import coef_shapes, ctas_per_sm  # noqa: E402
+from kernels.triton.common import coef_shapes, ctas_per_sm, np2  # noqa: E402
 from kernels.triton.mhc_pre_fwd import fwd_kernel  # noqa: E402
+from kernels.triton.post_coeffs_bwd import post_coeffs_bwd_kernel  # noqa: E402
 from kernels.triton.post_coeffs_fwd import post_coeffs_fwd_kernel  # noqa: E402
 
 H100_SMS = 132
@@ -55,7 +57,7 @@ def parse_configs(text: str) -> list[dict]:
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, val = item.partition("=")
             if not sep or not val.strip():
-                raise SystemExit(f"sm90_occupancy: --config item {item!r} is not key=value")
+                raise ValueError(f"--config item {item!r} is not key=value")
             val = val.strip()
             cfg[key.strip()] = int(val) if re.fullmatch(r"-?\d+", val) else val
         out.append(cfg)
@@ -85,7 +87,21 @@ def launch_post_coeffs(n: int, T: int, C: int, cfg_dict: dict, state: str):
     return post_coeffs_fwd_kernel, const, pointers, cfg.warps, 3, f"bt {bt} bc {bc} cw {cw} warps {cfg.warps}"
 
 
-KERNELS = {"mhc_pre": launch_mhc_pre, "post_coeffs": launch_post_coeffs}
+def launch_post_coeffs_bwd(n: int, T: int, C: int, cfg_dict: dict, state: str):
+    cfg = post_coeffs_config.config_of(cfg_dict)
+    K, NP, KP = coef_shapes(n)
+    bt2, br = max(16, min(np2(cfg.b2_bt), np2(T))), post_coeffs._br(cfg, NP, KP)
+    const = dict(N=n, NP=NP, K=K, KP=KP, BT=bt2, BR=br, STAGES=cfg.b2_stages, HAS_GX=True, HAS_LI=True,
+                 NEED_DX=True, NEED_DF=True, NEED_DH=True, DPHI=True, PREC=cfg.precision,
+                 DPHI_BF16=state == "*bf16" and cfg.precision == "tf32", ATOMIC=cfg.reduction == "atomic",
+                 DOT_F32=False)
+    pointers = {p: state for p in ("gx_ptr", "x1_ptr", "x0_ptr", "f_ptr", "gli_ptr", "dx_ptr", "df_ptr")}
+    return (post_coeffs_bwd_kernel, const, pointers, cfg.b2_warps, 3,
+            f"b2_bt {bt2} br {br} warps {cfg.b2_warps}")
+
+
+KERNELS = {"mhc_pre": launch_mhc_pre, "post_coeffs": launch_post_coeffs,
+           "post_coeffs_bwd": launch_post_coeffs_bwd}
 
 
 def compile_sm90(fn, const: dict, pointers: dict, ints: dict, warps: int, stages: int) -> dict:
@@ -116,7 +132,7 @@ def compile_sm90(fn, const: dict, pointers: dict, ints: dict, warps: int, stages
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", choices=sorted(KERNELS) + ["all"], default="all")
+    p.add_argument("--kernel", default="all", help=f"comma separated, of {', '.join(sorted(KERNELS))}; or all")
     p.add_argument("--n", default="1,2,3,4,5,6,7,8", help="stream counts, comma separated")
     p.add_argument("--C", type=int, default=4096, help="width (the kernels compile per width)")
     p.add_argument("--T", type=int, default=16384, help="tokens (sets bt's cap and divisibility)")
@@ -127,20 +143,27 @@ def main(argv=None) -> int:
     try:
         ns = [int(v) for v in args.n.split(",")]
     except ValueError:
-        raise SystemExit(f"sm90_occupancy: --n takes integers 1..8 separated by commas, got {args.n!r}")
+        p.error(f"--n takes integers 1..8 separated by commas, got {args.n!r}")
     if not all(1 <= v <= 8 for v in ns):
-        raise SystemExit(f"sm90_occupancy: --n takes integers 1..8, got {args.n!r}")
+        p.error(f"--n takes integers 1..8, got {args.n!r}")
     if not CUOBJDUMP.exists():
         print(f"sm90_occupancy: cannot compile for sm_90 here: {CUOBJDUMP} is missing "
               "(Triton's NVIDIA backend)", file=sys.stderr)
         return NO_COMPILER
-    configs = parse_configs(args.config)
-    kernels = sorted(KERNELS) if args.kernel == "all" else [args.kernel]
+    try:
+        configs = parse_configs(args.config)
+    except ValueError as exc:
+        p.error(str(exc))
+    kernels = sorted(KERNELS) if args.kernel == "all" else args.kernel.split(",")
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        p.error(f"--kernel takes {', '.join(sorted(KERNELS))} or all (comma separated), "
+                f"got {', '.join(unknown)}")
     state = {"bf16": "*bf16", "fp16": "*fp16"}[args.dtype]
     if not args.json:
         print(f"sm_90, triton {triton.__version__}, {args.dtype}, C = {args.C}, T = {args.T}; programs "
               "an SM from registers, shared memory and warps (kernels.triton.common.ctas_per_sm)")
-        print(f"{'kernel':<12} {'n':>2}  {'config':<24} {'sizes':<34} {'regs':>4} {'spills':>6} "
+        print(f"{'kernel':<15} {'n':>2}  {'config':<24} {'sizes':<34} {'regs':>4} {'spills':>6} "
               f"{'smem KB':>7} {'CTAs/SM':>7} {'warps/SM':>8}")
     for name in kernels:
         for n in ns:
@@ -156,7 +179,7 @@ def main(argv=None) -> int:
                         return NO_COMPILER
                     error = f"{type(exc).__name__}: {str(exc)[:160]}"
                     print(json.dumps({"kernel": name, "n": n, "config": label, "error": error}) if args.json
-                          else f"{name:<12} {n:>2}  {label:<24} failed: {error}", flush=True)
+                          else f"{name:<15} {n:>2}  {label:<24} failed: {error}", flush=True)
                     continue
                 ctas = ctas_per_sm(r["regs"], warps, r["shared"])
                 if args.json:
@@ -164,7 +187,7 @@ def main(argv=None) -> int:
                                       "warps": warps, "ctas_per_sm": ctas}), flush=True)
                     continue
                 spills = f"{r['spill_stores']}" if r["spill_stores"] else "-"
-                print(f"{name:<12} {n:>2}  {label:<24} {sizes:<34} {r['regs']:>4} {spills:>6} "
+                print(f"{name:<15} {n:>2}  {label:<24} {sizes:<34} {r['regs']:>4} {spills:>6} "
                       f"{r['shared'] / 1024:>7.1f} {ctas:>7} {ctas * warps:>8}", flush=True)
     return 0
 

@@ -113,7 +113,8 @@ def test_wide_forward_defaults_fit_several_programs_an_sm():
     chosen for occupancy from the sm_90 compile: no spills, and at least 3 (mhc_pre) or 2
     (post_coeffs) programs an SM. dev/sm90_occupancy.py does the compile and the arithmetic."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "dev/sm90_occupancy.py", "--n", "5,8", "--json"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "dev/sm90_occupancy.py", "--kernel", "mhc_pre,post_coeffs",
+                          "--n", "5,8", "--json"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     if out.returncode == 3:
         pytest.skip(out.stderr.strip().splitlines()[-1])
