@@ -10,18 +10,11 @@
 # Each step has its own time limit; $OUT gets ncu.txt, tune_triton.log, tune_tilelang.log and
 # log.txt (everything), also after a failure. Reads GPU state only (ncu --clock-control none).
 set -u
-OUT=${OUT:-$PWD/out}
 FWD_CFGS=${FWD_CFGS:-";reduction=atomic;bt=128,bc=16;bt=64,bc=16;bt=64,bc=32;bt=16,warps=4;bt=16,bc=32,warps=4;bt=64,bc=16,warps=4;unroll=1,bt=64,bc=16;unroll=1,bt=32,bc=16,warps=4;bt=64;warps=4;cw=1024;cw=256"}
 BWD_CFGS=${BWD_CFGS:-";reduction=atomic;b2_br=32;b2_br=32,b2_bt=32;b2_br=32,b2_bt=64;b2_br=16,b2_warps=4;b1_bt=8"}
 TL_FWD_CFGS=${TL_FWD_CFGS:-""}
 TL_BWD_CFGS=${TL_BWD_CFGS:-""}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-stamp() { echo "== ${SECONDS}s: $*"; }
-
-stamp "set-up"
-source dev/device_env.sh
-nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
+source dev/device_call.sh
 NCU=${HCBENCH_NCU:-/usr/local/cuda/bin/ncu}
 
 stamp "Nsight Compute: one fused site fwd+bwd, C = 4096"

@@ -12,18 +12,11 @@
 # dev/sm90_occupancy.py prints the registers and programs an SM of every forward configuration
 # here without a GPU. $OUT gets one log per step and log.txt (everything), also after a failure.
 set -u
-OUT=${OUT:-$PWD/out}
 C=${C:-6144}
 PRE_CFGS=${PRE_CFGS:-";bt=64,bk=32,warps=8;bt=64,bk=32,warps=4;bt=64,bk=64,warps=4"}
 POST_CFGS=${POST_CFGS:-";loop=0|;loop=1,num_stages=1|;loop=1,num_stages=2|;loop=1,block_c=256|"}
 CHAIN_CFGS=${CHAIN_CFGS:-";bc=32;bt=16,bc=32,warps=4;bt=64,bc=16"}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-stamp() { echo "== ${SECONDS}s: $*"; }
-
-stamp "set-up"
-source dev/device_env.sh
-nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
+source dev/device_call.sh
 
 for n in 8 6; do
     stamp "tune_mhc_pre.py n = $n, C = $C"

@@ -10,10 +10,7 @@
 # Each step has its own time limit; $OUT gets tune_post.log, tune_hc_pre.log, per_kernel.txt,
 # records.jsonl (step 3), standin.log and log.txt (everything), also after a failure.
 set -u
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-stamp() { echo "== ${SECONDS}s: $*"; }
+source dev/device_call.sh
 RUNS=$(mktemp -d /tmp/hcbench-diag.XXXX)
 collect() {
     run=$(ls -d "$RUNS"/2*/ 2>/dev/null | head -1)
@@ -21,10 +18,6 @@ collect() {
     stamp "done: $(ls "$OUT" | tr '\n' ' ')"
 }
 trap collect EXIT
-
-stamp "set-up"
-source dev/device_env.sh
-nvidia-smi --query-gpu=name,uuid,clocks.sm,clocks.mem,power.draw --format=csv 2>/dev/null
 
 stamp "tune_post.py"
 timeout -k 5 200 $PY dev/tune_post.py >"$OUT/tune_post.log" 2>&1
