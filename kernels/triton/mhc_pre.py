@@ -144,8 +144,8 @@ WIDE = {"bt": 32, "bk": 32, "warps": 4}
 
 def fwd_sizes(n: int, T: int, C: int, sms: int, cfg: Config) -> tuple[int, int, int, int]:
     """The forward's launch sizes (bt, bk, warps, cw) for x [T, n, C] on `sms` SMs: the config's,
-    made powers of two, with bk and warps from n where the config leaves them, and the slice
-    width halved until there are min_items * sms work items."""
+    made powers of two, with WIDE's bt, bk and warps at n >= 5 where the config leaves them, and
+    the slice width halved until there are min_items * sms work items."""
     if coef_shapes(n)[2] >= 64:     # n >= 5: phi tiles of 64 or 128 columns
         cfg = replace(cfg, **{k: v for k, v in WIDE.items() if k not in cfg.explicit})
     bt = max(16, min(np2(cfg.bt), np2(T)))

@@ -138,7 +138,7 @@ def _forward(x, f, h_post, h_res, phi, b, alpha, iters, save, cfg: Config):
 def _coef_backward(x_next, m, r, b, alpha, iters, g_li, g_hpre, g_hpost, g_hres, cfg: Config):
     """du [T, K], coef [T] and the db / dalpha sums of the next site's coefficients."""
     T, n, C = x_next.shape
-    K = n * n + 2 * n
+    K = coef_shapes(n)[0]
     dev = x_next.device
     if g_li is None and g_hpre is None and g_hpost is None and g_hres is None:
         return (torch.zeros(T, K, device=dev, dtype=F32), torch.zeros(T, device=dev, dtype=F32),

@@ -14,7 +14,7 @@ ENV_PREFIX = "HCBENCH_POST_COEFFS_"
 class Config:
     # forward kernel: work item = BT tokens x one column slice of cw columns of every stream,
     # walked in chunks of bc columns; S = cdiv(C, cw) slices write fp32 partial sums [S, T, K].
-    # 32 x 64 at 8 warps: 162 registers at n = 4 (sm_90, no spills; 4 warps spill)
+    # 32 x 64 at 8 warps: 166 registers at n = 4 (sm_90, no spills; 4 warps spill; dev/sm90_occupancy.py)
     bt: int = 32          # tokens per item (>= 16, power of two: tl.dot M dimension)
     bc: int = 0           # columns per chunk (power of two >= 16); 0: from n
                           # (post_coeffs.default_bc: 64 at n = 1, 2, 4; 32 at n = 3, 5-7; 16 at n = 8)

@@ -26,6 +26,8 @@ FAST = {"b1_bt": 64}
 SPLITS = {**FAST, "cw": 32, "bc": 16, "min_items": 1, "b2_br": 16, "b2_ts": 3, "fin_bt": 8}
 ATOMIC = {**SPLITS, "reduction": "atomic"}
 UNROLLED = {**SPLITS, "unroll": 1}
+CONFIG_NAMES = (("default", None), ("fast", FAST), ("splits", SPLITS), ("atomic", ATOMIC),
+                ("unrolled", UNROLLED))
 
 
 def _fn(config):
@@ -48,8 +50,7 @@ BOUNDARY = [
 
 @pytest.mark.parametrize("n,C,T,dtype,config", BOUNDARY,
                          ids=[f"n{c[0]}-C{c[1]}-T{c[2]}-{str(c[3])[6:]}-"
-                              f"{'splits' if c[4] is SPLITS else 'atomic' if c[4] is ATOMIC else 'unrolled' if c[4] is UNROLLED else 'default' if c[4] is None else 'fast'}"
-                              for c in BOUNDARY])
+                              + next(nm for nm, cfg in CONFIG_NAMES if cfg is c[4]) for c in BOUNDARY])
 def test_boundary_matches_reference(kernel_device, monkeypatch, n, C, T, dtype, config):
     puts = count_puts(monkeypatch, boundary_link.BoundaryLink)
     g = torch.Generator().manual_seed(100 * n + C)

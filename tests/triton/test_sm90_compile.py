@@ -57,15 +57,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels.triton.post_coeffs_bwd as B
 import kernels.triton.post_coeffs_fwd as F
+from kernels.triton.common import coef_shapes
+from kernels.triton.post_coeffs import _br, default_bc
+from kernels.triton.post_coeffs_config import DEFAULT
 n, dt = json.loads(sys.argv[1])
-K, NP, KP = n * n + 2 * n, max(2, 1 << (n - 1).bit_length()), max(16, 1 << (n * n + 2 * n - 1).bit_length())
-BR = max(16, min(256 // NP, 1 << (8192 // (NP * KP)).bit_length() - 1))
+K, NP, KP = coef_shapes(n)
+BR = _br(DEFAULT, NP, KP)
 # pointers to tensors in the state dtype (the forward's phi comes as its hi / lo halves in it)
 fwd_state = ("x_ptr", "f_ptr", "phi_ptr", "plo_ptr", "out_ptr")
 bwd_state = ("gx_ptr", "x1_ptr", "x0_ptr", "f_ptr", "gli_ptr", "dx_ptr", "df_ptr")
 kernels = [
     # the bf16 case lowers the atomic reduction and the unrolled destinations, the fp16 one the defaults
-    (F.post_coeffs_fwd_kernel, fwd_state, dict(N=n, K=K, KP=KP, BT=32, BC=64 if n <= 4 else 32, STAGES=2,
+    (F.post_coeffs_fwd_kernel, fwd_state, dict(N=n, K=K, KP=KP, BT=32, BC=default_bc(n), STAGES=2,
                                     ATOMIC=dt == "bf16", UNROLL=dt == "bf16", DOT_F32=False)),
     (F.coeffs_finish_kernel, (), dict(N=n, NP=NP, K=K, BT=16, SAVE=True, EPS_RMS=1e-6, EPS_SK=1e-6)),
     (B.post_coeffs_bwd_kernel, bwd_state, dict(N=n, NP=NP, K=K, KP=KP, BT=16, BR=BR, STAGES=2, HAS_GX=True,
